@@ -1,0 +1,186 @@
+"""The input contract: everything the weights expect of their input, as one object.
+
+The contract travels with the weights (inside checkpoints and inside the exported
+TorchScript file), so that training, evaluation and serving all rebuild the exact same
+transform from it instead of re-typing constants. See OA-MEN (Frontiers in
+Bioengineering, 2024) for the preprocessing it parameterises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+CONTRACT_FORMAT = 1
+KL_CLASS_NAMES = ("KL0", "KL1", "KL2", "KL3", "KL4")
+KL_LABELS = (
+    "KL0: no osteoarthritis",
+    "KL1: doubtful",
+    "KL2: minimal",
+    "KL3: moderate",
+    "KL4: severe",
+)
+DATA_CREDIT = (
+    'Chen, Pingjun (2018), "Knee Osteoarthritis Severity Grading Dataset", Mendeley Data, '
+    "v1, doi:10.17632/56rmx5bjcr.1, CC BY 4.0; knees from the Osteoarthritis Initiative (OAI)."
+)
+EQUALIZATIONS = ("global", "clahe", "none")
+FITS = ("letterbox", "resize", "center_crop")
+
+
+def _check_types(obj: object) -> None:
+    """Reject values of the wrong type (JSON from outside is not trusted) and non-finite floats."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(str(f.type))
+        if expected is None:
+            continue
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"{type(obj).__name__}.{f.name} must be {f.type}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{type(obj).__name__}.{f.name} must be finite, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Parameters of the OA-MEN preprocessing (`model.preprocess`), in model-input pixels.
+
+    The paper names the steps (Gaussian denoising, Laplacian edges added back, histogram
+    equalisation) but not their parameters; the defaults below are our choices, explained
+    where the paper is silent.
+    """
+
+    # A 3x3 Gaussian with sigma 0.8 removes pixel noise of the 224 px crops while keeping
+    # the osteophyte edges that a KL reader looks for; larger kernels blur the joint space.
+    gaussian_ksize: int = 3
+    gaussian_sigma: float = 0.8
+    laplacian_ksize: int = 3
+    # Sharpening strength: out = blurred - weight * Laplacian(blurred). 0.5 visibly
+    # enhances the bone texture without ringing at the cortical edges.
+    laplacian_weight: float = 0.5
+    # "global" is the paper's histogram equalisation; "clahe" is offered because it
+    # does not over-brighten the soft tissue around small joints.
+    equalization: str = "global"
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    # How an image of any size and aspect ratio is fitted to the square input; see
+    # model.preprocess.fit_to_square for why letterbox is the default.
+    fit: str = "letterbox"
+    pad_value: int = 0
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("gaussian_ksize", "laplacian_ksize"):
+            k = getattr(self, name)
+            if not isinstance(k, int) or k < 1 or k % 2 == 0 or k > 31:
+                raise ValueError(f"{name} must be an odd int in 1..31, got {k!r}")
+        if self.gaussian_sigma < 0:
+            raise ValueError(f"gaussian_sigma must be >= 0, got {self.gaussian_sigma}")
+        if self.laplacian_weight < 0:
+            raise ValueError(f"laplacian_weight must be >= 0, got {self.laplacian_weight}")
+        if self.equalization not in EQUALIZATIONS:
+            raise ValueError(f"equalization must be one of {EQUALIZATIONS}, got {self.equalization!r}")
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {self.fit!r}")
+        if not 0 <= self.pad_value <= 255:
+            raise ValueError(f"pad_value must be in 0..255, got {self.pad_value}")
+        if self.clahe_clip_limit <= 0 or self.clahe_tile_grid < 1:
+            raise ValueError("clahe_clip_limit must be > 0 and clahe_tile_grid >= 1")
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What a set of weights expects and what its outputs mean.
+
+    Attributes:
+        model_name: registry name of the architecture (``model.create_model``).
+        model_version: version string of the trained weights.
+        class_names: one short name per output logit, in order.
+        class_labels: one human-readable label per output logit.
+        input_size: side of the square model input, in pixels.
+        channels: input channels; gray radiographs use 1.
+        mean, std: per-channel normalisation after scaling pixels to [0, 1].
+        preprocess: the deterministic preprocessing parameters.
+        max_pixels: decoded images with more pixels are refused (decompression bombs).
+        data_credit: where the training data came from, to be shown with the model.
+    """
+
+    model_name: str = "oamen"
+    model_version: str = "0.0.0"
+    class_names: tuple[str, ...] = KL_CLASS_NAMES
+    class_labels: tuple[str, ...] = KL_LABELS
+    input_size: int = 224
+    channels: int = 1
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.25,)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    max_pixels: int = 50_000_000
+    data_credit: str = DATA_CREDIT
+    format: int = CONTRACT_FORMAT
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.format != CONTRACT_FORMAT:
+            raise ValueError(f"contract format {self.format!r} is not supported (expected {CONTRACT_FORMAT})")
+        if any(not math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError(f"mean and std must be finite, got {self.mean}, {self.std}")
+        if len(self.class_names) < 2 or len(self.class_labels) != len(self.class_names):
+            raise ValueError("class_names needs >= 2 entries and one class_label for each")
+        if not 16 <= self.input_size <= 2048:
+            raise ValueError(f"input_size must be in 16..2048, got {self.input_size}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need {self.channels} values each")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        if self.max_pixels < self.input_size**2:
+            raise ValueError("max_pixels must allow at least one input-sized image")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def replace(self, **changes: Any) -> InputContract:
+        """A copy with some fields changed (``preprocess`` may be a dict of its fields)."""
+        if isinstance(changes.get("preprocess"), dict):
+            changes["preprocess"] = dataclasses.replace(self.preprocess, **changes["preprocess"])
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputContract:
+        if not isinstance(data, dict):
+            raise ValueError(f"contract must be a JSON object, got {type(data).__name__}")
+        fmt = data.get("format")
+        if fmt != CONTRACT_FORMAT:
+            raise ValueError(f"contract format {fmt!r} is not supported (expected {CONTRACT_FORMAT})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"contract has unknown fields {sorted(unknown)}")
+        kw = dict(data)
+        try:
+            kw["preprocess"] = PreprocessConfig(**kw.get("preprocess", {}))
+            for name in ("class_names", "class_labels", "mean", "std"):
+                if name in kw:
+                    kw[name] = tuple(kw[name])
+            return cls(**kw)
+        except TypeError as exc:  # unknown preprocess field, a list where a number belongs, ...
+            raise ValueError(f"invalid contract: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> InputContract:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"contract is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)

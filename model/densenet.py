@@ -1,0 +1,14 @@
+"""DenseNet-121 baseline (torchvision), random init, 5-class head, gray input."""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision import models as tvm
+
+from model._layers import set_in_chans
+from model.registry import register_model
+
+
+@register_model
+def densenet121(num_classes: int = 5, in_chans: int = 1) -> nn.Module:
+    return set_in_chans(tvm.densenet121(weights=None, num_classes=num_classes), in_chans)

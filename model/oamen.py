@@ -1,0 +1,226 @@
+"""OA-MEN: a ResNet trunk with multi-scale feature fusion plus a parallel MobileNet branch.
+
+Follows "OA-MEN: a fusion deep learning approach for knee osteoarthritis grading"
+(Frontiers in Bioengineering and Biotechnology, 2024):
+
+- a ResNet trunk (BasicBlock stages C2..C5);
+- multi-scale feature fusion: 1x1 lateral convolutions on every stage and a top-down pathway
+  (as in FPN) carry deep semantic maps down to the stride-8 level, where the shallow,
+  high-resolution texture of C2 (pooled to the same grid) is added before a 3x3 smoothing
+  convolution. The result is the ``fusion`` layer, which Grad-CAM hooks;
+- a parallel MobileNet branch of depthwise-separable convolutions on the same input;
+- both branches globally pooled, concatenated, and classified by a fully connected head.
+
+``forward = forward_head(forward_features(x))``: `forward_features` returns the pooled,
+concatenated (B, D) feature vector, `forward_head` maps it to (B, num_classes) logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock, conv1x1
+
+from model.registry import register_model
+
+
+@dataclass(frozen=True)
+class OAMENConfig:
+    """One OA-MEN variant. Widths are the output channels of each stage."""
+
+    num_classes: int = 5
+    in_chans: int = 1
+    stem_width: int = 64
+    layers: tuple[int, int, int, int] = (2, 2, 2, 2)
+    widths: tuple[int, int, int, int] = (64, 128, 256, 512)
+    fusion_channels: int = 128
+    use_fusion: bool = True
+    # MobileNet-v1 at half width: stride 32 like the trunk, ~0.15 GMACs.
+    mobile_widths: tuple[int, ...] = (32, 64, 64, 128, 128, 256, 256, 512)
+    mobile_strides: tuple[int, ...] = (1, 2, 1, 2, 1, 2, 1, 2)
+    use_mobile: bool = True
+    head_hidden: int = 256
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        if len(self.mobile_widths) != len(self.mobile_strides):
+            raise ValueError("mobile_widths and mobile_strides need the same length")
+        if self.num_classes < 2 or self.in_chans < 1:
+            raise ValueError(f"bad num_classes={self.num_classes} or in_chans={self.in_chans}")
+
+
+def _conv_bn_act(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act=nn.ReLU) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        act(inplace=True),
+    )
+
+
+class DepthwiseSeparable(nn.Sequential):
+    """MobileNet-v1 block: 3x3 depthwise conv, then 1x1 pointwise conv, each BN + ReLU6."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__(
+            _conv_bn_act(cin, cin, 3, stride, groups=cin, act=nn.ReLU6),
+            _conv_bn_act(cin, cout, 1, act=nn.ReLU6),
+        )
+
+
+class MobileBranch(nn.Module):
+    """The parallel MobileNet branch: (B, C, H, W) -> (B, mobile_widths[-1]) pooled features."""
+
+    def __init__(self, in_chans: int, widths: tuple[int, ...], strides: tuple[int, ...]) -> None:
+        super().__init__()
+        stem = widths[0] // 2
+        blocks: list[nn.Module] = [_conv_bn_act(in_chans, stem, 3, 2, act=nn.ReLU6)]
+        cin = stem
+        for cout, stride in zip(widths, strides, strict=True):
+            blocks.append(DepthwiseSeparable(cin, cout, stride))
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.out_channels = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.blocks(x), 1), 1)
+
+
+class MultiScaleFusion(nn.Module):
+    """Top-down fusion of C2..C5 into one stride-8 map of ``channels`` channels.
+
+    P5 = L5(C5); P4 = L4(C4) + up(P5); fused = smooth(L3(C3) + up(P4) + avgpool(L2(C2))).
+    """
+
+    def __init__(self, in_widths: tuple[int, int, int, int], channels: int) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(conv1x1(w, channels) for w in in_widths)
+        self.smooth = _conv_bn_act(channels, channels, 3)
+
+    def forward(self, c2: torch.Tensor, c3: torch.Tensor, c4: torch.Tensor, c5: torch.Tensor) -> torch.Tensor:
+        l2, l3, l4, l5 = (lat(c) for lat, c in zip(self.lateral, (c2, c3, c4, c5), strict=True))
+        p4 = l4 + F.interpolate(l5, size=l4.shape[-2:], mode="nearest")
+        p3 = l3 + F.interpolate(p4, size=l3.shape[-2:], mode="nearest")
+        p3 = p3 + F.adaptive_avg_pool2d(l2, l3.shape[-2:])
+        return self.smooth(p3)
+
+
+class OAMEN(nn.Module):
+    """OA-MEN classifier. Input (B, in_chans, H, W), output (B, num_classes) logits.
+
+    The ``fusion`` submodule's output is the fused feature map for attribution; with
+    ``use_fusion=False`` (an ablation) it is a 1x1 projection of C5 alone.
+    """
+
+    def __init__(self, cfg: OAMENConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.stem = nn.Sequential(
+            nn.Conv2d(cfg.in_chans, cfg.stem_width, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(cfg.stem_width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
+        stages = []
+        cin = cfg.stem_width
+        for i, (n, w) in enumerate(zip(cfg.layers, cfg.widths, strict=True)):
+            stages.append(self._make_stage(cin, w, n, stride=1 if i == 0 else 2))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+        if cfg.use_fusion:
+            self.fusion: nn.Module = MultiScaleFusion(cfg.widths, cfg.fusion_channels)
+        else:
+            self.fusion = _conv_bn_act(cfg.widths[-1], cfg.fusion_channels, 1)
+        feat = cfg.fusion_channels
+        self.mobile = MobileBranch(cfg.in_chans, cfg.mobile_widths, cfg.mobile_strides) if cfg.use_mobile else None
+        if self.mobile is not None:
+            feat += self.mobile.out_channels
+        self.num_features = feat
+        self.head = nn.Sequential(
+            nn.Dropout(cfg.dropout),
+            nn.Linear(feat, cfg.head_hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.head_hidden, cfg.num_classes),
+        )
+        self._init_weights()
+
+    @staticmethod
+    def _make_stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
+        down = None
+        if stride != 1 or cin != cout:
+            down = nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+        layers = [BasicBlock(cin, cout, stride, down)]
+        layers += [BasicBlock(cout, cout) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Zero-init the last BN of each residual block, so every block starts as the identity:
+        # training from scratch (no pretrained weights here) is faster and more stable.
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, num_features) pooled fused + MobileNet features."""
+        y = self.stem(x)
+        feats = []
+        for stage in self.stages:
+            y = stage(y)
+            feats.append(y)
+        fused = self.fusion(*feats) if self.cfg.use_fusion else self.fusion(feats[-1])
+        pooled = torch.flatten(F.adaptive_avg_pool2d(fused, 1), 1)
+        if self.mobile is not None:
+            pooled = torch.cat([pooled, self.mobile(x)], dim=1)
+        return pooled
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, num_features) -> (B, num_classes) logits."""
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _build(default: OAMENConfig, **kwargs) -> OAMEN:
+    return OAMEN(dataclasses.replace(default, **kwargs))
+
+
+@register_model
+def oamen(**kwargs) -> OAMEN:
+    """Default OA-MEN: ResNet-18 trunk, 128-channel fusion, MobileNet branch (~12.5 M params)."""
+    return _build(OAMENConfig(), **kwargs)
+
+
+@register_model
+def oamen_lite(**kwargs) -> OAMEN:
+    """Half-width OA-MEN for CPU training: about a quarter of the default's compute."""
+    cfg = OAMENConfig(
+        stem_width=32,
+        widths=(32, 64, 128, 256),
+        fusion_channels=64,
+        mobile_widths=(16, 32, 32, 64, 64, 128, 128, 256),
+        head_hidden=128,
+    )
+    return _build(cfg, **kwargs)
+
+
+@register_model
+def oamen_nofusion(**kwargs) -> OAMEN:
+    """Ablation: OA-MEN without the multi-scale fusion (head reads C5 only)."""
+    return _build(OAMENConfig(use_fusion=False), **kwargs)
+
+
+@register_model
+def oamen_nomobile(**kwargs) -> OAMEN:
+    """Ablation: OA-MEN without the parallel MobileNet branch."""
+    return _build(OAMENConfig(use_mobile=False), **kwargs)

@@ -1,0 +1,42 @@
+"""Model registry: builders registered by name, reached through `create_model` / `list_models`.
+
+Modelled on timm's `_registry.py` and torchvision's `get_model`: a builder is a plain function
+`name(**kw) -> nn.Module` decorated with `@register_model`; every builder accepts at least
+``num_classes`` and ``in_chans``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``fn`` under its own name; a second builder with the same name is an error."""
+    name = fn.__name__
+    if name in _MODELS:
+        raise RuntimeError(f"model {name!r} is registered twice")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model with random initial weights.
+
+    Args:
+        name: a name from `list_models()`.
+        **kwargs: passed to the builder (``num_classes``, ``in_chans``, variant fields).
+    """
+    try:
+        builder = _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}") from None
+    return builder(**kwargs)
