@@ -1,0 +1,288 @@
+"""Knee X-ray datasets: layouts, patient ids, split protocols, caching, balancing, augmentation.
+
+Layouts read by `scan`:
+- ``ROOT/<split>/<grade>/*.png`` with splits ``train``, ``val``, ``test``, ``auto_test`` (those present);
+- ``ROOT/<grade>/*`` (a plain folder of graded images, split ``all``).
+
+Split protocols (`make_splits`), written into every output:
+- ``official``: the given train/val; test is only for the final evaluation (default);
+- ``grouped``: train+val pooled, stratified 8:2 with both knees of a patient on one side;
+- ``paper``: OA-MEN's protocol, everything pooled (test and auto_test included) and split
+  8:2 at random. It leaks: knees of one patient, and auto_test re-crops of test knees, fall
+  on both sides. Offered only to reproduce the paper, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+from model.contract import InputContract
+from model.decode import decode_image
+from model.preprocess import prepare, to_model_input
+
+log = logging.getLogger(__name__)
+
+KNOWN_SPLITS = ("train", "val", "test", "auto_test")
+PROTOCOLS = ("official", "grouped", "paper")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
+_PATIENT_RE = re.compile(r"^(\d+)([LR])$", re.IGNORECASE)
+PAPER_WARNING = (
+    "protocol 'paper' pools every split and splits 8:2 at random, as OA-MEN did: both knees "
+    "of a patient, and auto_test re-crops of test knees, land on both sides, so its figures are "
+    "optimistic. Use 'official' or 'grouped' for honest numbers."
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One graded image file."""
+
+    path: Path
+    grade: int
+    split: str
+    patient: str | None
+
+    @property
+    def group(self) -> str:
+        """Grouping key: the patient id when known, the file itself otherwise."""
+        return self.patient if self.patient is not None else str(self.path)
+
+
+def parse_patient(path: str | Path) -> str | None:
+    """Patient id from a name like ``9001695L.png`` (the OAI id), or None."""
+    m = _PATIENT_RE.match(Path(path).stem)
+    return m.group(1) if m else None
+
+
+def _scan_grades(folder: Path, split: str, num_classes: int) -> list[Sample]:
+    samples = []
+    for grade in range(num_classes):
+        gdir = folder / str(grade)
+        if not gdir.is_dir():
+            continue
+        for p in sorted(gdir.iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                samples.append(Sample(p, grade, split, parse_patient(p)))
+    return samples
+
+
+def scan(root: str | Path, num_classes: int = 5) -> list[Sample]:
+    """Every graded image under ``root`` (either layout). Raises if none is found."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} is not a folder")
+    splits = [s for s in KNOWN_SPLITS if (root / s).is_dir()]
+    if splits:
+        samples = [x for s in splits for x in _scan_grades(root / s, s, num_classes)]
+    else:
+        samples = _scan_grades(root, "all", num_classes)
+    if not samples:
+        raise FileNotFoundError(
+            f"no graded images under {root}: expected ROOT/<split>/<grade>/*.png or ROOT/<grade>/*.png "
+            f"with grades 0..{num_classes - 1}"
+        )
+    return samples
+
+
+def make_splits(samples: Sequence[Sample], protocol: str = "official", seed: int = 0) -> dict[str, list[Sample]]:
+    """Split samples by protocol into ``train``, ``val`` and (when available) ``test``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    by_split: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_split.setdefault(s.split, []).append(s)
+    if protocol == "official":
+        if "train" not in by_split or "val" not in by_split:
+            raise ValueError(
+                f"protocol 'official' needs ROOT/train and ROOT/val; found splits {sorted(by_split)}. "
+                "Use --protocol grouped for a plain ROOT/<grade>/ folder."
+            )
+        out = {"train": by_split["train"], "val": by_split["val"]}
+        if "test" in by_split:
+            out["test"] = by_split["test"]
+        return out
+    if protocol == "grouped":
+        pool = [s for s in samples if s.split in ("train", "val", "all")]
+        labels = np.array([s.grade for s in pool])
+        groups = np.array([s.group for s in pool])
+        splitter = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=seed)
+        tr, va = next(splitter.split(np.zeros(len(pool)), labels, groups))
+        out = {"train": [pool[i] for i in tr], "val": [pool[i] for i in va]}
+        if "test" in by_split:
+            out["test"] = by_split["test"]
+        return out
+    log.warning(PAPER_WARNING)
+    pool = list(samples)
+    labels = [s.grade for s in pool]
+    tr, va = train_test_split(np.arange(len(pool)), test_size=0.2, stratify=labels, random_state=seed)
+    return {"train": [pool[i] for i in tr], "val": [pool[i] for i in va]}
+
+
+def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
+    c = Counter(s.grade for s in samples)
+    return [c.get(k, 0) for k in range(num_classes)]
+
+
+def _cache_key(samples: Sequence[Sample], contract: InputContract) -> str:
+    h = hashlib.sha256()
+    h.update(repr((contract.input_size, contract.preprocess)).encode())
+    for s in samples:
+        h.update(f"{s.path}:{s.path.stat().st_mtime_ns}:{s.path.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_all(
+    samples: Sequence[Sample], contract: InputContract, cache_dir: str | Path | None = None, desc: str = "prepare"
+) -> np.ndarray:
+    """The deterministic preprocessing of every sample: (N, S, S) uint8, cached on disk if asked.
+
+    The cache file name hashes the file list and the preprocessing parameters, so a changed
+    contract or dataset never reads a stale cache.
+    """
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"{desc}-{_cache_key(samples, contract)}.npy"
+        if cache_file.is_file():
+            arr = np.load(cache_file)
+            if arr.shape == (len(samples), contract.input_size, contract.input_size):
+                return arr
+
+    def one(s: Sample) -> np.ndarray:
+        return prepare(decode_image(s.path.read_bytes(), max_pixels=contract.max_pixels), contract)
+
+    size = contract.input_size
+    out = np.empty((len(samples), size, size), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # OpenCV releases the GIL
+        for i, img in enumerate(tqdm(pool.map(one, samples), total=len(samples), desc=desc, leave=False)):
+            out[i] = img
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp.npy")
+        np.save(tmp, out)
+        tmp.replace(cache_file)
+    return out
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The paper's class-balancing augmentation: random crop, horizontal flip, translation.
+
+    Applied to the prepared uint8 image as one affine warp: a zoom of 1/crop_scale (a random
+    crop resized back to the input), a shift of up to ``max_translate`` of the side, and a
+    mirror with probability ``flip`` (left and right knees are mirror images).
+    """
+
+    flip: float = 0.5
+    crop_scale: tuple[float, float] = (0.85, 1.0)
+    max_translate: float = 0.08
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        size = image.shape[0]
+        zoom = 1.0 / rng.uniform(*self.crop_scale)
+        tx, ty = rng.uniform(-self.max_translate, self.max_translate, size=2) * size
+        sx = -zoom if rng.random() < self.flip else zoom
+        c = (size - 1) / 2.0
+        m = np.array([[sx, 0.0, c - sx * c + tx], [0.0, zoom, c - zoom * c + ty]], dtype=np.float32)
+        return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+
+class KneeDataset(Dataset):
+    """Prepared images + labels -> (C, S, S) float tensors, augmented when ``augment`` is set."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Sequence[int],
+        contract: InputContract,
+        augment: Augment | None = None,
+        seed: int = 0,
+    ) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.contract = contract
+        self.augment = augment
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed augmentation so each epoch (and each rank/worker) draws fresh, reproducible noise."""
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        self._rng = np.random.default_rng([self.seed, epoch, wid])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i]
+        if self.augment is not None:
+            img = self.augment(img, self._rng)
+        return torch.from_numpy(np.ascontiguousarray(to_model_input(img, self.contract))), int(self.labels[i])
+
+
+class EpochSampler(Sampler[int]):
+    """Indices for one epoch, optionally class-balanced, sharded across distributed ranks.
+
+    Balanced: every class is drawn up to the count of the largest class (all of its own
+    images first, then random repeats that the augmentation makes different), as OA-MEN did.
+    Every rank builds the same permutation from ``seed + epoch`` and keeps its own stride.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        balance: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        max_items: int | None = None,
+    ) -> None:
+        self.labels = np.asarray(labels)
+        self.balance = balance
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.max_items = max_items
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.balance:
+            per_class = [np.flatnonzero(self.labels == k) for k in np.unique(self.labels)]
+            target = max(len(ix) for ix in per_class)
+            parts = [np.concatenate([ix, rng.choice(ix, target - len(ix))]) for ix in per_class]
+            idx = np.concatenate(parts)
+        else:
+            idx = np.arange(len(self.labels))
+        idx = rng.permutation(idx)
+        if self.max_items is not None:
+            idx = idx[: self.max_items]
+        pad = (-len(idx)) % self.world_size  # every rank gets the same number of steps
+        if pad:
+            idx = np.concatenate([idx, idx[:pad]])
+        return idx[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices().tolist())
+
+    def __len__(self) -> int:
+        return len(self._indices())
