@@ -84,7 +84,9 @@ def scan(root: str | Path, num_classes: int = 5) -> list[Sample]:
     """Every graded image under ``root`` (either layout). Raises if none is found."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} is not a folder")
+        raise FileNotFoundError(
+            f"data root {root} is not a folder: expected ROOT/<split>/<grade>/*.png or ROOT/<grade>/*.png"
+        )
     splits = [s for s in KNOWN_SPLITS if (root / s).is_dir()]
     if splits:
         samples = [x for s in splits for x in _scan_grades(root / s, s, num_classes)]
@@ -218,13 +220,26 @@ class KneeDataset(Dataset):
         self.contract = contract
         self.augment = augment
         self.seed = seed
+        self.epoch = 0
         self._rng = np.random.default_rng(seed)
+        self._rng_owner: int | None = None  # DataLoader worker id the generator was seeded for
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed augmentation so each epoch (and each rank/worker) draws fresh, reproducible noise."""
+        self.epoch = epoch
+        self._rng = np.random.default_rng([self.seed, epoch, 0])
+        self._rng_owner = None
+
+    def _worker_rng(self) -> np.random.Generator:
+        # set_epoch runs in the main process; DataLoader workers hold copies of this dataset made
+        # after it, so each worker reseeds on its first item, or all workers would draw the same
+        # noise. (Persistent workers keep their stream across epochs, which still differs.)
         info = torch.utils.data.get_worker_info()
-        wid = info.id if info is not None else 0
-        self._rng = np.random.default_rng([self.seed, epoch, wid])
+        wid = info.id if info is not None else None
+        if wid != self._rng_owner:
+            self._rng = np.random.default_rng([self.seed, self.epoch, wid])
+            self._rng_owner = wid
+        return self._rng
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -232,7 +247,7 @@ class KneeDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.images[i]
         if self.augment is not None:
-            img = self.augment(img, self._rng)
+            img = self.augment(img, self._worker_rng())
         return torch.from_numpy(np.ascontiguousarray(to_model_input(img, self.contract))), int(self.labels[i])
 
 

@@ -165,6 +165,18 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _time_is_up(deadline: float, device: torch.device) -> bool:
+    """Whether ``deadline`` has passed, agreed by all ranks.
+
+    Each rank reads its own clock; a rank that left the epoch alone would leave the others
+    waiting forever in DDP's gradient all-reduce.
+    """
+    late = torch.tensor([int(time.monotonic() > deadline)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return bool(late.item())
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -204,7 +216,7 @@ def train_one_epoch(
         bar.set_postfix(
             loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}"
         )
-        if deadline is not None and time.monotonic() > deadline:
+        if deadline is not None and _time_is_up(deadline, device):
             break
     return {"train_loss": loss_sum / max(1, total), "train_acc": correct / max(1, total), "train_images": total}
 
@@ -295,7 +307,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         sampler=sampler,
         num_workers=args.workers,
         pin_memory=pin,
-        drop_last=False,
+        # A last batch of one image cannot train BatchNorm on a 1x1 feature map (small inputs) and
+        # gives it a noisy estimate anyway. Every rank has the same epoch length, so all drop alike.
+        drop_last=len(sampler) > 1 and len(sampler) % args.batch_size == 1,
         persistent_workers=args.workers > 0,
     )
     val_dl = DataLoader(val_ds, 64, shuffle=False, num_workers=args.workers, pin_memory=pin)
@@ -314,12 +328,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
     )
     steps_per_epoch = len(train_dl)
+    # The time-based annealing reads each process's clock; under DDP that would give the ranks
+    # slightly different learning rates and drifting replicas, so there it is step-based only.
+    budget_s = args.time_limit * 60 if world == 1 else 0.0
     scheduler = make_schedule(
-        optimizer,
-        int(args.warmup_epochs * steps_per_epoch),
-        args.epochs * steps_per_epoch,
-        started,
-        args.time_limit * 60,
+        optimizer, int(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch, started, budget_s
     )
 
     config = {
