@@ -9,9 +9,15 @@ DATA ?= ../shared/data/koa
 RUN ?= runs/oamen
 MODEL ?= oamen
 WEIGHTS := weights/oamen.ckpt
-EXPORT := weights/oamen.pt
+EXPORT := build/oamen.pt
+ARCHIVE := model_store/oamen.mar
+# The .mar packs the model/ and handler/ packages, so it is rebuilt when any of them changes.
+SOURCES := $(shell find model handler -name '*.py' 2>/dev/null)
+SERVE_DIR := logs/serve
+IMAGE ?= tests/fixtures/knee_kl2.png
+PROTO_STAMP := client/_proto/inference_pb2.py
 
-.PHONY: help setup lint test test-fast bench-model train evaluate export compare clean
+.PHONY: help setup lint test test-fast bench-model train evaluate export compare archive serve stop token predict explain proto clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -28,7 +34,7 @@ $(STAMP): requirements.txt
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint  ## lint, then the whole test suite (slow tests included; what CI runs)
+test: $(STAMP) $(PROTO_STAMP) lint  ## lint, then the whole test suite (slow tests included; what CI runs)
 	$(PY) -m pytest -q -ra
 
 test-fast: $(STAMP)  ## the suite without slow tests
@@ -48,8 +54,38 @@ export: $(EXPORT)  ## TorchScript export of the committed weights
 $(EXPORT): $(WEIGHTS) | $(STAMP)
 	$(PY) -m train.export --checkpoint $(WEIGHTS) --out $@ --images tests/fixtures/knee_kl2.png
 
+archive: $(ARCHIVE)  ## build model_store/oamen.mar (export first when the weights are newer)
+
+$(ARCHIVE): $(EXPORT) $(SOURCES) | $(STAMP)
+	rm -rf build/mar && mkdir -p build/mar model_store
+	cp -r model handler build/mar/
+	find build/mar -name __pycache__ -prune -exec rm -rf {} +
+	$(VENV)/bin/torch-model-archiver --model-name oamen --version 1.0 --serialized-file $(EXPORT) \
+		--handler handler/koa_handler.py --extra-files build/mar --export-path model_store --force
+	@echo "built $@"
+
+serve: archive  ## start TorchServe in the background; returns when the model answers
+	$(PY) scripts/tsctl.py start --workdir $(SERVE_DIR)
+
+stop: $(STAMP)  ## stop TorchServe and wait until its processes are gone
+	$(PY) scripts/tsctl.py stop --workdir $(SERVE_DIR)
+
+token: $(STAMP)  ## print the inference key of the running server
+	@$(PY) scripts/tsctl.py token --workdir $(SERVE_DIR)
+
+proto: $(PROTO_STAMP)  ## generate the gRPC stubs from the proto inside TorchServe's jar
+
+$(PROTO_STAMP): | $(STAMP)
+	$(PY) -m client.gen_proto
+
+predict: $(PROTO_STAMP)  ## grade IMAGE=... on the running server (REST)
+	$(PY) -m client predict $(IMAGE) --key-file $(SERVE_DIR)/key_file.json
+
+explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG beside it in reports/)
+	$(PY) -m client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain
+
 compare: $(STAMP)  ## OA-MEN against the paper's baselines (quick budget; see train/compare.py)
 	$(PY) -m train.compare --data $(DATA) --out reports/compare --quick
 
 clean:  ## remove build outputs (keeps .venv)
-	rm -rf model_store runs/tmp reports logs .pytest_cache .ruff_cache
+	rm -rf build model_store reports logs client/_proto .pytest_cache .ruff_cache

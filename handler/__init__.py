@@ -1,0 +1,4 @@
+"""KOA-Serve's TorchServe handler (`handler.koa_handler`), its request path and attributions.
+
+Stands on `model/`; never imports `train/`.
+"""

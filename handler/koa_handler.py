@@ -1,0 +1,56 @@
+"""TorchServe entry point of KOA-Serve: one handler class, as TorchServe requires.
+
+It stays thin: it loads the TorchScript model and its input contract on the device TorchServe
+assigns, then hands every batch to `handler.service.Predictor`, which decodes, preprocesses
+(with `model/`, exactly as training did), predicts and explains each request on its own.
+The archive ships `model/` and `handler/` as packages beside this file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from http import HTTPStatus
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler.service import Predictor
+from model import create_model
+from model.checkpoint import load_torchscript
+
+log = logging.getLogger(__name__)
+
+
+class KOAHandler(BaseHandler):
+    """Knee X-ray in, KL grade + probabilities (+ Captum explanation) out, per request."""
+
+    def initialize(self, context) -> None:
+        props = context.system_properties
+        gpu_id = props.get("gpu_id")
+        if torch.cuda.is_available() and gpu_id is not None:
+            self.device = torch.device(f"cuda:{gpu_id}")
+        else:
+            self.device = torch.device("cpu")
+        path = os.path.join(props.get("model_dir"), context.manifest["model"]["serializedFile"])
+        scripted, contract = load_torchscript(path, map_location=self.device)
+        # Explanations need module hooks, which TorchScript lacks: rebuild the eager model from the
+        # same weights (the traced module's state dict has the eager module's keys).
+        eager = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
+        eager.load_state_dict(scripted.state_dict())
+        eager.to(self.device).eval()
+        self.model = scripted
+        self.predictor = Predictor(scripted, eager, contract, self.device)
+        self.context = context
+        self.initialized = True
+        log.info("loaded %s v%s on %s", contract.model_name, contract.model_version, self.device)
+
+    def handle(self, data, context) -> list[str]:
+        headers = [context.get_all_request_header(i) for i in range(len(data))]
+        answers = []
+        for i, (status, body) in enumerate(self.predictor.handle(data, headers)):
+            context.set_response_status(status, HTTPStatus(status).phrase, idx=i)
+            context.set_response_content_type(i, "application/json")
+            answers.append(json.dumps(body))
+        return answers

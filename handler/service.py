@@ -1,0 +1,230 @@
+"""The request path of the KOA-Serve handler, free of TorchServe so it can be tested directly.
+
+decode (`model.decode`) -> preprocess (`model.preprocess`, from the contract) -> batch ->
+TorchScript model -> one JSON answer per request, explained on request (`handler.explain`).
+
+Each request in a batch succeeds or fails on its own: a bad request gets a 4xx answer with
+a JSON error body while the rest of its batch is answered normally. Nothing here raises for
+bad input.
+
+Accepted request forms (TorchServe hands each request over as a dict of named fields):
+- raw image bytes as the body (``data`` or ``body``): PNG, JPEG or DICOM;
+- multipart form fields: the image in ``data``, ``image`` or ``file``; optional fields
+  ``explain`` (true/false), ``target`` (grade 0-4 or a class name) and ``method``
+  (``gradcam`` or ``ig``);
+- JSON: ``{"image": "<base64>", "explain": true, "target": 3, "method": "gradcam"}``;
+- gRPC: the same keys in the request's ``input`` map (``data`` holds the image bytes).
+``POST /explanations/<model>`` explains every request without the ``explain`` field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from handler.explain import METHODS, attribute, heat_grid, overlay_png
+from model.contract import InputContract
+from model.decode import DecodeError, decode_image
+from model.preprocess import prepare, to_model_input
+
+log = logging.getLogger(__name__)
+
+IMAGE_FIELDS = ("data", "body", "image", "file")
+JSON_IMAGE_KEYS = ("image", "data", "b64")
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+
+
+class RequestError(ValueError):
+    """A request the service cannot answer with a prediction; ``status`` is its HTTP code."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    image: bytes
+    explain: bool
+    method: str
+    target: int | None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise RequestError("option fields must be UTF-8 text") from None
+    return str(value).strip()
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise RequestError(f"{name} must be true or false, got {text[:40]!r}")
+
+
+def _target(value: Any, contract: InputContract) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise RequestError(f"target must be a grade 0-{contract.num_classes - 1} or a class name, got {value!r}")
+    if isinstance(value, int):
+        grade = value
+    else:
+        text = _text(value)
+        if text == "":
+            return None
+        if text in contract.class_names:
+            return contract.class_names.index(text)
+        try:
+            grade = int(text)
+        except ValueError:
+            grade = -1
+    if not 0 <= grade < contract.num_classes:
+        raise RequestError(
+            f"target must be a grade 0-{contract.num_classes - 1} or one of {list(contract.class_names)}, got {value!r}"
+        )
+    return grade
+
+
+def parse_request(row: dict[str, Any], headers: dict[str, Any], contract: InputContract) -> ParsedRequest:
+    """Turn one TorchServe request (its named fields and headers) into what to do.
+
+    Raises:
+        RequestError: missing or malformed image field or options.
+    """
+    if not isinstance(row, dict) or not row:
+        raise RequestError("empty request: send an image (PNG, JPEG or DICOM) as the body, a form field or JSON")
+    options: dict[str, Any] = {k: row[k] for k in ("explain", "target", "method") if k in row}
+    field = next((k for k in IMAGE_FIELDS if k in row), None)
+    if field is None:
+        raise RequestError(f"no image found: expected one of the fields {list(IMAGE_FIELDS)}, got {sorted(row)}")
+    value = row[field]
+    if isinstance(value, dict):  # a JSON body, already parsed by TorchServe
+        options = {**{k: value[k] for k in ("explain", "target", "method") if k in value}, **options}
+        key = next((k for k in JSON_IMAGE_KEYS if k in value), None)
+        if key is None or not isinstance(value[key], str):
+            raise RequestError(f"JSON body needs a base64 string in one of {list(JSON_IMAGE_KEYS)}")
+        try:
+            image = base64.b64decode(value[key], validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"JSON field {key!r} is not valid base64") from None
+    elif isinstance(value, bytes | bytearray):
+        image = bytes(value)
+        ctype = str((headers.get(field) or {}).get("content-type", "")) if isinstance(headers.get(field), dict) else ""
+        if ctype.startswith("application/json"):
+            raise RequestError("body was sent as application/json but is not valid JSON")
+    elif isinstance(value, str):
+        raise RequestError(
+            "the image arrived as text: send raw bytes with an image content type (e.g. image/png, application/dicom), "
+            "a multipart file field, or JSON with a base64 image"
+        )
+    else:
+        raise RequestError(f"unsupported body type {type(value).__name__}")
+    if not image:
+        raise RequestError("empty image: the request body has no bytes")
+    explain = _flag(options["explain"], "explain") if "explain" in options else headers.get("explain") == "True"
+    method = _text(options.get("method", "gradcam")).lower() or "gradcam"
+    if method not in METHODS:
+        raise RequestError(f"method must be one of {list(METHODS)}, got {method!r}")
+    return ParsedRequest(image, explain, method, _target(options.get("target"), contract))
+
+
+def error_body(status: int, message: str, kind: str = "bad_request") -> dict[str, Any]:
+    return {"error": {"status": status, "type": kind, "message": message}}
+
+
+class Predictor:
+    """Answers a batch of requests; one (status, JSON body) per request, in order.
+
+    Args:
+        scripted: the exported TorchScript model (predictions).
+        eager: the same weights as an eager module (explanations; Captum needs hooks).
+        contract: the input contract both were saved with.
+        device: where the models live.
+    """
+
+    def __init__(self, scripted: nn.Module, eager: nn.Module, contract: InputContract, device: torch.device) -> None:
+        self.scripted = scripted
+        self.eager = eager
+        self.contract = contract
+        self.device = device
+
+    def answer(self, probs: np.ndarray) -> dict[str, Any]:
+        """The prediction body for one (K,) probability vector."""
+        grade = int(probs.argmax())
+        c = self.contract
+        return {
+            "kl_grade": grade,
+            "class_name": c.class_names[grade],
+            "label": c.class_labels[grade],
+            "probabilities": [round(float(p), 6) for p in probs],
+            "oa_probability": round(float(probs[2:].sum()), 6),
+            "model": {"name": c.model_name, "version": c.model_version},
+        }
+
+    def explanation(self, x: torch.Tensor, prepared: np.ndarray, target: int, method: str) -> dict[str, Any]:
+        heat = attribute(self.eager, x, target, method)
+        return {
+            "method": method,
+            "target": target,
+            "target_class": self.contract.class_names[target],
+            "grid": heat_grid(heat),
+            "overlay_png": base64.b64encode(overlay_png(prepared, heat)).decode("ascii"),
+        }
+
+    def handle(self, rows: list[dict[str, Any]], headers: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+        """Answer every request of a batch: (HTTP status, JSON body) each, never raising for bad input."""
+        results: list[tuple[int, dict[str, Any]] | None] = [None] * len(rows)
+        parsed: list[tuple[int, ParsedRequest, np.ndarray]] = []
+        for i, row in enumerate(rows):
+            try:
+                req = parse_request(row, headers[i] if i < len(headers) else {}, self.contract)
+                gray = decode_image(req.image, max_pixels=self.contract.max_pixels)
+                parsed.append((i, req, prepare(gray, self.contract)))
+            except (RequestError, DecodeError) as exc:
+                status = getattr(exc, "status", 400)
+                results[i] = (
+                    status,
+                    error_body(status, str(exc), "invalid_image" if isinstance(exc, DecodeError) else "bad_request"),
+                )
+            except Exception as exc:  # an input we did not foresee: answer it, keep the batch alive
+                log.exception("request %d could not be prepared", i)
+                results[i] = (400, error_body(400, f"could not read the request: {type(exc).__name__}: {exc}"))
+        if parsed:
+            batch = torch.from_numpy(np.stack([to_model_input(p, self.contract) for _, _, p in parsed])).to(self.device)
+            try:
+                with torch.inference_mode():
+                    probs = torch.softmax(self.scripted(batch).float(), dim=1).cpu().numpy()
+            except Exception as exc:
+                log.exception("inference failed for a batch of %d", len(parsed))
+                for i, _, _ in parsed:
+                    results[i] = (500, error_body(500, f"inference failed: {exc}", "server_error"))
+                parsed = []
+            for j, (i, req, prepared) in enumerate(parsed):
+                body = self.answer(probs[j])
+                if req.explain:
+                    target = body["kl_grade"] if req.target is None else req.target
+                    try:
+                        body["explanation"] = self.explanation(batch[j : j + 1].clone(), prepared, target, req.method)
+                    except Exception as exc:
+                        log.exception("explanation failed for request %d", i)
+                        results[i] = (500, error_body(500, f"explanation failed: {exc}", "server_error"))
+                        continue
+                results[i] = (200, body)
+        return [r if r is not None else (500, error_body(500, "no answer", "server_error")) for r in results]

@@ -1,0 +1,288 @@
+"""Start, wait for, stop and query a local TorchServe serving KOA-Serve's archive.
+
+``python scripts/tsctl.py start|stop|token|status [--workdir logs/serve]``
+
+Each server instance lives in its own working directory: TorchServe writes its key file
+(``key_file.json``), logs and pid file (via TMPDIR) there, so a test server on free ports and
+``make serve`` never step on each other. `start` returns only when the model answers, or fails
+with the reason from the logs; `stop` returns only when Java and every worker are gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WORKDIR = ROOT / "logs" / "serve"
+MODEL_NAME = "oamen"
+PORT_KEYS = {
+    "inference": ("inference_address", "http://127.0.0.1:{}"),
+    "management": ("management_address", "http://127.0.0.1:{}"),
+    "metrics": ("metrics_address", "http://127.0.0.1:{}"),
+    "grpc_inference": ("grpc_inference_port", "{}"),
+    "grpc_management": ("grpc_management_port", "{}"),
+}
+
+
+class ServeError(RuntimeError):
+    """TorchServe did not come up (or go down) as asked; the message carries the log's reason."""
+
+
+@dataclass
+class Server:
+    workdir: Path
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    grpc_port: int
+
+    def keys(self) -> dict[str, str]:
+        return read_keys(self.workdir)
+
+
+def _props(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            k, v = line.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def render_config(
+    src: Path, dst: Path, ports: dict[str, int] | None = None, extra: dict[str, str] | None = None
+) -> Path:
+    """Copy ``src`` to ``dst`` with other ports (keys of PORT_KEYS) and extra properties."""
+    text = src.read_text()
+    for name, port in (ports or {}).items():
+        key, fmt = PORT_KEYS[name]
+        text, n = re.subn(rf"^{key}=.*$", f"{key}={fmt.format(port)}", text, flags=re.M)
+        if n != 1:
+            raise ValueError(f"{src} has no single {key} line")
+    for key, value in (extra or {}).items():
+        text, n = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+        if n == 0:
+            text += f"\n{key}={value}\n"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(text)
+    return dst
+
+
+def read_keys(workdir: Path) -> dict[str, str]:
+    """{'inference': key, 'management': key, 'api': key} from the server's key_file.json."""
+    path = Path(workdir) / "key_file.json"
+    if not path.is_file():
+        raise ServeError(f"{path} not found: is TorchServe running from {workdir}? (`make serve`)")
+    data = json.loads(path.read_text())
+    return {"inference": data["inference"]["key"], "management": data["management"]["key"], "api": data["API"]["key"]}
+
+
+def _env(workdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    tmp = workdir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env.update(TMPDIR=str(tmp), LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _pid(workdir: Path) -> int | None:
+    pidfile = workdir / "tmp" / ".model_server.pid"
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _log_reason(workdir: Path, lines: int = 12) -> str:
+    """The most telling lines of the server's logs: errors first, else the tail."""
+    texts = []
+    for name in ("model_log.log", "ts_log.log"):
+        p = workdir / "logs" / name
+        if p.is_file():
+            texts += p.read_text(errors="replace").splitlines()
+    errors = [t for t in texts if re.search(r"ERROR|Error|Exception|Traceback|failed", t)]
+    picked = (errors or texts)[-lines:]
+    return "\n".join(picked) if picked else f"(no logs in {workdir / 'logs'})"
+
+
+def _get(url: str, key: str | None, timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def start(
+    model_store: Path,
+    config: Path,
+    workdir: Path = DEFAULT_WORKDIR,
+    models: str = f"{MODEL_NAME}={MODEL_NAME}.mar",
+    timeout: float = 180.0,
+) -> Server:
+    """Start TorchServe in the background and wait until every worker of the model is READY."""
+    workdir = Path(workdir).resolve()
+    if _pid(workdir) and _alive(_pid(workdir)):
+        raise ServeError(f"a TorchServe from {workdir} is already running (pid {_pid(workdir)}); `make stop` first")
+    if shutil.which("java") is None:
+        raise ServeError("Java 17+ is required by TorchServe: sudo apt-get install -y openjdk-17-jre-headless")
+    mar = Path(model_store) / models.split("=", 1)[1]
+    if not mar.is_file():
+        raise ServeError(f"{mar} is missing: run `make archive` first")
+    workdir.mkdir(parents=True, exist_ok=True)
+    for stale in ("key_file.json",):
+        (workdir / stale).unlink(missing_ok=True)
+    shutil.rmtree(workdir / "logs", ignore_errors=True)
+    props = _props(Path(config).read_text())
+    cmd = [
+        str(Path(sys.executable).parent / "torchserve"),
+        "--start",
+        "--ncs",
+        "--model-store", str(Path(model_store).resolve()),
+        "--models", models,
+        "--ts-config", str(Path(config).resolve()),
+    ]  # fmt: skip
+    # Output goes to a file, not a pipe: Java inherits it and would keep a pipe open forever.
+    console = workdir / "console.log"
+    with open(console, "w") as sink:
+        code = subprocess.run(
+            cmd,
+            cwd=workdir,
+            env=_env(workdir),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            timeout=60,
+            start_new_session=True,
+        ).returncode
+    if code != 0:
+        raise ServeError(f"torchserve --start failed ({code}): {console.read_text(errors='replace').strip()[-2000:]}")
+    server = Server(
+        workdir,
+        props["inference_address"],
+        props["management_address"],
+        props["metrics_address"],
+        int(props.get("grpc_inference_port", 7070)),
+    )
+    name = models.split("=", 1)[0]
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        pid = _pid(workdir)
+        if pid is not None and not _alive(pid):
+            raise ServeError(f"TorchServe exited during start-up. Log:\n{_log_reason(workdir)}")
+        try:
+            status, body = _get(f"{server.management_url}/models/{name}", read_keys(workdir)["management"])
+            if status == 200:
+                workers = json.loads(body)[0].get("workers", [])
+                if workers and all(w.get("status") == "READY" for w in workers):
+                    return server
+                last = f"workers: {[w.get('status') for w in workers]}"
+        except (ServeError, OSError, ValueError, KeyError) as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    reason = _log_reason(workdir)
+    stop(workdir)
+    raise ServeError(f"model {name!r} did not become READY within {timeout:.0f} s ({last}). Log:\n{reason}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is gone for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except Exception:
+        return []
+
+
+def stop(workdir: Path = DEFAULT_WORKDIR, timeout: float = 60.0) -> bool:
+    """Stop the server started from ``workdir``; wait until Java and its workers are gone.
+
+    Returns False when nothing was running.
+    """
+    workdir = Path(workdir).resolve()
+    pid = _pid(workdir)
+    if pid is None or not _alive(pid):
+        return False
+    pids = [pid, *_descendants(pid)]
+    subprocess.run(
+        [str(Path(sys.executable).parent / "torchserve"), "--stop"],
+        cwd=workdir,
+        env=_env(workdir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=60,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    for p in pids:  # still there after the timeout: make sure nothing is left running
+        if _alive(p):
+            try:
+                os.kill(p, 9)
+            except ProcessLookupError:
+                pass
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=("start", "stop", "token", "status"))
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--config", type=Path, default=ROOT / "config.properties")
+    p.add_argument("--timeout", type=float, default=180.0)
+    args = p.parse_args(argv)
+    try:
+        if args.command == "start":
+            s = start(args.model_store, args.config, args.workdir, timeout=args.timeout)
+            print(f"TorchServe is serving {MODEL_NAME} (logs: {s.workdir / 'logs'})")
+            print(f"  REST inference   {s.inference_url}/predictions/{MODEL_NAME}")
+            print(f"  REST explain     {s.inference_url}/explanations/{MODEL_NAME}")
+            print(f"  gRPC inference   127.0.0.1:{s.grpc_port}")
+            print(f"  management       {s.management_url}   metrics {s.metrics_url}/metrics")
+            print("  token            `make token` (keys expire after 60 min; see README 'Tokens')")
+        elif args.command == "stop":
+            print("stopped" if stop(args.workdir) else "not running")
+        elif args.command == "token":
+            print(read_keys(args.workdir)["inference"])
+        else:
+            pid = _pid(args.workdir.resolve())
+            running = pid is not None and _alive(pid)
+            print(f"running (pid {pid})" if running else "not running")
+            return 0 if running else 1
+    except ServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
