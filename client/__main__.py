@@ -1,0 +1,152 @@
+"""Command line of the KOA-Serve client: grade (and explain) knee radiographs on a running server.
+
+``python -m client predict IMAGE [IMAGE...] [--grpc] [--explain] [--target T] [--method gradcam|ig]
+[--url URL] [--grpc-target HOST:PORT] [--token TOKEN | --key-file PATH] [--model oamen]
+[--overlay-dir DIR] [--json]``
+
+Prints, per image, the KL grade, the probability of each class and the probability of
+radiographic OA (KL >= 2); with ``--explain`` it writes the overlay PNG to
+``<overlay-dir>/<stem>_<method>_KL<target>.png``. Exit status: 0 when every image was graded,
+1 when any failed (the server's message goes to stderr), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from client import TOKEN_ENV, KOAClientError, load_token
+
+DEFAULT_CLASS_NAMES = ("KL0", "KL1", "KL2", "KL3", "KL4")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m client", description="KOA-Serve client (REST or gRPC).")
+    sub = p.add_subparsers(dest="command", required=True)
+    pr = sub.add_parser("predict", help="grade knee radiographs (PNG, JPEG, DICOM)")
+    pr.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    pr.add_argument("--grpc", action="store_true", help="use gRPC instead of REST")
+    pr.add_argument("--explain", action="store_true", help="also explain the grade (writes an overlay PNG)")
+    pr.add_argument("--target", default=None, help="grade 0-4 or class name to explain (implies --explain)")
+    pr.add_argument("--method", choices=("gradcam", "ig"), default=None, help="attribution (implies --explain)")
+    pr.add_argument("--url", default="http://127.0.0.1:8080", help="REST inference address")
+    pr.add_argument("--grpc-target", default="127.0.0.1:7070", help="gRPC inference host:port")
+    auth = pr.add_mutually_exclusive_group()
+    auth.add_argument("--token", default=None, help=f"inference key (default: ${TOKEN_ENV}, then --key-file)")
+    auth.add_argument("--key-file", type=Path, default=None, help="TorchServe's key_file.json")
+    pr.add_argument("--model", default="oamen")
+    pr.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    pr.add_argument("--overlay-dir", type=Path, default=Path("reports/explain"), help="where overlay PNGs go")
+    pr.add_argument("--json", action="store_true", help="print the raw JSON answers")
+    return p
+
+
+def _target(value: str | None) -> int | str | None:
+    if value is None:
+        return None
+    return int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+
+
+def format_answer(name: str, answer: dict[str, Any]) -> str:
+    """Human-readable lines for one answer."""
+    names = answer.get("class_names") or DEFAULT_CLASS_NAMES
+    probs = answer.get("probabilities") or []
+    lines = [f"{name}: KL{answer.get('kl_grade')} ({answer.get('label', answer.get('class_name', ''))})"]
+    lines.append("  " + "  ".join(f"{n} {p:.3f}" for n, p in zip(names, probs)))
+    if "oa_probability" in answer:
+        lines.append(f"  P(OA, KL>=2) {answer['oa_probability']:.3f}")
+    return "\n".join(lines)
+
+
+def write_overlay(answer: dict[str, Any], image: Path, out_dir: Path) -> Path:
+    """Write the explanation's overlay PNG as ``<stem>_<method>_KL<target>.png``; returns its path.
+
+    Raises:
+        ValueError: the answer has no explanation overlay, or it is not valid base64.
+    """
+    exp = answer.get("explanation")
+    if not isinstance(exp, dict) or not exp.get("overlay_png"):
+        raise ValueError("the answer has no explanation overlay")
+    try:
+        png = base64.b64decode(exp["overlay_png"], validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise ValueError("the explanation's overlay_png is not valid base64") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{image.stem}_{exp.get('method', 'explain')}_KL{exp.get('target', 'x')}.png"
+    path.write_bytes(png)
+    return path
+
+
+def make_client(args: argparse.Namespace, token: str) -> Any:
+    if args.grpc:
+        from client.grpc_client import GrpcClient
+
+        return GrpcClient(args.grpc_target, token=token, model=args.model, timeout=args.timeout)
+    from client.rest import RestClient
+
+    return RestClient(args.url, token=token, model=args.model, timeout=args.timeout)
+
+
+def predict(args: argparse.Namespace) -> int:
+    try:
+        token = load_token(args.token, args.key_file)
+        client = make_client(args, token)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    explain = args.explain or args.target is not None or args.method is not None
+    target = _target(args.target)
+    if isinstance(target, int) and target < 0:
+        print(f"error: --target must be a grade 0-4 or a class name such as KL3, got {args.target}", file=sys.stderr)
+        return 2
+    failed = 0
+    for image in args.images:
+        try:
+            data = image.read_bytes()
+        except OSError as exc:
+            print(f"{image}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            failed += 1
+            continue
+        try:
+            answer = client.predict(data, explain=explain, target=target, method=args.method)
+        except KOAClientError as exc:
+            print(f"{image}: server answered {exc.status}: {exc.message}", file=sys.stderr)
+            failed += 1
+            continue
+        except (TypeError, ValueError) as exc:
+            print(f"{image}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if args.json:
+            print(json.dumps(answer))
+        else:
+            print(format_answer(image.name, answer))
+        if explain:
+            try:
+                path = write_overlay(answer, image, args.overlay_dir)
+                print(f"  overlay {path}", file=sys.stderr if args.json else sys.stdout)
+            except (OSError, ValueError) as exc:
+                print(f"{image}: no overlay written: {exc}", file=sys.stderr)
+                failed += 1
+    close = getattr(client, "close", None)
+    if close is not None:
+        close()
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
+        return int(exc.code or 0)
+    return predict(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

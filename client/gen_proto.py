@@ -1,0 +1,159 @@
+"""Generate KOA-Serve's gRPC stubs from the protocol files inside TorchServe's frontend jar.
+
+``python -m client.gen_proto [--jar PATH] [--out client/_proto]``
+
+TorchServe installs no ``.proto`` file, but its Java frontend (``ts/frontend/model-server.jar``)
+carries ``proto/inference.proto`` and the ``google/rpc/status.proto`` it imports. This script
+extracts both into a temporary directory and runs ``grpc_tools.protoc`` on them, so the stubs
+always match the installed server instead of a hand-copied proto.
+
+protoc writes absolute imports (``import inference_pb2``, ``from google.rpc import status_pb2``);
+they are rewritten here so the output is a self-contained package (``client._proto``) that needs
+no ``sys.path`` change. ``google.rpc.status_pb2`` from googleapis-common-protos is preferred
+when installed, so the descriptor for ``google/rpc/status.proto`` is registered only once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "_proto"
+# Member of the jar -> path under the protoc include root. inference.proto sits at the root so its
+# module is `inference_pb2`; status.proto keeps the path that inference.proto imports it by.
+PROTO_MEMBERS = {
+    "proto/inference.proto": "inference.proto",
+    "google/rpc/status.proto": "google/rpc/status.proto",
+}
+STATUS_IMPORT = "from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2"
+STATUS_IMPORT_LOCAL = (
+    "try:  # googleapis-common-protos, when installed, already registers google/rpc/status.proto\n"
+    "    from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2\n"
+    "except ImportError:\n"
+    "    from .google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2"
+)
+
+
+def find_jar() -> Path:
+    """Path of TorchServe's ``model-server.jar``, found without importing ``ts``.
+
+    Raises:
+        RuntimeError: TorchServe is not installed, or its jar is missing.
+    """
+    spec = importlib.util.find_spec("ts")  # a top-level package: its __init__ is not executed
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "TorchServe is not installed in this environment: `pip install torchserve==0.12.0`, "
+            "or pass --jar path/to/model-server.jar"
+        )
+    for root in spec.submodule_search_locations:
+        jar = Path(root) / "frontend" / "model-server.jar"
+        if jar.is_file():
+            return jar
+    raise RuntimeError(f"no frontend/model-server.jar under {list(spec.submodule_search_locations)}; pass --jar")
+
+
+def extract_protos(jar: Path, dest: Path) -> list[Path]:
+    """Copy the proto files KOA-Serve needs from ``jar`` into ``dest``; returns their paths."""
+    out = []
+    with zipfile.ZipFile(jar) as zf:
+        names = set(zf.namelist())
+        for member, rel in PROTO_MEMBERS.items():
+            if member not in names:
+                raise RuntimeError(f"{jar} has no {member}: is this TorchServe 0.12's model-server.jar?")
+            path = dest / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(zf.read(member))
+            out.append(path)
+    return out
+
+
+def _protoc(include: Path, out: Path, protos: list[Path], grpc_for: Path) -> None:
+    from grpc_tools import protoc  # build-time dependency only
+
+    well_known = Path(importlib.util.find_spec("grpc_tools").submodule_search_locations[0]) / "_proto"
+    for proto in protos:
+        args = [
+            "grpc_tools.protoc",
+            f"-I{include}",
+            f"-I{well_known}",
+            f"--python_out={out}",
+            str(proto.relative_to(include)),
+        ]
+        if proto == grpc_for:
+            args.insert(-1, f"--grpc_python_out={out}")
+        code = protoc.main(args)
+        if code != 0:
+            raise RuntimeError(f"protoc failed ({code}) on {proto.relative_to(include)}; arguments: {args[1:]}")
+
+
+def _relative_imports(out: Path) -> None:
+    """Make the generated modules import each other inside their package."""
+    grpc_file = out / "inference_pb2_grpc.py"
+    text, n = re.subn(
+        r"^import inference_pb2 as ", "from . import inference_pb2 as ", grpc_file.read_text(), flags=re.M
+    )
+    if n != 1:
+        raise RuntimeError(f"unexpected import layout in {grpc_file}: rewrite the import step of gen_proto")
+    grpc_file.write_text(text)
+    pb2 = out / "inference_pb2.py"
+    text = pb2.read_text()
+    if STATUS_IMPORT not in text:
+        raise RuntimeError(f"unexpected import layout in {pb2}: rewrite the import step of gen_proto")
+    pb2.write_text(text.replace(STATUS_IMPORT, STATUS_IMPORT_LOCAL, 1))
+    for pkg in (out, out / "google", out / "google" / "rpc"):
+        (pkg / "__init__.py").write_text('"""Generated by `python -m client.gen_proto`; do not edit."""\n')
+
+
+def generate(out: Path = DEFAULT_OUT, jar: Path | None = None) -> Path:
+    """Generate the stubs into ``out`` (replaced as a whole); returns ``out``.
+
+    Args:
+        out: target package directory, e.g. ``client/_proto``.
+        jar: TorchServe's ``model-server.jar``; found in the installed ``ts`` package when None.
+    """
+    jar = Path(jar) if jar is not None else find_jar()
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="koa_proto_") as tmp:
+        include, staged = Path(tmp) / "include", Path(tmp) / "out"
+        staged.mkdir()
+        protos = extract_protos(jar, include)
+        _protoc(include, staged, protos, grpc_for=include / "inference.proto")
+        _relative_imports(staged)
+        # Replace the whole package at once so a failed run never leaves half a package behind.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(staged, out)
+    log.info("generated gRPC stubs from %s into %s", jar, out)
+    return out
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate the gRPC stubs from TorchServe's frontend jar.")
+    p.add_argument("--jar", type=Path, default=None, help="model-server.jar (default: the installed TorchServe's)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output package directory (default: {DEFAULT_OUT})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = get_args_parser().parse_args(argv)
+    try:
+        generate(args.out, args.jar)
+    except RuntimeError as exc:
+        log.error("error: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

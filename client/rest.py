@@ -1,0 +1,118 @@
+"""REST client of KOA-Serve: ``POST /predictions/<model>`` and ``/explanations/<model>`` on TorchServe.
+
+Plain predictions send the image as the raw body with an image content type (sniffed from its
+magic bytes: ``image/png``, ``image/jpeg``, ``application/dicom``; ``application/octet-stream``
+otherwise). A body without a content type is read by TorchServe as a URL-encoded form and reaches
+the handler as text, so the type is always set. Explanation options (``target``, ``method``) go as
+multipart form fields beside the image in ``data``, as the handler (``handler/service.py``) reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import requests
+
+from client import KOAClientError, _check_options, _env_token, error_from_answer
+
+log = logging.getLogger(__name__)
+
+
+def sniff_content_type(image: bytes) -> str:
+    """The content type that names ``image``'s format: PNG, JPEG, DICOM or octet-stream."""
+    if image.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if image.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if image[128:132] == b"DICM":
+        return "application/dicom"
+    return "application/octet-stream"
+
+
+class RestClient:
+    """KOA-Serve over TorchServe's REST inference API.
+
+    Args:
+        url: the inference address (``inference_address`` of config.properties).
+        token: the inference key; None uses ``KOA_TOKEN`` when set, else sends no Authorization
+            header (a server started with token authorization off). See `client.load_token`.
+        model: the registered model name.
+        timeout: seconds to wait for an answer (explanations with ``ig`` take seconds on a CPU).
+    """
+
+    def __init__(
+        self, url: str = "http://127.0.0.1:8080", token: str | None = None, model: str = "oamen", timeout: float = 60
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.model = model
+        self.timeout = timeout
+        self.session = requests.Session()
+        token = token or _env_token()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> RestClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        url = f"{self.url}{path}"
+        try:
+            resp = self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.Timeout as exc:
+            raise KOAClientError(504, f"no answer from {url} within {self.timeout} s: {exc}", "timeout") from exc
+        except requests.ConnectionError as exc:
+            raise KOAClientError(503, f"cannot reach {url}: is the server running? ({exc})", "unreachable") from exc
+        if resp.status_code != 200:
+            log.debug("%s %s -> %d %r", method, url, resp.status_code, resp.content[:500])
+            if not resp.content:
+                hint = " (the image exceeds the server's max_request_size)" if resp.status_code == 413 else ""
+                raise KOAClientError(resp.status_code, f"{resp.reason or 'empty answer'}{hint}")
+            raise error_from_answer(resp.status_code, resp.content)
+        try:
+            answer = resp.json()
+        except ValueError as exc:
+            raise KOAClientError(502, f"answer from {url} is not JSON: {resp.text[:200]!r}", "bad_answer") from exc
+        if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+            raise error_from_answer(resp.status_code, resp.content)
+        return answer
+
+    def predict(
+        self, image: bytes, *, explain: bool = False, target: int | str | None = None, method: str | None = None
+    ) -> dict[str, Any]:
+        """Grade one image (PNG, JPEG or DICOM bytes); explain it when asked.
+
+        Args:
+            image: the file's bytes.
+            explain: add ``explanation`` (attribution grid and overlay PNG) to the answer.
+            target: grade (0-4) or class name to explain; default: the predicted grade.
+            method: ``gradcam`` (default on the server) or ``ig`` (Integrated Gradients).
+
+        Returns:
+            The server's answer: ``kl_grade``, ``class_name``, ``label``, ``probabilities`` (5),
+            ``oa_probability``, ``model`` and, when explained, ``explanation``.
+
+        Raises:
+            KOAClientError: the server refused or failed the request, or could not be reached.
+        """
+        _check_options(image, target, method)
+        path = f"/{'explanations' if explain else 'predictions'}/{self.model}"
+        ctype = sniff_content_type(bytes(image[:132]))
+        if target is None and method is None:
+            return self._send("POST", path, data=bytes(image), headers={"Content-Type": ctype})
+        fields = {"explain": "true" if explain else "false"}
+        if target is not None:
+            fields["target"] = str(target)
+        if method is not None:
+            fields["method"] = method
+        return self._send("POST", path, files={"data": ("image", bytes(image), ctype)}, data=fields)
+
+    def ping(self) -> dict[str, Any]:
+        """TorchServe's health answer, e.g. ``{"status": "Healthy"}`` (needs the token too)."""
+        return self._send("GET", "/ping")
