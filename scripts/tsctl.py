@@ -105,16 +105,27 @@ def _pid(workdir: Path) -> int | None:
         return None
 
 
-def _log_reason(workdir: Path, lines: int = 12) -> str:
-    """The most telling lines of the server's logs: errors first, else the tail."""
+def _log_lines(workdir: Path) -> list[str]:
     texts = []
     for name in ("model_log.log", "ts_log.log"):
         p = workdir / "logs" / name
         if p.is_file():
             texts += p.read_text(errors="replace").splitlines()
-    errors = [t for t in texts if re.search(r"ERROR|Error|Exception|Traceback|failed", t)]
-    picked = (errors or texts)[-lines:]
-    return "\n".join(picked) if picked else f"(no logs in {workdir / 'logs'})"
+    return texts
+
+
+def _log_reason(workdir: Path, lines: int = 8) -> str:
+    """The most telling lines of the server's logs: exceptions first, then errors, else the tail."""
+    texts = _log_lines(workdir)
+    for pattern in (r"\b\w+(Error|Exception)\b:", r"ERROR|Error|Exception|failed"):
+        picked = list(dict.fromkeys(t for t in texts if re.search(pattern, t)))
+        if picked:
+            return "\n".join(picked[-lines:])
+    return "\n".join(texts[-lines:]) if texts else f"(no logs in {workdir / 'logs'})"
+
+
+def _worker_deaths(workdir: Path) -> int:
+    return sum("Backend worker process died" in t for t in _log_lines(workdir))
 
 
 def _get(url: str, key: str | None, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -183,6 +194,10 @@ def start(
         pid = _pid(workdir)
         if pid is not None and not _alive(pid):
             raise ServeError(f"TorchServe exited during start-up. Log:\n{_log_reason(workdir)}")
+        if _worker_deaths(workdir) >= 2:  # TorchServe would restart it forever; the reason will not change
+            reason = _log_reason(workdir)
+            stop(workdir)
+            raise ServeError(f"model {name!r} failed to load (its worker keeps dying). Log:\n{reason}")
         try:
             status, body = _get(f"{server.management_url}/models/{name}", read_keys(workdir)["management"])
             if status == 200:

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -21,25 +20,9 @@ import torch.nn.functional as F
 
 import train.fit as fit
 from model.checkpoint import load_checkpoint, model_from_checkpoint
+from tests.conftest import TINY_PER_GRADE
 
 ROOT = Path(__file__).resolve().parents[1]
-PER_GRADE = 10  # per split: a balanced epoch is 50 images, 25 per rank under DDP
-
-
-@pytest.fixture(scope="module")
-def tiny_koa(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ROOT/<train|val>/<grade>/*.png, 32 x 32, stripes whose spacing shrinks with the grade."""
-    root = tmp_path_factory.mktemp("koa")
-    rng = np.random.default_rng(0)
-    for si, split in enumerate(("train", "val")):
-        for g in range(5):
-            for i in range(PER_GRADE):
-                img = rng.integers(0, 60, (32, 32), dtype=np.uint8)
-                img[:, :: 6 - g] += 150
-                path = root / split / str(g) / f"{9000000 + 1000 * si + 100 * g + i}L.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                assert cv2.imwrite(str(path), img)
-    return root
 
 
 @pytest.fixture(autouse=True)
@@ -89,11 +72,11 @@ def test_fit_writes_outputs_then_resumes(tiny_koa: Path, tmp_path: Path, monkeyp
     config = json.loads((out / "config.json").read_text())
     assert config["protocol"] == "official" and config["world_size"] == 1
     assert config["contract"]["input_size"] == 32 and config["contract"]["model_name"] == "oamen_lite"
-    assert config["train_counts"] == config["val_counts"] == [PER_GRADE] * 5
+    assert config["train_counts"] == config["val_counts"] == [TINY_PER_GRADE] * 5
 
     history = _history(out)
     assert [r["epoch"] for r in history] == [0, 1]
-    assert all(r["train_images"] == 5 * PER_GRADE for r in history)  # balanced; 50 % 8 leaves a batch of 2
+    assert all(r["train_images"] == 5 * TINY_PER_GRADE for r in history)  # balanced; 50 % 8 leaves a batch of 2
     with open(out / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
