@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from http import HTTPStatus
 
 import torch
@@ -28,6 +29,9 @@ class KOAHandler(BaseHandler):
 
     def initialize(self, context) -> None:
         props = context.system_properties
+        threads = int(os.environ.get("KOA_TORCH_THREADS", "0"))
+        if threads > 0:  # torch's default is one thread per core, right for one worker per machine
+            torch.set_num_threads(threads)
         gpu_id = props.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
             self.device = torch.device(f"cuda:{gpu_id}")
@@ -44,12 +48,21 @@ class KOAHandler(BaseHandler):
         self.predictor = Predictor(scripted, eager, contract, self.device)
         self.context = context
         self.initialized = True
-        log.info("loaded %s v%s on %s", contract.model_name, contract.model_version, self.device)
+        log.info(
+            "loaded %s v%s on %s (%d torch threads)",
+            contract.model_name,
+            contract.model_version,
+            self.device,
+            torch.get_num_threads(),
+        )
 
     def handle(self, data, context) -> list[str]:
+        t0 = time.perf_counter()
         headers = [context.get_all_request_header(i) for i in range(len(data))]
         answers = []
-        for i, (status, body) in enumerate(self.predictor.handle(data, headers)):
+        results = self.predictor.handle(data, headers)
+        log.info("batch of %d answered in %.1f ms", len(data), (time.perf_counter() - t0) * 1000)
+        for i, (status, body) in enumerate(results):
             context.set_response_status(status, HTTPStatus(status).phrase, idx=i)
             context.set_response_content_type(i, "application/json")
             answers.append(json.dumps(body))

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -77,6 +78,51 @@ def render_config(
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(text)
     return dst
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+def with_batching(config_text: str, batch_size: int | None = None, max_batch_delay: int | None = None) -> str:
+    """The ``models`` property of a config with another batch size and/or batch delay."""
+    line = next((ln for ln in config_text.splitlines() if ln.startswith("models=")), None)
+    if line is None:
+        raise ValueError("config has no models= line")
+    models = json.loads(line.split("=", 1)[1])
+    for versions in models.values():
+        for cfg in versions.values():
+            if batch_size is not None:
+                cfg["batchSize"] = batch_size
+            if max_batch_delay is not None:
+                cfg["maxBatchDelay"] = max_batch_delay
+    return json.dumps(models)
+
+
+def start_on_free_ports(
+    model_store: Path,
+    workdir: Path,
+    config: Path = ROOT / "config.properties",
+    batch_size: int | None = None,
+    max_batch_delay: int | None = None,
+    timeout: float = 240.0,
+) -> Server:
+    """A private server (tests, benchmarks): ``config`` on free ports, optionally other batching."""
+    *ports, worker_port = free_ports(len(PORT_KEYS) + 1)
+    # Workers talk to the frontend over /tmp/.ts.sock.<port>; a private port keeps this server's
+    # workers apart from any other TorchServe on the machine (e.g. `make serve`).
+    extra = {"initial_worker_port": str(worker_port)}
+    if batch_size is not None or max_batch_delay is not None:
+        extra["models"] = with_batching(Path(config).read_text(), batch_size, max_batch_delay)
+    rendered = render_config(Path(config), Path(workdir) / "config.properties", dict(zip(PORT_KEYS, ports)), extra)
+    return start(model_store, rendered, workdir, timeout=timeout)
 
 
 def read_keys(workdir: Path) -> dict[str, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,28 +34,14 @@ pytestmark = [
 ]
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def archive() -> Path:
     subprocess.run(["make", "-s", "archive"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return ROOT / "model_store"
 
 
-def start_server(archive: Path, workdir: Path, **extra: str) -> tsctl.Server:
-    names = ["inference", "management", "metrics", "grpc_inference", "grpc_management"]
-    config = tsctl.render_config(
-        ROOT / "config.properties", workdir / "config.properties", dict(zip(names, free_ports(5))), extra
-    )
-    return tsctl.start(archive, config, workdir, timeout=240)
+def start_server(archive: Path, workdir: Path) -> tsctl.Server:
+    return tsctl.start_on_free_ports(archive, workdir)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,185 @@
+"""Served against in-process throughput and idle latency, measured side by side in one run.
+
+``python scripts/bench_serve.py [--batch 8] [--delay 50] [--concurrency 16] [--seconds 30]``
+
+1. In-process, no server: the handler's whole request path (`handler.service.Predictor`: decode,
+   preprocess, batch, TorchScript model) on batches of ``--batch`` raw PNGs, and the
+   TorchScript model alone at batch 1 and ``--batch``.
+2. TorchServe with the same batch size, ``--concurrency`` REST clients in threads for
+   ``--seconds``: requests/s, failures, latency percentiles.
+3. Idle latency: one request at a time, against model time + max batch delay + 20 ms.
+
+Prints a Markdown table and the ratios; ``--json`` also writes them. A benchmark, not a test:
+these machines are shared and noisy, so compare ratios from one run, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import tsctl  # noqa: E402
+
+from client import KOAClientError  # noqa: E402
+from client.rest import RestClient  # noqa: E402
+from handler.service import Predictor  # noqa: E402
+from model import create_model  # noqa: E402
+from model.checkpoint import load_torchscript  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--delay", type=int, default=50, help="max batch delay, ms")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
+    p.add_argument("--max-images", type=int, default=64)
+    p.add_argument("--model", type=Path, default=ROOT / "build" / "oamen.pt")
+    p.add_argument("--store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--json", type=Path, default=None)
+    return p
+
+
+def load_images(folder: Path, limit: int) -> list[bytes]:
+    files = sorted(folder.rglob("*.png"))[:limit] if folder.is_dir() else []
+    if not files:
+        files = [ROOT / "tests" / "fixtures" / "knee_kl2.png"]
+    return [f.read_bytes() for f in files]
+
+
+def rate(fn, items_per_call: int, seconds: float) -> float:
+    """Items per second of ``fn()``, after one warm-up call, over at least ``seconds``."""
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return n * items_per_call / (time.perf_counter() - t0)
+
+
+def in_process(model_path: Path, images: list[bytes], batch: int, seconds: float) -> dict:
+    scripted, contract = load_torchscript(model_path)
+    eager = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
+    eager.load_state_dict(scripted.state_dict())
+    pred = Predictor(scripted, eager.eval(), contract, torch.device("cpu"))
+    rows = [{"body": images[i % len(images)]} for i in range(batch)]
+    x1 = torch.randn(1, contract.channels, contract.input_size, contract.input_size)
+    xb = x1.repeat(batch, 1, 1, 1)
+    with torch.inference_mode():
+        model_b1 = rate(lambda: scripted(x1), 1, seconds)
+        model_bn = rate(lambda: scripted(xb), batch, seconds)
+    pipeline = rate(lambda: pred.handle(rows, [{}] * batch), batch, seconds)
+    return {"model_ips_b1": model_b1, f"model_ips_b{batch}": model_bn, f"pipeline_ips_b{batch}": pipeline}
+
+
+def served(store: Path, images: list[bytes], batch: int, delay: int, concurrency: int, seconds: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="koa-bench-") as tmp:
+        srv = tsctl.start_on_free_ports(store, Path(tmp), batch_size=batch, max_batch_delay=delay)
+        try:
+            token = srv.keys()["inference"]
+            idle_client = RestClient(srv.inference_url, token=token, timeout=120)
+            for img in images[:4]:
+                idle_client.predict(img)  # warm-up
+            idle = []
+            for i in range(20):
+                t0 = time.perf_counter()
+                idle_client.predict(images[i % len(images)])
+                idle.append((time.perf_counter() - t0) * 1000)
+            lat, fails, stop = [], [0], threading.Event()
+            lock = threading.Lock()
+
+            def user(k: int) -> None:
+                client = RestClient(srv.inference_url, token=token, timeout=120)
+                i = k
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    try:
+                        client.predict(images[i % len(images)])
+                        ms = (time.perf_counter() - t0) * 1000
+                        with lock:
+                            lat.append(ms)
+                    except KOAClientError:
+                        with lock:
+                            fails[0] += 1
+                    i += concurrency
+
+            with cf.ThreadPoolExecutor(concurrency) as pool:
+                futures = [pool.submit(user, k) for k in range(concurrency)]
+                time.sleep(3)  # ramp-up, not counted
+                with lock:
+                    lat.clear()
+                    fails[0] = 0
+                t0 = time.perf_counter()
+                time.sleep(seconds)
+                with lock:
+                    done, failed, window = len(lat), fails[0], list(lat)
+                elapsed = time.perf_counter() - t0
+                stop.set()
+                for f in futures:
+                    f.result()
+        finally:
+            tsctl.stop(Path(tmp))
+    q = statistics.quantiles(window, n=100) if len(window) > 1 else [float("nan")] * 99
+    return {
+        "served_rps": done / elapsed,
+        "failures": failed,
+        "p50_ms": q[49],
+        "p95_ms": q[94],
+        "p99_ms": q[98],
+        "idle_p50_ms": statistics.median(idle),
+    }
+
+
+def main(args: argparse.Namespace) -> dict:
+    images = load_images(args.images, args.max_images)
+    ip = in_process(args.model, images, args.batch, min(10.0, args.seconds / 3))
+    sv = served(args.store, images, args.batch, args.delay, args.concurrency, args.seconds)
+    b = args.batch
+    model_ms_b1 = 1000 / ip["model_ips_b1"]
+    result = {
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "batch": b,
+        "max_batch_delay_ms": args.delay,
+        "concurrency": args.concurrency,
+        "images": len(images),
+        **ip,
+        **sv,
+        "served_over_pipeline": sv["served_rps"] / ip[f"pipeline_ips_b{b}"],
+        "served_over_model": sv["served_rps"] / ip[f"model_ips_b{b}"],
+        "idle_budget_ms": model_ms_b1 + args.delay + 20,
+    }
+    print(
+        f"batch {b}, max delay {args.delay} ms, {args.concurrency} REST clients, "
+        f"{args.seconds:.0f} s, {len(images)} images"
+    )
+    print("| measure | value |\n|---|---|")
+    for k, v in result.items():
+        print(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    print(
+        f"\nserved / in-process pipeline = {result['served_over_pipeline']:.2f} (target >= 0.90); "
+        f"idle p50 {sv['idle_p50_ms']:.0f} ms vs model {model_ms_b1:.0f} ms + delay {args.delay} ms + 20 ms "
+        f"= {result['idle_budget_ms']:.0f} ms"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
