@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import platform
 import statistics
@@ -34,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import tsctl  # noqa: E402
 
 from client import KOAClientError  # noqa: E402
+from client.grpc_client import GrpcClient  # noqa: E402
 from client.rest import RestClient  # noqa: E402
 from handler.service import Predictor  # noqa: E402
 from model import create_model  # noqa: E402
@@ -86,69 +88,82 @@ def in_process(model_path: Path, images: list[bytes], batch: int, seconds: float
     return {"model_ips_b1": model_b1, f"model_ips_b{batch}": model_bn, f"pipeline_ips_b{batch}": pipeline}
 
 
-def served(store: Path, images: list[bytes], batch: int, delay: int, concurrency: int, seconds: float) -> dict:
+def _client(srv: tsctl.Server, protocol: str, token: str):
+    if protocol == "grpc":
+        return GrpcClient(f"127.0.0.1:{srv.grpc_port}", token=token, timeout=120)
+    return RestClient(srv.inference_url, token=token, timeout=120)
+
+
+def drive(srv: tsctl.Server, images: list[bytes], protocol: str, concurrency: int, seconds: float) -> dict:
+    """``concurrency`` closed-loop clients for ``seconds`` (after a 3 s ramp): rate, failures, latency."""
+    token = srv.keys()["inference"]
+    lat: list[float] = []
+    fails = [0]
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def user(k: int) -> None:
+        client = _client(srv, protocol, token)
+        i = k
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                client.predict(images[i % len(images)])
+                with lock:
+                    lat.append((time.perf_counter() - t0) * 1000)
+            except KOAClientError:
+                with lock:
+                    fails[0] += 1
+            i += concurrency
+
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(user, k) for k in range(concurrency)]
+        time.sleep(3)  # ramp-up, not counted
+        with lock:
+            lat.clear()
+            fails[0] = 0
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        with lock:
+            window, failed = list(lat), fails[0]
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        for f in futures:
+            f.result()
+    q = statistics.quantiles(window, n=100) if len(window) > 1 else [float("nan")] * 99
+    return {"rps": len(window) / elapsed, "failures": failed, "p50_ms": q[49], "p95_ms": q[94], "p99_ms": q[98]}
+
+
+def idle_latency(srv: tsctl.Server, images: list[bytes], n: int = 20) -> float:
+    """Median latency of one request at a time (REST), after a warm-up."""
+    client = _client(srv, "rest", srv.keys()["inference"])
+    for img in images[:4]:
+        client.predict(img)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        client.predict(images[i % len(images)])
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def server(store: Path, batch: int, delay: int):
     with tempfile.TemporaryDirectory(prefix="koa-bench-") as tmp:
         srv = tsctl.start_on_free_ports(store, Path(tmp), batch_size=batch, max_batch_delay=delay)
         try:
-            token = srv.keys()["inference"]
-            idle_client = RestClient(srv.inference_url, token=token, timeout=120)
-            for img in images[:4]:
-                idle_client.predict(img)  # warm-up
-            idle = []
-            for i in range(20):
-                t0 = time.perf_counter()
-                idle_client.predict(images[i % len(images)])
-                idle.append((time.perf_counter() - t0) * 1000)
-            lat, fails, stop = [], [0], threading.Event()
-            lock = threading.Lock()
-
-            def user(k: int) -> None:
-                client = RestClient(srv.inference_url, token=token, timeout=120)
-                i = k
-                while not stop.is_set():
-                    t0 = time.perf_counter()
-                    try:
-                        client.predict(images[i % len(images)])
-                        ms = (time.perf_counter() - t0) * 1000
-                        with lock:
-                            lat.append(ms)
-                    except KOAClientError:
-                        with lock:
-                            fails[0] += 1
-                    i += concurrency
-
-            with cf.ThreadPoolExecutor(concurrency) as pool:
-                futures = [pool.submit(user, k) for k in range(concurrency)]
-                time.sleep(3)  # ramp-up, not counted
-                with lock:
-                    lat.clear()
-                    fails[0] = 0
-                t0 = time.perf_counter()
-                time.sleep(seconds)
-                with lock:
-                    done, failed, window = len(lat), fails[0], list(lat)
-                elapsed = time.perf_counter() - t0
-                stop.set()
-                for f in futures:
-                    f.result()
+            yield srv
         finally:
             tsctl.stop(Path(tmp))
-    q = statistics.quantiles(window, n=100) if len(window) > 1 else [float("nan")] * 99
-    return {
-        "served_rps": done / elapsed,
-        "failures": failed,
-        "p50_ms": q[49],
-        "p95_ms": q[94],
-        "p99_ms": q[98],
-        "idle_p50_ms": statistics.median(idle),
-    }
 
 
 def main(args: argparse.Namespace) -> dict:
     images = load_images(args.images, args.max_images)
-    ip = in_process(args.model, images, args.batch, min(10.0, args.seconds / 3))
-    sv = served(args.store, images, args.batch, args.delay, args.concurrency, args.seconds)
     b = args.batch
+    ip = in_process(args.model, images, b, min(10.0, args.seconds / 3))
+    with server(args.store, b, args.delay) as srv:
+        idle = idle_latency(srv, images)
+        rest = drive(srv, images, "rest", args.concurrency, args.seconds)
     model_ms_b1 = 1000 / ip["model_ips_b1"]
     result = {
         "cpu": platform.processor() or platform.machine(),
@@ -158,9 +173,10 @@ def main(args: argparse.Namespace) -> dict:
         "concurrency": args.concurrency,
         "images": len(images),
         **ip,
-        **sv,
-        "served_over_pipeline": sv["served_rps"] / ip[f"pipeline_ips_b{b}"],
-        "served_over_model": sv["served_rps"] / ip[f"model_ips_b{b}"],
+        **{f"served_{k}": v for k, v in rest.items()},
+        "idle_p50_ms": idle,
+        "served_over_pipeline": rest["rps"] / ip[f"pipeline_ips_b{b}"],
+        "served_over_model": rest["rps"] / ip[f"model_ips_b{b}"],
         "idle_budget_ms": model_ms_b1 + args.delay + 20,
     }
     print(
@@ -172,7 +188,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
     print(
         f"\nserved / in-process pipeline = {result['served_over_pipeline']:.2f} (target >= 0.90); "
-        f"idle p50 {sv['idle_p50_ms']:.0f} ms vs model {model_ms_b1:.0f} ms + delay {args.delay} ms + 20 ms "
+        f"idle p50 {idle:.0f} ms vs model {model_ms_b1:.0f} ms + delay {args.delay} ms + 20 ms "
         f"= {result['idle_budget_ms']:.0f} ms"
     )
     if args.json:

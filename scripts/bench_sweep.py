@@ -1,0 +1,177 @@
+"""`make bench`: in-process against served throughput, a batching sweep, REST against gRPC.
+
+``python scripts/bench_sweep.py [--seconds 15] [--out docs/BENCHMARKS.md]``
+
+Measured in one run on one machine, so the ratios are fair even where absolute figures are
+noisy: (1) in-process TorchScript at batch 1, 8 and 16, the model alone and the handler's whole
+request path; (2) TorchServe over REST for a sweep of batch size x max batch delay, each at
+twice the batch size in concurrent clients; (3) at the best setting, REST and gRPC at rising
+concurrency, plotted. Writes the Markdown report, a JSON copy and the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serve import ROOT, drive, idle_latency, in_process, load_images, server  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per point")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--delays", type=int, nargs="+", default=[10, 50, 100])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
+    p.add_argument("--model", type=Path, default=ROOT / "build" / "oamen.pt")
+    p.add_argument("--store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    return p
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def main(args: argparse.Namespace) -> dict:
+    images = load_images(args.images, 64)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    inproc = {b: in_process(args.model, images, b, 5.0) for b in (1, 8, 16)}
+    sweep = []
+    for b in args.batches:
+        for d in args.delays:
+            with server(args.store, b, d) as srv:
+                r = drive(srv, images, "rest", max(4, 2 * b), args.seconds)
+            near = min(inproc, key=lambda k: abs(k - b))
+            pipe = inproc[near][f"pipeline_ips_b{near}"]
+            sweep.append({"batch": b, "delay_ms": d, "clients": max(4, 2 * b), **r, "vs_in_process": r["rps"] / pipe})
+            print(f"batch {b:2d} delay {d:3d} ms: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.0f} ms", flush=True)
+    best = max(sweep, key=lambda r: (round(r["rps"], 0), -r["p50_ms"]))
+    b, d = best["batch"], best["delay_ms"]
+    curves = {"rest": [], "grpc": []}
+    with server(args.store, b, d) as srv:
+        idle = idle_latency(srv, images)
+        for c in args.concurrency:
+            for proto in ("rest", "grpc"):
+                curves[proto].append({"clients": c, **drive(srv, images, proto, c, args.seconds)})
+                print(f"{proto} x{c}: {curves[proto][-1]['rps']:.1f} req/s", flush=True)
+    near = min(inproc, key=lambda k: abs(k - b))
+    pipe = inproc[near][f"pipeline_ips_b{near}"]
+    model_b1_ms = 1000 / inproc[1]["model_ips_b1"]
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for proto, rows in curves.items():
+        ax.plot([r["clients"] for r in rows], [r["rps"] for r in rows], marker="o", label=proto.upper())
+    ax.axhline(pipe, color="grey", ls="--", label=f"in-process pipeline, batch {near}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("requests / s")
+    ax.set_title(f"TorchServe, batch {b}, max delay {d} ms")
+    ax.legend()
+    fig.tight_layout()
+    plot = args.out.with_name("bench_concurrency.png")
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot)
+    plt.close(fig)
+
+    best_rest = max(curves["rest"], key=lambda r: r["rps"])
+    best_grpc = max(curves["grpc"], key=lambda r: r["rps"])
+    threads = os.environ.get("KOA_TORCH_THREADS", "torch default")
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured by `make bench` (`scripts/bench_sweep.py`) on {started}, in one run on one machine: "
+        f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads "
+        f"in-process, worker threads `KOA_TORCH_THREADS`={threads}, {len(images)} knee PNGs from val, "
+        f"{args.seconds:.0f} s per point after a 3 s ramp. Load generator, Java frontend and worker share the "
+        "same 2 cores, as in CI. These machines are shared and noisy: read the ratios, not the absolute figures.",
+        "",
+        "No GPU was available to the session that measured this: the GPU section of the load-test issue "
+        "(mixed precision, channels_last, the handler through a mock context) is not measured yet.",
+        "",
+        "## In-process (no server)",
+        "",
+        "| batch | model only (img/s) | handler request path (img/s) |\n|---|---|---|\n"
+        + "\n".join(f"| {k} | {r[f'model_ips_b{k}']:.1f} | {r[f'pipeline_ips_b{k}']:.1f} |" for k, r in inproc.items()),
+        "",
+        "The request path is decode + preprocess + batch + model, exactly what the handler runs.",
+        "",
+        "## Batching sweep (REST, clients = 2 x batch, at least 4)",
+        "",
+        table(
+            sweep, ["batch", "delay_ms", "clients", "rps", "p50_ms", "p95_ms", "p99_ms", "failures", "vs_in_process"]
+        ),
+        "",
+        f"Chosen for `config.properties`: batch {b}, max batch delay {d} ms (highest throughput, then lowest p50).",
+        "",
+        "## REST and gRPC against concurrency (chosen setting)",
+        "",
+        f"![throughput against concurrency]({plot.name})",
+        "",
+        table(
+            [
+                {
+                    "clients": r["clients"],
+                    "rest_rps": r["rps"],
+                    "rest_p50_ms": r["p50_ms"],
+                    "rest_p99_ms": r["p99_ms"],
+                    "grpc_rps": g["rps"],
+                    "grpc_p50_ms": g["p50_ms"],
+                    "grpc_p99_ms": g["p99_ms"],
+                    "failures": r["failures"] + g["failures"],
+                }
+                for r, g in zip(curves["rest"], curves["grpc"])
+            ],
+            ["clients", "rest_rps", "rest_p50_ms", "rest_p99_ms", "grpc_rps", "grpc_p50_ms", "grpc_p99_ms", "failures"],
+        ),  # fmt: skip
+        "",
+        "## Ratios",
+        "",
+        f"- REST served / in-process request path at batch {near}: "
+        f"{best_rest['rps']:.1f} / {pipe:.1f} = **{best_rest['rps'] / pipe:.2f}** (target >= 0.90)",
+        f"- gRPC / REST at saturation: {best_grpc['rps']:.1f} / {best_rest['rps']:.1f} = "
+        f"**{best_grpc['rps'] / best_rest['rps']:.2f}** (target >= 1)",
+        f"- idle single-request latency (REST): {idle:.0f} ms against model time at batch 1 ({model_b1_ms:.0f} ms) "
+        f"+ max batch delay ({d} ms) + 20 ms = {model_b1_ms + d + 20:.0f} ms",
+    ]
+    args.out.write_text("\n".join(lines) + "\n")
+    result = {
+        "in_process": inproc,
+        "sweep": sweep,
+        "chosen": {"batch": b, "delay_ms": d},
+        "curves": curves,
+        "idle_ms": idle,
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
