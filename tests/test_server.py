@@ -5,6 +5,7 @@ The archive is built by ``make archive`` from the committed weights, exactly as 
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from client import KOAClientError
 from client.grpc_client import GrpcClient
 from client.rest import RestClient
 from model.checkpoint import load_torchscript
+from tests.imagebytes import encode, make_dicom, png_by_hand
 from train.data import scan
 from train.evaluate import evaluate_model
 
@@ -165,3 +167,87 @@ def test_a_model_that_cannot_load_fails_start_with_the_reason(tmp_path):
         start_server(store, tmp_path / "ts")
     assert time.monotonic() - t0 < 200
     assert "oamen" in str(err.value)
+
+
+# --- hostile inputs: every one gets a 4xx JSON answer, and the worker is not restarted -----------
+
+
+def _worker_pids(server) -> list[int]:
+    r = requests.get(
+        f"{server.management_url}/models/oamen", headers={"Authorization": f"Bearer {server.keys()['management']}"}
+    )
+    return [w["pid"] for w in r.json()[0]["workers"]]
+
+
+def _gray(shape=(64, 48), dtype=np.uint8) -> np.ndarray:
+    return (np.arange(np.prod(shape)) % np.iinfo(dtype).max).astype(dtype).reshape(shape)
+
+
+HOSTILE = {
+    "empty": (b"", "image/png"),
+    "random bytes": (np.random.default_rng(0).bytes(4096), "application/octet-stream"),
+    "truncated png": (encode(".png", _gray())[:60], "image/png"),
+    "truncated jpeg": (encode(".jpg", _gray())[:200], "image/jpeg"),
+    "zip": (b"PK\x03\x04" + b"\x00" * 200, "application/zip"),
+    "png bomb 20000x20000": (png_by_hand(20000, 20000, color_type=0, raw_rows=b"\x00\x00"), "image/png"),
+    "dicom without pixels": (make_dicom(None), "application/dicom"),
+    "multi-frame dicom": (make_dicom(np.zeros((2, 8, 8), np.uint16), NumberOfFrames=2), "application/dicom"),
+    "YBR dicom": (make_dicom(np.zeros((4, 4, 3), np.uint8), photometric="YBR_FULL"), "application/dicom"),
+    "form-encoded body": (b"a=1&b=2", "application/x-www-form-urlencoded"),
+}
+VALID = {
+    "16-bit png": encode(".png", _gray(dtype=np.uint16)),
+    "rgba png": encode(".png", np.dstack([_gray()] * 4)),
+    "palette png": png_by_hand(
+        2, 2, color_type=3, raw_rows=b"\x00\x00\x01\x00\x01\x00", plte=b"\x00\x00\x00\xff\xff\xff"
+    ),
+    "1x1 png": encode(".png", np.zeros((1, 1), np.uint8)),
+    "dicom monochrome1": make_dicom(_gray(dtype=np.uint16), photometric="MONOCHROME1"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_input_gets_a_clear_4xx(server, name):
+    body, ctype = HOSTILE[name]
+    before = _worker_pids(server)
+    r = requests.post(
+        f"{server.inference_url}/predictions/oamen",
+        data=body,
+        headers={"Content-Type": ctype, "Authorization": f"Bearer {server.keys()['inference']}"},
+        timeout=60,
+    )
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
+    err = r.json()["error"]
+    assert err["status"] == r.status_code and len(err["message"]) > 20
+    assert _worker_pids(server) == before, "the worker was restarted"
+
+
+def test_broken_base64_json(server):
+    r = requests.post(
+        f"{server.inference_url}/predictions/oamen",
+        json={"image": "%%% not base64 %%%"},
+        headers={"Authorization": f"Bearer {server.keys()['inference']}"},
+    )
+    assert r.status_code == 400 and "base64" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("name", list(VALID))
+def test_unusual_but_valid_images_are_graded(rest, grpc_client, name):
+    check_answer(rest.predict(VALID[name]))
+    check_answer(grpc_client.predict(VALID[name]))
+
+
+@pytest.mark.parametrize("name", ["random bytes", "png bomb 20000x20000", "multi-frame dicom"])
+def test_hostile_input_over_grpc(grpc_client, name):
+    with pytest.raises(KOAClientError) as err:
+        grpc_client.predict(HOSTILE[name][0])
+    assert 400 <= err.value.status < 500
+
+
+def test_json_image_with_options(server, knee_png):
+    r = requests.post(
+        f"{server.inference_url}/predictions/oamen",
+        json={"image": base64.b64encode(knee_png).decode(), "explain": True, "target": "KL4"},
+        headers={"Authorization": f"Bearer {server.keys()['inference']}"},
+    )
+    assert r.status_code == 200 and r.json()["explanation"]["target"] == 4

@@ -1,0 +1,149 @@
+"""The load test: its answer validator and loopback guard (pure), and a short run against a real server."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest import InvalidAnswer, check_loopback, load_images, validate_answer
+from loadtest import run as loadtest_run
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import tsctl  # noqa: E402
+
+GOOD: dict[str, Any] = {
+    "kl_grade": 2,
+    "class_name": "KL2",
+    "label": "KL2: minimal",
+    "probabilities": [0.08, 0.21, 0.44, 0.22, 0.05],
+    "oa_probability": 0.71,
+    "model": {"name": "oamen_lite", "version": "1.0.0"},
+}
+EXPLANATION = {"method": "gradcam", "target": 2, "grid": [[0.0, 0.5], [1.0, 0.25]], "overlay_png": "iVBOR"}
+
+
+def changed(**fields: Any) -> dict[str, Any]:
+    answer = copy.deepcopy(GOOD)
+    for key, value in fields.items():
+        if value is None:
+            answer.pop(key)
+        else:
+            answer[key] = value
+    return answer
+
+
+# --- answer validator -------------------------------------------------------------------------------------------
+
+
+def test_good_answers_pass() -> None:
+    validate_answer(GOOD)
+    validate_answer({**GOOD, "explanation": EXPLANATION}, explain=True)
+
+
+@pytest.mark.parametrize(
+    "answer, explain, reason",
+    [
+        (changed(probabilities=[0.1, 0.2, 0.7]), False, "list of 5 numbers, got 3 values"),
+        (changed(probabilities=[0.08, 0.21, 0.44, 0.22, 0.5]), False, "sum to 1.45"),
+        (changed(probabilities=[0.08, 0.21, 0.44, "x", 0.05]), False, r"numbers in \[0, 1\]"),
+        (changed(kl_grade=None), False, "missing field 'kl_grade'"),
+        (changed(model=None), False, "missing field 'model'"),
+        (changed(kl_grade=7), False, "kl_grade must be an int 0-4, got 7"),
+        (changed(kl_grade="2"), False, "kl_grade must be an int"),
+        (changed(kl_grade=0), False, "not the most probable"),
+        (changed(oa_probability=1.5), False, "oa_probability"),
+        (changed(model={"version": "1.0.0"}), False, "non-empty name"),
+        (GOOD, True, "explanation asked for but missing"),
+        ({**GOOD, "explanation": {"method": "gradcam"}}, True, "grid"),
+        ({**GOOD, "explanation": {"grid": [[0.1, 0.2], [0.3]]}}, True, "rows differ"),
+        ({**GOOD, "explanation": {"grid": [[0.1, 2.0]]}}, True, r"\[0, 1\]"),
+        ({**GOOD, "explanation": EXPLANATION}, False, "none was asked for"),
+        ([GOOD], False, "not a JSON object"),
+    ],
+)
+def test_bad_answers_fail_with_a_reason(answer: Any, explain: bool, reason: str) -> None:
+    with pytest.raises(InvalidAnswer, match=reason):
+        validate_answer(answer, explain=explain)
+
+
+# --- loopback guard ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["http://127.0.0.1:8080", "http://127.4.5.6:1", "http://localhost:8080", "http://[::1]:8080", "127.0.0.1:7070",
+     "localhost:7070", "[::1]:7070"],
+)  # fmt: skip
+def test_loopback_guard_accepts_this_machine(address: str) -> None:
+    check_loopback(address)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["http://10.0.0.1:8080", "http://example.com", "https://example.com:8080/x", "http://0.0.0.0:8080",
+     "http://[::2]:8080", "10.0.0.1:7070", "example.com:7070", "http://128.0.0.1", ""],
+)  # fmt: skip
+def test_loopback_guard_refuses_other_hosts(address: str) -> None:
+    with pytest.raises(ValueError, match="loopback|no host"):
+        check_loopback(address)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--host", "http://10.0.0.1:8080"], ["--host", "http://127.0.0.1:8080", "--grpc-target", "example.com:70"]],
+)
+def test_runner_refuses_remote_targets_before_anything_runs(
+    flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = loadtest_run.get_args_parser().parse_args([*flags, "--out", str(tmp_path / "out")])
+    assert loadtest_run.main(args) == 2
+    assert "only loopback targets" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_are_read_once_from_the_folder(tmp_path: Path) -> None:
+    assert [i.name for i in load_images(ROOT / "tests" / "fixtures")] == ["knee_kl2.png", "knee_kl2_prepared.png"]
+    with pytest.raises(RuntimeError, match="no .png"):
+        load_images(tmp_path)
+
+
+# --- a short run against a real TorchServe ------------------------------------------------------------------------
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17+ (see README)")
+def test_loadtest_run_against_a_private_server(tmp_path: Path) -> None:
+    subprocess.run(["make", "-s", "archive"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    workdir = tmp_path / "ts"
+    out = tmp_path / "reports"
+    tsctl.start_on_free_ports(ROOT / "model_store", workdir)
+    try:
+        # --workdir: run.py finds the running server there (its config and key file), as with `make serve`.
+        cmd = [sys.executable, str(ROOT / "loadtest" / "run.py"), "--workdir", str(workdir), "--users", "2",
+               "--rate", "2", "--duration", "4s", "--explain-share", "0.2", "--loglevel", "WARNING",
+               "--out", str(out)]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    finally:
+        tsctl.stop(workdir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = [p for p in out.iterdir() if p.is_dir() and not p.is_symlink()]
+    assert len(runs) == 1
+    run = runs[0]
+    assert (out / "latest").is_symlink() and (out / "latest").resolve() == run.resolve()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["private_server"] is False and summary["config"]["users"] == 2
+    for protocol in ("rest", "grpc"):
+        s = summary[protocol]
+        assert s["requests"] > 0 and s["failures"] == 0, s
+        assert s["requests_per_s"] > 0 and 0 < s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"], s
+        for name in (f"{protocol}_stats.csv", f"{protocol}_failures.csv", f"{protocol}.html"):
+            assert (run / name).stat().st_size > 0, name
