@@ -313,9 +313,24 @@ def stop(workdir: Path = DEFAULT_WORKDIR, timeout: float = 60.0) -> bool:
     return True
 
 
+def renew_key(workdir: Path, management_url: str, kind: str = "inference") -> str:
+    """Ask the server for a new ``kind`` key (TorchServe's token API, authorised by the API key)."""
+    keys = read_keys(workdir)
+    req = urllib.request.Request(
+        f"{management_url}/token?type={kind}", method="POST", headers={"Authorization": f"Bearer {keys['api']}"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        if resp.status != 200:
+            raise ServeError(f"token renewal answered {resp.status}")
+    new = read_keys(workdir)[kind]
+    if new == keys[kind]:
+        raise ServeError("the server answered but key_file.json still holds the old key")
+    return new
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("command", choices=("start", "stop", "token", "status"))
+    p.add_argument("command", choices=("start", "stop", "token", "renew", "status"))
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
     p.add_argument("--config", type=Path, default=ROOT / "config.properties")
@@ -334,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             print("stopped" if stop(args.workdir) else "not running")
         elif args.command == "token":
             print(read_keys(args.workdir)["inference"])
+        elif args.command == "renew":
+            rendered = args.workdir / "config.properties"  # a private server keeps its own config there
+            props = _props((rendered if rendered.is_file() else args.config).read_text())
+            print(renew_key(args.workdir, props["management_address"]))
         else:
             pid = _pid(args.workdir.resolve())
             running = pid is not None and _alive(pid)

@@ -251,3 +251,13 @@ def test_json_image_with_options(server, knee_png):
         headers={"Authorization": f"Bearer {server.keys()['inference']}"},
     )
     assert r.status_code == 200 and r.json()["explanation"]["target"] == 4
+
+
+# Last in the module: it replaces the key that the shared clients above were built with.
+def test_inference_key_can_be_renewed(server, knee_png):
+    old = server.keys()["inference"]
+    new = tsctl.renew_key(server.workdir, server.management_url)
+    assert new != old and server.keys()["inference"] == new
+    assert RestClient(server.inference_url, token=new).predict(knee_png)["kl_grade"] in range(5)
+    with pytest.raises(KOAClientError):
+        RestClient(server.inference_url, token=old).predict(knee_png)
