@@ -17,7 +17,7 @@ SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
 PROTO_STAMP := client/_proto/inference_pb2.py
 
-.PHONY: help setup lint test test-fast bench-model train evaluate export compare archive serve stop token predict explain proto clean
+.PHONY: help setup lint test test-fast bench-model train evaluate export compare archive serve stop token renew-token predict explain proto clean loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ stop: $(STAMP)  ## stop TorchServe and wait until its processes are gone
 token: $(STAMP)  ## print the inference key of the running server
 	@$(PY) scripts/tsctl.py token --workdir $(SERVE_DIR)
 
+renew-token: $(STAMP)  ## replace the inference key of the running server (keys expire after 60 min)
+	@$(PY) scripts/tsctl.py renew --workdir $(SERVE_DIR)
+
 proto: $(PROTO_STAMP)  ## generate the gRPC stubs from the proto inside TorchServe's jar
 
 $(PROTO_STAMP): | $(STAMP)
@@ -89,3 +92,12 @@ compare: $(STAMP)  ## OA-MEN against the paper's baselines (quick budget; see tr
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf build model_store reports logs client/_proto .pytest_cache .ruff_cache
+
+# Load test (loadtest/run.py): USERS, RATE, DURATION (per protocol), PROTOCOLS, EXPLAIN_SHARE and
+# IMAGES pass through when set (defaults in run.py: 4 users, 2/s, 30s, rest,grpc); START=1 always
+# starts a private server on free ports (one is also started when `make serve` is not running).
+loadtest: archive $(PROTO_STAMP)  ## Locust, headless, REST then gRPC -> reports/loadtest/latest
+	$(PY) loadtest/run.py --workdir $(SERVE_DIR) \
+		$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) \
+		$(if $(PROTOCOLS),--protocols $(PROTOCOLS)) $(if $(EXPLAIN_SHARE),--explain-share $(EXPLAIN_SHARE)) \
+		$(if $(IMAGES),--images $(IMAGES)) $(if $(filter 1 yes true,$(START)),--start)
