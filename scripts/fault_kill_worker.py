@@ -1,0 +1,388 @@
+"""Fault injection: SIGKILL TorchServe's Python worker under load and measure how the service recovers.
+
+``python scripts/fault_kill_worker.py [--seconds 30] [--clients 4] [--kill-at 10] [--json PATH]``
+
+Starts a private server on free ports (or attaches to a running one with ``--workdir``), drives
+``--clients`` closed-loop REST clients in threads and records every request (start, end, ok,
+status, error). At ``--kill-at`` seconds it SIGKILLs the worker (the child of the Java frontend
+whose command line holds ``model_service_worker.py``, cross-checked with the management API's
+``workers[0].pid``), keeps the load going, and polls the management API until a READY worker with
+a new pid shows up.
+
+Definitions (times are seconds after the kill, ``t_kill`` taken just before ``os.kill``):
+
+- *in flight at the kill*: the request started before ``t_kill + grace`` and ended after
+  ``t_kill``. The grace window (``--grace``, 1 s) covers requests that the frontend had already
+  handed, in a batch, to the dying worker's socket before it noticed the death; ``strictly in
+  flight`` (started before ``t_kill``) is reported beside it.
+- *first answer*: the first successful answer that ended after the management API first showed a
+  pid other than the killed one (a worker process that was started after the kill). Answers the
+  old worker had sent just before it died can end a few ms after ``t_kill``; this excludes them.
+- *ready*: the first poll (every 0.2 s) in which the management API shows a READY worker whose
+  pid differs from the killed one.
+- *after recovery*: requests that started after both the first answer and ready; all must succeed.
+
+Prints a Markdown table; ``--json`` also writes the figures, the records and the configuration.
+Exit 0 when TorchServe recovered (new pid, READY, answering) and only in-flight requests failed,
+else 1. A fault drill, not a benchmark: on a shared 2-core machine the recovery time is dominated
+by how fast the new worker can import torch and load the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import tsctl  # noqa: E402
+
+from client import KOAClientError  # noqa: E402
+from client.rest import RestClient  # noqa: E402
+
+WORKER_MARK = "model_service_worker.py"
+POLL_S = 0.2
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=30.0, help="load duration (extended until recovery + --after)")
+    p.add_argument("--clients", type=int, default=4, help="closed-loop REST client threads")
+    p.add_argument("--kill-at", type=float, default=10.0, help="seconds after the load starts")
+    p.add_argument("--grace", type=float, default=1.0, help="s after the kill still counted as in flight")
+    p.add_argument("--after", type=float, default=3.0, help="s of load kept after recovery at the least")
+    p.add_argument("--recovery-timeout", type=float, default=90.0, help="s to wait for a new READY worker")
+    p.add_argument("--workdir", type=Path, default=None, help="a running server's workdir (default: a private one)")
+    p.add_argument("--store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
+    p.add_argument("--max-images", type=int, default=16)
+    p.add_argument("--json", type=Path, default=None)
+    return p
+
+
+# --- shared helpers (scripts/soak.py imports them too) -------------------------------------------
+
+
+def load_images(folder: Path, limit: int) -> list[bytes]:
+    """Up to ``limit`` PNGs from ``folder`` (recursively); the test fixture when there are none."""
+    files = sorted(folder.rglob("*.png"))[:limit] if folder.is_dir() else []
+    if not files:
+        files = [ROOT / "tests" / "fixtures" / "knee_kl2.png"]
+    return [f.read_bytes() for f in files]
+
+
+def attach(workdir: Path) -> tsctl.Server:
+    """The server running from ``workdir`` (its rendered config there, else the project's config)."""
+    workdir = Path(workdir).resolve()
+    pid = tsctl._pid(workdir)
+    if pid is None or not tsctl._alive(pid):
+        raise tsctl.ServeError(f"no TorchServe is running from {workdir} (`make serve`, or leave --workdir out)")
+    rendered = workdir / "config.properties"
+    props = tsctl._props((rendered if rendered.is_file() else ROOT / "config.properties").read_text())
+    return tsctl.Server(
+        workdir,
+        props["inference_address"],
+        props["management_address"],
+        props["metrics_address"],
+        int(props.get("grpc_inference_port", 7070)),
+    )
+
+
+@contextlib.contextmanager
+def serving(store: Path, workdir: Path | None = None) -> Iterator[tsctl.Server]:
+    """A private server on free ports, always stopped afterwards; or the one running from ``workdir``."""
+    if workdir is not None:
+        yield attach(workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix="koa-fault-") as tmp:
+        try:
+            yield tsctl.start_on_free_ports(store, Path(tmp))
+        finally:
+            tsctl.stop(Path(tmp))
+
+
+def worker_processes(java_pid: int) -> list[Any]:
+    """psutil.Process objects of the Java frontend's children that run ``model_service_worker.py``."""
+    import psutil
+
+    found = []
+    try:
+        children = psutil.Process(java_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    for child in children:
+        try:
+            if any(WORKER_MARK in part for part in child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def management_workers(srv: tsctl.Server, model: str = tsctl.MODEL_NAME) -> list[dict[str, Any]]:
+    """The model's ``workers`` list from the management API ([] when it cannot be read)."""
+    req = urllib.request.Request(
+        f"{srv.management_url}/models/{model}", headers={"Authorization": f"Bearer {srv.keys()['management']}"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())[0].get("workers", [])
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError):
+        return []
+
+
+@dataclass
+class Record:
+    """One request: times are ``time.monotonic()`` seconds; ``status`` 200 when ok."""
+
+    client: int
+    kind: str
+    start: float
+    end: float
+    ok: bool
+    status: int
+    error: str = ""
+
+
+class LoadDriver:
+    """``clients`` closed-loop REST clients in threads; every request is recorded.
+
+    Args:
+        srv: the server.
+        images: request bodies, used round-robin.
+        clients: number of threads, each with one request outstanding at a time.
+        explain_share: fraction of requests sent to ``/explanations`` (deterministic per client).
+        timeout: client timeout per request, s.
+    """
+
+    def __init__(
+        self,
+        srv: tsctl.Server,
+        images: list[bytes],
+        clients: int,
+        explain_share: float = 0.0,
+        timeout: float = 120.0,
+    ) -> None:
+        if clients < 1:
+            raise ValueError(f"clients must be >= 1, got {clients}")
+        if not 0.0 <= explain_share <= 1.0:
+            raise ValueError(f"explain_share must be in [0, 1], got {explain_share}")
+        self.srv, self.images, self.clients = srv, images, clients
+        self.explain_share, self.timeout = explain_share, timeout
+        self._records: list[Record] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _user(self, k: int, token: str) -> None:
+        with RestClient(self.srv.inference_url, token=token, timeout=self.timeout) as client:
+            i, credit = k, 0.0
+            while not self._stop.is_set():
+                credit += self.explain_share
+                explain = credit >= 1.0
+                credit -= 1.0 if explain else 0.0
+                t0 = time.monotonic()
+                try:
+                    client.predict(self.images[i % len(self.images)], explain=explain)
+                    rec = Record(k, "explain" if explain else "predict", t0, time.monotonic(), True, 200)
+                except KOAClientError as exc:
+                    rec = Record(
+                        k, "explain" if explain else "predict", t0, time.monotonic(), False, exc.status, str(exc)[:200]
+                    )
+                with self._lock:
+                    self._records.append(rec)
+                i += self.clients
+
+    def start(self) -> LoadDriver:
+        token = self.srv.keys()["inference"]
+        for k in range(self.clients):
+            t = threading.Thread(target=self._user, args=(k, token), name=f"load-{k}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> list[Record]:
+        """Stop after each client's current request; return every record."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout + 5)
+        return self.records()
+
+    def records(self) -> list[Record]:
+        with self._lock:
+            return list(self._records)
+
+
+# --- the drill ------------------------------------------------------------------------------------
+
+
+def kill_worker(srv: tsctl.Server) -> tuple[int, float]:
+    """SIGKILL the model's worker process; return its pid and ``time.monotonic()`` just before the kill."""
+    java = tsctl._pid(Path(srv.workdir))
+    if java is None:
+        raise RuntimeError(f"no TorchServe pid file in {srv.workdir}/tmp: is the server running?")
+    procs = worker_processes(java)
+    api_pids = [w.get("pid") for w in management_workers(srv)]
+    if len(procs) != 1:
+        raise RuntimeError(f"expected one {WORKER_MARK} child of Java pid {java}, found {[p.pid for p in procs]}")
+    pid = procs[0].pid
+    if api_pids and pid not in api_pids:
+        raise RuntimeError(f"worker pid {pid} (process tree) is not the management API's {api_pids}")
+    t_kill = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    return pid, t_kill
+
+
+def wait_for_new_worker(srv: tsctl.Server, old_pid: int, timeout: float) -> dict[str, Any]:
+    """Poll the management API until a READY worker with a pid other than ``old_pid`` shows up.
+
+    Returns {'new_pid', 't_new_pid' (first poll showing another pid), 't_ready', 'states'}; the
+    times are ``time.monotonic()`` or None when ``timeout`` passed first.
+    """
+    out: dict[str, Any] = {"new_pid": None, "t_new_pid": None, "t_ready": None, "states": []}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = management_workers(srv)
+        now = time.monotonic()
+        state = [(w.get("pid"), w.get("status")) for w in workers]
+        if not out["states"] or out["states"][-1][1] != state:
+            out["states"].append((now, state))
+        others = [w for w in workers if w.get("pid") not in (None, -1, old_pid)]
+        if others and out["t_new_pid"] is None:
+            out["t_new_pid"] = now
+        ready = [w for w in others if w.get("status") == "READY"]
+        if ready:
+            out["new_pid"], out["t_ready"] = ready[0]["pid"], now
+            return out
+        time.sleep(POLL_S)
+    return out
+
+
+def analyse(
+    records: list[Record], t_kill: float, t0: float, old_pid: int, probe: dict[str, Any], clients: int, grace: float
+) -> dict[str, Any]:
+    """The drill's figures from the request records and the management API probe (see module docstring)."""
+    fails = [r for r in records if not r.ok]
+    in_flight = [r for r in records if r.start < t_kill + grace and r.end >= t_kill]
+    strict = [r for r in records if r.start < t_kill <= r.end]
+    fails_in_flight = [r for r in fails if r.start < t_kill + grace and r.end >= t_kill]
+    t_new = probe["t_new_pid"]
+    first_ok = min((r.end for r in records if r.ok and t_new is not None and r.end >= t_new), default=None)
+    t_recovered = max(first_ok, probe["t_ready"]) if first_ok is not None and probe["t_ready"] else None
+    after = [r for r in records if t_recovered is not None and r.start >= t_recovered]
+    recovered = probe["new_pid"] is not None and probe["new_pid"] != old_pid and first_ok is not None
+
+    def rel(t: float | None) -> float | None:
+        return None if t is None else round(t - t_kill, 3)
+
+    result = {
+        "clients": clients,
+        "kill_at_s": round(t_kill - t0, 3),
+        "grace_s": grace,
+        "old_pid": old_pid,
+        "new_pid": probe["new_pid"],
+        "new_pid_differs": probe["new_pid"] is not None and probe["new_pid"] != old_pid,
+        "requests": len(records),
+        "requests_before_kill": sum(r.end < t_kill for r in records),
+        "requests_after_kill": sum(r.start >= t_kill for r in records),
+        "in_flight_at_kill": len(in_flight),
+        "strictly_in_flight_at_kill": len(strict),
+        "failed": len(fails),
+        "failed_in_flight": len(fails_in_flight),
+        "failed_not_in_flight": len(fails) - len(fails_in_flight),
+        "failure_statuses": sorted({r.status for r in fails}),
+        "failure_examples": sorted({r.error for r in fails})[:3],
+        "new_pid_seen_s": rel(t_new),
+        "first_ok_after_kill_s": rel(first_ok),
+        "ready_after_kill_s": rel(probe["t_ready"]),
+        "requests_after_recovery": len(after),
+        "failed_after_recovery": sum(not r.ok for r in after),
+        "recovered": recovered,
+    }
+    result["passed"] = bool(
+        recovered and result["failed_not_in_flight"] == 0 and result["failed_after_recovery"] == 0 and after
+    )
+    return result
+
+
+def run_fault(
+    srv: tsctl.Server,
+    images: list[bytes],
+    clients: int = 4,
+    seconds: float = 30.0,
+    kill_at: float = 10.0,
+    grace: float = 1.0,
+    after: float = 3.0,
+    recovery_timeout: float = 90.0,
+) -> tuple[dict[str, Any], list[Record]]:
+    """Drive load, kill the worker at ``kill_at`` s, wait for recovery, keep the load ``after`` s more.
+
+    The load lasts ``seconds`` or until ``after`` s past recovery, whichever is later (bounded by
+    ``recovery_timeout``). Returns the figures of `analyse` and the records (times relative to
+    the start of the load).
+    """
+    if not 0 < kill_at < seconds:
+        raise ValueError(f"kill_at must be in (0, seconds={seconds}), got {kill_at}")
+    driver = LoadDriver(srv, images, clients)
+    t0 = time.monotonic()
+    driver.start()
+    try:
+        time.sleep(kill_at)
+        old_pid, t_kill = kill_worker(srv)
+        probe = wait_for_new_worker(srv, old_pid, recovery_timeout)
+        end = max(t0 + seconds, (probe["t_ready"] or time.monotonic()) + after)
+        time.sleep(max(0.0, end - time.monotonic()))
+    finally:
+        records = driver.stop()
+    result = analyse(records, t_kill, t0, old_pid, probe, clients, grace)
+    result["worker_states"] = [(round(t - t_kill, 3), s) for t, s in probe["states"]]
+    shifted = [Record(**{**asdict(r), "start": r.start - t0, "end": r.end - t0}) for r in records]
+    return result, shifted
+
+
+def print_table(result: dict[str, Any]) -> None:
+    keys = [
+        "clients", "kill_at_s", "old_pid", "new_pid", "new_pid_differs", "requests", "requests_before_kill",
+        "requests_after_kill", "in_flight_at_kill", "strictly_in_flight_at_kill", "failed", "failed_in_flight",
+        "failed_not_in_flight", "failure_statuses", "new_pid_seen_s", "first_ok_after_kill_s", "ready_after_kill_s",
+        "requests_after_recovery", "failed_after_recovery", "recovered", "passed",
+    ]  # fmt: skip
+    print("| measure | value |\n|---|---|")
+    for k in keys:
+        print(f"| {k} | {result.get(k)} |")
+
+
+def main(args: argparse.Namespace) -> int:
+    images = load_images(args.images, args.max_images)
+    with serving(args.store, args.workdir) as srv:
+        result, records = run_fault(
+            srv, images, args.clients, args.seconds, args.kill_at, args.grace, args.after, args.recovery_timeout
+        )
+    print(f"SIGKILL of the worker at {result['kill_at_s']:.1f} s under {args.clients} REST clients")
+    print_table(result)
+    if result["failure_examples"]:
+        print("\nfailures: " + "; ".join(result["failure_examples"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        payload = {"config": config, **result, "records": [asdict(r) for r in records]}
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

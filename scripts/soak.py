@@ -1,0 +1,188 @@
+"""Bounded soak run: steady REST load on a private TorchServe, watching the servers' memory for leaks.
+
+``python scripts/soak.py [--minutes 10] [--clients 4] [--warmup 1] [--interval 10] [--explain-share 0.1]
+[--json PATH]``
+
+Starts a private server on free ports, drives ``--clients`` closed-loop REST clients (a share
+``--explain-share`` of them explanations) for ``--minutes``, and every ``--interval`` seconds
+samples the resident memory (RSS, psutil) of the Python worker (the ``model_service_worker.py``
+child of Java) and of the Java frontend, with the requests/s and failures of the interval.
+After ``--warmup`` minutes, RSS growth is measured against the first post-warm-up sample:
+``100 * (last - first) / first`` and the same for the peak (target: <= ``--target`` %, 10).
+
+Writes ``--json`` (figures and configuration) and, next to it, ``<stem>.csv`` (the samples) and
+``<stem>.png`` (RSS over time). Exit 0 when both processes stay within the target and no request
+failed, else 1. A soak run, not a test: it stops by itself after ``--minutes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import tsctl  # noqa: E402
+from fault_kill_worker import LoadDriver, load_images, serving, worker_processes  # noqa: E402
+
+MB = 1024 * 1024
+FIELDS = ["t_s", "worker_pid", "worker_rss_mb", "java_rss_mb", "requests", "failures", "rps"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=10.0, help="length of the whole run, warm-up included")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--warmup", type=float, default=1.0, help="minutes before the RSS baseline is taken")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between samples")
+    p.add_argument("--explain-share", type=float, default=0.1, help="fraction of requests that are explanations")
+    p.add_argument("--target", type=float, default=10.0, help="allowed RSS growth after the warm-up, %%")
+    p.add_argument("--store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
+    p.add_argument("--max-images", type=int, default=16)
+    p.add_argument("--json", type=Path, default=ROOT / "reports" / "soak" / "soak.json")
+    return p
+
+
+def rss_mb(pid: int | None) -> float | None:
+    """Resident memory of ``pid`` in MB, None when it is gone."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_info().rss / MB if pid else None
+    except psutil.Error:
+        return None
+
+
+def sample(srv: tsctl.Server) -> dict[str, Any]:
+    """The worker's pid and RSS and the Java frontend's RSS right now (MB)."""
+    java = tsctl._pid(Path(srv.workdir))
+    workers = worker_processes(java) if java else []
+    wpid = workers[0].pid if workers else None
+    return {"worker_pid": wpid, "worker_rss_mb": rss_mb(wpid), "java_rss_mb": rss_mb(java)}
+
+
+def growth(samples: list[dict[str, Any]], key: str) -> dict[str, float | None]:
+    """Baseline (first sample), last, peak and growth in % of the baseline, for column ``key``."""
+    values = [s[key] for s in samples if s[key] is not None]
+    if not values:
+        return {"baseline_mb": None, "last_mb": None, "peak_mb": None, "growth_pct": None, "peak_growth_pct": None}
+    base = values[0]
+    return {
+        "baseline_mb": round(base, 1),
+        "last_mb": round(values[-1], 1),
+        "peak_mb": round(max(values), 1),
+        "growth_pct": round(100 * (values[-1] - base) / base, 2),
+        "peak_growth_pct": round(100 * (max(values) - base) / base, 2),
+    }
+
+
+def soak(
+    srv: tsctl.Server, images: list[bytes], clients: int, seconds: float, interval: float, explain_share: float
+) -> tuple[list[dict[str, Any]], int, int]:
+    """Load for ``seconds``, a sample every ``interval`` s (the first at t=0). Returns samples, requests, failures."""
+    driver = LoadDriver(srv, images, clients, explain_share=explain_share).start()
+    t0 = time.monotonic()
+    samples: list[dict[str, Any]] = []
+    try:
+        k = 0
+        while True:
+            now = time.monotonic()
+            recs = driver.records()
+            prev = samples[-1]["t_s"] if samples else 0.0
+            window = [r for r in recs if prev <= r.end - t0 < now - t0]
+            fails = sum(not r.ok for r in window)
+            span = max(now - t0 - prev, 1e-9)
+            rps = round(len(window) / span, 3) if samples else 0.0
+            samples.append(
+                {"t_s": round(now - t0, 2), **sample(srv), "requests": len(window), "failures": fails, "rps": rps}
+            )
+            if now - t0 >= seconds:
+                break
+            k += 1
+            time.sleep(max(0.0, min(t0 + k * interval, t0 + seconds) - time.monotonic()))
+    finally:
+        records = driver.stop()
+    return samples, len(records), sum(not r.ok for r in records)
+
+
+def write_outputs(samples: list[dict[str, Any]], result: dict[str, Any], json_path: Path, warmup_s: float) -> None:
+    """``json_path``, and next to it ``<stem>.csv`` and ``<stem>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = json_path.with_suffix(".csv"), json_path.with_suffix(".png")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows({k: ("" if s[k] is None else s[k]) for k in FIELDS} for s in samples)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    t = [s["t_s"] / 60 for s in samples]
+    for key, label in (("worker_rss_mb", "Python worker"), ("java_rss_mb", "Java frontend")):
+        ax.plot(t, [float("nan") if s[key] is None else s[key] for s in samples], marker=".", label=label)
+    ax.axvline(warmup_s / 60, color="grey", linestyle="--", label="end of warm-up")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("RSS (MB)")
+    ax.set_title(f"KOA-Serve soak: {result['requests']} requests, {result['failures']} failures")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    json_path.write_text(json.dumps({**result, "csv": str(csv_path), "png": str(png_path)}, indent=2))
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.interval <= 0 or args.minutes <= 0 or not 0 <= args.warmup < args.minutes:
+        raise ValueError(
+            f"need interval > 0, minutes > 0 and 0 <= warmup < minutes; got {args.interval}, {args.minutes}, "
+            f"{args.warmup}"
+        )
+    images = load_images(args.images, args.max_images)
+    seconds, warmup_s = args.minutes * 60, args.warmup * 60
+    with serving(args.store) as srv:
+        samples, total, failed = soak(srv, images, args.clients, seconds, args.interval, args.explain_share)
+    steady = [s for s in samples if s["t_s"] >= warmup_s]
+    worker, java = growth(steady, "worker_rss_mb"), growth(steady, "java_rss_mb")
+    pids = sorted({s["worker_pid"] for s in samples if s["worker_pid"] is not None})
+    ok_mem = all(g["growth_pct"] is not None and g["growth_pct"] <= args.target for g in (worker, java))
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    result = {
+        "config": config,
+        "requests": total,
+        "failures": failed,
+        "rps": round(total / samples[-1]["t_s"], 3) if samples and samples[-1]["t_s"] > 0 else None,
+        "worker_pids": pids,
+        "samples_after_warmup": len(steady),
+        "worker": worker,
+        "java": java,
+        "passed": bool(ok_mem and failed == 0 and len(pids) == 1),
+    }
+    print(
+        f"soak: {args.minutes:g} min, {args.clients} REST clients ({args.explain_share:.0%} explanations), "
+        f"warm-up {args.warmup:g} min, sample every {args.interval:g} s"
+    )
+    print("| process | baseline MB | last MB | peak MB | growth % | peak growth % |\n|---|---|---|---|---|---|")
+    for name, g in (("Python worker", worker), ("Java frontend", java)):
+        print(
+            f"| {name} | {g['baseline_mb']} | {g['last_mb']} | {g['peak_mb']} | {g['growth_pct']} | "
+            f"{g['peak_growth_pct']} |"
+        )
+    print(f"\nrequests {total}, failures {failed}, {result['rps']} req/s, worker pids {pids}")
+    print(f"RSS growth target <= {args.target:g} %: {'met' if ok_mem else 'MISSED'}")
+    write_outputs(samples, result, args.json, warmup_s)
+    print(f"wrote {args.json}, {args.json.with_suffix('.csv')}, {args.json.with_suffix('.png')}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

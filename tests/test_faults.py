@@ -1,0 +1,67 @@
+"""Fault tolerance of the served model: SIGKILL the TorchServe worker under load (scripts/fault_kill_worker.py).
+
+Runs the script's drill in-process against a private server on free ports: 3 closed-loop REST
+clients for about 20 s, the worker killed at 6 s. TorchServe must start a new worker (new pid)
+that answers within 90 s; only requests in flight at the kill may fail, and every request sent
+after recovery must succeed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import fault_kill_worker as fk  # noqa: E402
+import tsctl  # noqa: E402
+
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17+ (see README)"),
+]
+
+CLIENTS = 3
+RECOVERY_S = 90.0
+
+
+@pytest.fixture(scope="module")
+def archive() -> Path:
+    subprocess.run(["make", "-s", "archive"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return ROOT / "model_store"
+
+
+@pytest.fixture(scope="module")
+def server(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tsctl.Server:
+    workdir = tmp_path_factory.mktemp("ts-fault")
+    try:
+        yield tsctl.start_on_free_ports(archive, workdir)
+    finally:
+        tsctl.stop(workdir)
+
+
+def _batch_size(srv: tsctl.Server) -> int:
+    models = json.loads(tsctl._props((Path(srv.workdir) / "config.properties").read_text())["models"])
+    return max(cfg["batchSize"] for versions in models.values() for cfg in versions.values())
+
+
+def test_killed_worker_is_restarted_and_only_in_flight_requests_fail(server: tsctl.Server, knee_png: bytes) -> None:
+    result, records = fk.run_fault(
+        server, [knee_png], clients=CLIENTS, seconds=20.0, kill_at=6.0, after=2.0, recovery_timeout=RECOVERY_S
+    )
+    summary = {k: v for k, v in result.items() if k != "worker_states"}
+    assert result["new_pid"] is not None and result["new_pid"] != result["old_pid"], summary
+    assert result["first_ok_after_kill_s"] is not None and result["first_ok_after_kill_s"] <= RECOVERY_S, summary
+    assert result["requests_before_kill"] > 0, summary
+    assert result["failed"] <= CLIENTS + _batch_size(server), summary
+    assert result["failed_not_in_flight"] == 0, summary
+    assert result["requests_after_recovery"] > 0 and result["failed_after_recovery"] == 0, summary
+    # The new worker is the one the process tree shows: the old one is really gone.
+    assert [p.pid for p in fk.worker_processes(tsctl._pid(Path(server.workdir)))] == [result["new_pid"]]
+    assert len(records) == result["requests"]
