@@ -20,7 +20,7 @@ SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
 PROTO_STAMP := client/_proto/inference_pb2.py
 
-.PHONY: help setup lint test test-fast bench-model train evaluate export compare archive serve stop token renew-token predict explain proto clean loadtest
+.PHONY: help setup lint test test-fast bench bench-model train evaluate export compare archive serve stop token renew-token predict explain proto clean loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -89,6 +89,9 @@ predict: $(PROTO_STAMP)  ## grade IMAGE=... on the running server (REST)
 
 explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG beside it in reports/)
 	$(PY) -m client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain
+
+bench: archive  ## served against in-process, batching sweep, REST against gRPC -> docs/BENCHMARKS.md (~8 min)
+	$(PY) scripts/bench_sweep.py
 
 compare: $(STAMP)  ## OA-MEN against the paper's baselines (quick budget; see train/compare.py)
 	$(PY) -m train.compare --data $(DATA) --out reports/compare --quick

@@ -130,6 +130,9 @@ def main(args: argparse.Namespace) -> dict:
         "",
         "## Batching sweep (REST, clients = 2 x batch, at least 4)",
         "",
+        "`vs_in_process`: served requests/s over the in-process request path at the nearest measured batch "
+        "(1, 8 or 16).",
+        "",
         table(
             sweep, ["batch", "delay_ms", "clients", "rps", "p50_ms", "p95_ms", "p99_ms", "failures", "vs_in_process"]
         ),
