@@ -99,11 +99,11 @@ compare: $(STAMP)  ## OA-MEN against the paper's baselines (quick budget; see tr
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf build model_store reports logs client/_proto .pytest_cache .ruff_cache
 
-# Load test (loadtest/run.py): USERS, RATE, DURATION (per protocol), PROTOCOLS, EXPLAIN_SHARE and
+# Load test (loadtest/run.py): USERS, RATE, DURATION (per protocol), PROTOCOLS, EXPLAIN_SHARE, USER_RATE and
 # IMAGES pass through when set (defaults in run.py: 4 users, 2/s, 30s, rest,grpc); START=1 always
 # starts a private server on free ports (one is also started when `make serve` is not running).
 loadtest: archive $(PROTO_STAMP)  ## Locust, headless, REST then gRPC -> reports/loadtest/latest
 	$(PY) loadtest/run.py --workdir $(SERVE_DIR) \
 		$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) \
-		$(if $(PROTOCOLS),--protocols $(PROTOCOLS)) $(if $(EXPLAIN_SHARE),--explain-share $(EXPLAIN_SHARE)) \
+		$(if $(PROTOCOLS),--protocols $(PROTOCOLS)) $(if $(EXPLAIN_SHARE),--explain-share $(EXPLAIN_SHARE)) $(if $(USER_RATE),--user-rate $(USER_RATE)) \
 		$(if $(IMAGES),--images $(IMAGES)) $(if $(filter 1 yes true,$(START)),--start)

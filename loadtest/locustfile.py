@@ -14,6 +14,7 @@ Environment:
     KOA_GRPC_TARGET: gRPC inference ``host:port`` (default ``127.0.0.1:7070``).
     KOA_USERS: ``rest``, ``grpc`` or ``rest,grpc`` (default: Locust's own class selection).
     KOA_MODEL, KOA_TIMEOUT: model name (``oamen``) and seconds per request (120).
+    KOA_USER_RATE: requests/s per user for an open-loop load (default 0: closed loop).
 The REST address is Locust's ``--host``. Only loopback targets are accepted.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 # Locust first: it monkey-patches the standard library with gevent, which must happen before
 # requests (or urllib3) is imported, or calls end in RecursionError (see shared/TORCHSERVE.md).
-from locust import HttpUser, User, constant, events, task  # isort: skip
+from locust import HttpUser, User, constant, constant_throughput, events, task  # isort: skip
 from locust import stats as locust_stats  # isort: skip
 
 import grpc.experimental.gevent  # isort: skip
@@ -55,6 +56,10 @@ MODEL = os.environ.get("KOA_MODEL", "oamen")
 TIMEOUT = float(os.environ.get("KOA_TIMEOUT", "120"))
 GRPC_TARGET = os.environ.get("KOA_GRPC_TARGET", "127.0.0.1:7070")
 DEFAULT_KEY_FILE = ROOT / "logs" / "serve" / "key_file.json"
+# KOA_USER_RATE > 0: open loop, each user paced at that many requests/s (to load at a chosen
+# fraction of saturation); 0: closed loop, each user sends as soon as it has an answer.
+USER_RATE = float(os.environ.get("KOA_USER_RATE", "0") or 0)
+WAIT = constant_throughput(USER_RATE) if USER_RATE > 0 else constant(0)
 
 
 def explain_share() -> float:
@@ -109,7 +114,7 @@ class RestUser(HttpUser):
     """POST each image as the raw body to ``/predictions/<model>`` (or ``/explanations/<model>``)."""
 
     host = "http://127.0.0.1:8080"  # --host overrides it
-    wait_time = constant(0)  # closed loop: each user sends its next request as soon as it has an answer
+    wait_time = WAIT
 
     def on_start(self) -> None:
         self.client.headers["Authorization"] = f"Bearer {_Setup.token}"
@@ -141,7 +146,7 @@ class RestUser(HttpUser):
 class GrpcUser(User):
     """``InferenceAPIsService/Predictions`` with the image under ``data`` (``explain=true`` when asked)."""
 
-    wait_time = constant(0)
+    wait_time = WAIT
 
     def on_start(self) -> None:
         self.grpc = GrpcClient(GRPC_TARGET, token=_Setup.token, model=MODEL, timeout=TIMEOUT)

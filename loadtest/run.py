@@ -64,6 +64,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", type=Path, default=None, help="key_file.json (default: --workdir's)")
     p.add_argument("--token", default=None, help="inference key (default: KOA_TOKEN with --host, else the key file)")
     p.add_argument("--explain-share", type=float, default=0.0, help="share of requests that ask for an explanation")
+    p.add_argument(
+        "--user-rate",
+        type=float,
+        default=0.0,
+        help="open loop: requests/s per user (0: closed loop, each user sends as soon as it has an answer)",
+    )
     p.add_argument("--images", type=Path, default=ROOT / "tests" / "fixtures", help="folder of request images")
     p.add_argument("--model-store", type=Path, default=ROOT / "model_store", help="archives, for --start")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "loadtest", help="reports go to OUT/<timestamp>")
@@ -90,6 +96,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--duration must be a positive Locust time such as 30s, 2m or 1h30m, got {args.duration!r}")
     if not 0 <= args.explain_share <= 1:
         raise ValueError(f"--explain-share must be in [0, 1], got {args.explain_share}")
+    if args.user_rate < 0:
+        raise ValueError(f"--user-rate must be >= 0, got {args.user_rate}")
     if args.grpc_target and not args.host:
         raise ValueError("--grpc-target needs --host (the REST address of the same server)")
     for address in (args.host, args.grpc_target):
@@ -198,6 +206,7 @@ def locust_env(protocol: str, target: dict[str, Any], args: argparse.Namespace) 
         KOA_USERS=protocol,
         KOA_GRPC_TARGET=target["grpc_target"],
         KOA_EXPLAIN_SHARE=str(args.explain_share),
+        KOA_USER_RATE=str(args.user_rate),
         KOA_IMAGES=str(args.images.resolve()),
     )
     # The key of the server under test wins over a KOA_TOKEN left in the shell, except when the
@@ -347,6 +356,7 @@ def main(args: argparse.Namespace) -> int:
                 "grpc_target": target["grpc_target"],
                 "private_server": target["started"],
                 "explain_share": args.explain_share,
+                "user_rate": args.user_rate,
                 "warmup_requests_per_protocol": args.warmup,
                 "images": str(args.images),
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -109,6 +109,20 @@ def test_runner_refuses_remote_targets_before_anything_runs(
     assert not (tmp_path / "out").exists()
 
 
+def test_runner_validates_the_open_loop_rate() -> None:
+    args = loadtest_run.get_args_parser().parse_args(["--user-rate", "-1"])
+    with pytest.raises(ValueError, match="--user-rate"):
+        loadtest_run.check_args(args)
+    ok = loadtest_run.get_args_parser().parse_args(["--user-rate", "4.5"])
+    loadtest_run.check_args(ok)
+    assert (
+        loadtest_run.locust_env("rest", {"grpc_target": "127.0.0.1:7070", "started": True, "key_file": "k"}, ok)[
+            "KOA_USER_RATE"
+        ]
+        == "4.5"
+    )
+
+
 def test_images_are_read_once_from_the_folder(tmp_path: Path) -> None:
     assert [i.name for i in load_images(ROOT / "tests" / "fixtures")] == ["knee_kl2.png", "knee_kl2_prepared.png"]
     with pytest.raises(RuntimeError, match="no .png"):
