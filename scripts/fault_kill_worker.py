@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import tsctl  # noqa: E402
+from bench_serve import load_images  # noqa: E402
 
 from client import KOAClientError  # noqa: E402
 from client.rest import RestClient  # noqa: E402
@@ -75,14 +76,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # --- shared helpers (scripts/soak.py imports them too) -------------------------------------------
-
-
-def load_images(folder: Path, limit: int) -> list[bytes]:
-    """Up to ``limit`` PNGs from ``folder`` (recursively); the test fixture when there are none."""
-    files = sorted(folder.rglob("*.png"))[:limit] if folder.is_dir() else []
-    if not files:
-        files = [ROOT / "tests" / "fixtures" / "knee_kl2.png"]
-    return [f.read_bytes() for f in files]
 
 
 def attach(workdir: Path) -> tsctl.Server:
