@@ -61,7 +61,7 @@ class KOAHandler(BaseHandler):
         headers = [context.get_all_request_header(i) for i in range(len(data))]
         answers = []
         results = self.predictor.handle(data, headers)
-        log.info("batch of %d answered in %.1f ms", len(data), (time.perf_counter() - t0) * 1000)
+        log.debug("batch of %d answered in %.1f ms", len(data), (time.perf_counter() - t0) * 1000)
         for i, (status, body) in enumerate(results):
             context.set_response_status(status, HTTPStatus(status).phrase, idx=i)
             context.set_response_content_type(i, "application/json")
