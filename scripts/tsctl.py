@@ -200,8 +200,7 @@ def start(
     if not mar.is_file():
         raise ServeError(f"{mar} is missing: run `make archive` first")
     workdir.mkdir(parents=True, exist_ok=True)
-    for stale in ("key_file.json",):
-        (workdir / stale).unlink(missing_ok=True)
+    (workdir / "key_file.json").unlink(missing_ok=True)  # a stale key file would look like a started server
     shutil.rmtree(workdir / "logs", ignore_errors=True)
     props = _props(Path(config).read_text())
     cmd = [

@@ -146,7 +146,6 @@ def test_explanation_defaults_to_the_predicted_grade(predictor):
 
 
 def test_handler_through_a_torchserve_context(exported, tmp_path):
-    import os
     import shutil
 
     shutil.copy(exported, tmp_path / "oamen.pt")
@@ -154,7 +153,7 @@ def test_handler_through_a_torchserve_context(exported, tmp_path):
     ctx = Context("oamen", str(tmp_path), manifest, 4, None, "0.12.0")
     handler = KOAHandler()
     handler.initialize(ctx)
-    assert os.path.exists(tmp_path / "oamen.pt")
+    assert handler.predictor.contract == CONTRACT and handler.device.type == "cpu"
     ctx.request_processor = [RequestProcessor({}), RequestProcessor({"explain": "True"}), RequestProcessor({})]
     out = handler.handle([{"body": png(seed=1)}, {"body": png(seed=2)}, {"body": b"\x89PNG\r\n\x1a\ntruncated"}], ctx)
     assert len(out) == 3
