@@ -14,13 +14,27 @@ the model, training or handler code.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-__all__ = ["KOAClientError", "load_token", "RestClient", "GrpcClient", "TOKEN_ENV"]
+__all__ = ["KOAClientError", "load_token", "read_key_file", "call_with_retry", "RestClient", "GrpcClient", "TOKEN_ENV"]
 
 TOKEN_ENV = "KOA_TOKEN"
+# Statuses worth sending the same request again: 503 is TorchServe's "no worker / queue full / server
+# restarting" and what the clients report when the server cannot be reached. Grading is a pure function
+# of the image, so a request sent twice cannot do harm.
+RETRY_STATUSES = frozenset({503})
+# Answers that mean "this key is not (or no longer) valid": TorchServe writes new keys at every start and
+# they expire after 60 minutes, so a client that knows the key file re-reads it once and tries again.
+KEY_ERRORS = frozenset({"InvalidKeyException", "UNAUTHENTICATED", "PERMISSION_DENIED"})
+MAX_BACKOFF_S = 2.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from client.grpc_client import GrpcClient
@@ -39,10 +53,13 @@ class KOAClientError(Exception):
     """
 
     def __init__(self, status: int, message: str, kind: str | None = None) -> None:
-        super().__init__(f"{status} {kind}: {message}" if kind else f"{status}: {message}")
+        super().__init__(status, message, kind)
         self.status = int(status)
         self.message = message
         self.kind = kind
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.kind}: {self.message}" if self.kind else f"{self.status}: {self.message}"
 
 
 def load_token(token: str | None = None, key_file: str | os.PathLike[str] | None = None) -> str:
@@ -64,6 +81,15 @@ def load_token(token: str | None = None, key_file: str | os.PathLike[str] | None
             f"no inference token: pass one (--token), set {TOKEN_ENV}, or point to the server's key_file.json "
             "(--key-file logs/serve/key_file.json; `make token` prints it)"
         )
+    return read_key_file(key_file)
+
+
+def read_key_file(key_file: str | os.PathLike[str]) -> str:
+    """The inference key in TorchServe's ``key_file.json`` (``["inference"]["key"]``).
+
+    Raises:
+        RuntimeError: the file is missing, unreadable or has no inference key.
+    """
     path = Path(key_file)
     try:
         data: Any = json.loads(path.read_text())
@@ -100,6 +126,51 @@ def _check_options(image: bytes, target: int | str | None, method: str | None) -
         raise TypeError(f"method must be a string such as 'gradcam' or 'ig', got {type(method).__name__}")
     if isinstance(target, bool) or (isinstance(target, int) and target < 0):
         raise ValueError(f"target must be a KL grade (0-4) or a class name such as 'KL3', got {target!r}")
+
+
+def is_key_error(exc: KOAClientError) -> bool:
+    """The server refused the key (wrong, expired, or from before a restart)."""
+    return exc.kind in KEY_ERRORS or exc.status in (401, 403)
+
+
+def is_retryable(exc: KOAClientError) -> bool:
+    """Worth sending again after a pause: the server was unreachable, or it answered 503."""
+    return exc.status in RETRY_STATUSES
+
+
+def call_with_retry(
+    send: Callable[[], T],
+    retry_s: float,
+    refresh_key: Callable[[], bool] | None = None,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """``send()``, sent again while it fails with a retryable error and ``retry_s`` seconds are not up.
+
+    Pauses grow from 0.1 s to ``MAX_BACKOFF_S``; the last pause is cut to end at the deadline, so a
+    call gives up at most ``retry_s`` s (plus one request) after it began. A key error calls
+    ``refresh_key`` (re-read the key file) and sends again when it returns True (a new key), at
+    most three times per call. Any other error, or a retryable one after the deadline, is raised.
+    """
+    deadline = clock() + max(0.0, retry_s)
+    pause, refreshes, attempt = 0.1, 0, 1
+    while True:
+        try:
+            return send()
+        except KOAClientError as exc:
+            if is_key_error(exc) and refresh_key is not None and refreshes < 3 and refresh_key():
+                refreshes += 1
+                log.info("the server refused the key; sending again with the key file's new key")
+                continue
+            left = deadline - clock()
+            if not is_retryable(exc) or left <= 0:
+                if attempt > 1:
+                    exc.message += f" (gave up after {attempt} attempts in {retry_s:g} s)"
+                raise
+            log.info("attempt %d failed (%s); again in %.1f s", attempt, exc, min(pause, left))
+            sleep(min(pause, left))
+            pause, attempt = min(pause * 2, MAX_BACKOFF_S), attempt + 1
 
 
 def error_from_answer(status: int, body: bytes | str) -> KOAClientError:

@@ -2,7 +2,7 @@
 
 ``python -m client predict IMAGE [IMAGE...] [--grpc] [--explain] [--target T] [--method gradcam|ig]
 [--url URL] [--grpc-target HOST:PORT] [--token TOKEN | --key-file PATH] [--model oamen]
-[--overlay-dir DIR] [--json]``
+[--retry-s S] [--overlay-dir DIR] [--json]``
 
 Prints, per image, the KL grade, the probability of each class and the probability of
 radiographic OA (KL >= 2); with ``--explain`` it writes the overlay PNG to
@@ -41,6 +41,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     auth.add_argument("--key-file", type=Path, default=None, help="TorchServe's key_file.json")
     pr.add_argument("--model", default="oamen")
     pr.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    pr.add_argument(
+        "--retry-s",
+        type=float,
+        default=0.0,
+        help="keep sending a request for this many seconds while the server is unreachable or answers 503 "
+        "(e.g. during a restart); with --key-file a refused key is re-read from the file. Default 0: fail at once",
+    )
     pr.add_argument("--overlay-dir", type=Path, default=Path("reports/explain"), help="where overlay PNGs go")
     pr.add_argument("--json", action="store_true", help="print the raw JSON answers")
     return p
@@ -86,10 +93,19 @@ def make_client(args: argparse.Namespace, token: str) -> Any:
     if args.grpc:
         from client.grpc_client import GrpcClient
 
-        return GrpcClient(args.grpc_target, token=token, model=args.model, timeout=args.timeout)
+        return GrpcClient(
+            args.grpc_target,
+            token=token,
+            model=args.model,
+            timeout=args.timeout,
+            key_file=args.key_file,
+            retry_s=args.retry_s,
+        )
     from client.rest import RestClient
 
-    return RestClient(args.url, token=token, model=args.model, timeout=args.timeout)
+    return RestClient(
+        args.url, token=token, model=args.model, timeout=args.timeout, key_file=args.key_file, retry_s=args.retry_s
+    )
 
 
 def predict(args: argparse.Namespace) -> int:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import grpc
 
-from client import KOAClientError, _check_options, _env_token, error_from_answer
+from client import KOAClientError, _check_options, _env_token, call_with_retry, error_from_answer, read_key_file
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,29 @@ class GrpcClient:
             ``KOA_TOKEN`` when set, else sends none. See `client.load_token`.
         model: the registered model name.
         timeout: seconds to wait for an answer.
+        key_file, retry_s: as `client.rest.RestClient` (``UNAVAILABLE`` counts as 503).
     """
 
     def __init__(
-        self, target: str = "127.0.0.1:7070", token: str | None = None, model: str = "oamen", timeout: float = 60
+        self,
+        target: str = "127.0.0.1:7070",
+        token: str | None = None,
+        model: str = "oamen",
+        timeout: float = 60,
+        *,
+        key_file: str | os.PathLike[str] | None = None,
+        retry_s: float = 0.0,
     ) -> None:
         self._pb2, pb2_grpc, self._empty = _stubs()
         self.target = target
         self.model = model
         self.timeout = timeout
+        self.key_file = key_file
+        self.retry_s = retry_s
         token = token or _env_token()
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        if token is None and key_file is not None:
+            self._refresh_key()
         self.channel = grpc.insecure_channel(
             target,
             options=[
@@ -102,6 +115,18 @@ class GrpcClient:
             ],
         )
         self.stub = pb2_grpc.InferenceAPIsServiceStub(self.channel)
+
+    def _refresh_key(self) -> bool:
+        """Take the key file's key; True when it differs from the one sent so far."""
+        if self.key_file is None:
+            return False
+        try:
+            metadata = (("authorization", f"Bearer {read_key_file(self.key_file)}"),)
+        except RuntimeError as exc:
+            log.info("cannot re-read the key: %s", exc)
+            return False
+        changed, self.metadata = metadata != self.metadata, metadata
+        return changed
 
     def close(self) -> None:
         self.channel.close()
@@ -137,6 +162,9 @@ class GrpcClient:
             KOAClientError: a gRPC error, or the handler's error body.
         """
         req = self.request(image, explain=explain, target=target, method=method)
+        return call_with_retry(lambda: self._predict_once(req), self.retry_s, self._refresh_key)
+
+    def _predict_once(self, req: Any) -> dict[str, Any]:
         try:
             resp = self.stub.Predictions(req, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:

@@ -10,11 +10,13 @@ multipart form fields beside the image in ``data``, as the handler (``handler/se
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import requests
+import urllib3
 
-from client import KOAClientError, _check_options, _env_token, error_from_answer
+from client import KOAClientError, _check_options, _env_token, call_with_retry, error_from_answer, read_key_file
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +41,46 @@ class RestClient:
             header (a server started with token authorization off). See `client.load_token`.
         model: the registered model name.
         timeout: seconds to wait for an answer (explanations with ``ig`` take seconds on a CPU).
+        key_file: TorchServe's ``key_file.json``: the token when none is given, and re-read when the
+            server refuses the key (a restarted server has new keys; keys expire after 60 min).
+        retry_s: for this many seconds, send a request again when the server cannot be reached or
+            answers 503 (restarting, no worker yet, queue full). 0 (default): fail at once.
     """
 
     def __init__(
-        self, url: str = "http://127.0.0.1:8080", token: str | None = None, model: str = "oamen", timeout: float = 60
+        self,
+        url: str = "http://127.0.0.1:8080",
+        token: str | None = None,
+        model: str = "oamen",
+        timeout: float = 60,
+        *,
+        key_file: str | os.PathLike[str] | None = None,
+        retry_s: float = 0.0,
     ) -> None:
         self.url = url.rstrip("/")
         self.model = model
         self.timeout = timeout
+        self.key_file = key_file
+        self.retry_s = retry_s
         self.session = requests.Session()
         token = token or _env_token()
-        if token:
+        if token is None and key_file is not None:
+            self._refresh_key()
+        elif token:
             self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def _refresh_key(self) -> bool:
+        """Take the key file's key; True when it differs from the one sent so far."""
+        if self.key_file is None:
+            return False
+        try:
+            header = f"Bearer {read_key_file(self.key_file)}"
+        except RuntimeError as exc:
+            log.info("cannot re-read the key: %s", exc)
+            return False
+        changed = self.session.headers.get("Authorization") != header
+        self.session.headers["Authorization"] = header
+        return changed
 
     def close(self) -> None:
         self.session.close()
@@ -62,12 +92,19 @@ class RestClient:
         self.close()
 
     def _send(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return call_with_retry(lambda: self._send_once(method, path, **kwargs), self.retry_s, self._refresh_key)
+
+    def _send_once(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         url = f"{self.url}{path}"
         try:
             resp = self.session.request(method, url, timeout=self.timeout, **kwargs)
         except requests.Timeout as exc:
             raise KOAClientError(504, f"no answer from {url} within {self.timeout} s: {exc}", "timeout") from exc
         except requests.ConnectionError as exc:
+            if isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.ProtocolError):
+                # Connected and sent, then reset or closed without an answer (e.g. a server stopping).
+                msg = f"{url} closed the connection without answering (is the server restarting?): {exc}"
+                raise KOAClientError(503, msg, "connection_lost") from exc
             raise KOAClientError(503, f"cannot reach {url}: is the server running? ({exc})", "unreachable") from exc
         if resp.status_code != 200:
             log.debug("%s %s -> %d %r", method, url, resp.status_code, resp.content[:500])

@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -240,6 +241,95 @@ def test_rest_ping_and_unreachable(http_server: tuple[str, type[_Recorder]]) -> 
     assert info.value.status == 503
 
 
+INVALID_KEY = b'{"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed"}'
+
+
+def test_rest_retries_503_until_an_answer(http_server: tuple[str, type[_Recorder]]) -> None:
+    from client.rest import RestClient
+
+    url, rec = http_server
+    rec.replies += [(503, b'{"code": 503, "message": "Model oamen has no worker"}')] * 2
+    assert RestClient(url, token="t", retry_s=10).predict(PNG) == ANSWER
+    assert len(rec.requests) == 3 and all(r["body"] == PNG for r in rec.requests)
+
+
+def test_rest_without_retry_fails_at_once_and_never_retries_client_errors(http_server) -> None:
+    from client.rest import RestClient
+
+    url, rec = http_server
+    rec.replies.append((503, b"busy"))
+    with pytest.raises(KOAClientError):
+        RestClient(url, token="t").predict(PNG)
+    rec.replies.append((400, json.dumps(ERROR).encode()))
+    with pytest.raises(KOAClientError) as info:
+        RestClient(url, token="t", retry_s=10).predict(PNG)
+    assert info.value.kind == "invalid_image" and len(rec.requests) == 2
+
+
+def test_rest_rereads_the_key_file_when_the_key_is_refused(http_server, tmp_path: Path) -> None:
+    from client.rest import RestClient
+
+    url, rec = http_server
+    keys = _key_file(tmp_path, "old")
+    client = RestClient(url, key_file=keys)
+    _key_file(tmp_path, "new")  # the server restarted and wrote new keys
+    rec.replies.append((400, INVALID_KEY))
+    assert client.predict(PNG) == ANSWER
+    assert [r["headers"]["Authorization"] for r in rec.requests] == ["Bearer old", "Bearer new"]
+    rec.replies.append((400, INVALID_KEY))  # the same key refused again: no loop, a clear error
+    with pytest.raises(KOAClientError, match="expire"):
+        client.predict(PNG)
+    assert len(rec.requests) == 3
+
+
+def test_rest_retries_while_the_server_is_down(tmp_path: Path) -> None:
+    """Nothing listens for 1 s, then a server comes up on that port: the request gets its answer."""
+    import socket
+
+    from client.rest import RestClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    handler = type("Recorder", (_Recorder,), {"requests": [], "replies": []})
+    started: list[ThreadingHTTPServer] = []
+
+    def later() -> None:
+        threading.Event().wait(1.0)
+        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        started.append(server)
+        server.serve_forever(poll_interval=0.02)
+
+    threading.Thread(target=later, daemon=True).start()
+    try:
+        assert RestClient(f"http://127.0.0.1:{port}", token="t", retry_s=30).predict(PNG) == ANSWER
+    finally:
+        for server in started:
+            server.shutdown()
+            server.server_close()
+    assert len(handler.requests) == 1
+
+
+def test_retry_gives_up_at_the_deadline_with_the_attempt_count() -> None:
+    from client import call_with_retry
+
+    now = [0.0]
+    pauses: list[float] = []
+
+    def sleep(s: float) -> None:
+        pauses.append(s)
+        now[0] += s
+
+    def send() -> None:
+        raise KOAClientError(503, "cannot reach the server", "unreachable")
+
+    with pytest.raises(KOAClientError, match="gave up after") as info:
+        call_with_retry(send, 5.0, sleep=sleep, clock=lambda: now[0])
+    assert info.value.status == 503
+    assert sum(pauses) == pytest.approx(5.0) and max(pauses) <= 2.0
+    assert pauses[:4] == pytest.approx([0.1, 0.2, 0.4, 0.8])
+
+
 def test_rest_rejects_text_image() -> None:
     from client.rest import RestClient
 
@@ -261,8 +351,11 @@ def grpc_server(stubs: Any) -> Iterator[tuple[str, dict[str, Any]]]:
         def Predictions(self, request, context):  # noqa: N802 (the proto's name)
             state["requests"].append(request)
             state["metadata"].append(dict(context.invocation_metadata()))
-            if state["abort"]:
-                context.abort(*state["abort"])
+            abort = state["abort"]
+            if callable(abort):  # decides from the call's metadata
+                abort = abort(state["metadata"][-1])
+            if abort:
+                context.abort(*abort)
             return inference_pb2.PredictionResponse(prediction=state["reply"])
 
         def Ping(self, request, context):  # noqa: N802
@@ -320,6 +413,28 @@ def test_grpc_status_maps_to_http(grpc_server: tuple[str, dict[str, Any]]) -> No
     with pytest.raises(KOAClientError) as info:
         GrpcClient(target, token="t", timeout=5).predict(PNG)
     assert info.value.status == 404
+
+
+def test_grpc_retries_unavailable_and_rereads_the_key(grpc_server, tmp_path: Path) -> None:
+    import grpc
+
+    from client.grpc_client import GrpcClient
+
+    target, state = grpc_server
+    keys = _key_file(tmp_path, "old")
+    t0 = time.monotonic()
+
+    def restarting_server(metadata: dict[str, str]) -> tuple[Any, str] | None:
+        if time.monotonic() - t0 < 0.5:
+            return grpc.StatusCode.UNAVAILABLE, "restarting"
+        return None if metadata["authorization"] == "Bearer new" else (grpc.StatusCode.PERMISSION_DENIED, "bad key")
+
+    with GrpcClient(target, key_file=keys, timeout=5, retry_s=10) as client:
+        _key_file(tmp_path, "new")  # the restarted server's keys
+        state["abort"] = restarting_server
+        assert client.predict(PNG) == ANSWER
+    tokens = [m["authorization"] for m in state["metadata"]]
+    assert tokens[0] == "Bearer old" and tokens[-2:] == ["Bearer old", "Bearer new"] and len(tokens) >= 3
 
 
 def test_grpc_ping(grpc_server: tuple[str, dict[str, Any]]) -> None:
