@@ -20,7 +20,7 @@ SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
 PROTO_STAMP := client/_proto/inference_pb2.py
 
-.PHONY: help setup lint test test-fast bench bench-model train evaluate export compare archive serve stop token renew-token predict explain proto clean loadtest
+.PHONY: help setup lint test test-fast bench bench-model train evaluate export compare archive serve stop restart token renew-token predict explain proto clean loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -72,6 +72,9 @@ serve: archive  ## start TorchServe in the background; returns when the model an
 
 stop: $(STAMP)  ## stop TorchServe and wait until its processes are gone
 	$(PY) scripts/tsctl.py stop --workdir $(SERVE_DIR)
+
+restart: archive  ## stop, then start again (new keys: clients re-read key_file.json; see docs/RELIABILITY.md)
+	$(PY) scripts/tsctl.py restart --workdir $(SERVE_DIR)
 
 token: $(STAMP)  ## print the inference key of the running server
 	@$(PY) scripts/tsctl.py token --workdir $(SERVE_DIR)

@@ -17,7 +17,8 @@ from http import HTTPStatus
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.service import Predictor
+from handler.drain import RETRY_AFTER_S, DrainGate
+from handler.service import Predictor, error_body
 from model import create_model
 from model.checkpoint import load_torchscript
 
@@ -47,6 +48,7 @@ class KOAHandler(BaseHandler):
         self.model = scripted
         self.predictor = Predictor(scripted, eager, contract, self.device)
         self.context = context
+        self.gate = DrainGate()
         self.initialized = True
         log.info(
             "loaded %s v%s on %s (%d torch threads)",
@@ -60,10 +62,17 @@ class KOAHandler(BaseHandler):
         t0 = time.perf_counter()
         headers = [context.get_all_request_header(i) for i in range(len(data))]
         answers = []
-        results = self.predictor.handle(data, headers)
+        with self.gate.batch() as draining:
+            if draining:
+                message = f"KOA-Serve is restarting: send the request again in {RETRY_AFTER_S} s"
+                results = [(503, error_body(503, message, "restarting"))] * len(data)
+            else:
+                results = self.predictor.handle(data, headers)
         log.debug("batch of %d answered in %.1f ms", len(data), (time.perf_counter() - t0) * 1000)
         for i, (status, body) in enumerate(results):
             context.set_response_status(status, HTTPStatus(status).phrase, idx=i)
             context.set_response_content_type(i, "application/json")
+            if status == 503:
+                context.set_response_header(i, "Retry-After", str(RETRY_AFTER_S))
             answers.append(json.dumps(body))
         return answers

@@ -1,6 +1,6 @@
 """Start, wait for, stop and query a local TorchServe serving KOA-Serve's archive.
 
-``python scripts/tsctl.py start|stop|token|status [--workdir logs/serve]``
+``python scripts/tsctl.py start|stop|restart|token|renew|status [--workdir logs/serve]``
 
 Each server instance lives in its own working directory: TorchServe writes its key file
 (``key_file.json``), logs and pid file (via TMPDIR) there, so a test server on free ports and
@@ -34,6 +34,14 @@ PORT_KEYS = {
     "grpc_inference": ("grpc_inference_port", "{}"),
     "grpc_management": ("grpc_management_port", "{}"),
 }
+
+
+# The drain handshake's file names live with the handler; importing handler.drain pulls in nothing else.
+sys.path.insert(0, str(ROOT))
+from handler.drain import BUSY_PREFIX, DRAIN_FILE, STATE_ENV  # noqa: E402
+
+DRAIN_S = 30.0
+DRAIN_FLUSH_S = 0.1
 
 
 class ServeError(RuntimeError):
@@ -139,6 +147,7 @@ def _env(workdir: Path) -> dict[str, str]:
     tmp = workdir / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     env.update(TMPDIR=str(tmp), LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"))
+    env[STATE_ENV] = str(workdir / "state")  # the drain handshake with the handler (handler/drain.py)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -202,6 +211,8 @@ def start(
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "key_file.json").unlink(missing_ok=True)  # a stale key file would look like a started server
     shutil.rmtree(workdir / "logs", ignore_errors=True)
+    shutil.rmtree(workdir / "state", ignore_errors=True)  # a drain left over from the last stop
+    (workdir / "state").mkdir()
     props = _props(Path(config).read_text())
     cmd = [
         str(Path(sys.executable).parent / "torchserve"),
@@ -282,15 +293,45 @@ def _descendants(pid: int) -> list[int]:
         return []
 
 
-def stop(workdir: Path = DEFAULT_WORKDIR, timeout: float = 60.0) -> bool:
+def _busy_workers(state: Path) -> list[int]:
+    """Pids of the live workers that hold a ``busy`` file (a killed worker's file is ignored)."""
+    pids = []
+    for path in state.glob(f"{BUSY_PREFIX}*"):
+        suffix = path.name[len(BUSY_PREFIX) :]
+        if suffix.isdigit() and int(suffix) > 0 and _alive(int(suffix)):
+            pids.append(int(suffix))
+    return pids
+
+
+def drain(workdir: Path, timeout: float = DRAIN_S) -> float:
+    """Answer new work with 503 ``restarting`` and wait until the batches being graded are answered.
+
+    The tsctl side of handler/drain.py. Returns the seconds it waited; gives up after ``timeout``
+    (an explanation with Integrated Gradients can take that long on a busy CPU).
+    """
+    state = Path(workdir) / "state"
+    if not state.is_dir():  # a server started some other way: nothing to drain with
+        return 0.0
+    t0 = time.monotonic()
+    (state / DRAIN_FILE).touch()
+    while time.monotonic() - t0 < timeout and _busy_workers(state):
+        time.sleep(0.02)
+    time.sleep(DRAIN_FLUSH_S)  # Java writes the last answers to their sockets
+    return time.monotonic() - t0
+
+
+def stop(workdir: Path = DEFAULT_WORKDIR, timeout: float = 60.0, drain_s: float = DRAIN_S) -> bool:
     """Stop the server started from ``workdir``; wait until Java and its workers are gone.
 
-    Returns False when nothing was running.
+    First drains (see `drain`; ``drain_s`` 0 skips it): the requests being graded are answered,
+    later ones get 503 ``restarting``. Returns False when nothing was running.
     """
     workdir = Path(workdir).resolve()
     pid = _pid(workdir)
     if pid is None or not _alive(pid):
         return False
+    if drain_s > 0:
+        drain(workdir, drain_s)
     pids = [pid, *_descendants(pid)]
     subprocess.run(
         [str(Path(sys.executable).parent / "torchserve"), "--stop"],
@@ -329,14 +370,17 @@ def renew_key(workdir: Path, management_url: str, kind: str = "inference") -> st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("command", choices=("start", "stop", "token", "renew", "status"))
+    p.add_argument("command", choices=("start", "stop", "restart", "token", "renew", "status"))
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
     p.add_argument("--config", type=Path, default=ROOT / "config.properties")
     p.add_argument("--timeout", type=float, default=180.0)
     args = p.parse_args(argv)
     try:
-        if args.command == "start":
+        if args.command in ("start", "restart"):
+            if args.command == "restart":
+                t0 = time.monotonic()
+                print("stopped" if stop(args.workdir) else "was not running", f"({time.monotonic() - t0:.1f} s)")
             s = start(args.model_store, args.config, args.workdir, timeout=args.timeout)
             print(f"TorchServe is serving {MODEL_NAME} (logs: {s.workdir / 'logs'})")
             print(f"  REST inference   {s.inference_url}/predictions/{MODEL_NAME}")

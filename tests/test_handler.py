@@ -15,6 +15,7 @@ import pytest
 import torch
 from ts.context import Context, RequestProcessor
 
+from handler.drain import BUSY_PREFIX, DRAIN_FILE, RETRY_AFTER_S, STATE_ENV, DrainGate
 from handler.koa_handler import KOAHandler
 from handler.service import Predictor, RequestError, parse_request
 from model import create_model
@@ -145,14 +146,20 @@ def test_explanation_defaults_to_the_predicted_grade(predictor):
 # --- the TorchServe entry point ------------------------------------------------------------
 
 
-def test_handler_through_a_torchserve_context(exported, tmp_path):
+def _handler(exported: str, model_dir) -> tuple[KOAHandler, Context]:
     import shutil
 
-    shutil.copy(exported, tmp_path / "oamen.pt")
+    shutil.copy(exported, model_dir / "oamen.pt")
     manifest = {"model": {"modelName": "oamen", "serializedFile": "oamen.pt", "handler": "koa_handler.py"}}
-    ctx = Context("oamen", str(tmp_path), manifest, 4, None, "0.12.0")
+    ctx = Context("oamen", str(model_dir), manifest, 4, None, "0.12.0")
     handler = KOAHandler()
     handler.initialize(ctx)
+    return handler, ctx
+
+
+def test_handler_through_a_torchserve_context(exported, tmp_path, monkeypatch):
+    monkeypatch.delenv(STATE_ENV, raising=False)
+    handler, ctx = _handler(exported, tmp_path)
     assert handler.predictor.contract == CONTRACT and handler.device.type == "cpu"
     ctx.request_processor = [RequestProcessor({}), RequestProcessor({"explain": "True"}), RequestProcessor({})]
     out = handler.handle([{"body": png(seed=1)}, {"body": png(seed=2)}, {"body": b"\x89PNG\r\n\x1a\ntruncated"}], ctx)
@@ -162,3 +169,35 @@ def test_handler_through_a_torchserve_context(exported, tmp_path):
     assert "explanation" in bodies[1] and "explanation" not in bodies[0]
     assert "error" in bodies[2]
     assert ctx.get_response_content_type(0) == "application/json"
+
+
+def test_a_draining_handler_answers_503_with_retry_after(exported, tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    state.mkdir()
+    monkeypatch.setenv(STATE_ENV, str(state))
+    handler, ctx = _handler(exported, tmp_path)
+    ctx.request_processor = [RequestProcessor({}), RequestProcessor({})]
+    batch = [{"body": png(seed=1)}, {"body": png(seed=2)}]
+    handler.handle(batch, ctx)
+    assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 200]
+    (state / DRAIN_FILE).touch()
+    bodies = [json.loads(o) for o in handler.handle(batch, ctx)]
+    assert [ctx.get_response_status(i)[0] for i in range(2)] == [503, 503]
+    assert all(b["error"]["type"] == "restarting" and "again" in b["error"]["message"] for b in bodies)
+    assert ctx.get_response_headers(1)["Retry-After"] == str(RETRY_AFTER_S)
+    assert not list(state.glob(f"{BUSY_PREFIX}*")), "the busy file outlived the batch"
+
+
+def test_drain_gate_holds_busy_only_during_a_batch(tmp_path, monkeypatch):
+    monkeypatch.delenv(STATE_ENV, raising=False)
+    with DrainGate().batch() as draining:  # no state folder: a no-op
+        assert draining is False
+    gate = DrainGate(tmp_path)
+    with gate.batch() as draining:
+        assert draining is False and gate.busy.is_file()
+    assert not gate.busy.exists()
+    (tmp_path / DRAIN_FILE).touch()
+    with pytest.raises(RuntimeError), gate.batch() as draining:
+        assert draining is True
+        raise RuntimeError("a failing batch still releases busy")
+    assert not gate.busy.exists()
