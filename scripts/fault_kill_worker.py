@@ -42,7 +42,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,11 @@ def management_workers(srv: tsctl.Server, model: str = tsctl.MODEL_NAME) -> list
 
 @dataclass
 class Record:
-    """One request: times are ``time.monotonic()`` seconds; ``status`` 200 when ok."""
+    """One request: times are ``time.monotonic()`` seconds; ``status`` 200 when ok.
+
+    ``image`` is the index of the body sent, ``grade`` and ``probabilities`` the answer (when ok),
+    ``retried`` the errors of the attempts the client sent again (only with ``retry_s`` > 0).
+    """
 
     client: int
     kind: str
@@ -149,10 +153,25 @@ class Record:
     ok: bool
     status: int
     error: str = ""
+    protocol: str = "rest"
+    image: int = -1
+    grade: int | None = None
+    probabilities: list[float] | None = None
+    retried: list[str] = field(default_factory=list)
+
+
+def attempt_label(exc: KOAClientError) -> str:
+    """A short name for a failed attempt: ``refused``, ``reset`` (connected, then dropped) or status and kind."""
+    text = exc.message.lower()
+    if exc.kind == "connection_lost" or (exc.kind == "UNAVAILABLE" and any(w in text for w in ("reset", "closed"))):
+        return "reset"
+    if "refused" in text:
+        return "refused"
+    return f"{exc.status} {exc.kind or ''}".strip()
 
 
 class LoadDriver:
-    """``clients`` closed-loop REST clients in threads; every request is recorded.
+    """``clients`` closed-loop clients in threads (REST, the first ``grpc_clients`` gRPC); every request is recorded.
 
     Args:
         srv: the server.
@@ -160,6 +179,9 @@ class LoadDriver:
         clients: number of threads, each with one request outstanding at a time.
         explain_share: fraction of requests sent to ``/explanations`` (deterministic per client).
         timeout: client timeout per request, s.
+        retry_s: the clients' ``retry_s`` (resend while unreachable / 503); when > 0 they also re-read
+            the server's key file when their key is refused (a restarted server has new keys).
+        grpc_clients: how many of the ``clients`` use gRPC.
     """
 
     def __init__(
@@ -169,33 +191,65 @@ class LoadDriver:
         clients: int,
         explain_share: float = 0.0,
         timeout: float = 120.0,
+        retry_s: float = 0.0,
+        grpc_clients: int = 0,
     ) -> None:
         if clients < 1:
             raise ValueError(f"clients must be >= 1, got {clients}")
+        if not 0 <= grpc_clients <= clients:
+            raise ValueError(f"grpc_clients must be in [0, clients={clients}], got {grpc_clients}")
         if not 0.0 <= explain_share <= 1.0:
             raise ValueError(f"explain_share must be in [0, 1], got {explain_share}")
         self.srv, self.images, self.clients = srv, images, clients
         self.explain_share, self.timeout = explain_share, timeout
+        self.retry_s, self.grpc_clients = retry_s, grpc_clients
         self._records: list[Record] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
+    def _client(self, k: int, token: str, retried: list[str]) -> tuple[str, Any]:
+        """Client ``k`` and its protocol; every failed attempt's error is appended to ``retried``."""
+        key_file = Path(self.srv.workdir) / "key_file.json" if self.retry_s > 0 else None
+        opts = {"token": token, "timeout": self.timeout, "key_file": key_file, "retry_s": self.retry_s}
+        if k < self.grpc_clients:
+            from client.grpc_client import GrpcClient
+
+            protocol, client, once = "grpc", GrpcClient(f"127.0.0.1:{self.srv.grpc_port}", **opts), "_predict_once"
+        else:
+            protocol, client, once = "rest", RestClient(self.srv.inference_url, **opts), "_send_once"
+        inner = getattr(client, once)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return inner(*args, **kwargs)
+            except KOAClientError as exc:
+                retried.append(attempt_label(exc))
+                raise
+
+        setattr(client, once, counted)
+        return protocol, client
+
     def _user(self, k: int, token: str) -> None:
-        with RestClient(self.srv.inference_url, token=token, timeout=self.timeout) as client:
+        retried: list[str] = []
+        protocol, client = self._client(k, token, retried)
+        with client:
             i, credit = k, 0.0
             while not self._stop.is_set():
                 credit += self.explain_share
                 explain = credit >= 1.0
                 credit -= 1.0 if explain else 0.0
+                kind, image = "explain" if explain else "predict", i % len(self.images)
+                retried.clear()
                 t0 = time.monotonic()
                 try:
-                    client.predict(self.images[i % len(self.images)], explain=explain)
-                    rec = Record(k, "explain" if explain else "predict", t0, time.monotonic(), True, 200)
+                    answer = client.predict(self.images[image], explain=explain)
+                    rec = Record(k, kind, t0, time.monotonic(), True, 200, "", protocol, image)
+                    rec.grade, rec.probabilities = answer.get("kl_grade"), answer.get("probabilities")
+                    rec.retried = list(retried)
                 except KOAClientError as exc:
-                    rec = Record(
-                        k, "explain" if explain else "predict", t0, time.monotonic(), False, exc.status, str(exc)[:200]
-                    )
+                    rec = Record(k, kind, t0, time.monotonic(), False, exc.status, str(exc)[:200], protocol, image)
+                    rec.retried = list(retried[:-1])  # the last error is the one that was raised
                 with self._lock:
                     self._records.append(rec)
                 i += self.clients

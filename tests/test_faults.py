@@ -1,9 +1,12 @@
-"""Fault tolerance of the served model: SIGKILL the TorchServe worker under load (scripts/fault_kill_worker.py).
+"""Fault tolerance of the served model, against a private server on free ports.
 
-Runs the script's drill in-process against a private server on free ports: 3 closed-loop REST
-clients for about 20 s, the worker killed at 6 s. TorchServe must start a new worker (new pid)
-that answers within 90 s; only requests in flight at the kill may fail, and every request sent
-after recovery must succeed.
+- SIGKILL the TorchServe worker under load (scripts/fault_kill_worker.py): 3 closed-loop REST
+  clients for about 20 s, the worker killed at 6 s. TorchServe must start a new worker (new pid)
+  that answers within 90 s; only requests in flight at the kill may fail, and every request sent
+  after recovery must succeed.
+- Restart the whole server under load (scripts/fault_restart.py, what ``make restart`` does):
+  clients that resend on 503 / unreachable and re-read the key file lose no request, and every
+  answer equals the others for the same image.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import fault_kill_worker as fk  # noqa: E402
+import fault_restart as fr  # noqa: E402
 import tsctl  # noqa: E402
 
 pytestmark = [
@@ -65,3 +69,21 @@ def test_killed_worker_is_restarted_and_only_in_flight_requests_fail(server: tsc
     # The new worker is the one the process tree shows: the old one is really gone.
     assert [p.pid for p in fk.worker_processes(tsctl._pid(Path(server.workdir)))] == [result["new_pid"]]
     assert len(records) == result["requests"]
+
+
+def test_restart_under_load_loses_no_request(server: tsctl.Server, knee_png: bytes) -> None:
+    try:
+        import client._proto  # noqa: F401
+    except ImportError:
+        from client import gen_proto
+
+        gen_proto.generate()
+    result, records = fr.run_restart(
+        server, ROOT / "model_store", [knee_png], clients=3, grpc_clients=1, seconds=12.0, restart_at=4.0, after=3.0
+    )
+    assert result["lost"] == 0 and result["wrong"] == 0, result
+    assert result["answered_before_stop"] > 0 and result["answered_after_restart"] > 0, result
+    assert result["by_protocol"].get("grpc", 0) > 0 and result["by_protocol"].get("rest", 0) > 0, result
+    # Every client had a request outstanding across the restart, and it was answered.
+    assert result["spanning_the_restart"] >= 3 and result["resent_then_answered"] >= 3, result
+    assert all(r.ok and r.grade in range(5) for r in records)

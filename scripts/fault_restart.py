@@ -1,0 +1,187 @@
+"""Restart drill: stop and start TorchServe under load; no request may be lost or answered wrongly.
+
+``python scripts/fault_restart.py [--seconds 40] [--clients 4] [--grpc-clients 1] [--restart-at 10]
+[--retry-s 120] [--drain-s 30] [--json PATH]``
+
+Starts a private server on free ports, drives ``--clients`` closed-loop clients (the first
+``--grpc-clients`` over gRPC, the others over REST) built the way an integrator should build them:
+``retry_s`` set (a request is sent again while the server cannot be reached or answers 503) and
+``key_file`` given (a refused key is re-read: every TorchServe start writes new keys). At
+``--restart-at`` seconds it runs ``tsctl.stop`` and then ``tsctl.start`` on the same ports, the
+same thing ``make restart`` does, and keeps the load going for ``--after`` seconds once the server
+is back.
+
+What the server does at the stop: ``tsctl.stop`` first drains (handler/drain.py): the batches being
+graded are answered and later requests get 503 ``restarting``. Then Java exits; it drops the
+connections it still holds (a request that arrived in the last milliseconds gets a reset; without
+the drain, ``--drain-s 0``, every request in flight does), and a request sent while it is down is
+refused. Grading is a pure function of the image, so the client sends such a request again and
+the caller sees one answer. The drill counts, per request:
+
+- *lost*: the caller got an error (the client gave up, or an answer that was not a grade);
+- *wrong*: the answer differs from the other answers for the same image (grade, or any
+  probability by more than 1e-4), e.g. a half-loaded model;
+- *resent*: answered, after the client sent it again (with the errors of the failed attempts);
+- *connections reset*: attempts the server had taken and then dropped unanswered.
+
+Exit 0 when nothing was lost or wrong and requests were answered both before and after the restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import tsctl  # noqa: E402
+from fault_kill_worker import LoadDriver, Record, load_images, serving  # noqa: E402
+
+PROB_TOL = 1e-4
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=40.0, help="load duration (extended to --after past the restart)")
+    p.add_argument("--clients", type=int, default=4, help="closed-loop client threads")
+    p.add_argument("--grpc-clients", type=int, default=1, help="how many of them use gRPC")
+    p.add_argument("--restart-at", type=float, default=10.0, help="seconds after the load starts")
+    p.add_argument("--after", type=float, default=5.0, help="s of load kept once the server is back")
+    p.add_argument("--retry-s", type=float, default=120.0, help="the clients' retry window, s")
+    p.add_argument("--drain-s", type=float, default=tsctl.DRAIN_S, help="tsctl.stop's drain limit; 0: plain stop")
+    p.add_argument("--store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
+    p.add_argument("--max-images", type=int, default=16)
+    p.add_argument("--json", type=Path, default=None)
+    return p
+
+
+def restart(srv: tsctl.Server, store: Path, drain_s: float = tsctl.DRAIN_S) -> tuple[float, float, float]:
+    """``make restart`` on a private server: stop, then start with its rendered config (same ports).
+
+    Returns ``time.monotonic()`` at the stop call, when the old server was gone and when the new one was READY.
+    """
+    workdir = Path(srv.workdir)
+    t_stop = time.monotonic()
+    tsctl.stop(workdir, drain_s=drain_s)
+    t_down = time.monotonic()
+    tsctl.start(store, workdir / "config.properties", workdir)
+    return t_stop, t_down, time.monotonic()
+
+
+def inconsistent(records: list[Record]) -> list[Record]:
+    """Answered requests whose grade or probabilities differ from the first answer for the same image and kind."""
+    first: dict[tuple[int, str], Record] = {}
+    bad = []
+    for r in sorted((r for r in records if r.ok), key=lambda r: r.start):
+        ref = first.setdefault((r.image, r.kind), r)
+        probs, ref_probs = r.probabilities or [], ref.probabilities or []
+        if (
+            r.grade != ref.grade
+            or len(probs) != len(ref_probs)
+            or any(abs(a - b) > PROB_TOL for a, b in zip(probs, ref_probs))
+        ):
+            bad.append(r)
+    return bad
+
+
+def analyse(records: list[Record], t_stop: float, t_down: float, t_up: float) -> dict[str, Any]:
+    lost = [r for r in records if not r.ok]
+    wrong = inconsistent(records)
+    resent = [r for r in records if r.ok and r.retried]
+    spanning = [r for r in records if r.start < t_up and r.end > t_stop]
+    attempt_errors = Counter(e for r in records for e in r.retried)
+    result = {
+        "requests": len(records),
+        "by_protocol": dict(Counter(r.protocol for r in records)),
+        "answered_before_stop": sum(r.ok and r.end < t_stop for r in records),
+        "answered_after_restart": sum(r.ok and r.start >= t_up for r in records),
+        "spanning_the_restart": len(spanning),
+        "lost": len(lost),
+        "wrong": len(wrong),
+        "resent_then_answered": len(resent),
+        "connections_reset": attempt_errors.get("reset", 0),
+        "failed_attempts_by_error": dict(attempt_errors.most_common()),
+        "stop_s": round(t_down - t_stop, 2),
+        "start_s": round(t_up - t_down, 2),
+        "longest_request_s": round(max((r.end - r.start for r in records), default=0.0), 2),
+        "lost_examples": sorted({r.error for r in lost})[:3],
+    }
+    result["passed"] = bool(
+        not lost and not wrong and result["answered_before_stop"] > 0 and result["answered_after_restart"] > 0
+    )
+    return result
+
+
+def run_restart(
+    srv: tsctl.Server,
+    store: Path,
+    images: list[bytes],
+    clients: int = 4,
+    grpc_clients: int = 1,
+    seconds: float = 40.0,
+    restart_at: float = 10.0,
+    after: float = 5.0,
+    retry_s: float = 120.0,
+    drain_s: float = tsctl.DRAIN_S,
+) -> tuple[dict[str, Any], list[Record]]:
+    """Load, restart at ``restart_at`` s, load ``after`` s more; the figures of `analyse` and the records."""
+    if not 0 < restart_at < seconds:
+        raise ValueError(f"restart_at must be in (0, seconds={seconds}), got {restart_at}")
+    driver = LoadDriver(srv, images, clients, retry_s=retry_s, grpc_clients=grpc_clients)
+    t0 = time.monotonic()
+    driver.start()
+    try:
+        time.sleep(restart_at)
+        t_stop, t_down, t_up = restart(srv, store, drain_s)
+        time.sleep(max(0.0, max(t0 + seconds, t_up + after) - time.monotonic()))
+    finally:
+        records = driver.stop()
+    result = {"clients": clients, "grpc_clients": grpc_clients, "retry_s": retry_s, "drain_s": drain_s}
+    result["restart_at_s"] = restart_at
+    result.update(analyse(records, t_stop, t_down, t_up))
+    shifted = [Record(**{**asdict(r), "start": r.start - t0, "end": r.end - t0}) for r in records]
+    return result, shifted
+
+
+def main(args: argparse.Namespace) -> int:
+    images = load_images(args.images, args.max_images)
+    with serving(args.store) as srv:
+        result, records = run_restart(
+            srv,
+            args.store,
+            images,
+            args.clients,
+            args.grpc_clients,
+            args.seconds,
+            args.restart_at,
+            args.after,
+            args.retry_s,
+            args.drain_s,
+        )
+    print(
+        f"restart at {args.restart_at:g} s under {args.clients} clients ({args.grpc_clients} gRPC), "
+        f"client retry window {args.retry_s:g} s"
+    )
+    print("| measure | value |\n|---|---|")
+    for k, v in result.items():
+        if k != "lost_examples":
+            print(f"| {k} | {v} |")
+    if result["lost_examples"]:
+        print("\nlost: " + "; ".join(result["lost_examples"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"config": config, **result, "records": [asdict(r) for r in records]}))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
