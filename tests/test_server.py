@@ -222,6 +222,26 @@ def test_hostile_input_gets_a_clear_4xx(server, name):
     assert _worker_pids(server) == before, "the worker was restarted"
 
 
+def test_a_body_over_the_request_limit_is_refused_before_the_worker(server, rest, grpc_client):
+    limit = int(tsctl._props((Path(server.workdir) / "config.properties").read_text())["max_request_size"])
+    body = b"\x89PNG\r\n\x1a\n" + bytes(limit)  # over the limit by the signature's 8 bytes
+    before = _worker_pids(server)
+    r = requests.post(
+        f"{server.inference_url}/predictions/oamen",
+        data=body,
+        headers={"Content-Type": "image/png", "Authorization": f"Bearer {server.keys()['inference']}"},
+        timeout=60,
+    )
+    assert r.status_code == 413  # Java answers it (with an empty body) before the handler sees it
+    with pytest.raises(KOAClientError) as err:
+        rest.predict(body)
+    assert err.value.status == 413 and "max_request_size" in err.value.message
+    with pytest.raises(KOAClientError) as err:
+        grpc_client.predict(body)
+    assert err.value.status in (413, 429) and "RESOURCE_EXHAUSTED" in err.value.message
+    assert _worker_pids(server) == before
+
+
 def test_broken_base64_json(server):
     r = requests.post(
         f"{server.inference_url}/predictions/oamen",
