@@ -49,14 +49,32 @@ class KOAHandler(BaseHandler):
         self.predictor = Predictor(scripted, eager, contract, self.device)
         self.context = context
         self.gate = DrainGate()
+        warm_s = self.warm_up(scripted, contract, int(props.get("batch_size") or 1))
         self.initialized = True
         log.info(
-            "loaded %s v%s on %s (%d torch threads)",
+            "loaded %s v%s on %s (%d torch threads), warmed up in %.1f s",
             contract.model_name,
             contract.model_version,
             self.device,
             torch.get_num_threads(),
+            warm_s,
         )
+
+    def warm_up(self, scripted: torch.nn.Module, contract, max_batch: int) -> float:
+        """Run the model twice at batch 1, 2, 4, ... and ``max_batch`` before the first request.
+
+        TorchScript's profiling executor optimises a graph on its first calls with a new shape;
+        without this the first requests after a (re)start pay for it (measured on 2 CPU cores:
+        96 ms instead of 13 ms at batch 1). Returns the seconds it took.
+        """
+        t0 = time.perf_counter()
+        sizes = sorted({1 << k for k in range(max(max_batch, 1).bit_length()) if 1 << k <= max_batch} | {max_batch})
+        with torch.inference_mode():
+            for size in sizes:
+                x = torch.zeros(size, contract.channels, contract.input_size, contract.input_size, device=self.device)
+                for _ in range(2):
+                    scripted(x)
+        return time.perf_counter() - t0
 
     def handle(self, data, context) -> list[str]:
         t0 = time.perf_counter()

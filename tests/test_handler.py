@@ -201,3 +201,18 @@ def test_drain_gate_holds_busy_only_during_a_batch(tmp_path, monkeypatch):
         assert draining is True
         raise RuntimeError("a failing batch still releases busy")
     assert not gate.busy.exists()
+
+
+def test_warm_up_runs_every_power_of_two_batch_and_the_largest_twice():
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape))
+            return x
+
+    handler = KOAHandler()
+    handler.device = torch.device("cpu")
+    assert handler.warm_up(Recorder(), CONTRACT, 12) >= 0
+    shape = (CONTRACT.channels, CONTRACT.input_size, CONTRACT.input_size)
+    assert seen == [(b, *shape) for b in (1, 1, 2, 2, 4, 4, 8, 8, 12, 12)]
