@@ -20,7 +20,7 @@ SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
 PROTO_STAMP := client/_proto/inference_pb2.py
 
-.PHONY: help setup lint test test-fast bench bench-model train evaluate export compare archive serve stop restart token renew-token predict explain proto clean loadtest
+.PHONY: help setup lint test test-fast bench bench-tail bench-model train evaluate export compare archive serve stop restart token renew-token predict explain proto clean loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -95,6 +95,9 @@ explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG 
 
 bench: archive  ## served against in-process, batching sweep, REST against gRPC -> docs/BENCHMARKS.md (~8 min)
 	$(PY) scripts/bench_sweep.py
+
+bench-tail: archive $(PROTO_STAMP)  ## Locust at 80% of saturation per batching setting -> reports/bench_tail.json (~3 min each)
+	$(PY) scripts/bench_tail.py $(if $(SETTINGS),--settings $(SETTINGS)) $(if $(REPEAT),--repeat $(REPEAT))
 
 compare: $(STAMP)  ## OA-MEN against the paper's baselines (quick budget; see train/compare.py)
 	$(PY) -m train.compare --data $(DATA) --out reports/compare --quick

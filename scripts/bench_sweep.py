@@ -6,7 +6,8 @@ Measured in one run on one machine, so the ratios are fair even where absolute f
 noisy: (1) in-process TorchScript at batch 1, 8 and 16, the model alone and the handler's whole
 request path; (2) TorchServe over REST for a sweep of batch size x max batch delay, each at
 twice the batch size in concurrent clients; (3) at the best setting, REST and gRPC at rising
-concurrency, plotted. Writes the Markdown report, a JSON copy and the plot.
+concurrency, plotted. Writes the Markdown report, a JSON copy and the plot. An existing
+report's sections from "## Load tests" on (Locust runs, ``scripts/bench_tail.py``) are kept.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+KEPT_FROM = "## Load tests"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -169,7 +173,10 @@ def main(args: argparse.Namespace) -> dict:
         f"- idle single-request latency (REST): {idle:.0f} ms against model time at batch 1 ({model_b1_ms:.0f} ms) "
         f"+ max batch delay ({d} ms) + 20 ms = {model_b1_ms + d + 20:.0f} ms",
     ]
-    args.out.write_text("\n".join(lines) + "\n")
+    # The load-test sections below KEPT_FROM come from other scripts (Locust, bench_tail.py): keep them.
+    old = args.out.read_text() if args.out.is_file() else ""
+    kept = old[old.index(KEPT_FROM) :] if KEPT_FROM in old else ""
+    args.out.write_text("\n".join(lines) + "\n" + (f"\n{kept}" if kept else ""))
     result = {
         "in_process": inproc,
         "sweep": sweep,

@@ -99,8 +99,10 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def with_batching(config_text: str, batch_size: int | None = None, max_batch_delay: int | None = None) -> str:
-    """The ``models`` property of a config with another batch size and/or batch delay."""
+def with_batching(
+    config_text: str, batch_size: int | None = None, max_batch_delay: int | None = None, workers: int | None = None
+) -> str:
+    """The ``models`` property of a config with another batch size, batch delay and/or worker count."""
     line = next((ln for ln in config_text.splitlines() if ln.startswith("models=")), None)
     if line is None:
         raise ValueError("config has no models= line")
@@ -111,6 +113,8 @@ def with_batching(config_text: str, batch_size: int | None = None, max_batch_del
                 cfg["batchSize"] = batch_size
             if max_batch_delay is not None:
                 cfg["maxBatchDelay"] = max_batch_delay
+            if workers is not None:
+                cfg["minWorkers"] = cfg["maxWorkers"] = workers
     return json.dumps(models)
 
 
@@ -121,14 +125,15 @@ def start_on_free_ports(
     batch_size: int | None = None,
     max_batch_delay: int | None = None,
     timeout: float = 240.0,
+    workers: int | None = None,
 ) -> Server:
-    """A private server (tests, benchmarks): ``config`` on free ports, optionally other batching."""
+    """A private server (tests, benchmarks): ``config`` on free ports, optionally other batching or workers."""
     *ports, worker_port = free_ports(len(PORT_KEYS) + 1)
     # Workers talk to the frontend over /tmp/.ts.sock.<port>; a private port keeps this server's
     # workers apart from any other TorchServe on the machine (e.g. `make serve`).
     extra = {"initial_worker_port": str(worker_port)}
-    if batch_size is not None or max_batch_delay is not None:
-        extra["models"] = with_batching(Path(config).read_text(), batch_size, max_batch_delay)
+    if batch_size is not None or max_batch_delay is not None or workers is not None:
+        extra["models"] = with_batching(Path(config).read_text(), batch_size, max_batch_delay, workers)
     rendered = render_config(Path(config), Path(workdir) / "config.properties", dict(zip(PORT_KEYS, ports)), extra)
     return start(model_store, rendered, workdir, timeout=timeout)
 
