@@ -96,14 +96,17 @@ def attach(workdir: Path) -> tsctl.Server:
 
 
 @contextlib.contextmanager
-def serving(store: Path, workdir: Path | None = None) -> Iterator[tsctl.Server]:
-    """A private server on free ports, always stopped afterwards; or the one running from ``workdir``."""
+def serving(
+    store: Path, workdir: Path | None = None, properties: dict[str, str] | None = None
+) -> Iterator[tsctl.Server]:
+    """A private server on free ports (with extra config ``properties``), always stopped afterwards; or the one
+    running from ``workdir``."""
     if workdir is not None:
         yield attach(workdir)
         return
     with tempfile.TemporaryDirectory(prefix="koa-fault-") as tmp:
         try:
-            yield tsctl.start_on_free_ports(store, Path(tmp))
+            yield tsctl.start_on_free_ports(store, Path(tmp), properties=properties)
         finally:
             tsctl.stop(Path(tmp))
 

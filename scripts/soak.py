@@ -10,9 +10,16 @@ child of Java) and of the Java frontend, with the requests/s and failures of the
 After ``--warmup`` minutes, RSS growth is measured against the first post-warm-up sample:
 ``100 * (last - first) / first`` and the same for the peak (target: <= ``--target`` %, 10).
 
-Writes ``--json`` (figures and configuration) and, next to it, ``<stem>.csv`` (the samples) and
-``<stem>.png`` (RSS over time). Exit 0 when both processes stay within the target and no request
-failed, else 1. A soak run, not a test: it stops by itself after ``--minutes``.
+The Java frontend's RSS says little about leaks: the JVM grows its heap in steps when the
+garbage collector asks for room (its default ceiling is a quarter of the RAM) and keeps the
+pages. So Java runs with a GC log (``-Xlog:gc``, ``<stem>_gc.log``), and its leak measure is
+the live heap: the heap in use after each collection, median of the first minute after the
+warm-up against median of the last minute.
+
+Writes ``--json`` (figures and configuration) and, next to it, ``<stem>.csv`` (the samples),
+``<stem>_gc.log`` and ``<stem>.png`` (RSS and the Java heap over time). Exit 0 when the worker's
+RSS and Java's live heap stay within the target and no request failed, else 1. A soak run, not a
+test: it stops by itself after ``--minutes``.
 """
 
 from __future__ import annotations
@@ -20,10 +27,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
@@ -32,6 +43,8 @@ import tsctl  # noqa: E402
 from fault_kill_worker import LoadDriver, load_images, serving, worker_processes  # noqa: E402
 
 MB = 1024 * 1024
+# e.g. "[12.345s][info][gc] GC(7) Pause Young (Normal) (G1 Evacuation Pause) 52M->12M(256M) 3.456ms"
+GC_LINE = re.compile(r"^\[(?P<up>\d+\.\d+)s\].*GC\(\d+\) .*? (?P<before>\d+)M->(?P<after>\d+)M\((?P<committed>\d+)M\)")
 FIELDS = ["t_s", "worker_pid", "worker_rss_mb", "java_rss_mb", "requests", "failures", "rps"]
 
 
@@ -52,8 +65,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def rss_mb(pid: int | None) -> float | None:
     """Resident memory of ``pid`` in MB, None when it is gone."""
-    import psutil
-
     try:
         return psutil.Process(pid).memory_info().rss / MB if pid else None
     except psutil.Error:
@@ -80,6 +91,38 @@ def growth(samples: list[dict[str, Any]], key: str) -> dict[str, float | None]:
         "peak_mb": round(max(values), 1),
         "growth_pct": round(100 * (values[-1] - base) / base, 2),
         "peak_growth_pct": round(100 * (max(values) - base) / base, 2),
+    }
+
+
+def java_heap(gc_log: Path, uptime_at_t0: float) -> list[dict[str, float]]:
+    """Java's heap after each collection from a ``-Xlog:gc:file=...:uptime`` log: t_s (since the load began),
+    after_mb (in use after it) and committed_mb."""
+    out = []
+    if not gc_log.is_file():
+        return out
+    for line in gc_log.read_text(errors="replace").splitlines():
+        m = GC_LINE.match(line)
+        if m:
+            t = float(m["up"]) - uptime_at_t0
+            out.append({"t_s": round(t, 2), "after_mb": float(m["after"]), "committed_mb": float(m["committed"])})
+    return out
+
+
+def live_heap_growth(heap: list[dict[str, float]], warmup_s: float, end_s: float) -> dict[str, Any]:
+    """Median heap after GC in the first minute after the warm-up and in the last minute; growth in %."""
+    first = [h["after_mb"] for h in heap if warmup_s <= h["t_s"] < warmup_s + 60]
+    last = [h["after_mb"] for h in heap if end_s - 60 <= h["t_s"] <= end_s]
+    committed = [h["committed_mb"] for h in heap if h["t_s"] >= warmup_s]
+    if not first or not last:
+        return {"collections": len(heap), "first_mb": None, "last_mb": None, "growth_pct": None}
+    a, b = statistics.median(first), statistics.median(last)
+    return {
+        "collections": len(heap),
+        "first_mb": a,
+        "last_mb": b,
+        "growth_pct": round(100 * (b - a) / a, 2) if a else None,
+        "committed_first_mb": committed[0] if committed else None,
+        "committed_last_mb": committed[-1] if committed else None,
     }
 
 
@@ -112,7 +155,13 @@ def soak(
     return samples, len(records), sum(not r.ok for r in records)
 
 
-def write_outputs(samples: list[dict[str, Any]], result: dict[str, Any], json_path: Path, warmup_s: float) -> None:
+def write_outputs(
+    samples: list[dict[str, Any]],
+    result: dict[str, Any],
+    json_path: Path,
+    warmup_s: float,
+    heap: list[dict[str, float]] | None = None,
+) -> None:
     """``json_path``, and next to it ``<stem>.csv`` and ``<stem>.png``."""
     import matplotlib
 
@@ -125,16 +174,22 @@ def write_outputs(samples: list[dict[str, Any]], result: dict[str, Any], json_pa
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         w.writerows({k: ("" if s[k] is None else s[k]) for k in FIELDS} for s in samples)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     t = [s["t_s"] / 60 for s in samples]
-    for key, label in (("worker_rss_mb", "Python worker"), ("java_rss_mb", "Java frontend")):
+    for key, label in (("worker_rss_mb", "Python worker RSS"), ("java_rss_mb", "Java frontend RSS")):
         ax.plot(t, [float("nan") if s[key] is None else s[key] for s in samples], marker=".", label=label)
-    ax.axvline(warmup_s / 60, color="grey", linestyle="--", label="end of warm-up")
-    ax.set_xlabel("minutes")
     ax.set_ylabel("RSS (MB)")
     ax.set_title(f"KOA-Serve soak: {result['requests']} requests, {result['failures']} failures")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    if heap:
+        ht = [h["t_s"] / 60 for h in heap]
+        hx.plot(ht, [h["committed_mb"] for h in heap], label="Java heap committed", color="tab:orange")
+        hx.plot(ht, [h["after_mb"] for h in heap], ".", markersize=3, label="Java heap in use after GC")
+    hx.set_ylabel("Java heap (MB)")
+    hx.set_xlabel("minutes")
+    for a in (ax, hx):
+        a.axvline(warmup_s / 60, color="grey", linestyle="--", label="end of warm-up")
+        a.legend()
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -149,12 +204,19 @@ def main(args: argparse.Namespace) -> int:
         )
     images = load_images(args.images, args.max_images)
     seconds, warmup_s = args.minutes * 60, args.warmup * 60
-    with serving(args.store) as srv:
+    gc_log = args.json.with_name(f"{args.json.stem}_gc.log").resolve()
+    gc_log.parent.mkdir(parents=True, exist_ok=True)
+    gc_log.unlink(missing_ok=True)
+    with serving(args.store, properties={"vmargs": f"-Xlog:gc:file={gc_log}:uptime"}) as srv:
+        java_started = psutil.Process(tsctl._pid(Path(srv.workdir))).create_time()
+        uptime_at_t0 = time.time() - java_started
         samples, total, failed = soak(srv, images, args.clients, seconds, args.interval, args.explain_share)
+    heap = java_heap(gc_log, uptime_at_t0)
     steady = [s for s in samples if s["t_s"] >= warmup_s]
     worker, java = growth(steady, "worker_rss_mb"), growth(steady, "java_rss_mb")
+    live = live_heap_growth(heap, warmup_s, samples[-1]["t_s"] if samples else seconds)
     pids = sorted({s["worker_pid"] for s in samples if s["worker_pid"] is not None})
-    ok_mem = all(g["growth_pct"] is not None and g["growth_pct"] <= args.target for g in (worker, java))
+    ok_mem = all(g["growth_pct"] is not None and g["growth_pct"] <= args.target for g in (worker, live))
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result = {
         "config": config,
@@ -165,6 +227,7 @@ def main(args: argparse.Namespace) -> int:
         "samples_after_warmup": len(steady),
         "worker": worker,
         "java": java,
+        "java_live_heap": live,
         "passed": bool(ok_mem and failed == 0 and len(pids) == 1),
     }
     print(
@@ -172,15 +235,20 @@ def main(args: argparse.Namespace) -> int:
         f"warm-up {args.warmup:g} min, sample every {args.interval:g} s"
     )
     print("| process | baseline MB | last MB | peak MB | growth % | peak growth % |\n|---|---|---|---|---|---|")
-    for name, g in (("Python worker", worker), ("Java frontend", java)):
+    for name, g in (("Python worker RSS", worker), ("Java frontend RSS", java)):
         print(
             f"| {name} | {g['baseline_mb']} | {g['last_mb']} | {g['peak_mb']} | {g['growth_pct']} | "
             f"{g['peak_growth_pct']} |"
         )
-    print(f"\nrequests {total}, failures {failed}, {result['rps']} req/s, worker pids {pids}")
-    print(f"RSS growth target <= {args.target:g} %: {'met' if ok_mem else 'MISSED'}")
-    write_outputs(samples, result, args.json, warmup_s)
-    print(f"wrote {args.json}, {args.json.with_suffix('.csv')}, {args.json.with_suffix('.png')}")
+    print(
+        f"\nJava live heap (after GC, median of the first and of the last minute): {live['first_mb']} -> "
+        f"{live['last_mb']} MB ({live['growth_pct']} %), {live['collections']} collections; committed heap "
+        f"{live.get('committed_first_mb')} -> {live.get('committed_last_mb')} MB"
+    )
+    print(f"requests {total}, failures {failed}, {result['rps']} req/s, worker pids {pids}")
+    print(f"growth target <= {args.target:g} % (worker RSS, Java live heap): {'met' if ok_mem else 'MISSED'}")
+    write_outputs(samples, result, args.json, warmup_s, heap)
+    print(f"wrote {args.json}, {args.json.with_suffix('.csv')}, {gc_log}, {args.json.with_suffix('.png')}")
     return 0 if result["passed"] else 1
 
 

@@ -126,12 +126,14 @@ def start_on_free_ports(
     max_batch_delay: int | None = None,
     timeout: float = 240.0,
     workers: int | None = None,
+    properties: dict[str, str] | None = None,
 ) -> Server:
-    """A private server (tests, benchmarks): ``config`` on free ports, optionally other batching or workers."""
+    """A private server (tests, benchmarks): ``config`` on free ports, optionally other batching, workers or
+    ``properties`` (e.g. ``vmargs``)."""
     *ports, worker_port = free_ports(len(PORT_KEYS) + 1)
     # Workers talk to the frontend over /tmp/.ts.sock.<port>; a private port keeps this server's
     # workers apart from any other TorchServe on the machine (e.g. `make serve`).
-    extra = {"initial_worker_port": str(worker_port)}
+    extra = {"initial_worker_port": str(worker_port), **(properties or {})}
     if batch_size is not None or max_batch_delay is not None or workers is not None:
         extra["models"] = with_batching(Path(config).read_text(), batch_size, max_batch_delay, workers)
     rendered = render_config(Path(config), Path(workdir) / "config.properties", dict(zip(PORT_KEYS, ports)), extra)
