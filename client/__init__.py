@@ -128,6 +128,18 @@ def _check_options(image: bytes, target: int | str | None, method: str | None) -
         raise ValueError(f"target must be a KL grade (0-4) or a class name such as 'KL3', got {target!r}")
 
 
+def new_key(key_file: str | os.PathLike[str] | None, current: str | None) -> str | None:
+    """The key in ``key_file`` when it differs from ``current``; None when it does not, or cannot be read."""
+    if key_file is None:
+        return None
+    try:
+        key = read_key_file(key_file)
+    except RuntimeError as exc:
+        log.info("cannot re-read the key: %s", exc)
+        return None
+    return key if key != current else None
+
+
 def is_key_error(exc: KOAClientError) -> bool:
     """The server refused the key (wrong, expired, or from before a restart)."""
     return exc.kind in KEY_ERRORS or exc.status in (401, 403)

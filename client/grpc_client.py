@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from client import KOAClientError, _check_options, _env_token, call_with_retry, error_from_answer, read_key_file
+from client import KOAClientError, _check_options, _env_token, call_with_retry, error_from_answer, new_key
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,8 @@ class GrpcClient:
         self.timeout = timeout
         self.key_file = key_file
         self.retry_s = retry_s
-        token = token or _env_token()
-        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        if token is None and key_file is not None:
-            self._refresh_key()
+        self.token = token or _env_token() or new_key(key_file, None)
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {self.token}"),) if self.token else ()
         self.channel = grpc.insecure_channel(
             target,
             options=[
@@ -118,15 +116,10 @@ class GrpcClient:
 
     def _refresh_key(self) -> bool:
         """Take the key file's key; True when it differs from the one sent so far."""
-        if self.key_file is None:
-            return False
-        try:
-            metadata = (("authorization", f"Bearer {read_key_file(self.key_file)}"),)
-        except RuntimeError as exc:
-            log.info("cannot re-read the key: %s", exc)
-            return False
-        changed, self.metadata = metadata != self.metadata, metadata
-        return changed
+        key = new_key(self.key_file, self.token)
+        if key is not None:
+            self.token, self.metadata = key, (("authorization", f"Bearer {key}"),)
+        return key is not None
 
     def close(self) -> None:
         self.channel.close()

@@ -16,7 +16,7 @@ from typing import Any
 import requests
 import urllib3
 
-from client import KOAClientError, _check_options, _env_token, call_with_retry, error_from_answer, read_key_file
+from client import KOAClientError, _check_options, _env_token, call_with_retry, error_from_answer, new_key
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +63,17 @@ class RestClient:
         self.key_file = key_file
         self.retry_s = retry_s
         self.session = requests.Session()
-        token = token or _env_token()
-        if token is None and key_file is not None:
-            self._refresh_key()
-        elif token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.token = token or _env_token() or new_key(key_file, None)
+        if self.token:
+            self.session.headers["Authorization"] = f"Bearer {self.token}"
 
     def _refresh_key(self) -> bool:
         """Take the key file's key; True when it differs from the one sent so far."""
-        if self.key_file is None:
-            return False
-        try:
-            header = f"Bearer {read_key_file(self.key_file)}"
-        except RuntimeError as exc:
-            log.info("cannot re-read the key: %s", exc)
-            return False
-        changed = self.session.headers.get("Authorization") != header
-        self.session.headers["Authorization"] = header
-        return changed
+        key = new_key(self.key_file, self.token)
+        if key is not None:
+            self.token = key
+            self.session.headers["Authorization"] = f"Bearer {key}"
+        return key is not None
 
     def close(self) -> None:
         self.session.close()

@@ -68,10 +68,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", type=float, default=3.0, help="s of load kept after recovery at the least")
     p.add_argument("--recovery-timeout", type=float, default=90.0, help="s to wait for a new READY worker")
     p.add_argument("--workdir", type=Path, default=None, help="a running server's workdir (default: a private one)")
+    return add_drill_args(p)
+
+
+def add_drill_args(p: argparse.ArgumentParser, json_default: Path | None = None) -> argparse.ArgumentParser:
+    """The options every drill shares (this one, fault_restart.py, soak.py): archive, images, output."""
     p.add_argument("--store", type=Path, default=ROOT / "model_store")
     p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
     p.add_argument("--max-images", type=int, default=16)
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=json_default)
     return p
 
 

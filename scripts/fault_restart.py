@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import tsctl  # noqa: E402
-from fault_kill_worker import LoadDriver, Record, load_images, serving  # noqa: E402
+from fault_kill_worker import LoadDriver, Record, add_drill_args, load_images, serving  # noqa: E402
 
 PROB_TOL = 1e-4
 
@@ -56,11 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", type=float, default=5.0, help="s of load kept once the server is back")
     p.add_argument("--retry-s", type=float, default=120.0, help="the clients' retry window, s")
     p.add_argument("--drain-s", type=float, default=tsctl.DRAIN_S, help="tsctl.stop's drain limit; 0: plain stop")
-    p.add_argument("--store", type=Path, default=ROOT / "model_store")
-    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
-    p.add_argument("--max-images", type=int, default=16)
-    p.add_argument("--json", type=Path, default=None)
-    return p
+    return add_drill_args(p)
 
 
 def restart(srv: tsctl.Server, store: Path, drain_s: float = tsctl.DRAIN_S) -> tuple[float, float, float]:

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import tsctl  # noqa: E402
-from fault_kill_worker import LoadDriver, load_images, serving, worker_processes  # noqa: E402
+from fault_kill_worker import LoadDriver, add_drill_args, load_images, serving, worker_processes  # noqa: E402
 
 MB = 1024 * 1024
 # e.g. "[12.345s][info][gc] GC(7) Pause Young (Normal) (G1 Evacuation Pause) 52M->12M(256M) 3.456ms"
@@ -56,11 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=10.0, help="seconds between samples")
     p.add_argument("--explain-share", type=float, default=0.1, help="fraction of requests that are explanations")
     p.add_argument("--target", type=float, default=10.0, help="allowed RSS growth after the warm-up, %%")
-    p.add_argument("--store", type=Path, default=ROOT / "model_store")
-    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
-    p.add_argument("--max-images", type=int, default=16)
-    p.add_argument("--json", type=Path, default=ROOT / "reports" / "soak" / "soak.json")
-    return p
+    return add_drill_args(p, ROOT / "reports" / "soak" / "soak.json")
 
 
 def rss_mb(pid: int | None) -> float | None:
