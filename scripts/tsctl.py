@@ -26,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = ROOT / "logs" / "serve"
+# Frontend logging without the per-request DEBUG lines of the built-in config (see the file).
+LOG_CONFIG = ROOT / "log4j2.xml"
 MODEL_NAME = "oamen"
 PORT_KEYS = {
     "inference": ("inference_address", "http://127.0.0.1:{}"),
@@ -228,6 +230,7 @@ def start(
         "--model-store", str(Path(model_store).resolve()),
         "--models", models,
         "--ts-config", str(Path(config).resolve()),
+        "--log-config", str(LOG_CONFIG),
     ]  # fmt: skip
     # Output goes to a file, not a pipe: Java inherits it and would keep a pipe open forever.
     console = workdir / "console.log"

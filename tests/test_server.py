@@ -146,6 +146,29 @@ def test_served_predictions_equal_in_process_evaluation(rest, knee_png, tmp_path
     np.testing.assert_allclose(served, expected, atol=1e-5)
 
 
+def test_logs_keep_one_access_line_per_request_and_no_per_request_debug(server, rest, knee_png):
+    """log4j2.xml: the access log is the per-request record; ts_log.log keeps start-up and workers."""
+    logs = server.workdir / "logs"
+
+    def access_lines() -> int:
+        text = (logs / "access_log.log").read_text()
+        return sum('"POST /predictions/oamen' in line for line in text.splitlines())
+
+    before = access_lines()
+    for _ in range(3):
+        rest.predict(knee_png)
+    deadline = time.monotonic() + 10  # log4j writes after the answer has gone out
+    while access_lines() < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert access_lines() == before + 3
+    ts_log = (logs / "ts_log.log").read_text().splitlines()
+    assert any("Inference API bind to" in line for line in ts_log)  # our config was read, not a fallback
+    assert not [line for line in ts_log if "Waiting time ns" in line or "Sending response for jobId" in line]
+    assert not [line for line in ts_log if "ACCESS_LOG" in line]
+    stamped = [line for line in ts_log if line[:4].isdigit()]  # a record's first line carries its time
+    assert len(set(stamped)) == len(stamped), "ts_log.log repeats records (logger additivity)"
+
+
 def test_nothing_is_left_running_after_stop(archive, tmp_path):
     srv = start_server(archive, tmp_path)
     pid = tsctl._pid(tmp_path)
