@@ -20,7 +20,7 @@ SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
 PROTO_STAMP := client/_proto/inference_pb2.py
 
-.PHONY: help setup lint test test-fast bench bench-tail bench-model train evaluate export compare archive serve stop restart token renew-token predict explain proto clean loadtest
+.PHONY: help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-model train evaluate export compare archive serve stop restart token renew-token predict explain proto clean loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -93,11 +93,17 @@ predict: $(PROTO_STAMP)  ## grade IMAGE=... on the running server (REST)
 explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG beside it in reports/)
 	$(PY) -m client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain
 
-bench: archive  ## served against in-process, batching sweep, REST against gRPC -> docs/BENCHMARKS.md (~8 min)
+bench: archive  ## served against in-process, batching sweep, REST against gRPC -> docs/BENCHMARKS.md (~10 min)
 	$(PY) scripts/bench_sweep.py
 
 bench-tail: archive $(PROTO_STAMP)  ## Locust at 80% of saturation per batching setting -> reports/bench_tail.json (~3 min each)
 	$(PY) scripts/bench_tail.py $(if $(SETTINGS),--settings $(SETTINGS)) $(if $(REPEAT),--repeat $(REPEAT))
+
+bench-logging: archive  ## TorchServe's built-in log setting against log4j2.xml, side by side -> reports/bench_logging.json (~3 min)
+	$(PY) scripts/bench_logging.py --json reports/bench_logging.json
+
+bench-malloc: archive  ## the worker's malloc settings against glibc's defaults, fresh processes side by side (~3 min)
+	$(PY) scripts/bench_malloc.py
 
 compare: $(STAMP)  ## OA-MEN against the paper's baselines (quick budget; see train/compare.py)
 	$(PY) -m train.compare --data $(DATA) --out reports/compare --quick

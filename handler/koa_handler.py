@@ -18,6 +18,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.drain import RETRY_AFTER_S, DrainGate
+from handler.memory import keep_freed_memory
 from handler.service import Predictor, error_body
 from model import create_model
 from model.checkpoint import load_torchscript
@@ -30,6 +31,7 @@ class KOAHandler(BaseHandler):
 
     def initialize(self, context) -> None:
         props = context.system_properties
+        kept = keep_freed_memory()  # about 15% faster batches on CPU (handler/memory.py)
         threads = int(os.environ.get("KOA_TORCH_THREADS", "0"))
         if threads > 0:  # torch's default is one thread per core, right for one worker per machine
             torch.set_num_threads(threads)
@@ -52,12 +54,13 @@ class KOAHandler(BaseHandler):
         warm_s = self.warm_up(scripted, contract, int(props.get("batch_size") or 1))
         self.initialized = True
         log.info(
-            "loaded %s v%s on %s (%d torch threads), warmed up in %.1f s",
+            "loaded %s v%s on %s (%d torch threads), warmed up in %.1f s; malloc %s",
             contract.model_name,
             contract.model_version,
             self.device,
             torch.get_num_threads(),
             warm_s,
+            "keeps freed memory" if kept else "default",
         )
 
     def warm_up(self, scripted: torch.nn.Module, contract, max_batch: int) -> float:

@@ -37,6 +37,7 @@ import tsctl  # noqa: E402
 from client import KOAClientError  # noqa: E402
 from client.grpc_client import GrpcClient  # noqa: E402
 from client.rest import RestClient  # noqa: E402
+from handler.memory import keep_freed_memory  # noqa: E402
 from handler.service import Predictor  # noqa: E402
 from model import create_model  # noqa: E402
 from model.checkpoint import load_torchscript  # noqa: E402
@@ -75,18 +76,32 @@ def rate(fn, items_per_call: int, seconds: float) -> float:
     return n * items_per_call / (time.perf_counter() - t0)
 
 
-def in_process(model_path: Path, images: list[bytes], batch: int, seconds: float) -> dict:
+def load_predictor(model_path: Path) -> Predictor:
+    """The handler's request path (`handler.service.Predictor`) on CPU, from the exported model, with the
+    worker's malloc settings (`handler.memory`), so in-process and served run the same way."""
+    keep_freed_memory()
     scripted, contract = load_torchscript(model_path)
     eager = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
     eager.load_state_dict(scripted.state_dict())
-    pred = Predictor(scripted, eager.eval(), contract, torch.device("cpu"))
+    return Predictor(scripted, eager.eval(), contract, torch.device("cpu"))
+
+
+def pipeline_rate(pred: Predictor, images: list[bytes], batch: int, seconds: float) -> float:
+    """Images/s of the whole request path (decode, preprocess, batch, model) on batches of ``batch``."""
+    rows = [{"body": images[i % len(images)]} for i in range(batch)]
+    return rate(lambda: pred.handle(rows, [{}] * batch), batch, seconds)
+
+
+def in_process(model_path: Path, images: list[bytes], batch: int, seconds: float) -> dict:
+    pred = load_predictor(model_path)
+    scripted, contract = pred.scripted, pred.contract
     rows = [{"body": images[i % len(images)]} for i in range(batch)]
     x1 = torch.randn(1, contract.channels, contract.input_size, contract.input_size)
     xb = x1.repeat(batch, 1, 1, 1)
     with torch.inference_mode():
         model_b1 = rate(lambda: scripted(x1), 1, seconds)
         model_bn = rate(lambda: scripted(xb), batch, seconds)
-    pipeline = rate(lambda: pred.handle(rows, [{}] * batch), batch, seconds)
+    pipeline = pipeline_rate(pred, images, batch, seconds)
     # Decoding + preprocessing alone, per image: the share of the request path that is not the model.
     prep = rate(
         lambda: [to_model_input(prepare(decode_image(r["body"]), contract), contract) for r in rows], batch, 2.0
@@ -160,9 +175,40 @@ def idle_latency(srv: tsctl.Server, images: list[bytes], n: int = 20) -> float:
 
 
 @contextlib.contextmanager
-def server(store: Path, batch: int, delay: int):
+def cpu_use(srv: tsctl.Server):
+    """Cores used while the block runs by Java, the worker(s) and this process (the load generator).
+
+    Yields a dict that is filled in when the block ends: ``{"java": .., "workers": .., "load_generator": ..}``.
+    """
+    import psutil
+
+    java = psutil.Process(tsctl._pid(srv.workdir))
+    procs = {"java": [java], "workers": java.children(recursive=True), "load_generator": [psutil.Process()]}
+
+    def seconds() -> dict[str, float]:
+        out = {}
+        for name, group in procs.items():
+            total = 0.0
+            for proc in group:
+                with contextlib.suppress(psutil.Error):
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+            out[name] = total
+        return out
+
+    result: dict[str, float] = {}
+    before, t0 = seconds(), time.perf_counter()
+    yield result
+    after, elapsed = seconds(), time.perf_counter() - t0
+    result.update({name: (after[name] - before[name]) / elapsed for name in procs})
+
+
+@contextlib.contextmanager
+def server(store: Path, batch: int, delay: int, log_config: Path = tsctl.LOG_CONFIG):
     with tempfile.TemporaryDirectory(prefix="koa-bench-") as tmp:
-        srv = tsctl.start_on_free_ports(store, Path(tmp), batch_size=batch, max_batch_delay=delay)
+        srv = tsctl.start_on_free_ports(
+            store, Path(tmp), batch_size=batch, max_batch_delay=delay, log_config=log_config
+        )
         try:
             yield srv
         finally:

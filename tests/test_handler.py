@@ -216,3 +216,15 @@ def test_warm_up_runs_every_power_of_two_batch_and_the_largest_twice():
     assert handler.warm_up(Recorder(), CONTRACT, 12) >= 0
     shape = (CONTRACT.channels, CONTRACT.input_size, CONTRACT.input_size)
     assert seen == [(b, *shape) for b in (1, 1, 2, 2, 4, 4, 8, 8, 12, 12)]
+
+
+def test_malloc_settings_apply_on_glibc_and_can_be_turned_off(monkeypatch):
+    import platform
+
+    from handler.memory import ENV, keep_freed_memory
+
+    monkeypatch.setenv(ENV, "default")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv(ENV)
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is expected
