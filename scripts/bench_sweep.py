@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import ROOT, drive, idle_latency, in_process, load_images, server  # noqa: E402
+from bench_serve import (  # noqa: E402
+    ROOT,
+    cpu_use,
+    drive,
+    idle_latency,
+    in_process,
+    load_images,
+    load_predictor,
+    pipeline_rate,
+    server,
+)
 
 
 def cpu_name() -> str:
@@ -49,6 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--delays", type=int, nargs="+", default=[10, 50, 100])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--rounds", type=int, default=6, help="paired in-process / served rounds at the chosen setting")
+    p.add_argument("--round-seconds", type=float, default=10.0, help="measured seconds of each half of a round")
     p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
     p.add_argument("--model", type=Path, default=ROOT / "build" / "oamen.pt")
     p.add_argument("--store", type=Path, default=ROOT / "model_store")
@@ -56,11 +69,59 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+TWO_DECIMALS = ("vs_in_process", "ratio", "cores_")  # column names (prefixes) shown with two decimals
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        out.append("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        cells = [
+            (f"{r[c]:.2f}" if c.startswith(TWO_DECIMALS) else f"{r[c]:.1f}") if isinstance(r[c], float) else str(r[c])
+            for c in cols
+        ]
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+NEAR_BEST = 0.95  # settings within 5% of the best throughput count as equal (runs here differ by more)
+
+
+def choose(sweep: list[dict]) -> dict:
+    """The batching setting to ship: the shortest max delay among those near the best throughput."""
+    top = max(r["rps"] for r in sweep)
+    near = [r for r in sweep if r["rps"] >= NEAR_BEST * top]
+    return min(near, key=lambda r: (r["delay_ms"], -r["rps"]))
+
+
+def paired_rounds(srv, images: list[bytes], pred, batch: int, rounds: int, seconds: float) -> list[dict]:
+    """The in-process request path and REST at 2 x ``batch`` clients, ``seconds`` each, ``rounds`` times.
+
+    This machine's speed drifts by a quarter within minutes (shared cores), so a ratio of two figures
+    taken minutes apart measures the drift as much as the server. Each round's two figures are
+    seconds apart and the order alternates between rounds, so a steady drift does not favour either
+    side. The server sits idle while the in-process path runs.
+    """
+    out = []
+    for k in range(rounds):
+        served_first = k % 2 == 1
+        if not served_first:
+            ips = pipeline_rate(pred, images, batch, seconds)
+        with cpu_use(srv) as cores:
+            rest = drive(srv, images, "rest", max(4, 2 * batch), seconds)
+        if served_first:
+            ips = pipeline_rate(pred, images, batch, seconds)
+        out.append(
+            {
+                "round": k + 1,
+                "first": "served" if served_first else "in-process",
+                "in_process_ips": ips,
+                "rest_rps": rest["rps"],
+                "ratio": rest["rps"] / ips,
+                **{f"cores_{name}": v for name, v in cores.items()},
+            }
+        )
+        print(f"round {k + 1}: in-process {ips:.1f} img/s, REST {rest['rps']:.1f} req/s", flush=True)
+    return out
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -76,7 +137,7 @@ def main(args: argparse.Namespace) -> dict:
             pipe = inproc[near][f"pipeline_ips_b{near}"]
             sweep.append({"batch": b, "delay_ms": d, "clients": max(4, 2 * b), **r, "vs_in_process": r["rps"] / pipe})
             print(f"batch {b:2d} delay {d:3d} ms: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.0f} ms", flush=True)
-    best = max(sweep, key=lambda r: (round(r["rps"], 0), -r["p50_ms"]))
+    best = choose(sweep)
     b, d = best["batch"], best["delay_ms"]
     curves = {"rest": [], "grpc": []}
     with server(args.store, b, d) as srv:
@@ -85,8 +146,10 @@ def main(args: argparse.Namespace) -> dict:
             for proto in ("rest", "grpc"):
                 curves[proto].append({"clients": c, **drive(srv, images, proto, c, args.seconds)})
                 print(f"{proto} x{c}: {curves[proto][-1]['rps']:.1f} req/s", flush=True)
+        rounds = paired_rounds(srv, images, load_predictor(args.model), b, args.rounds, args.round_seconds)
     near = min(inproc, key=lambda k: abs(k - b))
     pipe = inproc[near][f"pipeline_ips_b{near}"]
+    paired = statistics.median(r["ratio"] for r in rounds)
     model_b1_ms = 1000 / inproc[1]["model_ips_b1"]
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -104,6 +167,7 @@ def main(args: argparse.Namespace) -> dict:
     fig.savefig(plot)
     plt.close(fig)
 
+    round_ratios = ", ".join(f"{r['ratio']:.2f}" for r in rounds)
     best_rest = max(curves["rest"], key=lambda r: r["rps"])
     best_grpc = max(curves["grpc"], key=lambda r: r["rps"])
     threads = os.environ.get("KOA_TORCH_THREADS", "torch default")
@@ -141,7 +205,9 @@ def main(args: argparse.Namespace) -> dict:
             sweep, ["batch", "delay_ms", "clients", "rps", "p50_ms", "p95_ms", "p99_ms", "failures", "vs_in_process"]
         ),
         "",
-        f"Chosen for `config.properties`: batch {b}, max batch delay {d} ms (highest throughput, then lowest p50).",
+        f"Chosen for `config.properties`: batch {b}, max batch delay {d} ms: the shortest delay among the settings "
+        f"within {100 * (1 - NEAR_BEST):.0f}% of the highest throughput, then the highest throughput. Differences that "
+        "small are run-to-run noise here, while the delay is paid by every request at low load.",
         "",
         "## REST and gRPC against concurrency (chosen setting)",
         "",
@@ -166,12 +232,29 @@ def main(args: argparse.Namespace) -> dict:
         "",
         "## Ratios",
         "",
-        f"- REST served / in-process request path at batch {near}: "
-        f"{best_rest['rps']:.1f} / {pipe:.1f} = **{best_rest['rps'] / pipe:.2f}** (target >= 0.90)",
+        f"- REST served / in-process request path at batch {b}, paired rounds (below), median: "
+        f"**{paired:.2f}** (target >= 0.90; rounds {round_ratios})",
+        f"- the same from the concurrency table and the in-process table, taken minutes apart: "
+        f"{best_rest['rps']:.1f} / {pipe:.1f} = {best_rest['rps'] / pipe:.2f}",
         f"- gRPC / REST at saturation: {best_grpc['rps']:.1f} / {best_rest['rps']:.1f} = "
         f"**{best_grpc['rps'] / best_rest['rps']:.2f}** (target >= 1)",
         f"- idle single-request latency (REST): {idle:.0f} ms against model time at batch 1 ({model_b1_ms:.0f} ms) "
         f"+ max batch delay ({d} ms) + 20 ms = {model_b1_ms + d + 20:.0f} ms",
+        "",
+        f"### Paired rounds (batch {b}, max delay {d} ms, {2 * b} REST clients)",
+        "",
+        "Each round measures the in-process request path and the running server, "
+        f"{args.round_seconds:.0f} s each (REST after a 3 s ramp), seconds apart and in alternating order, so both "
+        "see the same machine; the target is judged on the median ratio.",
+        "",
+        table(
+            rounds,
+            ["round", "first", "in_process_ips", "rest_rps", "ratio"]
+            + ["cores_workers", "cores_java", "cores_load_generator"],
+        ).replace("| ratio |", "| served / in-process |"),
+        "",
+        f"`cores_*`: CPU time over wall time while REST was driven ({os.cpu_count()} cores in all). The in-process "
+        "path has every core; served, the worker gets what Java and the load generator leave.",
     ]
     # The load-test sections below KEPT_FROM come from other scripts (Locust, bench_tail.py): keep them.
     old = args.out.read_text() if args.out.is_file() else ""
@@ -183,6 +266,8 @@ def main(args: argparse.Namespace) -> dict:
         "chosen": {"batch": b, "delay_ms": d},
         "curves": curves,
         "idle_ms": idle,
+        "paired_rounds": rounds,
+        "paired_ratio_median": paired,
     }
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     print("\n".join(lines))

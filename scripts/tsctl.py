@@ -129,9 +129,10 @@ def start_on_free_ports(
     timeout: float = 240.0,
     workers: int | None = None,
     properties: dict[str, str] | None = None,
+    log_config: Path = LOG_CONFIG,
 ) -> Server:
-    """A private server (tests, benchmarks): ``config`` on free ports, optionally other batching, workers or
-    ``properties`` (e.g. ``vmargs``)."""
+    """A private server (tests, benchmarks): ``config`` on free ports, optionally other batching, workers,
+    ``properties`` (e.g. ``vmargs``) or log4j2 configuration."""
     *ports, worker_port = free_ports(len(PORT_KEYS) + 1)
     # Workers talk to the frontend over /tmp/.ts.sock.<port>; a private port keeps this server's
     # workers apart from any other TorchServe on the machine (e.g. `make serve`).
@@ -139,7 +140,7 @@ def start_on_free_ports(
     if batch_size is not None or max_batch_delay is not None or workers is not None:
         extra["models"] = with_batching(Path(config).read_text(), batch_size, max_batch_delay, workers)
     rendered = render_config(Path(config), Path(workdir) / "config.properties", dict(zip(PORT_KEYS, ports)), extra)
-    return start(model_store, rendered, workdir, timeout=timeout)
+    return start(model_store, rendered, workdir, timeout=timeout, log_config=log_config)
 
 
 def read_keys(workdir: Path) -> dict[str, str]:
@@ -207,6 +208,7 @@ def start(
     workdir: Path = DEFAULT_WORKDIR,
     models: str = f"{MODEL_NAME}={MODEL_NAME}.mar",
     timeout: float = 180.0,
+    log_config: Path = LOG_CONFIG,
 ) -> Server:
     """Start TorchServe in the background and wait until every worker of the model is READY."""
     workdir = Path(workdir).resolve()
@@ -230,7 +232,7 @@ def start(
         "--model-store", str(Path(model_store).resolve()),
         "--models", models,
         "--ts-config", str(Path(config).resolve()),
-        "--log-config", str(LOG_CONFIG),
+        "--log-config", str(Path(log_config).resolve()),
     ]  # fmt: skip
     # Output goes to a file, not a pipe: Java inherits it and would keep a pipe open forever.
     console = workdir / "console.log"

@@ -44,3 +44,20 @@ def test_bounded_requests_and_queue():
     assert p["metrics_mode"] == "prometheus"
     model = json.loads(p["models"])["oamen"]["1.0"]
     assert model["batchSize"] >= 1 and 0 <= model["maxBatchDelay"] <= 200 and model["maxWorkers"] >= 1
+
+
+def test_log_config_is_valid_and_keeps_the_access_log():
+    """A log4j2.xml that does not parse leaves TorchServe with no log files at all, silently."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(ROOT / "log4j2.xml").getroot()
+    appenders = {a.get("name") for a in root.find("Appenders")}
+    loggers = {lg.get("name"): lg for lg in root.find("Loggers") if lg.tag == "Logger"}
+    for lg in root.find("Loggers"):
+        assert lg.get("level") in {"off", "fatal", "error", "warn", "info", "debug", "trace", "all"}
+        assert {r.get("ref") for r in lg.findall("AppenderRef")} <= appenders
+    assert loggers["ACCESS_LOG"].get("level") == "info"
+    assert loggers["org.pytorch.serve"].get("level") == "info"  # worker deaths and restarts are INFO
+    for name, lg in loggers.items():  # a logger that writes to a file must not also pass it to the root
+        if lg.findall("AppenderRef"):
+            assert lg.get("additivity") == "false", name

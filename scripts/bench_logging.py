@@ -1,0 +1,106 @@
+"""What the frontend's logging costs: TorchServe's built-in log4j2 setting against ``log4j2.xml``.
+
+``python scripts/bench_logging.py [--rounds 2] [--seconds 20] [--clients 32]`` (``make bench-logging``)
+
+Each round runs both settings, one after the other (the order alternates between rounds), each
+on a fresh private server with the batching of ``config.properties``: ``--clients`` closed-loop
+REST clients for ``--seconds`` after a 3 s ramp. Reported per run: requests/s, the cores used by
+Java, the worker and the load generator (CPU time over wall time), and what was written to the
+log files. Prints a Markdown table; ``--json`` also writes the figures. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tsctl  # noqa: E402
+from bench_serve import ROOT, cpu_use, drive, load_images, server  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
+    p.add_argument("--store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--json", type=Path, default=None)
+    return p
+
+
+def builtin_log_config(dest: Path) -> Path:
+    """TorchServe's own log4j2.xml, as packed in its frontend jar (what runs without --log-config)."""
+    import ts
+
+    jar = Path(ts.__file__).resolve().parent / "frontend" / "model-server.jar"
+    with zipfile.ZipFile(jar) as z:
+        dest.write_bytes(z.read("log4j2.xml"))
+    return dest
+
+
+def shipped_batching() -> tuple[int, int]:
+    props = tsctl._props((ROOT / "config.properties").read_text())
+    model = json.loads(props["models"])[tsctl.MODEL_NAME]["1.0"]
+    return int(model["batchSize"]), int(model["maxBatchDelay"])
+
+
+def log_volume(workdir: Path) -> dict[str, int]:
+    files = [*sorted((workdir / "logs").glob("*.log")), workdir / "console.log"]
+    lines = {f.name: len(f.read_bytes().splitlines()) for f in files if f.is_file()}
+    return {"log_lines": sum(lines.values()), "ts_log_lines": lines.get("ts_log.log", 0)}
+
+
+def run_one(label: str, log_config: Path, images: list[bytes], args: argparse.Namespace) -> dict:
+    batch, delay = shipped_batching()
+    with server(args.store, batch, delay, log_config=log_config) as srv:
+        before = log_volume(srv.workdir)
+        with cpu_use(srv) as cores:
+            rest = drive(srv, images, "rest", args.clients, args.seconds)
+        after = log_volume(srv.workdir)
+    seconds = args.seconds + 3  # drive()'s ramp is logged too
+    return {
+        "logging": label,
+        "rps": rest["rps"],
+        "failures": rest["failures"],
+        **{f"cores_{k}": v for k, v in cores.items()},
+        "log_lines_per_s": (after["log_lines"] - before["log_lines"]) / seconds,
+        "ts_log_lines_per_s": (after["ts_log_lines"] - before["ts_log_lines"]) / seconds,
+    }
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    images = load_images(args.images, 64)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="koa-logcfg-") as tmp:
+        settings = [("built-in", builtin_log_config(Path(tmp) / "log4j2.xml")), ("log4j2.xml", tsctl.LOG_CONFIG)]
+        for k in range(args.rounds):
+            for label, path in settings if k % 2 == 0 else settings[::-1]:
+                runs.append({"round": k + 1, **run_one(label, path, images, args)})
+                r = runs[-1]
+                print(f"round {k + 1}, {label}: {r['rps']:.1f} req/s, Java {r['cores_java']:.2f} cores", flush=True)
+    cols = list(runs[0])
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in runs:
+        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    for label, _ in settings:
+        mine = [r for r in runs if r["logging"] == label]
+        print(
+            f"\n{label}: median {statistics.median(r['rps'] for r in mine):.1f} req/s, "
+            f"Java {statistics.median(r['cores_java'] for r in mine):.2f} cores, "
+            f"{statistics.median(r['log_lines_per_s'] for r in mine):.0f} log lines/s"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(runs, indent=2))
+    return runs
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
