@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tsctl  # noqa: E402
 from bench_serve import ROOT, cpu_use, drive, load_images, server  # noqa: E402
+from bench_sweep import table  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,10 +86,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                 runs.append({"round": k + 1, **run_one(label, path, images, args)})
                 r = runs[-1]
                 print(f"round {k + 1}, {label}: {r['rps']:.1f} req/s, Java {r['cores_java']:.2f} cores", flush=True)
-    cols = list(runs[0])
-    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in runs:
-        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    print("\n" + table(runs, list(runs[0])))
     for label, _ in settings:
         mine = [r for r in runs if r["logging"] == label]
         print(
