@@ -31,7 +31,7 @@ class KOAHandler(BaseHandler):
 
     def initialize(self, context) -> None:
         props = context.system_properties
-        kept = keep_freed_memory()  # about 15% faster batches on CPU (handler/memory.py)
+        kept = keep_freed_memory()  # x1.22 request path at batch 16 on CPU (handler/memory.py)
         threads = int(os.environ.get("KOA_TORCH_THREADS", "0"))
         if threads > 0:  # torch's default is one thread per core, right for one worker per machine
             torch.set_num_threads(threads)

@@ -2,9 +2,9 @@
 
 A batch of 16 knee images allocates and frees tens of megabytes of activations. glibc's default
 is to hand freed memory at the top of the heap back to the kernel once more than a threshold
-(at most 64 MB with its dynamic tuning) is free, so every batch faults the same pages in again.
-Fixing the thresholds keeps that memory in the process: on the 2-core CPU machine the handler's
-request path at batch 16 went from 95 to 116 images/s (x1.22, medians of five fresh processes
+(at most 64 MB with its dynamic tuning) is free, so, we infer, every batch faults the same pages
+in again. Fixing the thresholds keeps that memory in the process: on the 2-core CPU machine the
+handler's request path at batch 16 went from 95 to 116 images/s (x1.22, medians of five fresh processes
 each way, `make bench-malloc`, docs/BENCHMARKS.md) for about 100 MB more resident memory.
 Allocations of 32 MB or more are still mapped and unmapped on their own, and at most 256 MB of
 free heap is kept.

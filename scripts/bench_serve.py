@@ -178,6 +178,9 @@ def idle_latency(srv: tsctl.Server, images: list[bytes], n: int = 20) -> float:
 def cpu_use(srv: tsctl.Server):
     """Cores used while the block runs by Java, the worker(s) and this process (the load generator).
 
+    "workers" counts every child process Java has when the block starts: the model workers and, when it
+    is running then, TorchServe's once-a-minute system-metrics collector.
+
     Yields a dict that is filled in when the block ends: ``{"java": .., "workers": .., "load_generator": ..}``.
     """
     import psutil
