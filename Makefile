@@ -96,7 +96,7 @@ explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG 
 bench: archive  ## served against in-process, batching sweep, REST against gRPC -> docs/BENCHMARKS.md (~10 min)
 	$(PY) scripts/bench_sweep.py
 
-bench-tail: archive $(PROTO_STAMP)  ## Locust at 80% of saturation per batching setting -> reports/bench_tail.json (~3 min each)
+bench-tail: archive $(PROTO_STAMP)  ## Locust at 80% of saturation, shipped batching (or SETTINGS=16x10,8x10) -> reports/bench_tail.json (~7 min each)
 	$(PY) scripts/bench_tail.py $(if $(SETTINGS),--settings $(SETTINGS)) $(if $(REPEAT),--repeat $(REPEAT))
 
 bench-logging: archive  ## TorchServe's built-in log setting against log4j2.xml, side by side -> reports/bench_logging.json (~3 min)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
+from collections import Counter
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -27,3 +31,46 @@ def test_a_clearly_faster_setting_wins_despite_a_longer_delay():
 def test_ratios_keep_two_decimals():
     text = table([{"round": 1, "rest_rps": 88.04, "ratio": 0.8949}], ["round", "rest_rps", "ratio"])
     assert text.splitlines()[-1] == "| 1 | 88.0 | 0.89 |"
+
+
+def test_paired_rounds_go_through_every_order_of_the_three_legs():
+    from bench_sweep import ROUND_LEGS, ROUND_ORDERS
+
+    assert sorted(ROUND_ORDERS) == sorted(itertools.permutations(ROUND_LEGS))
+    for position in range(len(ROUND_LEGS)):  # each leg runs first, second and third equally often
+        assert Counter(order[position] for order in ROUND_ORDERS) == dict.fromkeys(ROUND_LEGS, 2)
+
+
+def test_cpu_per_request_takes_each_protocols_median_over_the_rounds():
+    from bench_sweep import cpu_per_request, cpu_table
+
+    def cores(leg: str, workers: float, java: float, gen: float) -> dict:
+        return {f"{leg}_cores_workers": workers, f"{leg}_cores_java": java, f"{leg}_cores_load_generator": gen}
+
+    rounds = [
+        {"rest_rps": 100.0, **cores("rest", 1.8, 0.05, 0.02), "grpc_rps": 90.0, **cores("grpc", 1.7, 0.09, 0.04)},
+        {"rest_rps": 80.0, **cores("rest", 1.2, 0.04, 0.02), "grpc_rps": 100.0, **cores("grpc", 1.8, 0.1, 0.04)},
+        {"rest_rps": 90.0, **cores("rest", 1.8, 0.09, 0.03), "grpc_rps": 80.0, **cores("grpc", 1.6, 0.08, 0.03)},
+    ]
+    shipped = cpu_per_request("rest-requests", 50.0, {"workers": 0.9, "java": 0.05, "load_generator": 0.05})
+    rest, grpc, last = cpu_table(rounds, shipped)
+    assert [rest["client"], grpc["client"], last] == ["REST", "gRPC", shipped]
+    assert rest["rps"] == 90.0 and grpc["rps"] == 90.0
+    assert rest["cpu_ms_workers"] == pytest.approx(18.0)  # 18.0, 15.0, 20.0 ms: the median, not the mean
+    assert rest["cpu_ms_java"] == pytest.approx(0.5)  # 0.5, 0.5, 1.0
+    assert grpc["cores_java"] == pytest.approx(0.09)
+    assert shipped["cpu_ms_load_generator"] == pytest.approx(1.0)
+
+
+def test_the_tail_benchmark_defaults_to_the_shipped_batching(tmp_path):
+    from bench_tail import get_args_parser, shipped_setting
+
+    config = tmp_path / "config.properties"
+    config.write_text('job_queue_size=100\nmodels={"oamen": {"1.0": {"batchSize": 8, "maxBatchDelay": 50}}}\n')
+    assert shipped_setting(config) == "8x50"
+    shipped = shipped_setting()  # the repository's config.properties
+    assert get_args_parser().parse_args([]).settings == shipped
+    assert shipped.split("x")[0].isdigit() and shipped.split("x")[1].isdigit()
+    config.write_text("job_queue_size=100\n")
+    with pytest.raises(ValueError, match="no models= line"):
+        shipped_setting(config)

@@ -109,6 +109,19 @@ def test_requests_without_a_token_are_refused(server, knee_png):
         GrpcClient(f"127.0.0.1:{server.grpc_port}", token="wrong").predict(knee_png)
 
 
+def test_the_benchmark_drivers_are_answered_and_count_what_fails(server, knee_png):
+    from bench_serve import DRIVERS, HttpDriver, drive
+
+    for protocol in DRIVERS:
+        run = drive(server, [knee_png], protocol, concurrency=2, seconds=1.0)
+        assert run["rps"] > 0 and run["failures"] == 0, (protocol, run)
+    bad = drive(server, [b"not an image"], "rest", concurrency=1, seconds=1.0)
+    assert bad["rps"] == 0 and bad["failures"] > 0
+    with pytest.raises(KOAClientError) as err:
+        HttpDriver(server.inference_url, token="wrong").predict(knee_png)
+    assert err.value.status in (400, 401, 403)
+
+
 def test_model_registration_api_is_off(server):
     r = requests.post(
         f"{server.management_url}/models?url=x.mar", headers={"Authorization": f"Bearer {server.keys()['management']}"}
