@@ -15,6 +15,8 @@ Environment:
     KOA_USERS: ``rest``, ``grpc`` or ``rest,grpc`` (default: Locust's own class selection).
     KOA_MODEL, KOA_TIMEOUT: model name (``oamen``) and seconds per request (120).
     KOA_USER_RATE: requests/s per user for an open-loop load (default 0: closed loop).
+    KOA_LATENCY_FILE: write every request's time (ms, one per line) there at exit; Locust's own
+        percentiles are rounded to two significant digits (run.py reads this file instead).
 The REST address is Locust's ``--host``. Only loopback targets are accepted.
 """
 
@@ -60,6 +62,7 @@ DEFAULT_KEY_FILE = ROOT / "logs" / "serve" / "key_file.json"
 # fraction of saturation); 0: closed loop, each user sends as soon as it has an answer.
 USER_RATE = float(os.environ.get("KOA_USER_RATE", "0") or 0)
 WAIT = constant_throughput(USER_RATE) if USER_RATE > 0 else constant(0)
+LATENCY_FILE = os.environ.get("KOA_LATENCY_FILE", "")
 
 
 def explain_share() -> float:
@@ -104,6 +107,7 @@ class _Setup:
     token: str = ""
     images: list[Image] = []
     explain_share: float = 0.0
+    latencies_ms: list[float] = []  # every request's time, failures included, as Locust counts them
 
 
 def _pick() -> tuple[Image, bool]:
@@ -226,3 +230,16 @@ def _final_csv(environment: Any, **_: Any) -> None:
     """
     if getattr(environment.parsed_options, "csv_prefix", None):
         gevent.sleep(locust_stats.CSV_STATS_INTERVAL_SEC + 0.2)
+
+
+@events.request.add_listener
+def _record_latency(response_time: float, **_: Any) -> None:
+    if LATENCY_FILE:
+        _Setup.latencies_ms.append(response_time)
+
+
+@events.quitting.add_listener
+def _write_latencies(environment: Any, **_: Any) -> None:
+    """Every request's time, unrounded, for exact percentiles (KOA_LATENCY_FILE)."""
+    if LATENCY_FILE:
+        Path(LATENCY_FILE).write_text("".join(f"{t:.3f}\n" for t in _Setup.latencies_ms))

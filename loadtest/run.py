@@ -14,8 +14,9 @@ Each protocol gets its own Locust run (``locustfile.py``, as a subprocess: geven
 out of this process) for ``--duration``, so the two are not competing for the same CPU. Output, in
 ``<out>/<timestamp>/`` with ``<out>/latest`` pointing at it: Locust's ``<protocol>_stats.csv``,
 ``_failures.csv``, ``_exceptions.csv``, ``_stats_history.csv``, ``<protocol>.html`` and
-``<protocol>.log``, plus ``summary.json``: per protocol ``requests``, ``failures``,
-``requests_per_s``, ``p50_ms``, ``p95_ms``, ``p99_ms``, per request name and the failure reasons,
+``<protocol>.log``, ``<protocol>_latencies.txt`` (every request's time, ms), plus ``summary.json``:
+per protocol ``requests``, ``failures``, ``requests_per_s``, ``p50_ms``, ``p95_ms``, ``p99_ms``
+(exact, from the latencies; Locust's CSV rounds them), per request name and the failure reasons,
 and the resolved configuration. Exit status 1 when any request failed (or a run produced none),
 2 for usage errors.
 """
@@ -27,6 +28,7 @@ import contextlib
 import csv
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -257,8 +259,28 @@ def _number(value: str) -> float | None:
         return None
 
 
+def exact_percentiles(times_ms: list[float]) -> dict[str, float]:
+    """Nearest-rank p50 / p95 / p99 (the smallest time at or below which that share of requests fall)."""
+    ordered = sorted(times_ms)
+    return {f"p{q}_ms": ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] for q in (50, 95, 99)}
+
+
+def read_latencies(path: Path) -> list[float] | None:
+    """The request times the locustfile wrote (KOA_LATENCY_FILE), or None when there are none."""
+    try:
+        times = [float(line) for line in path.read_text().split()]
+    except (OSError, ValueError):
+        return None
+    return times or None
+
+
 def protocol_summary(run: Path, protocol: str) -> dict[str, Any]:
-    """The Aggregated row of ``<protocol>_stats.csv`` (plus each request name and the failure reasons)."""
+    """The Aggregated row of ``<protocol>_stats.csv`` (plus each request name and the failure reasons).
+
+    p50 / p95 / p99 come from every request's time (``<protocol>_latencies.txt``) where the locustfile
+    wrote them (``"percentiles": "exact"``): Locust's CSV rounds times above 100 ms to two significant
+    digits, too coarse to tell 1.9 x p50 from 2.1 x p50. Otherwise they are Locust's (``"locust"``).
+    """
     stats = run / f"{protocol}_stats.csv"
     if not stats.is_file():
         return {"requests": 0, "failures": 0, "error": f"Locust wrote no {stats.name}: see {protocol}.log"}
@@ -280,6 +302,10 @@ def protocol_summary(run: Path, protocol: str) -> dict[str, Any]:
     total = next((r for r in rows if r["Name"] == "Aggregated"), None)
     out = row_summary(total) if total else {"requests": 0, "failures": 0}
     out["by_name"] = {r["Name"]: row_summary(r) for r in rows if r["Name"] != "Aggregated"}
+    times = read_latencies(run / f"{protocol}_latencies.txt")
+    out["percentiles"] = "exact" if times else "locust"
+    if times:
+        out.update(exact_percentiles(times))
     failures = run / f"{protocol}_failures.csv"
     reasons: dict[str, int] = {}
     if failures.is_file():
@@ -304,10 +330,9 @@ def run_locust(protocol: str, target: dict[str, Any], args: argparse.Namespace, 
         args.duration,
         target["host"] if protocol == "rest" else target["grpc_target"],
     )
+    env = {**locust_env(protocol, target, args), "KOA_LATENCY_FILE": str(run / f"{protocol}_latencies.txt")}
     with open(logfile, "w") as sink:
-        code = subprocess.run(
-            cmd, cwd=ROOT, env=locust_env(protocol, target, args), stdout=sink, stderr=sink
-        ).returncode
+        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=sink, stderr=sink).returncode
     summary = protocol_summary(run, protocol)
     summary["locust_exit_code"] = code
     if code not in (0, 1) or "error" in summary:  # 1: some request failed; anything else: Locust itself

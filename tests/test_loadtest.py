@@ -161,3 +161,24 @@ def test_loadtest_run_against_a_private_server(tmp_path: Path) -> None:
         assert s["requests_per_s"] > 0 and 0 < s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"], s
         for name in (f"{protocol}_stats.csv", f"{protocol}_failures.csv", f"{protocol}.html"):
             assert (run / name).stat().st_size > 0, name
+        # Percentiles from every request's time, not Locust's rounded ones.
+        times = (run / f"{protocol}_latencies.txt").read_text().split()
+        assert s["percentiles"] == "exact" and len(times) == s["requests"], (len(times), s)
+
+
+def test_exact_percentiles_are_nearest_rank() -> None:
+    times = [float(t) for t in range(100, 0, -1)]  # 1..100 ms, in any order
+    assert loadtest_run.exact_percentiles(times) == {"p50_ms": 50.0, "p95_ms": 95.0, "p99_ms": 99.0}
+    assert loadtest_run.exact_percentiles([231.4, 118.2]) == {"p50_ms": 118.2, "p95_ms": 231.4, "p99_ms": 231.4}
+
+
+def test_summary_takes_percentiles_from_the_request_times_when_there_are_any(tmp_path: Path) -> None:
+    header = "Type,Name,Request Count,Failure Count,Average Response Time,Max Response Time,Requests/s,50%,95%,99%"
+    (tmp_path / "rest_stats.csv").write_text(f"{header}\nPOST,rest predict,3,0,160,243,1.5,120,240,240\n"
+                                             f",Aggregated,3,0,160,243,1.5,120,240,240\n")  # fmt: skip
+    rounded = loadtest_run.protocol_summary(tmp_path, "rest")
+    assert rounded["percentiles"] == "locust" and (rounded["p50_ms"], rounded["p99_ms"]) == (120.0, 240.0)
+    (tmp_path / "rest_latencies.txt").write_text("118.2\n243.0\n124.9\n")
+    exact = loadtest_run.protocol_summary(tmp_path, "rest")
+    assert exact["percentiles"] == "exact" and (exact["p50_ms"], exact["p99_ms"]) == (124.9, 243.0)
+    assert exact["requests"] == 3 and exact["requests_per_s"] == 1.5
