@@ -178,9 +178,10 @@ def drive(srv: tsctl.Server, images: list[bytes], protocol: str, concurrency: in
     ``protocol`` is one of `DRIVERS`. Every answer is checked against the answer schema
     (`loadtest.validate_answer`); an error status or a malformed answer counts as a failure.
 
-    The gRPC clients share one client, so one channel, as gRPC advises (a channel multiplexes concurrent
-    calls): in five paired rounds at 32 clients it gave 0.99-1.04x (median 1.01) the throughput of REST, where a
-    channel per client gave 0.96-1.06x (median 0.97) with more Java and client CPU per request. Each
+    The gRPC client threads share one client, so one channel, as gRPC advises (a channel multiplexes
+    concurrent calls). In a one-off comparison (five paired rounds at 32 clients) that used less Java
+    and client CPU per request than a channel per thread, and gave 0.99-1.04x REST's throughput
+    against 0.96-1.06x; docs/BENCHMARKS.md has the full runs since. Each
     REST client has its own connection: HTTP/1.1 carries one request at a time.
     """
     token = srv.keys()["inference"]

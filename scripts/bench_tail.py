@@ -121,7 +121,8 @@ def measure(args: argparse.Namespace, batch: int, delay: int, workers: int) -> d
     row.update(capacity_rps=capacity, user_rate=round(rate, 3))
     for name in args.protocols.split(","):
         s = paced[name.strip()]
-        row[name.strip()] = {k: s[k] for k in ("requests", "failures", "requests_per_s", "p50_ms", "p95_ms", "p99_ms")}
+        keys = ("requests", "failures", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "percentiles")
+        row[name.strip()] = {k: s.get(k) for k in keys}
         row[name.strip()]["p99_over_p50"] = round(s["p99_ms"] / s["p50_ms"], 2) if s["p50_ms"] else None
     return row
 
@@ -137,10 +138,9 @@ def table(rows: list[dict[str, Any]], protocols: list[str]) -> str:
         line = f"| {r['run']} | {r['batch']} | {r['delay_ms']} | {r['workers']} | {r['capacity_rps']:.1f} |"
         for p in protocols:
             s = r.get(p, {})
-            line += (
-                f" {s.get('requests_per_s', 0):.1f} | {s.get('p50_ms')} | {s.get('p95_ms')} | {s.get('p99_ms')} |"
-                f" {s.get('p99_over_p50')} | {s.get('failures')} |"
-            )
+            ms = [f"{s[k]:.0f}" if isinstance(s.get(k), float | int) else "n/a" for k in ("p50_ms", "p95_ms", "p99_ms")]
+            rate, ratio, failed = s.get("requests_per_s", 0), s.get("p99_over_p50"), s.get("failures")
+            line += f" {rate:.1f} | {' | '.join(ms)} | {ratio} | {failed} |"
         lines.append(line)
     return "\n".join(lines)
 
