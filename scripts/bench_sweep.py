@@ -120,7 +120,7 @@ def paired_rounds(srv, images: list[bytes], pred, batch: int, rounds: int, secon
             with cpu_use(srv) as cores:
                 r = drive(srv, images, leg, max(4, 2 * batch), seconds)
             row.update({f"{leg}_rps": r["rps"], f"{leg}_failures": r["failures"]})
-            row.update({f"{leg}_cores_{name}": v for name, v in cores.items()})
+            row[f"{leg}_cpu"] = cpu_per_request(leg, r["rps"], cores)
         row["ratio"] = row["rest_rps"] / row["in_process_ips"]
         row["grpc_over_rest"] = row["grpc_rps"] / row["rest_rps"]
         out.append(row)
@@ -146,14 +146,9 @@ def cpu_table(rounds: list[dict], shipped: dict) -> list[dict]:
     """Per protocol, medians over the rounds; then the one measurement with the shipped REST client."""
     rows = []
     for leg in ("rest", "grpc"):
-        names = [k.removeprefix(f"{leg}_cores_") for k in rounds[0] if k.startswith(f"{leg}_cores_")]
-        per_round = [cpu_per_request(leg, r[f"{leg}_rps"], {n: r[f"{leg}_cores_{n}"] for n in names}) for r in rounds]
-        rows.append(
-            {
-                "client": LEG_NAMES[leg],
-                **{k: statistics.median(p[k] for p in per_round) for k in per_round[0] if k != "client"},
-            }
-        )
+        per_round = [r[f"{leg}_cpu"] for r in rounds]
+        medians = {k: statistics.median(p[k] for p in per_round) for k in per_round[0] if k != "client"}
+        rows.append({"client": LEG_NAMES[leg], **medians})
     return rows + [shipped]
 
 

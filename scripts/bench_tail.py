@@ -42,10 +42,7 @@ THREADS_ENV = "KOA_TORCH_THREADS"
 
 def shipped_setting(config: Path = ROOT / "config.properties") -> str:
     """The batching ``config`` ships, as ``BATCHxDELAY_MS`` (its first model version)."""
-    line = next((ln for ln in config.read_text().splitlines() if ln.startswith("models=")), None)
-    if line is None:
-        raise ValueError(f"{config} has no models= line")
-    versions = next(iter(json.loads(line.split("=", 1)[1]).values()))
+    versions = next(iter(tsctl.models_property(config.read_text()).values()))
     cfg = next(iter(versions.values()))
     return f"{cfg['batchSize']}x{cfg['maxBatchDelay']}"
 

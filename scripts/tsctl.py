@@ -101,14 +101,19 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def models_property(config_text: str) -> dict:
+    """The ``models=`` property of a config, parsed: ``{name: {version: settings}}``."""
+    line = next((ln for ln in config_text.splitlines() if ln.startswith("models=")), None)
+    if line is None:
+        raise ValueError("config has no models= line")
+    return json.loads(line.split("=", 1)[1])
+
+
 def with_batching(
     config_text: str, batch_size: int | None = None, max_batch_delay: int | None = None, workers: int | None = None
 ) -> str:
     """The ``models`` property of a config with another batch size, batch delay and/or worker count."""
-    line = next((ln for ln in config_text.splitlines() if ln.startswith("models=")), None)
-    if line is None:
-        raise ValueError("config has no models= line")
-    models = json.loads(line.split("=", 1)[1])
+    models = models_property(config_text)
     for versions in models.values():
         for cfg in versions.values():
             if batch_size is not None:

@@ -44,13 +44,13 @@ def test_paired_rounds_go_through_every_order_of_the_three_legs():
 def test_cpu_per_request_takes_each_protocols_median_over_the_rounds():
     from bench_sweep import cpu_per_request, cpu_table
 
-    def cores(leg: str, workers: float, java: float, gen: float) -> dict:
-        return {f"{leg}_cores_workers": workers, f"{leg}_cores_java": java, f"{leg}_cores_load_generator": gen}
+    def cpu(leg: str, rps: float, workers: float, java: float, gen: float) -> dict:
+        return {f"{leg}_cpu": cpu_per_request(leg, rps, {"workers": workers, "java": java, "load_generator": gen})}
 
     rounds = [
-        {"rest_rps": 100.0, **cores("rest", 1.8, 0.05, 0.02), "grpc_rps": 90.0, **cores("grpc", 1.7, 0.09, 0.04)},
-        {"rest_rps": 80.0, **cores("rest", 1.2, 0.04, 0.02), "grpc_rps": 100.0, **cores("grpc", 1.8, 0.1, 0.04)},
-        {"rest_rps": 90.0, **cores("rest", 1.8, 0.09, 0.03), "grpc_rps": 80.0, **cores("grpc", 1.6, 0.08, 0.03)},
+        {**cpu("rest", 100.0, 1.8, 0.05, 0.02), **cpu("grpc", 90.0, 1.7, 0.09, 0.04)},
+        {**cpu("rest", 80.0, 1.2, 0.04, 0.02), **cpu("grpc", 100.0, 1.8, 0.1, 0.04)},
+        {**cpu("rest", 90.0, 1.8, 0.09, 0.03), **cpu("grpc", 80.0, 1.6, 0.08, 0.03)},
     ]
     shipped = cpu_per_request("rest-requests", 50.0, {"workers": 0.9, "java": 0.05, "load_generator": 0.05})
     rest, grpc, last = cpu_table(rounds, shipped)
