@@ -50,7 +50,8 @@ GRPC_TO_HTTP = {
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def _stubs() -> tuple[Any, Any, Any]:
+def load_stubs() -> tuple[Any, Any, Any]:
+    """The generated ``inference_pb2``, ``inference_pb2_grpc`` and protobuf's ``empty_pb2`` modules."""
     try:
         from google.protobuf import empty_pb2
 
@@ -97,7 +98,7 @@ class GrpcClient:
         key_file: str | os.PathLike[str] | None = None,
         retry_s: float = 0.0,
     ) -> None:
-        self._pb2, pb2_grpc, self._empty = _stubs()
+        self._pb2, pb2_grpc, self._empty = load_stubs()
         self.target = target
         self.model = model
         self.timeout = timeout

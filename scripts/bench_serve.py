@@ -16,10 +16,13 @@ these machines are shared and noisy, so compare ratios from one run, not absolut
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures as cf
 import contextlib
 import http.client
+import itertools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import grpc
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +41,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import tsctl  # noqa: E402
 
 from client import KOAClientError  # noqa: E402
-from client.grpc_client import GrpcClient  # noqa: E402
+from client.grpc_client import MAX_MESSAGE_BYTES, GrpcClient, load_stubs, parse_prediction  # noqa: E402
 from client.rest import RestClient, sniff_content_type  # noqa: E402
 from handler.memory import keep_freed_memory  # noqa: E402
 from handler.service import Predictor  # noqa: E402
@@ -123,6 +127,48 @@ def in_process(model_path: Path, images: list[bytes], batch: int, seconds: float
     }
 
 
+# REST through HttpDriver, gRPC through GrpcAioDriver (the benchmarks' drivers, equal client cost), and
+# both shipped clients (client.rest.RestClient, client.grpc_client.GrpcClient).
+DRIVERS = ("rest", "grpc", "rest-requests", "grpc-sync")
+RAMP_S = 3.0  # seconds of load before the counted window
+
+
+class Tally:
+    """Latencies and failures of a load run; only those between `open` and `close` count."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.failures = 0
+        self.t0 = self.elapsed = 0.0
+        self.counting = False
+
+    def ok(self, t0: float) -> None:
+        ms = (time.perf_counter() - t0) * 1000
+        with self.lock:
+            if self.counting:
+                self.latencies.append(ms)
+
+    def failed(self) -> None:
+        with self.lock:
+            if self.counting:
+                self.failures += 1
+
+    def open(self) -> None:
+        with self.lock:
+            self.counting, self.t0 = True, time.perf_counter()
+
+    def close(self) -> None:
+        with self.lock:
+            self.counting, self.elapsed = False, time.perf_counter() - self.t0
+
+    def result(self) -> dict:
+        lat = self.latencies
+        q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [float("nan")] * 99
+        rps = len(lat) / self.elapsed if self.elapsed else 0.0
+        return {"rps": rps, "failures": self.failures, "p50_ms": q[49], "p95_ms": q[94], "p99_ms": q[98]}
+
+
 class HttpDriver:
     """REST load without the weight of a full client: one keep-alive ``http.client`` connection.
 
@@ -159,16 +205,57 @@ class HttpDriver:
             raise KOAClientError(502, f"answer is not JSON: {body[:200]!r}", "bad_answer") from None
 
 
-DRIVERS = ("rest", "grpc", "rest-requests")  # REST through HttpDriver, gRPC and REST through the shipped clients
+class GrpcAioDriver:
+    """gRPC load from one asyncio loop (``grpc.aio``): every call in flight on one channel.
+
+    The shipped `client.grpc_client.GrpcClient` is synchronous: a thread per call in flight, each
+    waiting on its own completion queue. Measured here on a warmed server (4 rounds, 32 calls in
+    flight), that spent 0.34-0.38 ms of load-generator CPU per request, this 0.23-0.25 ms, the same as
+    `HttpDriver` for REST (0.23). So both protocols are driven at the same client cost, and the
+    shipped gRPC client is measured beside them, as the shipped REST client is.
+    """
+
+    def __init__(self, target: str, token: str, model: str = "oamen", timeout: float = 120) -> None:
+        self.target, self.model, self.timeout = target, model, timeout
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.pb2, self.pb2_grpc, _ = load_stubs()
+
+    async def run(self, images: list[bytes], concurrency: int, tally: Tally, ramp: float, seconds: float) -> None:
+        """``concurrency`` closed-loop calls for ``ramp`` + ``seconds``; ``tally`` counts the last ``seconds``."""
+        reqs = [self.pb2.PredictionsRequest(model_name=self.model, input={"data": im}) for im in images]
+        stop = asyncio.Event()
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        async with grpc.aio.insecure_channel(self.target, options=options) as channel:
+            stub = self.pb2_grpc.InferenceAPIsServiceStub(channel)
+
+            async def user(k: int) -> None:
+                for i in itertools.count(k, concurrency):
+                    if stop.is_set():
+                        return
+                    t0 = time.perf_counter()
+                    try:
+                        resp = await stub.Predictions(reqs[i % len(reqs)], timeout=self.timeout, metadata=self.metadata)
+                        validate_answer(parse_prediction(resp.prediction))
+                        tally.ok(t0)
+                    except (grpc.RpcError, KOAClientError, InvalidAnswer):
+                        tally.failed()
+
+            users = [asyncio.create_task(user(k)) for k in range(concurrency)]
+            await asyncio.sleep(ramp)
+            tally.open()
+            await asyncio.sleep(seconds)
+            tally.close()
+            stop.set()
+            await asyncio.gather(*users)
 
 
 def _client(srv: tsctl.Server, protocol: str, token: str):
-    if protocol == "grpc":
-        return GrpcClient(f"127.0.0.1:{srv.grpc_port}", token=token, timeout=120)
     if protocol == "rest":
         return HttpDriver(srv.inference_url, token)
     if protocol == "rest-requests":
         return RestClient(srv.inference_url, token=token, timeout=120)
+    if protocol == "grpc-sync":
+        return GrpcClient(f"127.0.0.1:{srv.grpc_port}", token=token, timeout=120)
     raise ValueError(f"protocol must be one of {DRIVERS}, got {protocol!r}")
 
 
@@ -178,55 +265,51 @@ def drive(srv: tsctl.Server, images: list[bytes], protocol: str, concurrency: in
     ``protocol`` is one of `DRIVERS`. Every answer is checked against the answer schema
     (`loadtest.validate_answer`); an error status or a malformed answer counts as a failure.
 
-    The gRPC client threads share one client, so one channel, as gRPC advises (a channel multiplexes
-    concurrent calls). In a one-off comparison (five paired rounds at 32 clients) that used less Java
-    and client CPU per request than a channel per thread, and gave 0.99-1.04x REST's throughput
-    against 0.96-1.06x; docs/BENCHMARKS.md has the full runs since. Each
-    REST client has its own connection: HTTP/1.1 carries one request at a time.
+    "grpc" runs `GrpcAioDriver`; the others run a thread per client. The shipped gRPC client's
+    threads share one client, so one channel, as gRPC advises (a channel multiplexes concurrent
+    calls); each REST client has its own connection: HTTP/1.1 carries one request at a time.
     """
+    if protocol not in DRIVERS:
+        raise ValueError(f"protocol must be one of {DRIVERS}, got {protocol!r}")
+    tally = Tally()
     token = srv.keys()["inference"]
-    shared = _client(srv, protocol, token) if protocol == "grpc" else None
-    lat: list[float] = []
-    fails = [0]
+    if protocol == "grpc":
+        driver = GrpcAioDriver(f"127.0.0.1:{srv.grpc_port}", token)
+        asyncio.run(driver.run(images, concurrency, tally, RAMP_S, seconds))
+        return tally.result()
+    shared = _client(srv, protocol, token) if protocol == "grpc-sync" else None
     stop = threading.Event()
-    lock = threading.Lock()
 
     def user(k: int) -> None:
         client = shared or _client(srv, protocol, token)
-        i = k
         try:
-            while not stop.is_set():
+            for i in itertools.count(k, concurrency):
+                if stop.is_set():
+                    return
                 t0 = time.perf_counter()
                 try:
                     validate_answer(client.predict(images[i % len(images)]))
-                    with lock:
-                        lat.append((time.perf_counter() - t0) * 1000)
+                    tally.ok(t0)
                 except (KOAClientError, InvalidAnswer):
-                    with lock:
-                        fails[0] += 1
-                i += concurrency
+                    tally.failed()
         finally:
             if client is not shared:
                 client.close()
 
-    with cf.ThreadPoolExecutor(concurrency) as pool:
-        futures = [pool.submit(user, k) for k in range(concurrency)]
-        time.sleep(3)  # ramp-up, not counted
-        with lock:
-            lat.clear()
-            fails[0] = 0
-        t0 = time.perf_counter()
-        time.sleep(seconds)
-        with lock:
-            window, failed = list(lat), fails[0]
-        elapsed = time.perf_counter() - t0
-        stop.set()
-        for f in futures:
-            f.result()
-    if shared is not None:
-        shared.close()
-    q = statistics.quantiles(window, n=100) if len(window) > 1 else [float("nan")] * 99
-    return {"rps": len(window) / elapsed, "failures": failed, "p50_ms": q[49], "p95_ms": q[94], "p99_ms": q[98]}
+    try:
+        with cf.ThreadPoolExecutor(concurrency) as pool:
+            futures = [pool.submit(user, k) for k in range(concurrency)]
+            time.sleep(RAMP_S)
+            tally.open()
+            time.sleep(seconds)
+            tally.close()
+            stop.set()
+            for f in futures:
+                f.result()
+    finally:
+        if shared is not None:
+            shared.close()
+    return tally.result()
 
 
 def idle_latency(srv: tsctl.Server, images: list[bytes], n: int = 20) -> float:
@@ -242,22 +325,43 @@ def idle_latency(srv: tsctl.Server, images: list[bytes], n: int = 20) -> float:
     return statistics.median(times)
 
 
+def jit_seconds(pid: int) -> float:
+    """CPU seconds Java's JIT compiler threads ("C1 CompilerThre", "C2 CompilerThre") have used so far.
+
+    Read from /proc (Linux); 0.0 where it cannot be read. The JIT compiles the frontend's hot paths in
+    the first minutes of load, and gRPC's (Netty HTTP/2, protobuf, the gRPC executor) take longer than
+    REST's: on this machine up to 1.5 ms of compiler CPU per gRPC request in the first minute, against
+    1 ms for REST, both near 0 after four to five minutes of load (docs/BENCHMARKS.md).
+    """
+    total = 0.0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if "Compiler" in (task / "comm").read_text():
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 @contextlib.contextmanager
 def cpu_use(srv: tsctl.Server):
     """Cores used while the block runs by Java, the worker(s) and this process (the load generator).
 
     "workers" counts every child process Java has when the block starts: the model workers and, when it
-    is running then, TorchServe's once-a-minute system-metrics collector.
+    is running then, TorchServe's once-a-minute system-metrics collector. "java_jit" is the part of
+    "java" spent by the JIT compiler (`jit_seconds`).
 
-    Yields a dict that is filled in when the block ends: ``{"java": .., "workers": .., "load_generator": ..}``.
+    Yields a dict that is filled in when the block ends:
+    ``{"java": .., "java_jit": .., "workers": .., "load_generator": ..}``.
     """
     import psutil
 
-    java = psutil.Process(tsctl._pid(srv.workdir))
+    pid = tsctl._pid(srv.workdir)
+    java = psutil.Process(pid)
     procs = {"java": [java], "workers": java.children(recursive=True), "load_generator": [psutil.Process()]}
 
     def seconds() -> dict[str, float]:
-        out = {}
+        out = {"java_jit": jit_seconds(pid)}
         for name, group in procs.items():
             total = 0.0
             for proc in group:
@@ -271,7 +375,44 @@ def cpu_use(srv: tsctl.Server):
     before, t0 = seconds(), time.perf_counter()
     yield result
     after, elapsed = seconds(), time.perf_counter() - t0
-    result.update({name: (after[name] - before[name]) / elapsed for name in procs})
+    result.update({name: (after[name] - before[name]) / elapsed for name in after})
+
+
+JIT_SETTLED_MS = 0.1  # JIT compiler CPU per request (ms) below which the frontend counts as warmed up
+
+
+def warm_up_jit(
+    srv: tsctl.Server, images: list[bytes], concurrency: int, seconds: float = 15.0, max_passes: int = 12
+) -> list[dict]:
+    """Drive REST and gRPC in turn until Java's JIT has compiled both request paths.
+
+    A pass is one ``seconds`` leg of each; the warm-up ends after the first pass in which the JIT
+    spent under `JIT_SETTLED_MS` of CPU per request on both, or after ``max_passes``. Benchmarks that
+    compare the protocols measure after this, as a long-running server runs; the passes (rate and JIT
+    CPU per request of each leg) are returned so the report shows what the warm-up cost.
+    """
+    passes = []
+    for k in range(max_passes):
+        row: dict = {"pass": k + 1}
+        for proto in ("rest", "grpc"):
+            with cpu_use(srv) as cores:
+                r = drive(srv, images, proto, concurrency, seconds)
+            row[f"{proto}_rps"] = r["rps"]
+            row[f"{proto}_jit_ms"] = 1000 * cores["java_jit"] / r["rps"] if r["rps"] else float("inf")
+        passes.append(row)
+        print(
+            f"JIT warm-up pass {k + 1}: REST {row['rest_jit_ms']:.2f}, gRPC {row['grpc_jit_ms']:.2f} ms of compiler "
+            "CPU per request",
+            flush=True,
+        )
+        if jit_settled(row):
+            break
+    return passes
+
+
+def jit_settled(row: dict) -> bool:
+    """Whether a warm-up pass had the JIT under `JIT_SETTLED_MS` per request on both protocols."""
+    return row["rest_jit_ms"] < JIT_SETTLED_MS and row["grpc_jit_ms"] < JIT_SETTLED_MS
 
 
 @contextlib.contextmanager

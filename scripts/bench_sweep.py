@@ -30,15 +30,18 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import (  # noqa: E402
+    JIT_SETTLED_MS,
     ROOT,
     cpu_use,
     drive,
     idle_latency,
     in_process,
+    jit_settled,
     load_images,
     load_predictor,
     pipeline_rate,
     server,
+    warm_up_jit,
 )
 
 
@@ -63,6 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--rounds", type=int, default=6, help="paired in-process / served rounds at the chosen setting")
     p.add_argument("--round-seconds", type=float, default=10.0, help="measured seconds of each half of a round")
+    p.add_argument("--jit-passes", type=int, default=12, help="most REST + gRPC passes of the JIT warm-up")
     p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
     p.add_argument("--model", type=Path, default=ROOT / "build" / "oamen.pt")
     p.add_argument("--store", type=Path, default=ROOT / "model_store")
@@ -70,17 +74,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# column names (prefixes) shown with two decimals
-TWO_DECIMALS = ("vs_in_process", "ratio", "cores_", "grpc_over", "cpu_ms")
+# column names containing one of these are shown with two decimals
+TWO_DECIMALS = ("vs_in_process", "ratio", "cores_", "grpc_over", "cpu_ms", "jit_ms")
+
+
+def cell(col: str, value) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.2f}" if any(k in col for k in TWO_DECIMALS) else f"{value:.1f}"
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [
-            (f"{r[c]:.2f}" if c.startswith(TWO_DECIMALS) else f"{r[c]:.1f}") if isinstance(r[c], float) else str(r[c])
-            for c in cols
-        ]
+        cells = [cell(c, r[c]) for c in cols]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -97,7 +104,14 @@ def choose(sweep: list[dict]) -> dict:
 
 ROUND_LEGS = ("in-process", "rest", "grpc")
 ROUND_ORDERS = tuple(itertools.permutations(ROUND_LEGS))  # round k runs its legs in order k mod 6
-LEG_NAMES = {"in-process": "in-process", "rest": "REST", "grpc": "gRPC", "rest-requests": "REST, shipped client"}
+LEG_NAMES = {
+    "in-process": "in-process",
+    "rest": "REST",
+    "grpc": "gRPC",
+    "rest-requests": "REST, shipped client",
+    "grpc-sync": "gRPC, shipped client",
+}
+SHIPPED_CLIENTS = ("rest-requests", "grpc-sync")
 
 
 def paired_rounds(srv, images: list[bytes], pred, batch: int, rounds: int, seconds: float) -> list[dict]:
@@ -142,14 +156,14 @@ def cpu_per_request(leg: str, rps: float, cores: dict[str, float]) -> dict:
     }
 
 
-def cpu_table(rounds: list[dict], shipped: dict) -> list[dict]:
-    """Per protocol, medians over the rounds; then the one measurement with the shipped REST client."""
+def cpu_table(rounds: list[dict], shipped: list[dict]) -> list[dict]:
+    """Per protocol, medians over the rounds; then the one measurement with each shipped client."""
     rows = []
     for leg in ("rest", "grpc"):
         per_round = [r[f"{leg}_cpu"] for r in rounds]
         medians = {k: statistics.median(p[k] for p in per_round) for k in per_round[0] if k != "client"}
         rows.append({"client": LEG_NAMES[leg], **medians})
-    return rows + [shipped]
+    return rows + shipped
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -170,14 +184,18 @@ def main(args: argparse.Namespace) -> dict:
     curves = {"rest": [], "grpc": []}
     with server(args.store, b, d) as srv:
         idle = idle_latency(srv, images)
+        warm = warm_up_jit(srv, images, max(4, 2 * b), args.seconds, args.jit_passes)
         for c in args.concurrency:
             for proto in ("rest", "grpc"):
                 curves[proto].append({"clients": c, **drive(srv, images, proto, c, args.seconds)})
                 print(f"{proto} x{c}: {curves[proto][-1]['rps']:.1f} req/s", flush=True)
         rounds = paired_rounds(srv, images, load_predictor(args.model), b, args.rounds, args.round_seconds)
-        with cpu_use(srv) as cores:
-            r = drive(srv, images, "rest-requests", max(4, 2 * b), args.round_seconds)
-        cpu_rows = cpu_table(rounds, cpu_per_request("rest-requests", r["rps"], cores))
+        shipped = []
+        for leg in SHIPPED_CLIENTS:
+            with cpu_use(srv) as cores:
+                r = drive(srv, images, leg, max(4, 2 * b), args.round_seconds)
+            shipped.append(cpu_per_request(leg, r["rps"], cores))
+        cpu_rows = cpu_table(rounds, shipped)
     near = min(inproc, key=lambda k: abs(k - b))
     pipe = inproc[near][f"pipeline_ips_b{near}"]
     paired = statistics.median(r["ratio"] for r in rounds)
@@ -246,6 +264,24 @@ def main(args: argparse.Namespace) -> dict:
         f"within {100 * (1 - NEAR_BEST):.0f}% of the highest throughput, then the highest throughput. Differences that "
         "small are run-to-run noise here, while the delay is paid by every request at low load.",
         "",
+        "## Frontend warm-up (JIT)",
+        "",
+        "TorchServe's Java frontend is compiled by the JIT while it serves: in the first minutes of load the "
+        "compiler threads take CPU from the same cores as the model, and gRPC's request path (Netty HTTP/2, "
+        "protobuf, the gRPC executor) takes longer to compile than REST's. Before the tables below, REST and gRPC "
+        f"were driven in turn ({max(4, 2 * b)} clients, {args.seconds:.0f} s each) until the JIT spent under "
+        f"{JIT_SETTLED_MS} ms of CPU per request on both (`bench_serve.warm_up_jit`), so they measure the server "
+        "as it runs for hours, not as it starts:",
+        "",
+        table(warm, ["pass", "rest_rps", "rest_jit_ms", "grpc_rps", "grpc_jit_ms"]),
+        "",
+        "`*_jit_ms`: CPU milliseconds of Java's compiler threads per answered request in that leg. "
+        + (
+            f"Settled after {len(warm)} passes ({len(warm) * 2 * (args.seconds + 3) / 60:.1f} minutes of load)."
+            if jit_settled(warm[-1])
+            else f"Not settled after {len(warm)} passes: the tables below still include some JIT work."
+        ),
+        "",
         "## REST and gRPC against concurrency (chosen setting)",
         "",
         f"![throughput against concurrency]({plot.name})",
@@ -287,7 +323,9 @@ def main(args: argparse.Namespace) -> dict:
         "served legs after a 3 s ramp), one right after the other; the rounds go through all six orders of the "
         "three, so all see the same machine and a drift favours none. The targets are judged on the median "
         "ratios. REST is driven by a minimal keep-alive `http.client` driver (`bench_serve.HttpDriver`), gRPC by "
-        "the shipped `GrpcClient`; every answer is validated against the answer schema.",
+        "a `grpc.aio` driver on one channel (`bench_serve.GrpcAioDriver`): the two cost the load generator about "
+        "the same CPU per request (table below), so neither protocol pays more for its client on the shared "
+        "cores. Every answer is validated against the answer schema.",
         "",
         table(
             rounds,
@@ -298,17 +336,19 @@ def main(args: argparse.Namespace) -> dict:
         "",
         "### Where the CPU goes per request (same rounds)",
         "",
-        "Medians over the rounds; the last row is one run with the shipped REST client (`client.rest.RestClient`, "
-        "requests) at the same setting, right after the rounds.",
+        "Medians over the rounds; the last two rows are one run each with the shipped clients "
+        "(`client.rest.RestClient` on requests, `client.grpc_client.GrpcClient`, synchronous, its threads sharing "
+        "one channel) at the same setting, right after the rounds.",
         "",
         table(
             cpu_rows,
-            ["client", "rps", "cpu_ms_workers", "cpu_ms_java", "cpu_ms_load_generator"]
+            ["client", "rps", "cpu_ms_workers", "cpu_ms_java", "cpu_ms_java_jit", "cpu_ms_load_generator"]
             + ["cores_workers", "cores_java", "cores_load_generator"],
         ),
         "",
-        f"`cpu_ms_*`: CPU milliseconds per answered request; `cores_*`: CPU time over wall time ({os.cpu_count()} "
-        "cores in all). The in-process path has every core; served, the worker gets what Java and the load "
+        f"`cpu_ms_*`: CPU milliseconds per answered request (`java_jit`: the part of `java` spent by the JIT "
+        f"compiler); `cores_*`: CPU time over wall time ({os.cpu_count()} cores in all). The in-process path has "
+        "every core; served, the worker gets what Java and the load "
         "generator leave. The load generator shares these cores only because the benchmark runs on one machine: "
         "a clinical system calling the server from elsewhere does not take its CPU from the worker.",
     ]
@@ -322,6 +362,7 @@ def main(args: argparse.Namespace) -> dict:
         "chosen": {"batch": b, "delay_ms": d},
         "curves": curves,
         "idle_ms": idle,
+        "jit_warm_up": warm,
         "paired_rounds": rounds,
         "paired_ratio_median": paired,
         "paired_grpc_over_rest_median": paired_grpc,

@@ -53,7 +53,7 @@ def test_cpu_per_request_takes_each_protocols_median_over_the_rounds():
         {**cpu("rest", 90.0, 1.8, 0.09, 0.03), **cpu("grpc", 80.0, 1.6, 0.08, 0.03)},
     ]
     shipped = cpu_per_request("rest-requests", 50.0, {"workers": 0.9, "java": 0.05, "load_generator": 0.05})
-    rest, grpc, last = cpu_table(rounds, shipped)
+    rest, grpc, last = cpu_table(rounds, [shipped])
     assert [rest["client"], grpc["client"], last] == ["REST", "gRPC", shipped]
     assert rest["rps"] == 90.0 and grpc["rps"] == 90.0
     assert rest["cpu_ms_workers"] == pytest.approx(18.0)  # 18.0, 15.0, 20.0 ms: the median, not the mean
@@ -74,3 +74,44 @@ def test_the_tail_benchmark_defaults_to_the_shipped_batching(tmp_path):
     config.write_text("job_queue_size=100\n")
     with pytest.raises(ValueError, match="no models= line"):
         shipped_setting(config)
+
+
+def test_the_jit_warm_up_ends_only_when_both_protocols_have_settled():
+    from bench_serve import JIT_SETTLED_MS, jit_settled
+
+    low, high = JIT_SETTLED_MS / 2, JIT_SETTLED_MS * 3
+    assert jit_settled({"rest_jit_ms": low, "grpc_jit_ms": low})
+    assert not jit_settled({"rest_jit_ms": low, "grpc_jit_ms": high})  # gRPC's path compiles longer
+    assert not jit_settled({"rest_jit_ms": high, "grpc_jit_ms": low})
+    assert not jit_settled({"rest_jit_ms": low, "grpc_jit_ms": float("inf")})  # no answer at all: not warm
+
+
+def test_jit_seconds_reads_the_compiler_threads_of_a_java_process(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    from bench_serve import jit_seconds
+
+    assert jit_seconds(os.getpid()) == 0.0  # Python has no compiler threads
+    assert jit_seconds(2**22 + 1) == 0.0  # no such process: 0, not an error
+    java = shutil.which("java")
+    if java is None:
+        pytest.skip("no java on this machine")
+    # A JVM running a hot loop for 3 s: its C1/C2 compiler threads must be found, with CPU time.
+    source = tmp_path / "Hot.java"
+    source.write_text(
+        "class Hot { public static void main(String[] a) { long s = 0, t = System.nanoTime();"
+        " while (System.nanoTime() - t < 3_000_000_000L) { for (int i = 0; i < 100000; i++) s += i * 31L ^ s; }"
+        " System.out.println(s); } }"
+    )
+    proc = subprocess.Popen([java, str(source)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while jit_seconds(proc.pid) == 0.0 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert jit_seconds(proc.pid) > 0.0
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

@@ -112,11 +112,14 @@ def test_requests_without_a_token_are_refused(server, knee_png):
 def test_the_benchmark_drivers_are_answered_and_count_what_fails(server, knee_png):
     from bench_serve import DRIVERS, HttpDriver, drive
 
+    assert set(DRIVERS) == {"rest", "grpc", "rest-requests", "grpc-sync"}
     for protocol in DRIVERS:
         run = drive(server, [knee_png], protocol, concurrency=2, seconds=1.0)
         assert run["rps"] > 0 and run["failures"] == 0, (protocol, run)
-    bad = drive(server, [b"not an image"], "rest", concurrency=1, seconds=1.0)
-    assert bad["rps"] == 0 and bad["failures"] > 0
+        bad = drive(server, [b"not an image"], protocol, concurrency=1, seconds=1.0)
+        assert bad["rps"] == 0 and bad["failures"] > 0, (protocol, bad)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        drive(server, [knee_png], "soap", concurrency=1, seconds=1.0)
     with pytest.raises(KOAClientError) as err:
         HttpDriver(server.inference_url, token="wrong").predict(knee_png)
     assert err.value.status in (400, 401, 403)
