@@ -93,7 +93,7 @@ predict: $(PROTO_STAMP)  ## grade IMAGE=... on the running server (REST)
 explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG beside it in reports/)
 	$(PY) -m client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain
 
-bench: archive  ## served against in-process, batching sweep, REST against gRPC in paired rounds -> docs/BENCHMARKS.md (~14 min)
+bench: archive  ## served against in-process, batching sweep, JIT warm-up, REST against gRPC in paired rounds -> docs/BENCHMARKS.md (~20 min)
 	$(PY) scripts/bench_sweep.py
 
 bench-tail: archive $(PROTO_STAMP)  ## Locust at 80% of saturation, shipped batching (or SETTINGS=16x10,8x10) -> reports/bench_tail.json (~7 min each)
