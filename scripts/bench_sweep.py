@@ -166,6 +166,24 @@ def cpu_table(rounds: list[dict], shipped: list[dict]) -> list[dict]:
     return rows + shipped
 
 
+def plot_curves(curves: dict, pipe: float, near: int, batch: int, delay: int, path: Path) -> Path:
+    """Throughput against concurrency per protocol, with the in-process request path as a line."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for proto, rows in curves.items():
+        ax.plot([r["clients"] for r in rows], [r["rps"] for r in rows], marker="o", label=LEG_NAMES[proto])
+    ax.axhline(pipe, color="grey", ls="--", label=f"in-process request path, batch {near}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("requests / s")
+    ax.set_title(f"TorchServe, batch {batch}, max delay {delay} ms")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(args: argparse.Namespace) -> dict:
     images = load_images(args.images, 64)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -202,20 +220,7 @@ def main(args: argparse.Namespace) -> dict:
     paired_grpc = statistics.median(r["grpc_over_rest"] for r in rounds)
     model_b1_ms = 1000 / inproc[1]["model_ips_b1"]
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for proto, rows in curves.items():
-        ax.plot([r["clients"] for r in rows], [r["rps"] for r in rows], marker="o", label=proto.upper())
-    ax.axhline(pipe, color="grey", ls="--", label=f"in-process pipeline, batch {near}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("requests / s")
-    ax.set_title(f"TorchServe, batch {b}, max delay {d} ms")
-    ax.legend()
-    fig.tight_layout()
-    plot = args.out.with_name("bench_concurrency.png")
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(plot)
-    plt.close(fig)
+    plot = plot_curves(curves, pipe, near, b, d, args.out.with_name("bench_concurrency.png"))
 
     round_ratios = ", ".join(f"{r['ratio']:.2f}" for r in rounds)
     best_rest = max(curves["rest"], key=lambda r: r["rps"])
