@@ -211,8 +211,9 @@ class GrpcAioDriver:
     The shipped `client.grpc_client.GrpcClient` is synchronous: a thread per call in flight, each
     waiting on its own completion queue. Measured here on a warmed server (4 rounds, 32 calls in
     flight), that spent 0.34-0.38 ms of load-generator CPU per request, this 0.23-0.25 ms, the same as
-    `HttpDriver` for REST (0.23). So both protocols are driven at the same client cost, and the
-    shipped gRPC client is measured beside them, as the shipped REST client is.
+    `HttpDriver` for REST (0.23); in three `make bench` runs since, this 0.24-0.31 ms against
+    0.21-0.25. So both protocols are driven at about the same client cost, and the shipped gRPC
+    client is measured beside them, as the shipped REST client is.
     """
 
     def __init__(self, target: str, token: str, model: str = "oamen", timeout: float = 120) -> None:
@@ -330,8 +331,9 @@ def jit_seconds(pid: int) -> float:
 
     Read from /proc (Linux); 0.0 where it cannot be read. The JIT compiles the frontend's hot paths in
     the first minutes of load, and gRPC's (Netty HTTP/2, protobuf, the gRPC executor) take longer than
-    REST's: on this machine up to 1.5 ms of compiler CPU per gRPC request in the first minute, against
-    1 ms for REST, both near 0 after four to five minutes of load (docs/BENCHMARKS.md).
+    REST's: on this machine 1.0-1.5 ms of compiler CPU per gRPC request in the first minute of load,
+    against 0.8-1.0 ms for REST; REST's under 0.1 ms after 2.5-3 minutes, gRPC's after about 5
+    (docs/BENCHMARKS.md).
     """
     total = 0.0
     with contextlib.suppress(OSError):

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import (  # noqa: E402
     JIT_SETTLED_MS,
+    RAMP_S,
     ROOT,
     cpu_use,
     drive,
@@ -282,7 +283,7 @@ def main(args: argparse.Namespace) -> dict:
         "",
         "`*_jit_ms`: CPU milliseconds of Java's compiler threads per answered request in that leg. "
         + (
-            f"Settled after {len(warm)} passes ({len(warm) * 2 * (args.seconds + 3) / 60:.1f} minutes of load)."
+            f"Settled after {len(warm)} passes ({len(warm) * 2 * (args.seconds + RAMP_S) / 60:.1f} minutes of load)."
             if jit_settled(warm[-1])
             else f"Not settled after {len(warm)} passes: the tables below still include some JIT work."
         ),
