@@ -108,8 +108,10 @@ def gaussian_denoise(image: np.ndarray, ksize: int, sigma: float) -> np.ndarray:
 def laplacian_enhance(image: np.ndarray, ksize: int, weight: float) -> np.ndarray:
     """Add the Laplacian edges back to the image: ``out = image - weight * lap(image)``.
 
-    OpenCV's Laplacian kernel has a negative centre, so subtracting it sharpens (the classic
-    ``f - c * lap(f)`` unsharp form). The result is clipped to [0, 1].
+    ``ksize == 1`` is the 4-neighbour Laplacian ``[[0, 1, 0], [1, -4, 1], [0, 1, 0]]`` that
+    OA-MEN describes (the contract's default); larger odd apertures are OpenCV's Sobel-based
+    kernels (3 is ``[[2, 0, 2], [0, -8, 0], [2, 0, 2]]``). The kernel has a negative centre, so
+    subtracting it sharpens (the classic ``f - c * lap(f)`` form). Clipped to [0, 1].
     """
     if weight == 0:
         return image

@@ -68,7 +68,7 @@ def test_replace_keeps_other_preprocess_fields() -> None:
     c = base.replace(preprocess={"laplacian_weight": 0.25})
     assert c.preprocess.pad_value == 9
     assert c.preprocess.laplacian_weight == 0.25
-    assert base.preprocess.laplacian_weight == 0.5  # the original is untouched
+    assert base.preprocess.laplacian_weight == 1.0  # the original is untouched
 
 
 def test_from_dict_with_missing_fields_uses_defaults() -> None:

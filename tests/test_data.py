@@ -318,3 +318,21 @@ def test_prepare_all_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert len(set(cache.glob("train-*.npy"))) == 3
     prepare_all(samples[:5], CONTRACT, cache, "train")  # a changed file list too
     assert len(set(cache.glob("train-*.npy"))) == 4
+
+
+def test_prepare_all_cache_misses_when_code_or_library_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = scan(_split_layout(tmp_path / "koa", per=1))[:3]
+    cache = tmp_path / "cache"
+    prepare_all(samples, CONTRACT, cache, "train")
+    before = D.preprocessing_fingerprint()
+    monkeypatch.setattr(D.cv2, "__version__", "0.0.0-other")  # another OpenCV
+    assert D.preprocessing_fingerprint() != before
+    prepare_all(samples, CONTRACT, cache, "train")
+    assert len(set(cache.glob("train-*.npy"))) == 2
+    monkeypatch.undo()
+    edited = tmp_path / "preprocess.py"  # the same module with one line of code changed
+    edited.write_text(Path(D.model.preprocess.__file__).read_text() + "\n# edited\n")
+    monkeypatch.setattr(D.model.preprocess, "__file__", str(edited))
+    assert D.preprocessing_fingerprint() != before
+    prepare_all(samples, CONTRACT, cache, "train")
+    assert len(set(cache.glob("train-*.npy"))) == 3

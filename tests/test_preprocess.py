@@ -216,6 +216,19 @@ def test_laplacian_step_edge_4_neighbour_kernel() -> None:
     np.testing.assert_allclose(out, np.tile(expected_row, (5, 1)), atol=1e-5)
 
 
+def test_contract_default_is_the_4_neighbour_laplacian_added_back() -> None:
+    # The paper's kernel, read off the impulse response of the contract's own setting:
+    # out = img - weight * lap(img) with lap = [[0,1,0],[1,-4,1],[0,1,0]] and weight 1.
+    cfg = InputContract().preprocess
+    image = np.full((5, 5), 0.5, np.float32)
+    image[2, 2] = 0.6
+    out = laplacian_enhance(image, cfg.laplacian_ksize, cfg.laplacian_weight)
+    expected = np.full((5, 5), 0.5, np.float32)
+    expected[2, 2] = 0.6 + 4 * 0.1  # centre: -(-4 x 0.1)
+    expected[1, 2] = expected[3, 2] = expected[2, 1] = expected[2, 3] = 0.5 - 0.1  # edge neighbours
+    np.testing.assert_allclose(out, expected, atol=1e-6)  # diagonal neighbours untouched
+
+
 def test_laplacian_output_is_clipped_to_unit_range() -> None:
     image = np.random.default_rng(4).random((16, 16), dtype=np.float32)
     out = laplacian_enhance(image, 3, 2.0)
@@ -424,7 +437,7 @@ def test_preprocess_three_channel_contract() -> None:
     [
         ({}, {"laplacian_weight": 0.0}),
         ({}, {"laplacian_weight": 1.5}),
-        ({}, {"laplacian_ksize": 1}),
+        ({}, {"laplacian_ksize": 3}),
         ({}, {"gaussian_sigma": 2.0}),
         ({}, {"gaussian_ksize": 5}),
         ({}, {"gaussian_ksize": 1}),

@@ -30,6 +30,9 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
+import model.contract
+import model.decode
+import model.preprocess
 from model.contract import InputContract
 from model.decode import decode_image
 from model.preprocess import prepare, to_model_input
@@ -139,9 +142,28 @@ def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
     return [c.get(k, 0) for k in range(num_classes)]
 
 
+def preprocessing_fingerprint() -> str:
+    """A digest of everything besides the contract that shapes a prepared image.
+
+    The code of decoding and preprocessing (and of the contract that parameterises them) and
+    the versions of the libraries they call: after a fix to any of them, training must not
+    read images prepared the old way while serving prepares them the new way.
+    """
+    import PIL
+    import pydicom
+
+    h = hashlib.sha256()
+    for module in (model.contract, model.decode, model.preprocess):
+        h.update(Path(module.__file__).read_bytes())
+    for lib in (cv2, np, pydicom, PIL):
+        h.update(f"{lib.__name__}={lib.__version__};".encode())
+    return h.hexdigest()
+
+
 def _cache_key(samples: Sequence[Sample], contract: InputContract) -> str:
     h = hashlib.sha256()
-    h.update(repr((contract.input_size, contract.preprocess)).encode())
+    h.update(preprocessing_fingerprint().encode())
+    h.update(repr((contract.input_size, contract.preprocess, contract.max_pixels)).encode())
     for s in samples:
         h.update(f"{s.path}:{s.path.stat().st_mtime_ns}:{s.path.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
@@ -152,8 +174,9 @@ def prepare_all(
 ) -> np.ndarray:
     """The deterministic preprocessing of every sample: (N, S, S) uint8, cached on disk if asked.
 
-    The cache file name hashes the file list and the preprocessing parameters, so a changed
-    contract or dataset never reads a stale cache.
+    The cache file name hashes the file list, the preprocessing parameters, the code of
+    decoding and preprocessing and the libraries' versions (`preprocessing_fingerprint`), so a
+    changed contract, dataset, code or library never reads a stale cache.
     """
     cache_file = None
     if cache_dir is not None:
