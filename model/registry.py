@@ -12,15 +12,33 @@ from collections.abc import Callable
 from torch import nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_PRETRAINED: set[str] = set()
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``fn`` under its own name; a second builder with the same name is an error."""
-    name = fn.__name__
-    if name in _MODELS:
-        raise RuntimeError(f"model {name!r} is registered twice")
-    _MODELS[name] = fn
-    return fn
+def register_model(fn: Callable[..., nn.Module] | None = None, *, pretrained: bool = False):
+    """Register ``fn`` under its own name; a second builder with the same name is an error.
+
+    ``@register_model(pretrained=True)`` marks a builder that accepts ``pretrained=True`` and
+    then starts from weights installed with the packages (nothing is downloaded).
+    """
+
+    def add(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = f.__name__
+        if name in _MODELS:
+            raise RuntimeError(f"model {name!r} is registered twice")
+        _MODELS[name] = f
+        if pretrained:
+            _PRETRAINED.add(name)
+        return f
+
+    return add(fn) if fn is not None else add
+
+
+def has_pretrained(name: str) -> bool:
+    """Whether the builder ``name`` can start from installed ImageNet weights."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    return name in _PRETRAINED
 
 
 def list_models() -> list[str]:

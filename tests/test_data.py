@@ -257,11 +257,49 @@ def test_augment_keeps_shape_and_dtype() -> None:
 
 def test_augment_flip_alone_is_a_mirror() -> None:
     img = _image()
-    aug = Augment(flip=1.0, crop_scale=(1.0, 1.0), max_translate=0.0)
+    still = {"crop_scale": (1.0, 1.0), "max_translate": 0.0, "aspect": 0.0, "max_rotate": 0.0, "band": 0.0}
+    aug = Augment(flip=1.0, intensity=0.0, **still)
     out = aug(img, np.random.default_rng(0))
     assert np.abs(out.astype(int) - np.fliplr(img).astype(int)).max() <= 1
-    ident = Augment(flip=0.0, crop_scale=(1.0, 1.0), max_translate=0.0)(img, np.random.default_rng(0))
+    ident = Augment(flip=0.0, intensity=0.0, **still)(img, np.random.default_rng(0))
     assert np.abs(ident.astype(int) - img.astype(int)).max() <= 1
+
+
+def test_augment_band_letterboxes_a_tight_crop() -> None:
+    img = np.full((SIZE, SIZE), 200, np.uint8)
+    still = {"crop_scale": (1.0, 1.0), "max_translate": 0.0, "aspect": 0.0, "max_rotate": 0.0, "flip": 0.0}
+    aug = Augment(band=1.0, band_fraction=(0.5, 0.5), intensity=0.0, **still)
+    shapes = set()
+    for seed in range(12):
+        out = aug(img, np.random.default_rng(seed))
+        rows, cols = np.flatnonzero(out.max(1) > 0), np.flatnonzero(out.max(0) > 0)
+        kept = (rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+        assert sorted(kept) == [SIZE // 2, SIZE] and (out == 0).mean() == pytest.approx(0.5, abs=0.01)
+        shapes.add(kept)
+    assert shapes == {(SIZE // 2, SIZE), (SIZE, SIZE // 2)}  # wide and tall bands both occur
+
+
+def test_augment_intensity_changes_gray_levels_not_geometry() -> None:
+    img = _image()
+    still = {"crop_scale": (1.0, 1.0), "max_translate": 0.0, "aspect": 0.0, "max_rotate": 0.0, "band": 0.0}
+    out = Augment(flip=0.0, intensity=1.0, blur_sigma=(0.3, 0.3), **still)(img, np.random.default_rng(1))
+    assert not np.array_equal(out, img)
+    # still the same picture: strongly correlated with the original
+    assert np.corrcoef(out.ravel().astype(float), img.ravel().astype(float))[0, 1] > 0.8
+
+
+def test_split_tune_holds_out_whole_patients() -> None:
+    samples = [
+        D.Sample(Path(f"{p:07d}{side}.png"), (p + i) % 5, "train", f"{p:07d}")
+        for p in range(200)
+        for i, side in enumerate("LR")
+    ]
+    fit, tune = D.split_tune(samples, 0.1, seed=0)
+    assert len(fit) + len(tune) == len(samples) and 0.07 < len(tune) / len(samples) < 0.13
+    assert not {s.patient for s in fit} & {s.patient for s in tune}
+    assert set(D.class_counts(tune, 5)) != {0}
+    with pytest.raises(ValueError, match="tune fraction"):
+        D.split_tune(samples, 0.6)
 
 
 def test_augment_is_random_but_seeded() -> None:

@@ -137,6 +137,23 @@ def make_splits(samples: Sequence[Sample], protocol: str = "official", seed: int
     return {"train": [pool[i] for i in tr], "val": [pool[i] for i in va]}
 
 
+def split_tune(samples: Sequence[Sample], fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """(fit, tune): a patient-grouped, grade-stratified ``fraction`` of the training samples held out.
+
+    The tune fold is what post-hoc steps fit on (calibration, decoding cut-points, refusal
+    thresholds): data the weights never trained on, and not the validation split, which picks
+    and reports models.
+    """
+    if not 0 < fraction < 0.5:
+        raise ValueError(f"tune fraction must be in (0, 0.5), got {fraction}")
+    labels = np.array([s.grade for s in samples])
+    groups = np.array([s.group for s in samples])
+    folds = max(2, round(1 / fraction))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    fit_ix, tune_ix = next(splitter.split(np.zeros(len(samples)), labels, groups))
+    return [samples[i] for i in fit_ix], [samples[i] for i in tune_ix]
+
+
 def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
     c = Counter(s.grade for s in samples)
     return [c.get(k, 0) for k in range(num_classes)]
@@ -204,25 +221,80 @@ def prepare_all(
 
 @dataclass(frozen=True)
 class Augment:
-    """The paper's class-balancing augmentation: random crop, horizontal flip, translation.
+    """The paper's class-balancing augmentation (random crop, flip, translation), widened for
+    crops framed by other hospitals and other scanners.
 
-    Applied to the prepared uint8 image as one affine warp: a zoom of 1/crop_scale (a random
-    crop resized back to the input), a shift of up to ``max_translate`` of the side, and a
-    mirror with probability ``flip`` (left and right knees are mirror images).
+    Applied to the prepared uint8 image. Geometry is one affine warp: a zoom of 1/crop_scale
+    (``crop_scale`` < 1 is a tighter crop, > 1 a wider one), independent x/y scale up to
+    ``aspect`` apart, a rotation of up to ``max_rotate`` degrees, a shift of up to
+    ``max_translate`` of the side and a mirror with probability ``flip`` (left and right knees
+    are mirror images). With probability ``band``, a band of the image is kept (full width and
+    ``band_fraction`` of the height, or the transpose) and letterboxed back with black bars,
+    as a tight joint crop from another hospital arrives. Then, on intensities: gamma, contrast,
+    Gaussian blur and Gaussian noise, each with the probability ``intensity``.
     """
 
     flip: float = 0.5
-    crop_scale: tuple[float, float] = (0.85, 1.0)
+    crop_scale: tuple[float, float] = (0.8, 1.15)
     max_translate: float = 0.08
+    aspect: float = 0.1
+    max_rotate: float = 7.0
+    band: float = 0.2
+    band_fraction: tuple[float, float] = (0.45, 0.85)
+    intensity: float = 0.3
+    gamma: tuple[float, float] = (0.7, 1.45)
+    contrast: tuple[float, float] = (0.75, 1.25)
+    blur_sigma: tuple[float, float] = (0.3, 1.2)
+    noise_std: tuple[float, float] = (0.005, 0.03)
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _geometry(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         size = image.shape[0]
         zoom = 1.0 / rng.uniform(*self.crop_scale)
+        stretch = np.exp(rng.uniform(-self.aspect, self.aspect)) if self.aspect > 0 else 1.0
+        zx, zy = zoom * stretch, zoom / stretch
         tx, ty = rng.uniform(-self.max_translate, self.max_translate, size=2) * size
-        sx = -zoom if rng.random() < self.flip else zoom
+        mirror = rng.random() < self.flip
+        theta = np.deg2rad(rng.uniform(-self.max_rotate, self.max_rotate)) if self.max_rotate > 0 else 0.0
+        cos, sin = np.cos(theta), np.sin(theta)
+        a = np.array([[zx * cos, -zy * sin], [zx * sin, zy * cos]], dtype=np.float64)
+        if mirror:
+            a[:, 0] *= -1
         c = (size - 1) / 2.0
-        m = np.array([[sx, 0.0, c - sx * c + tx], [0.0, zoom, c - zoom * c + ty]], dtype=np.float32)
+        offset = np.array([c + tx, c + ty]) - a @ np.array([c, c])
+        m = np.hstack([a, offset[:, None]]).astype(np.float32)
         return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+    def _band(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        size = image.shape[0]
+        keep = max(8, round(size * rng.uniform(*self.band_fraction)))
+        start = (size - keep) // 2 + int(rng.integers(-(size - keep) // 4, (size - keep) // 4 + 1))
+        start = min(max(start, 0), size - keep)
+        out = np.zeros_like(image)  # the letterbox's black bars (contract pad_value 0)
+        if rng.random() < 0.75:  # a wide band across the joint line, as most tight crops are
+            out[start : start + keep, :] = image[start : start + keep, :]
+        else:
+            out[:, start : start + keep] = image[:, start : start + keep]
+        return out
+
+    def _intensity(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = image.astype(np.float32) / 255.0
+        if rng.random() < self.intensity:
+            x = x ** rng.uniform(*self.gamma)
+        if rng.random() < self.intensity:
+            x = (x - 0.5) * rng.uniform(*self.contrast) + 0.5
+        if rng.random() < self.intensity:
+            x = cv2.GaussianBlur(x, (0, 0), rng.uniform(*self.blur_sigma))
+        if rng.random() < self.intensity:
+            x = x + rng.normal(0.0, rng.uniform(*self.noise_std), size=x.shape).astype(np.float32)
+        return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        out = self._geometry(image, rng)
+        if self.band > 0 and rng.random() < self.band:
+            out = self._band(out, rng)
+        if self.intensity > 0:
+            out = self._intensity(out, rng)
+        return out
 
 
 class KneeDataset(Dataset):

