@@ -1,4 +1,9 @@
-"""Tests for train.metrics: hand-computed small cases plus cross-checks against scikit-learn."""
+"""Tests for train.metrics.
+
+train.metrics calls scikit-learn; the hand-computed small cases are the proof that it calls it right
+(label set, weights, tie handling, undefined cases), the random cross-checks that nothing is lost
+between sklearn and the dict that is written to metrics.json.
+"""
 
 from __future__ import annotations
 
@@ -226,6 +231,7 @@ def test_output_is_json_serialisable() -> None:
     rng = np.random.default_rng(7)
     y = rng.integers(0, 5, size=40).astype(np.int32)
     probs = rng.random((40, 5)).astype(np.float32)
+    probs /= probs.sum(axis=1, keepdims=True)  # float32 probabilities, as fit.py passes them
     out = M.compute_metrics(y, probs, KL)
     text = json.dumps(out, allow_nan=False)
     back = json.loads(text)
@@ -239,12 +245,13 @@ def test_output_is_json_serialisable() -> None:
         "qwk",
         "mae",
         "macro_auc",
+        "ece",
         "mean_ovr_accuracy",
         "per_class",
         "confusion_matrix",
         "class_names",
     }
-    for key in ("accuracy", "qwk", "mae", "macro_f1", "macro_auc"):
+    for key in ("accuracy", "qwk", "mae", "macro_f1", "macro_auc", "ece"):
         assert type(out[key]) is float
     assert type(out["n"]) is int
     assert all(type(v) is int for row in out["confusion_matrix"] for v in row)
@@ -253,6 +260,128 @@ def test_output_is_json_serialisable() -> None:
 def test_argmax_tie_goes_to_lowest_class() -> None:
     out = M.compute_metrics(np.array([0, 1]), np.full((2, 3), 1 / 3), ["a", "b", "c"])
     assert out["confusion_matrix"] == [[1, 0, 0], [1, 0, 0], [0, 0, 0]]
+
+
+# --------------------------------------------------------------------------- y_pred from another decoder
+def test_y_pred_drives_the_label_metrics_and_probs_the_aucs() -> None:
+    # y = [0, 1, 2]; argmax of probs = [0, 0, 0], a decoder's y_pred = [0, 1, 1].
+    # With y_pred: cm = [[1,0,0],[0,1,0],[0,1,0]], accuracy 2/3, MAE 1/3.
+    # QWK: observed only cell (2,1), weight 1, mass 1/3 -> 1/3; rows r = [1,1,1]/3, cols c = [1,2,0]/3
+    #   expected = (1/9) * (row0: 0*1 + 1*2 + 4*0 = 2; row1: 1*1 + 0 + 0 = 1; row2: 4*1 + 1*2 + 0 = 6) = 1
+    #   kappa = 1 - (1/3)/1 = 2/3
+    # The AUCs use the probabilities and do not change.
+    y = np.array([0, 1, 2])
+    probs = np.array([[0.8, 0.1, 0.1], [0.5, 0.4, 0.1], [0.4, 0.3, 0.3]])
+    y_pred = np.array([0, 1, 1])
+    argmax = M.compute_metrics(y, probs, ["a", "b", "c"])
+    out = M.compute_metrics(y, probs, ["a", "b", "c"], y_pred=y_pred)
+    assert argmax["confusion_matrix"] == [[1, 0, 0], [1, 0, 0], [1, 0, 0]]
+    assert out["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]
+    assert out["accuracy"] == pytest.approx(2 / 3)
+    assert out["mae"] == pytest.approx(1 / 3)
+    assert out["qwk"] == pytest.approx(2 / 3)
+    assert out["per_class"]["b"]["precision"] == pytest.approx(0.5)
+    assert out["per_class"]["c"]["recall"] == 0.0
+    assert out["macro_auc"] == argmax["macro_auc"]
+    assert out["ece"] == argmax["ece"]
+    assert [out["per_class"][c]["auc"] for c in "abc"] == [argmax["per_class"][c]["auc"] for c in "abc"]
+    # The default is exactly argmax.
+    assert M.compute_metrics(y, probs, ["a", "b", "c"], y_pred=probs.argmax(axis=1)) == argmax
+
+
+def test_y_pred_is_validated() -> None:
+    probs = np.full((2, 3), 1 / 3)
+    with pytest.raises(ValueError, match="y_pred has 3 samples but y_true has 2"):
+        M.compute_metrics(np.array([0, 1]), probs, ["a", "b", "c"], y_pred=np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"y_pred values must be in \[0, 3\), got min=0, max=3"):
+        M.compute_metrics(np.array([0, 1]), probs, ["a", "b", "c"], y_pred=np.array([0, 3]))
+    with pytest.raises(ValueError, match="y_pred must contain integers"):
+        M.compute_metrics(np.array([0, 1]), probs, ["a", "b", "c"], y_pred=np.array([0.0, 1.0]))
+
+
+# --------------------------------------------------------------------------- calibration
+def test_ece_by_hand() -> None:
+    # n_bins = 4: edges 0, 0.25, 0.5, 0.75, 1.
+    # row  top prob  argmax  y  right   bin
+    #  0     0.9       0     0   yes   (0.75, 1]
+    #  1     0.8       0     1   no    (0.75, 1]
+    #  2     0.6       1     1   yes   (0.5, 0.75]
+    #  3     0.7       1     0   no    (0.5, 0.75]
+    # bin (0.5, 0.75]: 2 samples, confidence 0.65, accuracy 0.5 -> gap 0.15
+    # bin (0.75, 1]:   2 samples, confidence 0.85, accuracy 0.5 -> gap 0.35
+    # ECE = 2/4 * 0.15 + 2/4 * 0.35 = 0.25
+    y = np.array([0, 1, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]])
+    bins = M.reliability_bins(y, probs, n_bins=4)
+    assert bins["lower"] == [0.0, 0.25, 0.5, 0.75]
+    assert bins["upper"] == [0.25, 0.5, 0.75, 1.0]
+    assert bins["count"] == [0, 0, 2, 2]
+    assert bins["confidence"][:2] == [None, None] and bins["accuracy"][:2] == [None, None]
+    assert bins["confidence"][2:] == pytest.approx([0.65, 0.85])
+    assert bins["accuracy"][2:] == pytest.approx([0.5, 0.5])
+    assert M.expected_calibration_error(y, probs, n_bins=4) == pytest.approx(0.25)
+    json.dumps(bins, allow_nan=False)
+
+
+def test_ece_zero_when_calibrated_and_one_when_sure_and_wrong() -> None:
+    # Ten samples at confidence 0.7, seven of them right: accuracy = confidence in the one bin.
+    y = np.array([0] * 7 + [1] * 3)
+    probs = np.tile([0.7, 0.3], (10, 1))
+    assert M.expected_calibration_error(y, probs, n_bins=4) == pytest.approx(0.0)
+    # Certain and always wrong: gap 1 in the last bin.
+    assert M.expected_calibration_error(np.array([1, 0]), np.array([[1.0, 0.0], [0.0, 1.0]])) == 1.0
+
+
+def test_reliability_bins_edges_are_upper_inclusive() -> None:
+    # n_bins = 2: edges 0, 0.5, 1 (exact in binary). Confidence 0.5 closes bin (0, 0.5]; 1.0 closes the last.
+    y = np.array([0, 0, 0])
+    probs = np.array([[0.5, 0.5], [1.0, 0.0], [0.75, 0.25]])
+    bins = M.reliability_bins(y, probs, n_bins=2)
+    assert bins["count"] == [1, 2]
+    assert bins["confidence"] == pytest.approx([0.5, 0.875])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ece_matches_a_loop_over_bins(seed: int) -> None:
+    # The binning written the way Guo et al. 2017 write it: B_m = {i : (m-1)/M < conf_i <= m/M}.
+    rng = np.random.default_rng(seed)
+    n, k, n_bins = 300, 5, 15
+    y = rng.integers(0, k, size=n)
+    logits = rng.normal(size=(n, k)) * 2 + 2.0 * np.eye(k)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    conf, right = probs.max(axis=1), probs.argmax(axis=1) == y
+    ece = 0.0
+    for m in range(1, n_bins + 1):
+        in_bin = (conf > (m - 1) / n_bins) & (conf <= m / n_bins)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(right[in_bin].mean() - conf[in_bin].mean())
+    assert M.expected_calibration_error(y, probs) == pytest.approx(ece, abs=1e-12)
+    assert M.compute_metrics(y, probs, KL)["ece"] == pytest.approx(ece, abs=1e-12)
+    assert sum(M.reliability_bins(y, probs)["count"]) == n
+
+
+def test_ece_none_in_compute_metrics_for_logits() -> None:
+    out = M.compute_metrics(np.array([0, 1]), np.array([[2.0, -1.0], [0.5, 3.0]]), ["a", "b"])
+    assert out["ece"] is None
+    assert out["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("y", "probs", "n_bins", "match"),
+    [
+        (np.array([0, 1]), np.array([[2.0, -1.0], [0.5, 0.5]]), 15, r"probabilities .*in \[0, 1\], got min=-1, max=2"),
+        (np.array([0, 1]), np.array([[0.5, 0.4], [0.5, 0.5]]), 15, r"rows must sum to 1, got 0.9 in row 0"),
+        (np.array([0, 1]), np.array([[0.5, 0.5], [0.5, 0.5]]), 0, r"n_bins must be a positive int, got 0"),
+        (np.array([0, 1, 1]), np.array([[0.5, 0.5], [0.5, 0.5]]), 15, r"3 samples but probs has 2 rows"),
+        (np.array([], dtype=int), np.zeros((0, 2)), 15, r"at least one sample, got probs with shape \(0, 2\)"),
+        (np.array([0, 2]), np.array([[0.5, 0.5], [0.5, 0.5]]), 15, r"y_true values must be in \[0, 2\)"),
+    ],
+)
+def test_calibration_rejects_bad_input(y: np.ndarray, probs: np.ndarray, n_bins: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        M.expected_calibration_error(y, probs, n_bins=n_bins)
+    with pytest.raises(ValueError, match=match):
+        M.reliability_bins(y, probs, n_bins=n_bins)
 
 
 # --------------------------------------------------------------------------- validation

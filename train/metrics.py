@@ -1,11 +1,14 @@
 """Evaluation metrics for the KL 0-4 knee osteoarthritis grader.
 
-Pure numpy functions (no torch, no sklearn at runtime) that turn integer labels and per-class
+Thin, validated wrappers around :mod:`sklearn.metrics` that turn integer labels and per-class
 probabilities into the numbers reported for a model: top-1 accuracy, balanced accuracy, macro F1,
-quadratic weighted kappa (QWK), mean absolute grade error, per-class one-vs-rest (OvR) AUC and
-the OvR confusion-matrix statistics. :func:`compute_metrics` bundles everything into a
-JSON-serialisable dict. Every public function validates its inputs and raises ``ValueError``
-saying what it received and what it expected.
+quadratic weighted kappa (QWK), mean absolute grade error, per-class one-vs-rest (OvR) AUC, the
+OvR confusion-matrix statistics and the top-label expected calibration error (ECE, Guo et al.,
+"On Calibration of Modern Neural Networks", ICML 2017). scikit-learn computes; this module only
+checks shapes, fixes the label set to all K grades (so an absent grade still gets its row and
+column) and turns sklearn's undefined cases into the values documented below. Every public
+function validates its inputs and raises ``ValueError`` saying what it received and what it
+expected; :func:`compute_metrics` bundles everything into a JSON-serialisable dict.
 
 A note on "average accuracy". Some papers (e.g. OA-MEN) report the *mean one-vs-rest binary
 accuracy* over the K classes rather than the usual top-1 (multi-class) accuracy. The two are tied
@@ -22,21 +25,29 @@ decisions. With K = 5, OA-MEN's 84.88 % "average ACC" corresponds to only 62.2 %
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as skm
 
 __all__ = [
     "compute_metrics",
     "confusion_matrix",
+    "expected_calibration_error",
     "mean_ovr_accuracy_from_top1",
     "per_class_binary",
     "quadratic_weighted_kappa",
+    "reliability_bins",
     "roc_auc_ovr",
     "roc_curve_ovr",
     "top1_from_mean_ovr_accuracy",
 ]
+
+# Rows of a probability matrix must sum to 1 within this: float32 softmax is off by ~1e-7, and
+# probabilities rounded to 4 decimals (as in a JSON answer) by at most K * 5e-5.
+_PROB_SUM_ATOL = 1e-3
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -108,6 +119,34 @@ def _check_probs(probs: Any, n: int | None = None, k: int | None = None) -> np.n
     return arr
 
 
+def _probability_problem(p: np.ndarray) -> str | None:
+    """Why the (N, K) matrix ``p`` is not one probability distribution per row, or None if it is."""
+    if p.size and (p.min() < 0.0 or p.max() > 1.0):
+        return f"values must be in [0, 1], got min={p.min():.4g}, max={p.max():.4g}"
+    sums = p.sum(axis=1)
+    worst = int(np.argmax(np.abs(sums - 1.0))) if sums.size else 0
+    if sums.size and abs(sums[worst] - 1.0) > _PROB_SUM_ATOL:
+        return f"rows must sum to 1, got {sums[worst]:.6g} in row {worst}"
+    return None
+
+
+def _check_prob_matrix(y_true: Any, probs: Any, n_bins: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """Validate labels, a probability matrix and a bin count for the calibration functions."""
+    if not isinstance(n_bins, (int, np.integer)) or isinstance(n_bins, bool) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    p = _check_probs(probs)
+    n, k = p.shape
+    if n == 0:
+        raise ValueError(f"calibration needs at least one sample, got probs with shape {p.shape}")
+    t = _check_labels(y_true, "y_true", k)
+    if t.shape[0] != n:
+        raise ValueError(f"y_true has {t.shape[0]} samples but probs has {n} rows; expected equal N")
+    problem = _probability_problem(p)
+    if problem is not None:
+        raise ValueError(f"probs must be probabilities (softmax outputs, not logits): {problem}")
+    return t, p, int(n_bins)
+
+
 def _check_pair(y_true: Any, y_pred: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate two label vectors of equal length."""
     t = _check_labels(y_true, "y_true", num_classes)
@@ -117,9 +156,19 @@ def _check_pair(y_true: Any, y_pred: Any, num_classes: int) -> tuple[np.ndarray,
     return t, p
 
 
+def _check_scores(y_true: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate labels and an (N, K) score matrix with the same N."""
+    p = _check_probs(probs)
+    n, k = p.shape
+    t = _check_labels(y_true, "y_true", k)
+    if t.shape[0] != n:
+        raise ValueError(f"y_true has {t.shape[0]} samples but probs has {n} rows; expected equal N")
+    return t, p
+
+
 # --------------------------------------------------------------------------- core metrics
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Multi-class confusion matrix.
+    """Multi-class confusion matrix over all K classes (``sklearn.metrics.confusion_matrix``).
 
     Args:
         y_true: (N,) true class indices in ``[0, K)``.
@@ -128,41 +177,24 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
     Returns:
         int64 array of shape (K, K); ``cm[i, j]`` counts samples with true class i predicted as j
-        (rows = true, columns = predicted).
+        (rows = true, columns = predicted). Classes absent from both vectors get zero rows/columns.
     """
     k = _check_num_classes(num_classes)
     t, p = _check_pair(y_true, y_pred, k)
-    return np.bincount(t * k + p, minlength=k * k).reshape(k, k).astype(np.int64)
-
-
-def _qwk_from_cm(cm: np.ndarray) -> float:
-    """Quadratic weighted kappa from a confusion matrix (see :func:`quadratic_weighted_kappa`)."""
-    k = cm.shape[0]
-    total = cm.sum()
-    if total == 0:
-        raise ValueError("quadratic_weighted_kappa needs at least one sample, got N=0")
-    idx = np.arange(k)
-    # Unnormalised quadratic weights; the usual 1/(K-1)^2 factor cancels in the ratio.
-    w = (idx[:, None] - idx[None, :]).astype(np.float64) ** 2
-    observed = cm.astype(np.float64) / total
-    expected = np.outer(cm.sum(axis=1), cm.sum(axis=0)).astype(np.float64) / float(total) ** 2
-    num = float((w * observed).sum())
-    den = float((w * expected).sum())
-    if den == 0.0:
-        return 1.0 if num == 0.0 else 0.0
-    return 1.0 - num / den
+    if t.size == 0 or k == 1:  # sklearn refuses empty input and warns on a 1 x 1 matrix; both are well defined
+        return np.full((k, k), t.size, dtype=np.int64)
+    return skm.confusion_matrix(t, p, labels=np.arange(k)).astype(np.int64)
 
 
 def quadratic_weighted_kappa(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    """Cohen's kappa with quadratic weights ``w_ij = (i - j)^2``.
+    """Cohen's kappa with quadratic weights (``sklearn.metrics.cohen_kappa_score(weights="quadratic")``).
 
-    ``kappa = 1 - sum(w * O) / sum(w * E)`` with O the observed joint distribution and E the
-    outer product of its marginals. Matches ``sklearn.metrics.cohen_kappa_score(weights="quadratic")``.
+    ``kappa = 1 - sum(w * O) / sum(w * E)`` with ``w_ij = (i - j)^2``, O the observed joint
+    distribution and E the outer product of its marginals.
 
-    Degenerate case: when the expected weighted disagreement ``sum(w * E)`` is 0 (all true labels
-    and all predictions are the same single class) sklearn returns NaN; here we return 1.0 if the
-    observed disagreement is also 0 (perfect agreement) and 0.0 otherwise, so the result is always
-    a finite float.
+    Degenerate case: the expected disagreement ``sum(w * E)`` is 0 only when every true label and
+    every prediction is the same single class, i.e. perfect agreement; sklearn calls that undefined
+    (NaN plus a warning), here it is 1.0, so the result is always a finite float.
 
     Args:
         y_true: (N,) true class indices.
@@ -175,7 +207,13 @@ def quadratic_weighted_kappa(y_true: np.ndarray, y_pred: np.ndarray, num_classes
     Raises:
         ValueError: On invalid inputs or N = 0.
     """
-    return _qwk_from_cm(confusion_matrix(y_true, y_pred, num_classes))
+    k = _check_num_classes(num_classes)
+    t, p = _check_pair(y_true, y_pred, k)
+    if t.size == 0:
+        raise ValueError("quadratic_weighted_kappa needs at least one sample, got N=0")
+    if np.unique(np.concatenate([t, p])).size == 1:
+        return 1.0
+    return float(skm.cohen_kappa_score(t, p, labels=np.arange(k), weights="quadratic"))
 
 
 def per_class_binary(cm: np.ndarray) -> dict[str, list[float] | list[int]]:
@@ -183,7 +221,9 @@ def per_class_binary(cm: np.ndarray) -> dict[str, list[float] | list[int]]:
 
     For class k: TP = cm[k, k], FP = column sum - TP, FN = row sum - TP, TN = N - TP - FP - FN.
     Undefined ratios (0/0: precision with no predictions of k, recall with no true k, F1 when
-    precision + recall = 0, OvR accuracy when N = 0) are reported as 0.0.
+    precision + recall = 0, OvR accuracy when N = 0) are reported as 0.0, as sklearn's
+    ``zero_division=0``. This one stays in numpy because its input is a matrix, not labels, and
+    sklearn's functions take labels; :func:`compute_metrics` calls sklearn on the labels.
 
     Args:
         cm: (K, K) confusion matrix, rows = true, columns = predicted.
@@ -223,60 +263,35 @@ def per_class_binary(cm: np.ndarray) -> dict[str, list[float] | list[int]]:
     }
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x`` with ties given the average of their ranks (like scipy.stats.rankdata)."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    n = xs.size
-    # Boundaries of runs of equal values in the sorted array.
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], n]  # exclusive
-    avg = (starts + ends + 1) / 2.0  # mean of 1-based ranks starts+1 .. ends
-    ranks_sorted = np.repeat(avg, ends - starts)
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = ranks_sorted
-    return ranks
-
-
-def _binary_auc(pos: np.ndarray, scores: np.ndarray) -> float | None:
-    """Mann-Whitney AUC of ``scores`` for boolean labels ``pos``; None if one class is empty."""
-    n_pos = int(pos.sum())
-    n_neg = int(pos.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return None
-    ranks = _average_ranks(scores)
-    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
 def roc_auc_ovr(y_true: np.ndarray, probs: np.ndarray) -> list[float | None]:
-    """Per-class one-vs-rest ROC AUC via the Mann-Whitney rank statistic.
+    """Per-class one-vs-rest ROC AUC: ``sklearn.metrics.roc_auc_score(y_true == k, probs[:, k])``.
 
-    ``AUC_k = P(score_k(pos) > score_k(neg)) + 0.5 * P(tie)``, computed from average ranks, so
-    tied scores count one half (all-equal scores give 0.5). Equals
-    ``sklearn.metrics.roc_auc_score(y_true == k, probs[:, k])``.
+    ``AUC_k = P(score_k(pos) > score_k(neg)) + 0.5 * P(tie)``, so tied scores count one half
+    (all-equal scores give 0.5).
 
     Args:
         y_true: (N,) true class indices in ``[0, K)``.
         probs: (N, K) finite scores; column k is the score for class k.
 
     Returns:
-        List of K AUCs; an entry is None when class k has no positives or no negatives in y_true.
+        List of K AUCs; an entry is None when class k has no positives or no negatives in y_true
+        (where sklearn raises).
     """
-    p = _check_probs(probs)
-    n, k = p.shape
-    t = _check_labels(y_true, "y_true", k)
-    if t.shape[0] != n:
-        raise ValueError(f"y_true has {t.shape[0]} samples but probs has {n} rows; expected equal N")
-    return [_binary_auc(t == c, p[:, c]) for c in range(k)]
+    t, p = _check_scores(y_true, probs)
+    aucs: list[float | None] = []
+    for c in range(p.shape[1]):
+        pos = t == c
+        defined = 0 < int(pos.sum()) < pos.size
+        aucs.append(float(skm.roc_auc_score(pos, p[:, c])) if defined else None)
+    return aucs
 
 
 def roc_curve_ovr(y_true: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """One-vs-rest ROC curve for class ``k`` (for plotting).
+    """One-vs-rest ROC curve for class ``k`` (for plotting), from ``sklearn.metrics.roc_curve``.
 
-    Thresholds are the distinct scores in decreasing order; the curve starts at (0, 0) and ends
-    at (1, 1). Tied scores produce a single diagonal step, consistent with :func:`roc_auc_ovr`
-    (the trapezoidal area under the returned curve equals the rank AUC).
+    One point per distinct score (``drop_intermediate=False``), in decreasing order of threshold;
+    the curve starts at (0, 0) and ends at (1, 1). Tied scores produce a single diagonal step, so
+    the trapezoidal area under the curve equals :func:`roc_auc_ovr`.
 
     Args:
         y_true: (N,) true class indices.
@@ -284,34 +299,87 @@ def roc_curve_ovr(y_true: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.nda
         k: Class index whose column of ``probs`` is used.
 
     Returns:
-        ``(fpr, tpr)`` float arrays of equal length.
+        ``(fpr, tpr)`` float64 arrays of equal length.
 
     Raises:
         ValueError: On invalid inputs, or if class k has no positives or no negatives.
     """
-    p = _check_probs(probs)
+    t, p = _check_scores(y_true, probs)
     n, num_classes = p.shape
-    t = _check_labels(y_true, "y_true", num_classes)
-    if t.shape[0] != n:
-        raise ValueError(f"y_true has {t.shape[0]} samples but probs has {n} rows; expected equal N")
-    if not isinstance(k, (int, np.integer)) or not 0 <= k < num_classes:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k < num_classes:
         raise ValueError(f"k must be a class index in [0, {num_classes}), got {k!r}")
     pos = t == k
     n_pos = int(pos.sum())
     n_neg = n - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"ROC curve for class {k} is undefined: got {n_pos} positive(s) and {n_neg} negative(s)")
-    scores = p[:, k]
-    order = np.argsort(-scores, kind="mergesort")
-    s = scores[order]
-    y = pos[order]
-    # Last index of each run of equal scores (thresholds).
-    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
-    tps = np.cumsum(y)[last]
-    fps = (last + 1) - tps
-    fpr = np.r_[0.0, fps / n_neg]
-    tpr = np.r_[0.0, tps / n_pos]
+    fpr, tpr, _ = skm.roc_curve(pos, p[:, k], drop_intermediate=False)
     return fpr.astype(np.float64), tpr.astype(np.float64)
+
+
+# --------------------------------------------------------------------------- calibration
+def reliability_bins(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> dict[str, list[Any]]:
+    """Top-label reliability diagram data: accuracy against confidence in equal-width bins.
+
+    The confidence of a sample is its top probability ``max_k probs[i, k]``, its prediction the
+    argmax (ties to the lowest class). Bin b covers ``(b / n_bins, (b + 1) / n_bins]``; the first
+    bin also holds confidence 0 (Guo et al. 2017).
+
+    Args:
+        y_true: (N,) true class indices in ``[0, K)``.
+        probs: (N, K) probabilities: values in [0, 1], each row summing to 1.
+        n_bins: Number of equal-width bins over [0, 1].
+
+    Returns:
+        Dict of lists of length ``n_bins``: ``lower`` and ``upper`` (bin edges), ``count``
+        (samples in the bin, ints), ``confidence`` (mean top probability) and ``accuracy``
+        (fraction of the bin's samples whose argmax is right); the last two are None for an
+        empty bin.
+
+    Raises:
+        ValueError: On invalid shapes, labels, N = 0, a non-positive ``n_bins``, or scores that
+            are not probabilities.
+    """
+    t, p, n_bins = _check_prob_matrix(y_true, probs, n_bins)
+    conf = p.max(axis=1)
+    correct = (np.argmax(p, axis=1) == t).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # searchsorted(side="left") puts a value equal to an edge into the bin that edge closes.
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
+    correct_sum = np.bincount(idx, weights=correct, minlength=n_bins)
+    return {
+        "lower": [float(v) for v in edges[:-1]],
+        "upper": [float(v) for v in edges[1:]],
+        "count": [int(c) for c in count],
+        "confidence": [float(s / c) if c else None for s, c in zip(conf_sum, count)],
+        "accuracy": [float(s / c) if c else None for s, c in zip(correct_sum, count)],
+    }
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label expected calibration error (Guo et al. 2017).
+
+    ``ECE = sum_b (n_b / N) * |accuracy_b - confidence_b|`` over the equal-width bins of
+    :func:`reliability_bins`: 0 for a perfectly calibrated model, at most 1.
+
+    Args:
+        y_true: (N,) true class indices in ``[0, K)``.
+        probs: (N, K) probabilities: values in [0, 1], each row summing to 1.
+        n_bins: Number of equal-width bins over [0, 1].
+
+    Returns:
+        The ECE as a float in ``[0, 1]``.
+
+    Raises:
+        ValueError: As :func:`reliability_bins`.
+    """
+    bins = reliability_bins(y_true, probs, n_bins)
+    n = sum(bins["count"])
+    return float(
+        sum(c / n * abs(acc - conf) for c, acc, conf in zip(bins["count"], bins["accuracy"], bins["confidence"]) if c)
+    )
 
 
 # --------------------------------------------------------------------------- OvR accuracy identity
@@ -343,24 +411,35 @@ def top1_from_mean_ovr_accuracy(mean_ovr: float, k: int) -> float:
 
 
 # --------------------------------------------------------------------------- bundle
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+def compute_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    y_pred: np.ndarray | None = None,
+) -> dict[str, Any]:
     """All evaluation metrics for one set of predictions, as a JSON-serialisable dict.
 
-    Predictions are ``argmax(probs, axis=1)`` (ties go to the lowest class index).
+    The predicted grades are ``y_pred`` when given (a decoder other than argmax, e.g. the
+    expected grade rounded), else ``argmax(probs, axis=1)`` (ties go to the lowest class index).
+    Accuracy, F1, QWK, MAE, the confusion matrix and the per-class figures are computed from
+    these predictions; the AUCs and the ECE from the probabilities.
 
     Args:
         y_true: (N,) integer true grades in ``[0, K)``.
         probs: (N, K) finite class scores (probabilities; any monotone scores work for AUC).
         class_names: K class names, e.g. ``["KL0", ..., "KL4"]``.
+        y_pred: Optional (N,) integer predicted grades in ``[0, K)``.
 
     Returns:
         Dict with ``n``, ``accuracy`` (top-1), ``balanced_accuracy`` (mean recall over classes
         present in y_true), ``macro_f1`` (mean F1 over classes present in y_true or predictions,
         as sklearn's ``f1_score(average="macro")``), ``qwk``, ``mae`` (mean absolute grade error),
-        ``macro_auc`` (mean of defined per-class OvR AUCs, None if none is defined),
-        ``mean_ovr_accuracy`` (mean over all K classes of OvR binary accuracy), ``per_class``
-        (name -> precision, recall, f1, ovr_accuracy, auc, support), ``confusion_matrix`` (list of
-        lists, rows = true) and ``class_names``. Only plain Python types are used.
+        ``macro_auc`` (mean of defined per-class OvR AUCs, None if none is defined), ``ece``
+        (top-label ECE with 15 bins, see :func:`expected_calibration_error`; None when ``probs``
+        are not probabilities, e.g. logits), ``mean_ovr_accuracy`` (mean over all K classes of
+        OvR binary accuracy), ``per_class`` (name -> precision, recall, f1, ovr_accuracy, auc,
+        support), ``confusion_matrix`` (list of lists, rows = true) and ``class_names``. Only
+        plain Python types are used.
 
     Raises:
         ValueError: If shapes, dtypes, ranges or finiteness are wrong, or N = 0.
@@ -379,38 +458,48 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
         raise ValueError("compute_metrics needs at least one sample, got y_true with N=0")
     p = _check_probs(probs, n=n, k=k)
     t = _check_labels(t_raw, "y_true", k)
+    if y_pred is None:
+        pred = np.argmax(p, axis=1).astype(np.int64)
+    else:
+        pred = _check_labels(y_pred, "y_pred", k)
+        if pred.shape[0] != n:
+            raise ValueError(f"y_pred has {pred.shape[0]} samples but y_true has {n}; expected equal N")
 
-    pred = np.argmax(p, axis=1).astype(np.int64)
+    labels = np.arange(k)
     cm = confusion_matrix(t, pred, k)
-    stats = per_class_binary(cm)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(t, pred, labels=labels, zero_division=0.0)
+    # (K, 2, 2) per class: [[TN, FP], [FN, TP]]; OvR accuracy = (TN + TP) / N.
+    ovr = skm.multilabel_confusion_matrix(t, pred, labels=labels)
+    ovr_accuracy = (ovr[:, 0, 0] + ovr[:, 1, 1]) / n
     aucs = roc_auc_ovr(t, p)
-
-    present_true = cm.sum(axis=1) > 0
-    present_any = present_true | (cm.sum(axis=0) > 0)
-    recall = np.asarray(stats["recall"])
-    f1 = np.asarray(stats["f1"])
     defined_aucs = [a for a in aucs if a is not None]
+    with warnings.catch_warnings():
+        # sklearn warns when a predicted class has no true sample; that class's recall is
+        # undefined and is left out of the mean, which is what balanced accuracy means here.
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = skm.balanced_accuracy_score(t, pred)
 
     per_class = {
         name: {
-            "precision": stats["precision"][i],
-            "recall": stats["recall"][i],
-            "f1": stats["f1"][i],
-            "ovr_accuracy": stats["ovr_accuracy"][i],
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "ovr_accuracy": float(ovr_accuracy[i]),
             "auc": aucs[i],
-            "support": stats["support"][i],
+            "support": int(support[i]),
         }
         for i, name in enumerate(names)
     }
     return {
         "n": int(n),
-        "accuracy": float(np.mean(pred == t)),
-        "balanced_accuracy": float(recall[present_true].mean()),
-        "macro_f1": float(f1[present_any].mean()),
-        "qwk": float(_qwk_from_cm(cm)),
-        "mae": float(np.mean(np.abs(pred - t))),
+        "accuracy": float(skm.accuracy_score(t, pred)),
+        "balanced_accuracy": float(balanced),
+        "macro_f1": float(skm.f1_score(t, pred, average="macro", zero_division=0.0)),
+        "qwk": quadratic_weighted_kappa(t, pred, k),
+        "mae": float(skm.mean_absolute_error(t, pred)),
         "macro_auc": float(np.mean(defined_aucs)) if defined_aucs else None,
-        "mean_ovr_accuracy": float(np.mean(stats["ovr_accuracy"])),
+        "ece": expected_calibration_error(t, p) if _probability_problem(p) is None else None,
+        "mean_ovr_accuracy": float(np.mean(ovr_accuracy)),
         "per_class": per_class,
         "confusion_matrix": [[int(v) for v in row] for row in cm],
         "class_names": names,
