@@ -40,8 +40,8 @@ lint: $(STAMP)  ## ruff
 test: $(STAMP) $(PROTO_STAMP) lint  ## lint, then the whole test suite (slow tests included; what CI runs)
 	$(PY) -m pytest -q -ra
 
-test-fast: $(STAMP)  ## the suite without slow tests
-	$(PY) -m pytest -q -m "not slow"
+test-fast: $(STAMP)  ## the suite without slow tests and without starting TorchServe
+	$(PY) -m pytest -q -m "not slow and not server"
 
 bench-model: $(STAMP)  ## parameters, GFLOPs and CPU images/s of every registered model
 	$(PY) -m train.bench_model

@@ -1,9 +1,15 @@
-"""Shared pytest setup: the repository root on sys.path, small shared fixtures."""
+"""Shared pytest setup: the repository root on sys.path, small shared fixtures, and the rule for
+missing resources (Java, the TorchServe jar): a test that needs one skips on a developer's machine
+and fails under ``CI=true``, where a skip would let the server tests pass without running.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import cv2
 import numpy as np
@@ -13,6 +19,35 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+JAVA_MISSING = "TorchServe needs Java 17+ (see README)"
+
+
+def in_ci() -> bool:
+    """True on a CI runner (``CI=true``, as GitHub Actions and GitLab CI set it)."""
+    return os.environ.get("CI") == "true"
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the running test because something it needs is missing; under ``CI=true`` fail it instead."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing resource fails the run instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_java() -> str:
+    """The path of ``java``; skips the test without it (fails it in CI)."""
+    java = shutil.which("java")
+    if java is None:
+        skip_or_fail(JAVA_MISSING)
+    return java
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``server`` starts TorchServe: check Java before its fixtures build the archive."""
+    if item.get_closest_marker("server") is not None:
+        require_java()
 
 
 @pytest.fixture(scope="session")

@@ -88,17 +88,16 @@ def test_the_jit_warm_up_ends_only_when_both_protocols_have_settled():
 
 def test_jit_seconds_reads_the_compiler_threads_of_a_java_process(tmp_path):
     import os
-    import shutil
     import subprocess
     import time
 
     from bench_serve import jit_seconds
 
+    from tests.conftest import require_java
+
     assert jit_seconds(os.getpid()) == 0.0  # Python has no compiler threads
     assert jit_seconds(2**22 + 1) == 0.0  # no such process: 0, not an error
-    java = shutil.which("java")
-    if java is None:
-        pytest.skip("no java on this machine")
+    java = require_java()  # skips without Java, fails in CI
     # A JVM running a hot loop for 3 s: its C1/C2 compiler threads must be found, with CPU time.
     source = tmp_path / "Hot.java"
     source.write_text(

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from client import TOKEN_ENV, KOAClientError, load_token
+from tests.conftest import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
@@ -57,7 +58,7 @@ def stubs() -> Any:
         try:
             gen_proto.generate()
         except RuntimeError as exc:
-            pytest.skip(f"cannot generate the gRPC stubs here: {exc}")
+            skip_or_fail(f"cannot generate the gRPC stubs here: {exc}")
         from client._proto import inference_pb2, inference_pb2_grpc
     return inference_pb2, inference_pb2_grpc
 
@@ -68,7 +69,7 @@ def test_gen_proto_writes_importable_package(tmp_path: Path) -> None:
     try:
         out = gen_proto.generate(tmp_path / "koa_stubs")
     except RuntimeError as exc:
-        pytest.skip(f"no TorchServe jar here: {exc}")
+        skip_or_fail(f"no TorchServe jar here: {exc}")
     assert {p.name for p in out.iterdir()} >= {"__init__.py", "inference_pb2.py", "inference_pb2_grpc.py", "google"}
     assert (out / "google" / "rpc" / "status_pb2.py").is_file()
     # A fresh interpreter: the stubs must import as a package, with no sys.path entry for their folder.
