@@ -63,7 +63,13 @@ def model_from_checkpoint(
     contract: InputContract = state["contract"]
     net = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
-    net.load_state_dict(weights)
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    # Checkpoints from before the knee gate existed load with an unfitted gate (refuses nothing).
+    missing = [k for k in missing if not k.startswith("knee_gate.")]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{path} does not fit {contract.model_name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return net.to(map_location).eval(), contract
 
 

@@ -29,6 +29,8 @@ DATA_CREDIT = (
 )
 EQUALIZATIONS = ("global", "clahe", "none")
 FITS = ("letterbox", "resize", "center_crop")
+DECISIONS = ("argmax", "cutpoints")
+GATES = ("none", "mahalanobis")
 
 
 def _check_types(obj: object) -> None:
@@ -96,6 +98,51 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
+class PostprocessConfig:
+    """How logits become the answer (`model.postprocess`), fitted after training (`train.calibrate`).
+
+    Attributes:
+        temperature: logits are divided by it before the softmax (temperature scaling, fitted
+            on the tune fold held out of train), so probabilities mean what they say.
+        decision: ``argmax`` of the probabilities, or ``cutpoints`` on the expected grade
+            sum_k k p_k (an ordinal decoding: grade g where cutpoints[g-1] <= E < cutpoints[g]).
+        cutpoints: the K-1 increasing thresholds of ``cutpoints``, fitted on the tune fold.
+        flip_tta: average the probabilities of the image and its mirror (left and right knees).
+        uncertain_below: an answer whose confidence (the probability of its grade) is below
+            this is flagged ``uncertain``; 0 flags nothing.
+        gate: ``mahalanobis``: images whose feature distance to the knee classes
+            (`model.gate.KneeGate`) exceeds ``gate_threshold`` are refused as not a knee.
+        gate_threshold: the refusal threshold of the gate's score.
+    """
+
+    temperature: float = 1.0
+    decision: str = "argmax"
+    cutpoints: tuple[float, ...] = ()
+    flip_tta: bool = False
+    uncertain_below: float = 0.0
+    gate: str = "none"
+    gate_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, got {self.decision!r}")
+        cuts = tuple(self.cutpoints)
+        if any(not isinstance(c, int | float) or not math.isfinite(c) for c in cuts):
+            raise ValueError(f"cutpoints must be finite numbers, got {cuts!r}")
+        if any(b <= a for a, b in zip(cuts, cuts[1:])):
+            raise ValueError(f"cutpoints must increase, got {cuts!r}")
+        if self.decision == "cutpoints" and not cuts:
+            raise ValueError("decision 'cutpoints' needs cutpoints")
+        if not 0.0 <= self.uncertain_below <= 1.0:
+            raise ValueError(f"uncertain_below must be in [0, 1], got {self.uncertain_below}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+
+
+@dataclass(frozen=True)
 class InputContract:
     """What a set of weights expects and what its outputs mean.
 
@@ -108,6 +155,7 @@ class InputContract:
         channels: input channels; gray radiographs use 1.
         mean, std: per-channel normalisation after scaling pixels to [0, 1].
         preprocess: the deterministic preprocessing parameters.
+        postprocess: how logits become probabilities, a grade, a flag or a refusal.
         max_pixels: decoded images with more pixels are refused (decompression bombs).
         data_credit: where the training data came from, to be shown with the model.
     """
@@ -121,6 +169,7 @@ class InputContract:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.25,)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     max_pixels: int = 50_000_000
     data_credit: str = DATA_CREDIT
     format: int = CONTRACT_FORMAT
@@ -143,15 +192,23 @@ class InputContract:
             raise ValueError(f"std must be positive, got {self.std}")
         if self.max_pixels < self.input_size**2:
             raise ValueError("max_pixels must allow at least one input-sized image")
+        cuts = self.postprocess.cutpoints
+        if cuts and len(cuts) != len(self.class_names) - 1:
+            raise ValueError(f"postprocess needs {len(self.class_names) - 1} cutpoints, got {len(cuts)}")
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def replace(self, **changes: Any) -> InputContract:
-        """A copy with some fields changed (``preprocess`` may be a dict of its fields)."""
+        """A copy with some fields changed (``preprocess``, ``postprocess`` may be dicts of their fields)."""
         if isinstance(changes.get("preprocess"), dict):
             changes["preprocess"] = dataclasses.replace(self.preprocess, **changes["preprocess"])
+        if isinstance(changes.get("postprocess"), dict):
+            post = dict(changes["postprocess"])
+            if "cutpoints" in post:
+                post["cutpoints"] = tuple(float(c) for c in post["cutpoints"])
+            changes["postprocess"] = dataclasses.replace(self.postprocess, **post)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +231,10 @@ class InputContract:
         kw = dict(data)
         try:
             kw["preprocess"] = PreprocessConfig(**kw.get("preprocess", {}))
+            post = dict(kw.get("postprocess", {}))
+            if "cutpoints" in post:
+                post["cutpoints"] = tuple(post["cutpoints"])
+            kw["postprocess"] = PostprocessConfig(**post)
             for name in ("class_names", "class_labels", "mean", "std"):
                 if name in kw:
                     kw[name] = tuple(kw[name])

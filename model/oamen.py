@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
+from model.gate import KneeGate
 from model.registry import register_model
 
 
@@ -170,6 +171,9 @@ class OAMEN(nn.Module):
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.head_hidden, cfg.num_classes),
         )
+        # The "is this a knee?" gate on the same pooled features, fitted after training
+        # (train.calibrate); until then it scores everything 0 and refuses nothing.
+        self.knee_gate = KneeGate(feat, cfg.num_classes)
         self._init_weights()
         if pretrained and not isinstance(self.mobile, Lite0Branch):
             raise ValueError("pretrained weights exist only for mobile_backbone='lite0'")
@@ -219,6 +223,11 @@ class OAMEN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_with_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, num_classes + 1): the logits, then the knee gate's score."""
+        feats = self.forward_features(x)
+        return torch.cat([self.forward_head(feats), self.knee_gate(feats)[:, None]], dim=1)
 
 
 def _build(default: OAMENConfig, pretrained: bool = False, **kwargs) -> OAMEN:
