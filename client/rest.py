@@ -5,20 +5,44 @@ magic bytes: ``image/png``, ``image/jpeg``, ``application/dicom``; ``application
 otherwise). A body without a content type is read by TorchServe as a URL-encoded form and reaches
 the handler as text, so the type is always set. Explanation options (``target``, ``method``) go as
 multipart form fields beside the image in ``data``, as the handler (``handler/service.py``) reads them.
+
+TLS: an ``https://`` URL verifies the server against the system's CAs (or ``REQUESTS_CA_BUNDLE``),
+or against ``ca_file`` alone when given; ``cert_file`` / ``cert_key_file`` add a client certificate
+for mutual TLS. What is resent: a failed connection (refused, or a connect timeout: nothing was
+sent) and a 503, within ``retry_s``; never a certificate error, nor a read timeout (the server may
+have graded the image already).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
 
-from client import KOAClientError, _check_options, _env_token, call_with_retry, error_from_answer, new_key
+from client import (
+    TLS_STATUS,
+    KOAClientError,
+    _check_options,
+    _env_token,
+    call_with_retry,
+    check_tls_files,
+    client_cert_refused,
+    diagnose_closed,
+    error_from_answer,
+    new_key,
+    tls_error,
+)
 
 log = logging.getLogger(__name__)
+# nginx, a common TLS front for TorchServe, reports these TLS problems as a 400 page, not in the handshake.
+NGINX_PLAIN_TO_TLS = b"The plain HTTP request was sent to HTTPS port"
+NGINX_NO_CLIENT_CERT = b"No required SSL certificate was sent"
+NGINX_BAD_CLIENT_CERT = b"The SSL certificate error"
 
 
 def sniff_content_type(image: bytes) -> str:
@@ -43,8 +67,18 @@ class RestClient:
         timeout: seconds to wait for an answer (explanations with ``ig`` take seconds on a CPU).
         key_file: TorchServe's ``key_file.json``: the token when none is given, and re-read when the
             server refuses the key (a restarted server has new keys; keys expire after 60 min).
-        retry_s: for this many seconds, send a request again when the server cannot be reached or
-            answers 503 (restarting, no worker yet, queue full). 0 (default): fail at once.
+        retry_s: for this many seconds, send a request again when the server cannot be reached
+            (refused, or no connection within ``timeout``) or answers 503 (restarting, no worker yet,
+            queue full). 0 (default): fail at once. Certificate errors are never retried.
+        ca_file: PEM bundle of the CAs that sign the server's certificate (a private CA), trusted
+            instead of the system's; ``https://`` URLs only.
+        cert_file: PEM client certificate for a server that requires one (mutual TLS); it may hold
+            its key too.
+        cert_key_file: ``cert_file``'s unencrypted PEM key, when in a file of its own.
+
+    Raises:
+        ValueError: TLS files with an ``http://`` URL, or a key without a certificate.
+        RuntimeError: a TLS file is missing or unusable.
     """
 
     def __init__(
@@ -56,13 +90,29 @@ class RestClient:
         *,
         key_file: str | os.PathLike[str] | None = None,
         retry_s: float = 0.0,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        cert_key_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        parts = urlsplit(self.url)
+        self.tls = parts.scheme == "https"
+        if not self.tls and (ca_file or cert_file or cert_key_file):
+            raise ValueError(f"ca_file, cert_file and cert_key_file need an https:// URL, got {url!r}")
+        check_tls_files(ca_file, cert_file, cert_key_file)
+        self.ca_file, self.cert_file, self.cert_key_file = ca_file, cert_file, cert_key_file
         self.model = model
         self.timeout = timeout
         self.key_file = key_file
         self.retry_s = retry_s
         self.session = requests.Session()
+        # verify goes with each request, not on the session: requests lets REQUESTS_CA_BUNDLE override a
+        # session's verify, and an explicit ca_file must win.
+        self._verify: dict[str, Any] = {"verify": os.fspath(ca_file)} if ca_file is not None else {}
+        if cert_file is not None:
+            cert = os.fspath(cert_file)
+            self.session.cert = (cert, os.fspath(cert_key_file)) if cert_key_file is not None else cert
+        self._answered = False  # once the server has answered, a closed connection needs no TLS probe
         self.token = token or _env_token() or new_key(key_file, None)
         if self.token:
             self.session.headers["Authorization"] = f"Bearer {self.token}"
@@ -90,17 +140,33 @@ class RestClient:
     def _send_once(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         url = f"{self.url}{path}"
         try:
-            resp = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            resp = self.session.request(method, url, timeout=self.timeout, **self._verify, **kwargs)
+        except requests.ConnectTimeout as exc:
+            # Caught before requests.Timeout, which it also is: no connection, so nothing was sent and
+            # sending again is safe, as for a refused connection.
+            msg = f"no connection to {url} within {self.timeout} s: is the server up, and the address right? ({exc})"
+            raise KOAClientError(503, msg, "unreachable") from exc
         except requests.Timeout as exc:
             raise KOAClientError(504, f"no answer from {url} within {self.timeout} s: {exc}", "timeout") from exc
+        except requests.exceptions.SSLError as exc:
+            raise self._tls_failure(url, exc) from exc
         except requests.ConnectionError as exc:
             if isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.ProtocolError):
-                # Connected and sent, then reset or closed without an answer (e.g. a server stopping).
+                # Connected and sent, then reset or closed without an answer (e.g. a server stopping,
+                # or one that refuses this client's certificate, or speaks TLS to a plain-text client).
+                tls = self._diagnose()
+                if tls is not None:
+                    raise tls from exc
                 msg = f"{url} closed the connection without answering (is the server restarting?): {exc}"
                 raise KOAClientError(503, msg, "connection_lost") from exc
             raise KOAClientError(503, f"cannot reach {url}: is the server running? ({exc})", "unreachable") from exc
+        self._answered = True
         if resp.status_code != 200:
             log.debug("%s %s -> %d %r", method, url, resp.status_code, resp.content[:500])
+            if resp.status_code == 400:
+                tls = self._nginx_tls_error(resp.content)
+                if tls is not None:
+                    raise tls
             if not resp.content:
                 hint = " (the image exceeds the server's max_request_size)" if resp.status_code == 413 else ""
                 raise KOAClientError(resp.status_code, f"{resp.reason or 'empty answer'}{hint}")
@@ -112,6 +178,53 @@ class RestClient:
         if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
             raise error_from_answer(resp.status_code, resp.content)
         return answer
+
+    def _tls_failure(self, url: str, exc: requests.exceptions.SSLError) -> KOAClientError:
+        """The certificate or TLS problem behind ``exc``; a closed connection that names none stays retryable."""
+        cause = _ssl_cause(exc)
+        text = str(cause if cause is not None else exc)
+        found = tls_error(text, self.url, cert_file=self.cert_file, plain_fix="an http:// URL") or self._diagnose()
+        if found is not None:
+            return found
+        msg = (
+            f"{url}: the TLS connection failed ({text}); if the server requires a client certificate, "
+            "pass --cert-file and --cert-key-file"
+        )
+        return KOAClientError(503, msg, "connection_lost")
+
+    def _nginx_tls_error(self, body: bytes) -> KOAClientError | None:
+        """The TLS problem named by an nginx 400 page, if it is one."""
+        if NGINX_PLAIN_TO_TLS in body:
+            msg = f"{self.url}: the server speaks TLS and this client sent plain text (nginx): use an https:// URL"
+            return KOAClientError(TLS_STATUS, msg, "tls")
+        if NGINX_NO_CLIENT_CERT in body and self.cert_file is None:
+            return client_cert_refused(self.url, None, f"nginx: {NGINX_NO_CLIENT_CERT.decode()}")
+        if NGINX_BAD_CLIENT_CERT in body or NGINX_NO_CLIENT_CERT in body:
+            return client_cert_refused(self.url, self.cert_file, f"nginx: {NGINX_BAD_CLIENT_CERT.decode()}")
+        return None
+
+    def _diagnose(self) -> KOAClientError | None:
+        """`client.diagnose_closed` for this server, until it has answered once (then its TLS setup is right)."""
+        if self._answered:
+            return None
+        parts = urlsplit(self.url)
+        try:
+            host, port = parts.hostname, parts.port or (443 if self.tls else 80)
+        except ValueError:
+            return None
+        if not host:
+            return None
+        return diagnose_closed(
+            host,
+            port,
+            tls=self.tls,
+            where=self.url,
+            cert_file=self.cert_file,
+            cert_key_file=self.cert_key_file,
+            tls_fix="an https:// URL",
+            plain_fix="an http:// URL",
+            timeout=min(self.timeout, 2.0),
+        )
 
     def predict(
         self, image: bytes, *, explain: bool = False, target: int | str | None = None, method: str | None = None
@@ -146,3 +259,18 @@ class RestClient:
     def ping(self) -> dict[str, Any]:
         """TorchServe's health answer, e.g. ``{"status": "Healthy"}`` (needs the token too)."""
         return self._send("GET", "/ping")
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The `ssl.SSLError` inside requests' and urllib3's wrappers (their ``reason`` and ``args``), if any."""
+    stack: list[Any] = [exc]
+    seen: set[int] = set()
+    while stack:
+        err = stack.pop()
+        if not isinstance(err, BaseException) or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, ssl.SSLError):
+            return err
+        stack += [err.__cause__, err.__context__, getattr(err, "reason", None), *err.args]
+    return None
