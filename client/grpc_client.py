@@ -9,6 +9,12 @@ TorchServe answers a handler's per-request error with gRPC status OK and the err
 (``{"error": {...}}``) as the prediction; this client raises `KOAClientError` for it, as it does
 for gRPC errors (codes mapped to HTTP statuses).
 
+TLS: ``grpcs://host:port`` (or ``tls=True``, or any of ``ca_file``, ``cert_file``) opens a TLS
+channel (``grpc.ssl_channel_credentials``) that trusts gRPC's bundled roots, or ``ca_file`` alone
+when given, and sends ``cert_file`` for mutual TLS; ``host:port`` and ``grpc://host:port`` stay
+plain text. A certificate error is raised at once (`client.TLS_STATUS`), never retried; a call that
+found no connection within ``timeout`` (so sent nothing) is retried like ``UNAVAILABLE``.
+
 Gevent (Locust): nothing here creates a channel at import time, so
 ``grpc.experimental.gevent.init_gevent()`` may be called any time before a `GrpcClient` is made.
 """
@@ -18,11 +24,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 
-from client import KOAClientError, _check_options, _env_token, call_with_retry, error_from_answer, new_key
+from client import (
+    KOAClientError,
+    _check_options,
+    _env_token,
+    call_with_retry,
+    check_tls_files,
+    diagnose_closed,
+    error_from_answer,
+    new_key,
+    tls_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +95,68 @@ def rpc_error(exc: grpc.RpcError) -> KOAClientError:
     return KOAClientError(status, f"gRPC {name}: {details}", name)
 
 
+def split_target(target: str, tls: bool | None = None, tls_files: bool = False) -> tuple[str, bool]:
+    """The channel address in ``target`` and whether the channel is TLS.
+
+    ``grpcs://host:port`` is TLS, ``grpc://host:port`` plain text; a bare ``host:port`` (or a gRPC
+    name such as ``dns:///host:port``) is TLS when ``tls`` is True or TLS files are given.
+
+    Raises:
+        ValueError: ``tls`` or TLS files contradict the target's scheme.
+    """
+    scheme, sep, rest = target.partition("://")
+    address = target
+    if sep and scheme in ("grpc", "grpcs"):
+        address = rest.rstrip("/")
+        if tls is not None and tls != (scheme == "grpcs"):
+            raise ValueError(f"tls={tls} contradicts the target {target!r}")
+        tls = scheme == "grpcs"
+    if tls is None:
+        tls = tls_files
+    if tls_files and not tls:
+        raise ValueError(
+            f"ca_file, cert_file and cert_key_file need a TLS channel, but {target!r} is plain text: use grpcs://"
+        )
+    return address, tls
+
+
+def _read(path: str | os.PathLike[str] | None) -> bytes | None:
+    return Path(path).read_bytes() if path is not None else None
+
+
+def _channel_state(channel: grpc.Channel) -> grpc.ChannelConnectivity | None:
+    """The channel's connectivity now; None when this grpc cannot tell.
+
+    grpc has no public call that answers without waiting (``subscribe`` starts a polling thread),
+    so this reads the Cython channel that every grpc 1.x release has.
+    """
+    try:
+        from grpc._common import CYGRPC_CONNECTIVITY_STATE_TO_CHANNEL_CONNECTIVITY as states
+
+        return states[channel._channel.check_connectivity_state(False)]  # type: ignore[attr-defined]
+    except (AttributeError, ImportError, KeyError, TypeError):
+        return None
+
+
 class GrpcClient:
     """KOA-Serve over TorchServe's gRPC inference API.
 
     Args:
-        target: ``host:port`` of the gRPC inference address (``grpc_inference_port``).
+        target: ``host:port`` of the gRPC inference address (``grpc_inference_port``);
+            ``grpcs://host:port`` for TLS.
         token: the inference key, sent as ``authorization: Bearer <key>`` metadata; None uses
             ``KOA_TOKEN`` when set, else sends none. See `client.load_token`.
         model: the registered model name.
         timeout: seconds to wait for an answer.
-        key_file, retry_s: as `client.rest.RestClient` (``UNAVAILABLE`` counts as 503).
+        key_file, retry_s: as `client.rest.RestClient` (``UNAVAILABLE`` counts as 503, and so does a
+            call that found no connection within ``timeout``).
+        tls: open a TLS channel to a bare ``host:port``; None (default): TLS for ``grpcs://`` or
+            when a TLS file is given.
+        ca_file, cert_file, cert_key_file: as `client.rest.RestClient`.
+
+    Raises:
+        ValueError: ``tls`` or TLS files contradict the target's scheme, or a key without a certificate.
+        RuntimeError: a TLS file is missing or unusable.
     """
 
     def __init__(
@@ -97,22 +168,38 @@ class GrpcClient:
         *,
         key_file: str | os.PathLike[str] | None = None,
         retry_s: float = 0.0,
+        tls: bool | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        cert_key_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self._pb2, pb2_grpc, self._empty = load_stubs()
-        self.target = target
+        files = (ca_file, cert_file, cert_key_file)
+        self.where = target
+        self.target, self.tls = split_target(target, tls, any(f is not None for f in files))
+        check_tls_files(*files)
+        self.ca_file, self.cert_file, self.cert_key_file = files
         self.model = model
         self.timeout = timeout
         self.key_file = key_file
         self.retry_s = retry_s
         self.token = token or _env_token() or new_key(key_file, None)
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {self.token}"),) if self.token else ()
-        self.channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if self.tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(ca_file),
+                # a key kept in the certificate's file: gRPC takes the key's PEM block from it
+                private_key=_read(cert_key_file or cert_file) if cert_file is not None else None,
+                certificate_chain=_read(cert_file),
+            )
+            self.channel = grpc.secure_channel(self.target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(self.target, options=options)
+        self._answered = False  # once the server has answered, a closed connection needs no TLS probe
         self.stub = pb2_grpc.InferenceAPIsServiceStub(self.channel)
 
     def _refresh_key(self) -> bool:
@@ -159,23 +246,76 @@ class GrpcClient:
         return call_with_retry(lambda: self._predict_once(req), self.retry_s, self._refresh_key)
 
     def _predict_once(self, req: Any) -> dict[str, Any]:
-        try:
-            resp = self.stub.Predictions(req, timeout=self.timeout, metadata=self.metadata)
-        except grpc.RpcError as exc:
-            raise rpc_error(exc) from None
-        return parse_prediction(resp.prediction)
+        return parse_prediction(self._call(self.stub.Predictions, req).prediction)
 
     def ping(self) -> dict[str, Any]:
         """TorchServe's health answer, e.g. ``{"status": "Healthy"}``."""
-        try:
-            resp = self.stub.Ping(self._empty.Empty(), timeout=self.timeout, metadata=self.metadata)
-        except grpc.RpcError as exc:
-            raise rpc_error(exc) from None
+        resp = self._call(self.stub.Ping, self._empty.Empty())
         try:
             health = json.loads(resp.health)
         except ValueError:
             return {"status": resp.health}
         return health if isinstance(health, dict) else {"status": health}
+
+    def _call(self, rpc: Callable[..., Any], request: Any) -> Any:
+        try:
+            resp = rpc(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        self._answered = True
+        return resp
+
+    def _error(self, exc: grpc.RpcError) -> KOAClientError:
+        """`rpc_error`, told apart further when the call may never have reached the server.
+
+        ``UNAVAILABLE`` whose details name a certificate problem is that problem (not retried); a
+        closed socket before any answer is probed for a refused client certificate or a TLS/plain
+        mismatch; ``DEADLINE_EXCEEDED`` on a channel that never connected sent nothing, so it is
+        retryable (503) like ``UNAVAILABLE``.
+        """
+        code = exc.code() if hasattr(exc, "code") else None
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = str(exc.details() if hasattr(exc, "details") else exc)
+            found = tls_error(details, self.where, cert_file=self.cert_file, plain_fix="host:port without grpcs://")
+            if found is None and any(w in details.lower() for w in ("socket closed", "connection reset")):
+                found = self._diagnose()
+            if found is not None:
+                return found
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            state = _channel_state(self.channel)
+            if state is not None and state != grpc.ChannelConnectivity.READY:
+                msg = (
+                    f"gRPC: no connection to {self.where} within {self.timeout} s, so nothing was sent: "
+                    "is the server up, and the address right?"
+                )
+                return KOAClientError(503, msg, "unreachable")
+        elif code is not None:
+            self._answered = True
+        return rpc_error(exc)
+
+    def _diagnose(self) -> KOAClientError | None:
+        """`client.diagnose_closed` for this target, until the server has answered once."""
+        if self._answered:
+            return None
+        try:
+            parts = urlsplit(f"//{self.target}")
+            host, port = parts.hostname, parts.port
+        except ValueError:  # a gRPC name such as dns:///host:port or unix:path: nothing to probe
+            return None
+        if not host or port is None:
+            return None
+        return diagnose_closed(
+            host,
+            port,
+            tls=self.tls,
+            where=self.where,
+            cert_file=self.cert_file,
+            cert_key_file=self.cert_key_file,
+            tls_fix=f"grpcs://{self.target}",
+            plain_fix="host:port without grpcs://",
+            alpn="h2",
+            timeout=min(self.timeout, 2.0),
+        )
 
 
 def parse_prediction(body: bytes) -> dict[str, Any]:
