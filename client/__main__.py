@@ -2,7 +2,11 @@
 
 ``python -m client predict IMAGE [IMAGE...] [--grpc] [--explain] [--target T] [--method gradcam|ig]
 [--url URL] [--grpc-target HOST:PORT] [--token TOKEN | --key-file PATH] [--model oamen]
-[--retry-s S] [--overlay-dir DIR] [--json]``
+[--retry-s S] [--ca-file PEM] [--cert-file PEM [--cert-key-file PEM]] [--overlay-dir DIR] [--json]``
+
+Behind TLS: ``--url https://...`` or ``--grpc-target grpcs://host:port``, ``--ca-file`` for a
+private CA, ``--cert-file`` / ``--cert-key-file`` when the server requires a client certificate
+(``--key-file`` stays TorchServe's token file). A certificate error stops the run at once.
 
 Prints, per image, the KL grade, the probability of each class and the probability of
 radiographic OA (KL >= 2); with ``--explain`` it writes the overlay PNG to
@@ -20,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client import TOKEN_ENV, KOAClientError, load_token
+from client import TLS_KINDS, TOKEN_ENV, KOAClientError, load_token
 
 DEFAULT_CLASS_NAMES = ("KL0", "KL1", "KL2", "KL3", "KL4")
 
@@ -34,8 +38,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     pr.add_argument("--explain", action="store_true", help="also explain the grade (writes an overlay PNG)")
     pr.add_argument("--target", default=None, help="grade 0-4 or class name to explain (implies --explain)")
     pr.add_argument("--method", choices=("gradcam", "ig"), default=None, help="attribution (implies --explain)")
-    pr.add_argument("--url", default="http://127.0.0.1:8080", help="REST inference address")
-    pr.add_argument("--grpc-target", default="127.0.0.1:7070", help="gRPC inference host:port")
+    pr.add_argument("--url", default="http://127.0.0.1:8080", help="REST inference address (https://... for TLS)")
+    pr.add_argument(
+        "--grpc-target", default="127.0.0.1:7070", help="gRPC inference host:port (grpcs://host:port for TLS)"
+    )
     auth = pr.add_mutually_exclusive_group()
     auth.add_argument("--token", default=None, help=f"inference key (default: ${TOKEN_ENV}, then --key-file)")
     auth.add_argument("--key-file", type=Path, default=None, help="TorchServe's key_file.json")
@@ -47,6 +53,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="keep sending a request for this many seconds while the server is unreachable or answers 503 "
         "(e.g. during a restart); with --key-file a refused key is re-read from the file. Default 0: fail at once",
+    )
+    tls = pr.add_argument_group("TLS (https:// URL or grpcs:// target)")
+    tls.add_argument("--ca-file", type=Path, default=None, help="PEM CA bundle to trust instead of the system's")
+    tls.add_argument("--cert-file", type=Path, default=None, help="PEM client certificate, for mutual TLS")
+    tls.add_argument(
+        "--cert-key-file", type=Path, default=None, help="PEM key of --cert-file (default: in the same file)"
     )
     pr.add_argument("--overlay-dir", type=Path, default=Path("reports/explain"), help="where overlay PNGs go")
     pr.add_argument("--json", action="store_true", help="print the raw JSON answers")
@@ -90,29 +102,30 @@ def write_overlay(answer: dict[str, Any], image: Path, out_dir: Path) -> Path:
 
 
 def make_client(args: argparse.Namespace, token: str) -> Any:
+    options = {
+        "token": token,
+        "model": args.model,
+        "timeout": args.timeout,
+        "key_file": args.key_file,
+        "retry_s": args.retry_s,
+        "ca_file": args.ca_file,
+        "cert_file": args.cert_file,
+        "cert_key_file": args.cert_key_file,
+    }
     if args.grpc:
         from client.grpc_client import GrpcClient
 
-        return GrpcClient(
-            args.grpc_target,
-            token=token,
-            model=args.model,
-            timeout=args.timeout,
-            key_file=args.key_file,
-            retry_s=args.retry_s,
-        )
+        return GrpcClient(args.grpc_target, **options)
     from client.rest import RestClient
 
-    return RestClient(
-        args.url, token=token, model=args.model, timeout=args.timeout, key_file=args.key_file, retry_s=args.retry_s
-    )
+    return RestClient(args.url, **options)
 
 
 def predict(args: argparse.Namespace) -> int:
     try:
         token = load_token(args.token, args.key_file)
         client = make_client(args, token)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     explain = args.explain or args.target is not None or args.method is not None
@@ -121,7 +134,7 @@ def predict(args: argparse.Namespace) -> int:
         print(f"error: --target must be a grade 0-4 or a class name such as KL3, got {args.target}", file=sys.stderr)
         return 2
     failed = 0
-    for image in args.images:
+    for i, image in enumerate(args.images):
         try:
             data = image.read_bytes()
         except OSError as exc:
@@ -131,6 +144,10 @@ def predict(args: argparse.Namespace) -> int:
         try:
             answer = client.predict(data, explain=explain, target=target, method=args.method)
         except KOAClientError as exc:
+            if exc.kind in TLS_KINDS:  # the same for every image: say it once and stop
+                print(f"error: {exc.message}", file=sys.stderr)
+                failed += len(args.images) - i
+                break
             print(f"{image}: server answered {exc.status}: {exc.message}", file=sys.stderr)
             failed += 1
             continue
