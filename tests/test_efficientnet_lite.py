@@ -30,7 +30,7 @@ ESPRESSO = 967
 
 def _imagenet_input(name: str) -> torch.Tensor:
     """The fixture photo centre-cropped to 224 px, RGB in [-1, 1] as the TF weights expect."""
-    bgr = cv2.imread(str(FIXTURES / f"photo_{name}.jpg"), cv2.IMREAD_COLOR)
+    bgr = cv2.imread(str(FIXTURES / "photos" / f"{name}.jpg"), cv2.IMREAD_COLOR)
     assert bgr is not None
     h, w = bgr.shape[:2]
     top, left = (h - 224) // 2, (w - 224) // 2

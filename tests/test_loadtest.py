@@ -42,9 +42,43 @@ def changed(**fields: Any) -> dict[str, Any]:
 # --- answer validator -------------------------------------------------------------------------------------------
 
 
+GOOD_V2: dict[str, Any] = {**GOOD, "schema_version": 2, "confidence": 0.44, "uncertain": False}
+
+
 def test_good_answers_pass() -> None:
-    validate_answer(GOOD)
+    validate_answer(GOOD)  # a version 1 answer (an older server) still passes
     validate_answer({**GOOD, "explanation": EXPLANATION}, explain=True)
+    validate_answer(GOOD_V2)
+    # version 2: an ordinal decoding may give a grade that is not the most probable one
+    validate_answer({**GOOD_V2, "kl_grade": 1, "class_name": "KL1", "confidence": 0.21, "uncertain": True})
+
+
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"confidence": None}, "missing field 'confidence'"),
+        ({"uncertain": None}, "missing field 'uncertain'"),
+        ({"confidence": 0.5}, r"confidence must equal probabilities\[kl_grade\]"),
+        ({"uncertain": "no"}, "uncertain must be true or false"),
+        ({"schema_version": 3}, "schema_version must be 1 or 2"),
+    ],
+)
+def test_bad_v2_answers_fail_with_a_reason(fields: dict[str, Any], reason: str) -> None:
+    answer = {**GOOD_V2, **fields}
+    for key in [k for k, v in fields.items() if v is None]:
+        answer.pop(key)
+    with pytest.raises(InvalidAnswer, match=reason):
+        validate_answer(answer)
+
+
+def test_error_bodies_are_checked() -> None:
+    from client.schema import validate_error
+
+    assert validate_error({"error": {"status": 422, "type": "not_a_knee", "message": "a hand"}}, 422) == "not_a_knee"
+    with pytest.raises(InvalidAnswer, match="unknown error type"):
+        validate_error({"error": {"status": 422, "type": "nope", "message": "x"}}, 422)
+    with pytest.raises(InvalidAnswer, match="differs from the HTTP status"):
+        validate_error({"error": {"status": 400, "type": "not_a_knee", "message": "x"}}, 422)
 
 
 @pytest.mark.parametrize(
