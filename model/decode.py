@@ -4,19 +4,50 @@ This is the only module of KOA-Serve that knows about file formats. Everything d
 (preprocessing, the model, explanations) receives a 2-D ``float32`` array in ``[0, 1]``
 where bone is bright, whatever the client sent.
 
-Accepted inputs are PNG (8/16-bit; gray, RGB, RGBA or palette), JPEG and DICOM. Every
-failure, whatever the bytes, is raised as :class:`DecodeError` with a message that says
-what was received and what is accepted, so that the handler can turn it into a 4xx reply.
+Accepted inputs:
+
+* PNG, 8 or 16 bits per sample; gray, gray + alpha, RGB, RGBA or palette.
+* JPEG with 8-bit samples (baseline or progressive), EXIF orientation applied.
+* DICOM, single frame; MONOCHROME1, MONOCHROME2, RGB, YBR_FULL or YBR_FULL_422; uncompressed
+  (implicit or explicit VR, little or big endian, deflated), RLE Lossless, JPEG baseline and
+  extended (8 and 12 bit), JPEG Lossless (process 14 and its first-order prediction), JPEG-LS
+  (lossless and near-lossless) and JPEG 2000 (lossless and lossy). Compressed pixel data is
+  decoded by pydicom's plugins: ``pylibjpeg`` with ``pylibjpeg-libjpeg``, ``-openjpeg`` and
+  ``-rle`` (see requirements.txt).
+
+Every failure, whatever the bytes, is raised as :class:`DecodeError` with a message that says
+what was received and what is accepted, so that the handler can turn it into a 4xx reply: its
+``status`` and ``kind`` attributes give the HTTP status and the error type of that reply. A
+DICOM whose transfer syntax is not in the list above raises :class:`UnsupportedTransferSyntax`
+(HTTP 415), naming the syntax by UID and name. Messages are never cut short: a library's
+error text is quoted whole (whole sentences when it is very long; the rest goes to the log).
 
 Decisions:
 
 * Colour is converted to gray with the ITU-R BT.601 luma weights (OpenCV's
   ``COLOR_BGR2GRAY``); an alpha channel is dropped, not composited.
-* PNG/JPEG integers are scaled by their dtype maximum (``uint8`` / 255, ``uint16`` / 65535),
-  so the values are absolute, not stretched.
+* 8-bit PNG and JPEG samples are divided by 255, so the values are absolute, not stretched:
+  the model is trained on 8-bit PNGs, and they decode exactly as they always have.
+* 16-bit PNG samples are scaled by their real range, because radiographs stored in 16-bit PNGs
+  usually hold 10-, 12- or 14-bit values, and dividing those by 65535 would leave a handful of
+  grey levels once preprocessing quantises to 8 bits. With an ``sBIT`` chunk of ``n``
+  significant bits the samples are divided by ``2**n - 1``; when some sample exceeds that, the
+  file follows the PNG standard's scaled-up form and the samples are shifted right by
+  ``16 - n`` bits first. Without ``sBIT`` they are min-max scaled, as DICOM is (a constant
+  image gives all zeros).
+* JPEG EXIF orientation (tag 0x0112) is applied after decoding, so that a film photographed
+  sideways arrives upright; a broken EXIF block is logged and ignored, not refused.
 * DICOM pixels go through the modality LUT (rescale slope/intercept), then the VOI LUT or
   window when present, then are min-max scaled to ``[0, 1]`` (a constant image gives all
-  zeros). MONOCHROME1 is inverted so that bone is bright, as in MONOCHROME2.
+  zeros). Pixels equal to PixelPaddingValue (or within it and PixelPaddingRangeLimit) are left
+  out of the min-max range and set to 0, the darkest value, so that the padding neither
+  compresses the anatomy's contrast nor shows as bright bone.
+* Bone is made bright: MONOCHROME1 is inverted, and so is MONOCHROME2 with a
+  PresentationLUTShape of INVERSE. MONOCHROME1 with INVERSE is inverted once only, since the
+  standard uses INVERSE to state what MONOCHROME1 already means.
+* YBR_FULL and YBR_FULL_422 are converted to RGB by pydicom, then to gray like RGB.
+* A DICOM stream without file meta information (no transfer syntax) is read in the encoding
+  pydicom recognises, which can only be one of the uncompressed ones.
 * Decompression bombs are refused from the header (width x height against ``max_pixels``)
   before any pixel is decoded, and checked again after decoding.
 """
@@ -25,14 +56,19 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
+import warnings
 
 import cv2
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-ACCEPTED = "PNG (8/16-bit, gray/RGB/RGBA/palette), JPEG, or DICOM"
+ACCEPTED = (
+    "PNG (8/16-bit, gray/RGB/RGBA/palette), JPEG (8-bit), or DICOM "
+    "(uncompressed, RLE, JPEG, JPEG Lossless, JPEG-LS or JPEG 2000)"
+)
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -42,11 +78,33 @@ _DICOM_MAGIC_OFFSET = 128
 _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length field: TEM, RST0..RST7, SOI, EOI.
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8), 0xD8, 0xD9})
-_DICOM_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2", "RGB")
+_JPEG_APP1 = 0xE1
+_EXIF_HEADER = b"Exif\x00\x00"
+_EXIF_ORIENTATION = 0x0112
+_DICOM_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422")
+_DICOM_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422")
+# The transfer syntaxes that decode, by UID; the short names go into error messages.
+_DICOM_TRANSFER_SYNTAXES = {
+    "1.2.840.10008.1.2": "Implicit VR Little Endian",
+    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
+    "1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian",
+    "1.2.840.10008.1.2.2": "Explicit VR Big Endian",
+    "1.2.840.10008.1.2.5": "RLE Lossless",
+    "1.2.840.10008.1.2.4.50": "JPEG Baseline",
+    "1.2.840.10008.1.2.4.51": "JPEG Extended",
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000",
+}
 # Explicit-VR value representations, used to recognise a DICOM stream without preamble.
 _DICOM_VRS = frozenset(
     b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
 )
+# A library's error text longer than this is cut after its last whole sentence that fits.
+_DETAIL_CHARS = 400
 
 # Corrupt images make OpenCV log warnings on stderr; our own messages say it better.
 _cv_logging = getattr(getattr(cv2, "utils", None), "logging", None)
@@ -55,12 +113,51 @@ if _cv_logging is not None and hasattr(_cv_logging, "setLogLevel"):
 
 
 class DecodeError(ValueError):
-    """Bad image bytes. Message says what was received and what is accepted."""
+    """Bad image bytes. Message says what was received and what is accepted.
+
+    ``status`` and ``kind`` are the HTTP status and the error type a server answers with.
+    """
+
+    status: int = 400
+    kind: str = "invalid_image"
+
+
+class UnsupportedTransferSyntax(DecodeError):
+    """A DICOM whose transfer syntax (pixel data encoding) this server does not decode.
+
+    Attributes:
+        uid: The transfer syntax UID found in the file.
+        name: Its name in the DICOM standard, or ``"unknown transfer syntax"``.
+    """
+
+    status = 415
+    kind = "unsupported_transfer_syntax"
+
+    def __init__(self, message: str, uid: str = "", name: str = "") -> None:  # defaults: pickle rebuilds from message
+        super().__init__(message)
+        self.uid = uid
+        self.name = name
 
 
 def _fail(received: str, problem: str) -> DecodeError:
     """Build a DecodeError whose message names what was received and what is accepted."""
     return DecodeError(f"{problem} (received {received}); accepted: {ACCEPTED}")
+
+
+def _detail(exc: BaseException) -> str:
+    """A library exception as one line for a message: whole, or cut after a whole sentence.
+
+    When cut, the whole text is logged, so that the message's "rest in the server log" holds.
+    """
+    body = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {body}" if body else type(exc).__name__
+    if len(text) <= _DETAIL_CHARS:
+        return text
+    ends = [m.end() for m in re.finditer(r"[.;!?](?=\s)", text[: _DETAIL_CHARS + 1])]
+    if not ends:
+        return text  # one long sentence: quoted whole rather than cut in the middle
+    logger.warning("decoding failed: %s", text)
+    return f"{text[: ends[-1]]} [rest in the server log]"
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -99,7 +196,8 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000) -> np.ndarray:
         A 2-D ``float32`` array with values in ``[0, 1]``.
 
     Raises:
-        DecodeError: For any bytes that are not an accepted, intact, reasonably sized image.
+        UnsupportedTransferSyntax: For a DICOM whose pixel data encoding is not accepted.
+        DecodeError: For any other bytes that are not an accepted, intact, reasonably sized image.
         TypeError: If ``data`` is not bytes-like.
     """
     if data is None:
@@ -121,8 +219,7 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000) -> np.ndarray:
         raise
     except Exception as exc:  # cv2.error, pydicom errors, numpy errors, MemoryError, ...
         logger.debug("decoding %s failed", fmt, exc_info=True)
-        detail = f"{type(exc).__name__}: {exc}"[:200]
-        raise _fail(f"{fmt.upper()}, {len(data)} bytes", f"could not decode {fmt.upper()} ({detail})") from exc
+        raise _fail(f"{fmt.upper()}, {len(data)} bytes", f"could not decode {fmt.upper()} ({_detail(exc)})") from exc
     return _finish(image, f"{fmt.upper()}, {len(data)} bytes", max_pixels)
 
 
@@ -145,15 +242,19 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
-def _png_check_chunks(data: bytes, received: str) -> None:
+def _png_check_chunks(data: bytes, received: str) -> bytes | None:
     """Walk the PNG chunks: each must fit in the data, and IDAT and IEND must be present.
 
     OpenCV trusts a chunk's declared length and tries to read (and allocate) all of it, so a
     few hundred bytes declaring a 2 GB chunk would cost seconds; the walk refuses them first.
+
+    Returns:
+        The payload of the ``sBIT`` chunk (significant bits per sample), or ``None``.
     """
     pos = len(_PNG_MAGIC)
     n = len(data)
     seen_idat = False
+    sbit = None
     while pos + 8 <= n:
         length, kind = struct.unpack(">I4s", data[pos : pos + 8])
         end = pos + 12 + length
@@ -164,19 +265,60 @@ def _png_check_chunks(data: bytes, received: str) -> None:
                 f"{max(n - pos - 12, 0)} present",
             )
         seen_idat = seen_idat or kind == b"IDAT"
+        if kind == b"sBIT" and sbit is None:
+            sbit = data[pos + 8 : pos + 8 + length]
         if kind == b"IEND":
             if not seen_idat:
                 raise _fail(received, "truncated or corrupt PNG: no image data (IDAT)")
-            return
+            return sbit
         pos = end
     raise _fail(received, "truncated or corrupt PNG: no end chunk (IEND)")
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    """Read (width, height) from the first JPEG SOFn segment, walking the marker segments."""
+def _png_significant_bits(sbit: bytes | None, color_type: int) -> int | None:
+    """Significant bits of the colour samples from an sBIT payload; None when absent or invalid.
+
+    The payload holds one byte per channel: gray (type 0), gray + alpha (4), R G B (2, 3) or
+    R G B A (6). An invalid chunk is ignored, as libpng does, with a warning in the log.
+    """
+    if sbit is None:
+        return None
+    colour = {0: 1, 4: 1, 2: 3, 6: 3}.get(color_type)
+    expected = {0: 1, 4: 2, 2: 3, 6: 4}.get(color_type)
+    if colour is None or len(sbit) != expected or not all(1 <= b <= 16 for b in sbit):
+        logger.warning("ignoring invalid PNG sBIT chunk %r for colour type %d", sbit, color_type)
+        return None
+    return max(sbit[:colour])
+
+
+def _scale_png16(img: np.ndarray, bits: int | None) -> np.ndarray:
+    """16-bit PNG samples (alpha already dropped) to float32 in [0, 1] by their real range.
+
+    Args:
+        img: (H, W) or (H, W, 3) uint16 samples.
+        bits: Significant bits from ``sBIT``, or None for min-max scaling.
+    """
+    if bits is not None:
+        full = (1 << bits) - 1
+        if int(img.max()) > full:  # the PNG standard's form: samples scaled up to 16 bits
+            img = img >> (16 - bits)
+        return (img.astype(np.float64) / full).astype(np.float32)
+    lo, hi = int(img.min()), int(img.max())
+    if hi == lo:
+        return np.zeros(img.shape, np.float32)
+    return ((img.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, int, bytes | None]:
+    """Walk the JPEG marker segments up to the first SOFn.
+
+    Returns:
+        (width, height, sample precision in bits, EXIF payload after ``Exif\\0\\0`` or None).
+    """
     received = f"JPEG, {len(data)} bytes"
     pos = 2
     n = len(data)
+    exif = None
     while pos < n:
         if data[pos] != 0xFF:
             raise _fail(received, f"truncated or corrupt JPEG: expected a marker at byte {pos}")
@@ -195,13 +337,16 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         (length,) = struct.unpack(">H", data[pos : pos + 2])
         if length < 2:
             raise _fail(received, f"truncated or corrupt JPEG: bad segment length at byte {pos}")
+        if marker == _JPEG_APP1 and exif is None and data[pos + 2 : pos + 8] == _EXIF_HEADER:
+            exif = data[pos + 8 : pos + length]
         if marker in _JPEG_SOF_MARKERS:
             if pos + 7 > n:
                 break
+            precision = data[pos + 2]
             height, width = struct.unpack(">HH", data[pos + 3 : pos + 7])
             if height == 0:
                 raise _fail(f"{received}, {width}x0", "JPEG with height defined later (DNL) not supported")
-            return width, height
+            return width, height, precision, exif
         pos += length
     raise _fail(received, "truncated or corrupt JPEG: no frame header (SOF) found")
 
@@ -212,40 +357,155 @@ def _jpeg_is_complete(data: bytes) -> bool:
     return last_sos >= 0 and data.find(b"\xff\xd9", last_sos) >= 0
 
 
+def _exif_orientation(payload: bytes | None) -> int:
+    """The EXIF orientation (1-8) of a JPEG's APP1 payload; 1 when absent, invalid or unreadable."""
+    if not payload:
+        return 1
+    from PIL import Image  # deferred: only JPEGs with EXIF pay for the import
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # Pillow warns about corrupt EXIF
+            warnings.simplefilter("always")
+            exif = Image.Exif()
+            exif.load(payload)
+            orientation = int(exif.get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block must not refuse intact pixels
+        logger.warning("ignoring an unreadable EXIF block (%d bytes)", len(payload), exc_info=True)
+        return 1
+    for warning in caught:
+        logger.warning("EXIF block partly unreadable (%d bytes): %s", len(payload), warning.message)
+    if orientation not in range(1, 9):
+        logger.warning("ignoring EXIF orientation %d (valid: 1-8)", orientation)
+        return 1
+    return orientation
+
+
+def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a (H, W) image stored with EXIF ``orientation`` into its upright view.
+
+    The eight values are the four rotations, each with or without a mirror: 2 mirrors left-right,
+    3 turns 180 degrees, 4 mirrors top-bottom, 5 transposes, 6 turns 90 degrees clockwise,
+    7 transposes across the other diagonal, 8 turns 90 degrees counter-clockwise.
+    """
+    views = {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1, :],
+        5: lambda a: a.T,
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a[::-1, ::-1].T,
+        8: lambda a: np.rot90(a, 1),
+    }
+    return np.ascontiguousarray(views[orientation](image))
+
+
 def _decode_raster(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
-    """Decode PNG or JPEG with OpenCV; gray float32 scaled by the integer dtype maximum."""
+    """Decode PNG or JPEG with OpenCV to gray float32: 8 bits / 255, 16-bit PNG by its real range."""
     received = f"{fmt.upper()}, {len(data)} bytes"
+    exif = None
     if fmt == "png":
         width, height = _png_size(data)
     else:
-        width, height = _jpeg_size(data)
+        width, height, precision, exif = _jpeg_header(data)
     _check_size(width, height, received, max_pixels)
+    received = f"{received}, {width}x{height}"
+    bits = None
     if fmt == "png":
-        _png_check_chunks(data, f"{received}, {width}x{height}")
+        bits = _png_significant_bits(_png_check_chunks(data, received), data[25])
+    elif precision != 8:
+        raise _fail(
+            f"{received}, {precision}-bit samples",
+            "a JPEG file must have 8-bit samples; send deeper images as 16-bit PNG or as DICOM",
+        )
     if fmt == "jpeg" and not _jpeg_is_complete(data):
-        raise _fail(f"{received}, {width}x{height}", "truncated or corrupt JPEG: no end-of-image marker")
+        raise _fail(received, "truncated or corrupt JPEG: no end-of-image marker")
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise _fail(f"{received}, header {width}x{height}", f"truncated or corrupt {fmt.upper()}")
-    if img.dtype == np.uint8 or img.dtype == np.uint16:
-        img = img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
-    else:
-        raise _fail(f"{received}, pixel type {img.dtype}", "unsupported pixel type")
+        raise _fail(received, f"truncated or corrupt {fmt.upper()}")
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     elif img.ndim == 3 and img.shape[2] in (3, 4):
-        img = cv2.cvtColor(np.ascontiguousarray(img[:, :, :3]), cv2.COLOR_BGR2GRAY)
+        img = np.ascontiguousarray(img[:, :, :3])  # alpha dropped, not composited
+    elif img.ndim != 2:
+        raise _fail(f"{received}, decoded shape {img.shape}", "unsupported number of channels")
+    if img.dtype == np.uint8:
+        img = img.astype(np.float32) / np.float32(255)
+    elif img.dtype == np.uint16:
+        img = _scale_png16(img, bits)
+    else:
+        raise _fail(f"{received}, pixel type {img.dtype}", "unsupported pixel type")
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    if fmt == "jpeg":
+        img = _apply_orientation(img, _exif_orientation(exif))
     return img
 
 
+def _transfer_syntax(header: object, received: str) -> str:
+    """The transfer syntax UID of a DICOM header, refused unless this module decodes it.
+
+    A stream without file meta information has no transfer syntax element; pydicom has then
+    recognised one of the uncompressed encodings, which is returned.
+    """
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(header, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if uid is None:
+        implicit, little = getattr(header, "original_encoding", None) or (False, True)
+        if implicit:
+            return ImplicitVRLittleEndian
+        return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    uid = UID(str(uid).strip().rstrip("\x00"))
+    name = uid.name if uid.name != str(uid) else "unknown transfer syntax"
+    supported = ", ".join(_DICOM_TRANSFER_SYNTAXES.values())
+    if str(uid) not in _DICOM_TRANSFER_SYNTAXES:
+        raise UnsupportedTransferSyntax(
+            f"DICOM transfer syntax {uid} ({name}) is not supported: its pixel data cannot be decoded "
+            f"(received {received}); supported transfer syntaxes: {supported}; accepted: {ACCEPTED}",
+            str(uid),
+            name,
+        )
+    decoder = get_decoder(uid)
+    if not decoder.is_available:
+        # The server's installation is incomplete; the client can still be told which syntax failed.
+        logger.error(
+            "no decoder installed for %s (%s): %s; install requirements.txt",
+            uid,
+            name,
+            "; ".join(decoder.missing_dependencies),
+        )
+        raise UnsupportedTransferSyntax(
+            f"DICOM transfer syntax {uid} ({name}) cannot be decoded by this server: its decoder is not "
+            f"installed (received {received}); accepted: {ACCEPTED}",
+            str(uid),
+            name,
+        )
+    return uid
+
+
+def _padding_mask(stored: np.ndarray, ds: object) -> np.ndarray | None:
+    """Pixels whose stored value is PixelPaddingValue, or within it and PixelPaddingRangeLimit."""
+    value = getattr(ds, "PixelPaddingValue", None)
+    if value is None:
+        return None
+    limit = getattr(ds, "PixelPaddingRangeLimit", None)
+    lo, hi = (int(value), int(value)) if limit is None else sorted((int(value), int(limit)))
+    mask = (stored >= lo) & (stored <= hi)
+    return mask if mask.any() else None
+
+
 def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode a single-frame DICOM image; modality LUT, VOI LUT/window, min-max, MONOCHROME1 inverted."""
+    """Decode a single-frame DICOM image to gray in [0, 1]; see the module docstring for the steps."""
     import pydicom  # deferred: only DICOM uploads pay for the import
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     received = f"DICOM, {len(data)} bytes"
     force = data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] != _DICOM_MAGIC
     header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=force)
+    uid = _transfer_syntax(header, received)
     rows = header.get("Rows")
     columns = header.get("Columns")
     if rows is None or columns is None:
@@ -262,33 +522,43 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
             f"DICOM photometric interpretation must be one of {', '.join(_DICOM_PHOTOMETRICS)}",
         )
     samples = int(header.get("SamplesPerPixel", 1))
-    if samples != (3 if photometric == "RGB" else 1):
+    if samples != (3 if photometric in _DICOM_COLOUR else 1):
         raise _fail(f"{received}, {photometric} with SamplesPerPixel {samples}", "inconsistent DICOM samples")
 
     ds = pydicom.dcmread(io.BytesIO(data), force=force)
     if "PixelData" not in ds:
         raise _fail(received, "DICOM has no pixel data (PixelData element missing)")
-    arr = ds.pixel_array
-    if photometric == "RGB":
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = uid
+    arr = ds.pixel_array  # YBR_FULL and YBR_FULL_422 come out as RGB
+    padding = None
+    if photometric in _DICOM_COLOUR:
         if arr.ndim != 3 or arr.shape[-1] != 3:
-            raise _fail(f"{received}, pixel array {arr.shape}", "RGB DICOM with unexpected shape")
+            raise _fail(f"{received}, pixel array {arr.shape}", f"{photometric} DICOM with unexpected shape")
         gray = cv2.cvtColor(np.ascontiguousarray(arr, dtype=np.float32), cv2.COLOR_RGB2GRAY)
         values = gray.astype(np.float64)
     else:
+        padding = _padding_mask(arr, ds)
         values = apply_modality_lut(arr, ds)
         values = apply_voi_lut(values, ds)
         values = np.asarray(values, dtype=np.float64)
-        if photometric == "MONOCHROME1":
+        shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
+        if photometric == "MONOCHROME1" or shape == "INVERSE":
             values = -values  # negate before min-max: bone bright, constant image still zeros
     if not np.all(np.isfinite(values)):
         raise _fail(received, "DICOM pixel values are not finite after rescale/windowing")
     if values.size == 0:
         raise _fail(received, "DICOM pixel data is empty")
-    lo, hi = float(values.min()), float(values.max())
+    anatomy = values if padding is None else values[~padding]
+    if anatomy.size == 0:
+        return np.zeros(values.shape, np.float32)
+    lo, hi = float(anatomy.min()), float(anatomy.max())
     if hi > lo:
         values = (values - lo) / (hi - lo)
     else:
         values = np.zeros_like(values)
+    if padding is not None:
+        values[padding] = 0.0
     return values.astype(np.float32)
 
 
