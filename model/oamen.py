@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
 
 from model.gate import KneeGate
 from model.registry import register_model
@@ -58,6 +57,31 @@ class OAMENConfig:
             raise ValueError(f"bad num_classes={self.num_classes} or in_chans={self.in_chans}")
         if self.mobile_backbone not in ("v1", "lite0"):
             raise ValueError(f"mobile_backbone must be 'v1' or 'lite0', got {self.mobile_backbone!r}")
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016), with torchvision's parameter names: two 3x3 convolutions
+    with BN, ReLU, and the identity (or ``downsample``) added. Written here so that serving OA-MEN
+    imports no model zoo."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
 
 
 def _conv_bn_act(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act=nn.ReLU) -> nn.Sequential:

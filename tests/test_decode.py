@@ -788,3 +788,24 @@ def test_library_error_messages_are_never_cut_mid_sentence(monkeypatch: pytest.M
 
     monkeypatch.setattr(cv2, "imdecode", boom_once)
     assert_decode_error(data, long_sentence)  # one sentence: quoted whole
+
+
+# --- BodyPartExamined: a DICOM of another body part is refused before decoding (knee_only) -------------------
+
+
+@pytest.mark.parametrize("part", ["CHEST", "HAND", "hip", "SHOULDER"])
+def test_knee_only_refuses_another_body_part(part: str) -> None:
+    from model.decode import NotAKneeHeader
+
+    data = make_dicom(np.arange(64, dtype=np.uint16).reshape(8, 8), BodyPartExamined=part)
+    with pytest.raises(NotAKneeHeader, match=f"BodyPartExamined {part.upper()}") as info:
+        decode_image(data, knee_only=True)
+    assert info.value.status == 422 and info.value.kind == "not_a_knee"
+    assert decode_image(data).shape == (8, 8)  # without knee_only (training data, tools) it still decodes
+
+
+@pytest.mark.parametrize("part", ["KNEE", "knee", "LEG", "LOWER LIMB", "", None])
+def test_knee_only_lets_knees_and_unnamed_parts_through(part: str | None) -> None:
+    attrs = {} if part is None else {"BodyPartExamined": part}
+    data = make_dicom(np.arange(64, dtype=np.uint16).reshape(8, 8), **attrs)
+    assert decode_image(data, knee_only=True).shape == (8, 8)
