@@ -3,7 +3,8 @@
 This is the ground floor: it imports nothing else of the project.
 """
 
-from model import densenet, efficientnet_lite, mobilenet, oamen, resnet, timm_baselines  # noqa: F401  (register builders)
+# OA-MEN and EfficientNet-Lite0 register here; the baselines when first asked for (model.registry).
+from model import efficientnet_lite, oamen  # noqa: F401  (register builders)
 from model.contract import InputContract, PreprocessConfig
 from model.registry import create_model, list_models, register_model
 

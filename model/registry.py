@@ -7,12 +7,29 @@ Modelled on timm's `_registry.py` and torchvision's `get_model`: a builder is a 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from torch import nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _PRETRAINED: set[str] = set()
+# The paper's baselines register when first asked for: importing them pulls in torchvision's model
+# zoo and timm, which the served OA-MEN needs neither of (a smaller, faster-starting worker).
+# tests/test_models.py checks that each module registers exactly the names listed for it.
+LAZY_MODULES: dict[str, tuple[str, ...]] = {
+    "model.resnet": ("resnet18", "resnet34", "resnet50"),
+    "model.densenet": ("densenet121",),
+    "model.mobilenet": ("mobilenet_v2", "mobilenet_v3"),
+    "model.timm_baselines": ("xception", "nasnet"),
+}
+_LAZY = {name: module for module, names in LAZY_MODULES.items() for name in names}
+
+
+def _load(name: str) -> None:
+    """Import the module of a lazily registered model."""
+    if name not in _MODELS and name in _LAZY:
+        importlib.import_module(_LAZY[name])
 
 
 def register_model(fn: Callable[..., nn.Module] | None = None, *, pretrained: bool = False):
@@ -36,14 +53,15 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, pretrained: bo
 
 def has_pretrained(name: str) -> bool:
     """Whether the builder ``name`` can start from installed ImageNet weights."""
+    _load(name)
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
     return name in _PRETRAINED
 
 
 def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
-    return sorted(_MODELS)
+    """Names of all registered models (those registered lazily included), sorted."""
+    return sorted(set(_MODELS) | set(_LAZY))
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -53,6 +71,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
         name: a name from `list_models()`.
         **kwargs: passed to the builder (``num_classes``, ``in_chans``, variant fields).
     """
+    _load(name)
     try:
         builder = _MODELS[name]
     except KeyError:

@@ -118,3 +118,21 @@ def test_checkpoint_without_contract_is_rejected(tmp_path):
     torch.save({"model": model.create_model("oamen_lite").state_dict()}, path)
     with pytest.raises(ValueError, match="no input contract"):
         model_from_checkpoint(path)
+
+
+def test_baselines_register_lazily_and_as_listed():
+    import importlib
+    import subprocess
+    import sys
+
+    from model.registry import _MODELS, LAZY_MODULES
+
+    code = "import sys, model; print('timm' in sys.modules, 'torchvision.models' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"], "importing model must not import timm or torchvision's model zoo"
+    for module, names in LAZY_MODULES.items():
+        before = set(_MODELS)
+        importlib.import_module(module)
+        registered = {n for n in _MODELS if _MODELS[n].__module__ == module}
+        assert registered == set(names), f"{module} registers {sorted(registered)}, listed {sorted(names)}"
+        assert set(names) <= before | set(_MODELS)
