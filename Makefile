@@ -6,11 +6,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data/koa
-RUN ?= runs/oamen
-MODEL ?= oamen_lite
-# The recipe of the shipped weights (docs/MODEL_CARD.md): 105 CPU minutes, learning rate annealed
-# by elapsed time. On a GPU: make train MODEL=oamen TRAIN_ARGS="--epochs 60"
-TRAIN_ARGS ?= --epochs 40 --time-limit 105 --no-balance --patience 0
+RUN ?= runs/oamen_pt
+MODEL ?= oamen_pt
+NONKNEE ?= ../shared/data/nonknee
+# The recipe of the shipped weights (docs/MODEL_CARD.md): OA-MEN with the ImageNet-initialised
+# EfficientNet-Lite0 branch, 95 CPU minutes, learning rate annealed by elapsed time (a run cut
+# short continues with `make train TRAIN_ARGS="... --resume"`). On a GPU: make train TRAIN_ARGS="--epochs 30"
+TRAIN_ARGS ?= --epochs 40 --time-limit 95 --no-balance --patience 0 --lr 1e-3 --version 1.0.0
 WEIGHTS := weights/oamen.ckpt
 EXPORT := build/oamen.pt
 ARCHIVE := model_store/oamen.mar
@@ -20,7 +22,7 @@ SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
 PROTO_STAMP := client/_proto/inference_pb2.py
 
-.PHONY: help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-model train evaluate export compare archive serve stop restart token renew-token predict explain proto clean loadtest
+.PHONY: help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-model train evaluate calibrate promote export compare archive serve stop restart token renew-token predict explain proto clean loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -49,8 +51,22 @@ bench-model: $(STAMP)  ## parameters, GFLOPs and CPU images/s of every registere
 train: $(STAMP)  ## train OA-MEN on DATA (official protocol) into RUN, with the shipped recipe
 	$(PY) -m train.fit --model $(MODEL) --data $(DATA) --out $(RUN) $(TRAIN_ARGS)
 
-evaluate: $(STAMP)  ## evaluate the committed weights on DATA's val split
-	$(PY) -m train.evaluate --checkpoint $(WEIGHTS) --data $(DATA) --split val --out reports/eval-val
+evaluate: $(STAMP)  ## evaluate the committed weights on DATA's val split (+ framing table, knee gate) -> reports/eval-val
+	$(PY) -m train.evaluate --checkpoint $(WEIGHTS) --data $(DATA) --split val --out reports/eval-val \
+		--framing $(if $(wildcard $(NONKNEE)),--nonknee $(NONKNEE))
+
+calibrate: $(STAMP)  ## fit temperature, decoding, knee gate and uncertain flag of RUN's best checkpoint -> RUN/calibrated.ckpt
+	$(PY) -m train.calibrate --run $(RUN) --out $(RUN)/calibrated.ckpt
+
+# promote: the run's calibrated checkpoint becomes the shipped weights, measured and documented.
+promote: $(STAMP)  ## calibrate RUN, copy it to weights/, evaluate it into docs/model/ and regenerate the model card
+	$(PY) -m train.calibrate --run $(RUN) --out $(RUN)/calibrated.ckpt
+	cp $(RUN)/calibrated.ckpt $(WEIGHTS)
+	cp $(RUN)/calibration.json docs/model/calibration.json
+	cp $(RUN)/history.json $(RUN)/curves.png docs/model/
+	$(PY) -m train.evaluate --checkpoint $(WEIGHTS) --data $(DATA) --split val --out docs/model/eval-val \
+		--framing --nonknee $(NONKNEE)
+	$(PY) scripts/model_card.py
 
 export: $(EXPORT)  ## TorchScript export of the committed weights
 
@@ -63,6 +79,8 @@ $(ARCHIVE): $(EXPORT) $(SOURCES) | $(STAMP)
 	rm -rf build/mar && mkdir -p build/mar model_store
 	cp -r model handler build/mar/
 	find build/mar -name __pycache__ -prune -exec rm -rf {} +
+	# the worker needs OA-MEN only: the lazily registered baselines stay out of the archive
+	rm -f $(patsubst %,build/mar/%.py,$(subst .,/,$(shell $(PY) -c "from model.registry import LAZY_MODULES; print(*LAZY_MODULES)"))) build/mar/model/_layers.py
 	$(VENV)/bin/torch-model-archiver --model-name oamen --version 1.0 --serialized-file $(EXPORT) \
 		--handler handler/koa_handler.py --extra-files build/mar --export-path model_store --force
 	@echo "built $@"
