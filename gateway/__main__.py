@@ -1,0 +1,112 @@
+"""Command line of the DICOM gateway.
+
+    python -m gateway serve --spool DIR [--port 11112] [--ts-url URL] [--key-file FILE] [--pacs AE@HOST:PORT]
+    python -m gateway tree FILE.dcm         # print a Structured Report's content tree
+    python -m gateway requeue --spool DIR   # put the instances of failed/ back into the queue (gateway stopped)
+
+``serve`` runs until SIGTERM or SIGINT; what is queued then stays in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+__all__ = ["get_args_parser", "main", "parse_address"]
+
+
+def parse_address(text: str) -> tuple[str, str, int]:
+    """``AE@HOST:PORT`` -> (AE, HOST, PORT).
+
+    Raises:
+        ValueError: another shape, or a port that is not a number.
+    """
+    try:
+        ae, rest = text.split("@", 1)
+        host, port = rest.rsplit(":", 1)
+        if not ae or not host or len(ae) > 16:
+            raise ValueError
+        return ae, host, int(port)
+    except ValueError:
+        msg = f"expected AE@HOST:PORT (AE at most 16 characters), e.g. ORTHANC@127.0.0.1:4242, got {text!r}"
+        raise ValueError(msg) from None
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from gateway.service import DEFAULT_AE, DEFAULT_PORT
+
+    p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="receive, grade and store back until stopped")
+    serve.add_argument("--spool", type=Path, required=True, help="spool folder (received, not yet finished)")
+    serve.add_argument("--audit", type=Path, default=None, help="audit log (default: audit.jsonl beside the spool)")
+    serve.add_argument("--ae-title", default=DEFAULT_AE)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.add_argument(
+        "--allow", action="append", default=None, metavar="AE", help="calling AE allowed to send (repeat; ORTHANC)"
+    )
+    serve.add_argument("--allow-any", action="store_true", help="accept any calling AE (not advised)")
+    serve.add_argument("--ts-url", default="http://127.0.0.1:8080", help="KOA-Serve REST inference address")
+    serve.add_argument("--model", default="oamen")
+    serve.add_argument("--key-file", type=Path, default=None, help="TorchServe's key_file.json (re-read on refusal)")
+    serve.add_argument("--pacs", default="ORTHANC@127.0.0.1:4242", help="where results go: AE@HOST:PORT")
+    serve.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer")
+    serve.add_argument("--max-backoff", type=float, default=30.0, help="longest pause between retries (s)")
+    serve.add_argument("--log-level", default="INFO")
+    tree = sub.add_parser("tree", help="print the content tree of an SR file")
+    tree.add_argument("file", type=Path)
+    requeue = sub.add_parser("requeue", help="move failed/ instances back into the queue")
+    requeue.add_argument("--spool", type=Path, required=True)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.command == "tree":
+        from pydicom import dcmread
+
+        from gateway.report import content_tree
+
+        print(content_tree(dcmread(args.file)))
+        return 0
+    if args.command == "requeue":
+        from gateway.spool import Spool
+
+        print(f"{Spool(args.spool).requeue_failed()} instance(s) queued again")
+        return 0
+    from gateway.service import Gateway, GatewayConfig
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("pynetdicom", "highdicom"):  # one line per association / per copied module otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    pacs_ae, pacs_host, pacs_port = parse_address(args.pacs)
+    allowed = () if args.allow_any else tuple(args.allow or ["ORTHANC"])
+    gateway = Gateway(
+        GatewayConfig(
+            spool=args.spool,
+            audit=args.audit,
+            ae_title=args.ae_title,
+            host=args.host,
+            port=args.port,
+            allowed_aets=allowed,
+            ts_url=args.ts_url,
+            model=args.model,
+            key_file=args.key_file,
+            pacs_ae=pacs_ae,
+            pacs_host=pacs_host,
+            pacs_port=pacs_port,
+            timeout=args.timeout,
+            max_backoff_s=args.max_backoff,
+        )
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: gateway.stopping.set())
+    gateway.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
