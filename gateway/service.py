@@ -229,7 +229,8 @@ class Gateway:
 
     # --- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
-        backoff = 1.0
+        first = min(1.0, self.config.max_backoff_s)
+        backoff = first
         while not self.stopping.is_set():
             queue = self.spool.pending()
             if not queue:
@@ -238,7 +239,7 @@ class Gateway:
                 continue
             try:
                 self.process(queue[0])
-                backoff = 1.0
+                backoff = first
             except Transient as exc:
                 self.audit.write("retry", sop_instance_uid=queue[0].stem, reason=str(exc), wait_s=backoff)
                 log.warning("%s: %s; again in %.0f s", queue[0].stem, exc, backoff)
