@@ -3,6 +3,11 @@
 It stays thin: it loads the TorchScript model and its input contract on the device TorchServe
 assigns, then hands every batch to `handler.service.Predictor`, which decodes, preprocesses
 (with `model/`, exactly as training did), predicts and explains each request on its own.
+
+A batch's answers leave as they are ready (`answer_early`): its plain predictions and bad
+requests at once, each explanation when it is done, instead of all together after the last
+explanation (Integrated Gradients takes seconds per image on a CPU). The rest of the batch
+keeps waiting, as does the next batch: one worker explains one image at a time.
 The archive ships `model/` and `handler/` as packages beside this file.
 """
 
@@ -15,15 +20,20 @@ import time
 from http import HTTPStatus
 
 import torch
+from ts.protocol.otf_message_handler import create_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.drain import RETRY_AFTER_S, DrainGate
 from handler.memory import keep_freed_memory
-from handler.service import Predictor, error_body
+from handler.service import Answer, Predictor, error_body
 from model import create_model
 from model.checkpoint import load_torchscript
 
 log = logging.getLogger(__name__)
+
+# KOA_EARLY_ANSWERS=0 answers every batch in one message, as TorchServe does by default (see `answer_early`).
+EARLY_ENV = "KOA_EARLY_ANSWERS"
+OFF = {"0", "false", "no", "off"}
 
 
 class KOAHandler(BaseHandler):
@@ -82,18 +92,105 @@ class KOAHandler(BaseHandler):
     def handle(self, data, context) -> list[str]:
         t0 = time.perf_counter()
         headers = [context.get_all_request_header(i) for i in range(len(data))]
-        answers = []
+        results: dict[int, Answer] = {}
         with self.gate.batch() as draining:
             if draining:
                 message = f"KOA-Serve is restarting: send the request again in {RETRY_AFTER_S} s"
-                results = [(503, error_body(503, message, "restarting"))] * len(data)
+                results = dict.fromkeys(range(len(data)), (503, error_body(503, message, "restarting")))
             else:
-                results = self.predictor.handle(data, headers)
+                early = os.environ.get(EARLY_ENV, "").strip().lower() not in OFF and can_answer_early(context)
+                carrier: int | None = None
+                try:
+                    for group in self.predictor.answers(data, headers):
+                        results.update(group)
+                        pending = [i for i in range(len(data)) if i not in results]
+                        if not early or not pending:
+                            continue
+                        if carrier is None:
+                            carrier = pick_carrier(pending, headers)
+                            early = carrier is not None
+                        ready = {i: answer for i, answer in group.items() if i != carrier}
+                        if early and ready:
+                            answer_early(context, ready, carrier)
+                except Exception as exc:
+                    # Raising would make TorchServe fail the whole batch, answered requests included.
+                    log.exception("batch of %d failed after %d answers", len(data), len(results))
+                    failed = (500, error_body(500, f"server error: {type(exc).__name__}: {exc}", "server_error"))
+                    results = {i: results.get(i, failed) for i in range(len(data))}
         log.debug("batch of %d answered in %.1f ms", len(data), (time.perf_counter() - t0) * 1000)
-        for i, (status, body) in enumerate(results):
-            context.set_response_status(status, HTTPStatus(status).phrase, idx=i)
-            context.set_response_content_type(i, "application/json")
-            if status == 503:
-                context.set_response_header(i, "Retry-After", str(RETRY_AFTER_S))
+        answers = []
+        for i in range(len(data)):
+            status, body = results.get(i) or (500, error_body(500, "no answer", "server_error"))
+            set_response(context, i, status)
             answers.append(json.dumps(body))
         return answers
+
+
+def set_response(context, idx: int, status: int) -> None:
+    """The HTTP status, content type and (for 503) ``Retry-After`` of request ``idx``."""
+    context.set_response_status(status, HTTPStatus(status).phrase, idx=idx)
+    context.set_response_content_type(idx, "application/json")
+    if status == 503:
+        context.set_response_header(idx, "Retry-After", str(RETRY_AFTER_S))
+
+
+def can_answer_early(context) -> bool:
+    """Whether ``context`` is a live worker's, with the request ids and socket `answer_early` needs."""
+    return isinstance(getattr(context, "request_ids", None), dict) and getattr(context, "cl_socket", None) is not None
+
+
+def over_http(header: dict) -> bool:
+    """Whether a request came over REST: TorchServe gives those the HTTP headers (text values, among them
+    ``url_path``); a gRPC request only has its ``input`` fields' content types (dicts)."""
+    return any(isinstance(value, str) for value in header.values())
+
+
+def pick_carrier(pending: list[int], headers: list[dict]) -> int | None:
+    """The request whose stream keeps the batch open while others are answered early (see `answer_early`).
+
+    A REST request, as a gRPC call ends at its first message; the last one, as explanations are
+    computed in request order, so it holds back no other. None when no pending request came over REST.
+    """
+    return next((i for i in reversed(pending) if over_http(headers[i])), None)
+
+
+def answer_early(context, answers: dict[int, Answer], carrier: int) -> None:
+    """Send ``answers`` to the frontend now, before ``handle`` returns.
+
+    TorchServe 0.12 takes more than one message per batch only while a message holds a stream
+    that goes on (``ts_stream_next: true``; Java ``BatchAggregator.sendResponse``): so each message
+    carries, beside the answers, an empty chunk for ``carrier``, a REST request left for the final
+    message. Its client gets one ordinary (chunked) HTTP answer; its status, 200, leaves with the
+    first chunk, so a failed explanation of ``carrier`` arrives as a 200 with the error body (the
+    clients read the error from the body). The answered requests leave ``context.request_ids``, the
+    map the final message (``ts.service.Service.predict``) answers from, so none is answered twice.
+    Per-request headers decide, through ``context.stopping_criteria``, which prediction streams:
+    None keeps an answer whole, False makes the carrier's a chunk that goes on; the final message
+    ends the carrier's stream (``create_predict_response`` turns its ``true`` into ``false``).
+
+    Java keeps the answered requests of a batch until its last message: a worker that dies (or
+    outlives ``responseTimeout``) while explaining sends them its "Worker died" error as well, onto
+    connections that already have their answer (Netty closes them after an error).
+    """
+    for i, (status, _) in answers.items():
+        set_response(context, i, status)
+    set_response(context, carrier, 200)
+    ids = {i: context.request_ids[i] for i in (*answers, carrier)}
+    bodies = {i: json.dumps(body) for i, (_, body) in answers.items()} | {carrier: b""}
+    saved = context.stopping_criteria
+    context.stopping_criteria = {i: _goes_on if i == carrier else _whole for i in ids}
+    try:
+        message = create_predict_response(bodies, ids, "Early answers", 200, context)
+    finally:
+        context.stopping_criteria = saved
+    context.cl_socket.sendall(message)
+    for i in answers:
+        del context.request_ids[i]
+
+
+def _goes_on(_: object) -> bool:
+    return False
+
+
+def _whole(_: object) -> None:
+    return None

@@ -5,7 +5,9 @@ TorchScript model -> one JSON answer per request, explained on request (`handler
 
 Each request in a batch succeeds or fails on its own: a bad request gets a 4xx answer with
 a JSON error body while the rest of its batch is answered normally. Nothing here raises for
-bad input.
+bad input. `Predictor.answers` gives a batch's answers in steps (the plain predictions, then
+each explanation) so that the server can send them as they are ready; `Predictor.handle`
+gives them all at once.
 
 Accepted request forms (TorchServe hands each request over as a dict of named fields):
 - raw image bytes as the body (``data`` or ``body``): PNG, JPEG or DICOM;
@@ -22,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +43,9 @@ IMAGE_FIELDS = ("data", "body", "image", "file")
 JSON_IMAGE_KEYS = ("image", "data", "b64")
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
+
+
+Answer = tuple[int, dict[str, Any]]  # (HTTP status, JSON body) of one request
 
 
 class RequestError(ValueError):
@@ -188,24 +194,34 @@ class Predictor:
             "overlay_png": base64.b64encode(overlay_png(prepared, heat)).decode("ascii"),
         }
 
-    def handle(self, rows: list[dict[str, Any]], headers: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
-        """Answer every request of a batch: (HTTP status, JSON body) each, never raising for bad input."""
-        results: list[tuple[int, dict[str, Any]] | None] = [None] * len(rows)
+    def answers(self, rows: list[dict[str, Any]], headers: list[dict[str, Any]]) -> Iterator[dict[int, Answer]]:
+        """Answer a batch in steps, each as soon as it is known; never raises for bad input.
+
+        Yields ``{request index: (HTTP status, JSON body)}`` groups that together hold every request
+        once: first everything one batched forward pass settles (bad requests, plain predictions, and
+        explain requests whose inference failed), then each explanation on its own, in request order.
+        An explanation costs one (Grad-CAM) or ``ig_steps`` (Integrated Gradients) forward and
+        backward passes, so a server that sends each group as it comes (`handler.koa_handler`) answers
+        a batch's plain predictions without waiting for its explanations.
+        """
+        first: dict[int, Answer] = {}
         parsed: list[tuple[int, ParsedRequest, np.ndarray]] = []
         for i, row in enumerate(rows):
             try:
                 req = parse_request(row, headers[i] if i < len(headers) else {}, self.contract)
                 gray = decode_image(req.image, max_pixels=self.contract.max_pixels)
                 parsed.append((i, req, prepare(gray, self.contract)))
-            except (RequestError, DecodeError) as exc:
+            except RequestError as exc:
+                first[i] = (exc.status, error_body(exc.status, str(exc)))
+            except DecodeError as exc:
+                # The status and type travel with the error: e.g. 415 for a DICOM transfer syntax
+                # this server cannot decode; a plain DecodeError is a 400 invalid_image.
                 status = getattr(exc, "status", 400)
-                results[i] = (
-                    status,
-                    error_body(status, str(exc), "invalid_image" if isinstance(exc, DecodeError) else "bad_request"),
-                )
+                first[i] = (status, error_body(status, str(exc), getattr(exc, "kind", "invalid_image")))
             except Exception as exc:  # an input we did not foresee: answer it, keep the batch alive
                 log.exception("request %d could not be prepared", i)
-                results[i] = (400, error_body(400, f"could not read the request: {type(exc).__name__}: {exc}"))
+                first[i] = (400, error_body(400, f"could not read the request: {type(exc).__name__}: {exc}"))
+        explain: list[tuple[int, ParsedRequest, np.ndarray, torch.Tensor, dict[str, Any]]] = []
         if parsed:
             batch = torch.from_numpy(np.stack([to_model_input(p, self.contract) for _, _, p in parsed])).to(self.device)
             try:
@@ -214,17 +230,28 @@ class Predictor:
             except Exception as exc:
                 log.exception("inference failed for a batch of %d", len(parsed))
                 for i, _, _ in parsed:
-                    results[i] = (500, error_body(500, f"inference failed: {exc}", "server_error"))
+                    first[i] = (500, error_body(500, f"inference failed: {exc}", "server_error"))
                 parsed = []
             for j, (i, req, prepared) in enumerate(parsed):
                 body = self.answer(probs[j])
                 if req.explain:
-                    target = body["kl_grade"] if req.target is None else req.target
-                    try:
-                        body["explanation"] = self.explanation(batch[j : j + 1].clone(), prepared, target, req.method)
-                    except Exception as exc:
-                        log.exception("explanation failed for request %d", i)
-                        results[i] = (500, error_body(500, f"explanation failed: {exc}", "server_error"))
-                        continue
-                results[i] = (200, body)
-        return [r if r is not None else (500, error_body(500, "no answer", "server_error")) for r in results]
+                    explain.append((i, req, prepared, batch[j : j + 1].clone(), body))
+                else:
+                    first[i] = (200, body)
+        yield first
+        for i, req, prepared, x, body in explain:
+            target = body["kl_grade"] if req.target is None else req.target
+            try:
+                body["explanation"] = self.explanation(x, prepared, target, req.method)
+            except Exception as exc:
+                log.exception("explanation failed for request %d", i)
+                yield {i: (500, error_body(500, f"explanation failed: {exc}", "server_error"))}
+                continue
+            yield {i: (200, body)}
+
+    def handle(self, rows: list[dict[str, Any]], headers: list[dict[str, Any]]) -> list[Answer]:
+        """Answer every request of a batch at once: (HTTP status, JSON body) each, in order (see `answers`)."""
+        results: dict[int, Answer] = {}
+        for group in self.answers(rows, headers):
+            results.update(group)
+        return [results.get(i, (500, error_body(500, "no answer", "server_error"))) for i in range(len(rows))]

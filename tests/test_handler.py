@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
+import time
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 import torch
 from ts.context import Context, RequestProcessor
+from ts.protocol.otf_message_handler import create_predict_response
 
 from handler.drain import BUSY_PREFIX, DRAIN_FILE, RETRY_AFTER_S, STATE_ENV, DrainGate
-from handler.koa_handler import KOAHandler
+from handler.koa_handler import EARLY_ENV, KOAHandler
 from handler.service import Predictor, RequestError, parse_request
 from model import create_model
 from model.checkpoint import load_torchscript, save_checkpoint
 from model.contract import InputContract
+from model.decode import DecodeError
 from train.export import export
 
 CONTRACT = InputContract(model_name="oamen_lite", input_size=64, model_version="9.9.9")
@@ -228,3 +233,234 @@ def test_malloc_settings_apply_on_glibc_and_can_be_turned_off(monkeypatch):
     monkeypatch.delenv(ENV)
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is expected
+
+
+# --- early answers: a batch's plain predictions do not wait for its explanations -----------
+
+GRPC_EXPLAIN = {"data": {"content-type": ""}, "explain": {"content-type": ""}}  # what a gRPC call's headers hold
+REST = {"explain": "False", "url_path": ""}  # TorchServe adds these to every REST request
+ATTRIBUTION_S = 0.2
+
+
+class FakeSocket:
+    """The worker's socket to the frontend: keeps every message ``answer_early`` sends."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.messages.append(bytes(data))
+
+
+def decode_message(msg: bytes) -> list[dict]:
+    """A predict response as the frontend reads it (ts/protocol/otf_message_handler.py, the other way round)."""
+    pos = 0
+
+    def take_int() -> int:
+        nonlocal pos
+        (value,) = struct.unpack("!i", msg[pos : pos + 4])
+        pos += 4
+        return value
+
+    def take_bytes() -> bytes:
+        nonlocal pos
+        n = take_int()
+        pos += n
+        return msg[pos - n : pos]
+
+    assert take_int() == 200
+    take_bytes()  # the message text
+    predictions = []
+    while True:
+        n = take_int()
+        if n == -1:
+            break
+        req_id = msg[pos : pos + n].decode()
+        pos += n
+        content_type = take_bytes().decode()
+        status, _phrase = take_int(), take_bytes()
+        headers = {take_bytes().decode(): take_bytes().decode() for _ in range(take_int())}
+        predictions.append(
+            {"id": req_id, "content_type": content_type, "status": status, "headers": headers, "body": take_bytes()}
+        )
+    assert pos == len(msg)
+    return predictions
+
+
+def frontend(messages: list[bytes]) -> dict[str, tuple[int, bytes]]:
+    """What TorchServe 0.12's frontend makes of a batch's messages (Java ``BatchAggregator.sendResponse``,
+    ``RestJob.responseInference``): the status and whole body each client gets, by request id.
+
+    Checks the rules a second message depends on: a batch stays open only while a message holds a stream
+    that goes on; a request is answered once, whole (no ``ts_stream_next``) or as one stream.
+    """
+    done: dict[str, tuple[int, bytes]] = {}
+    streams: dict[str, tuple[int, bytes]] = {}
+    for k, msg in enumerate(messages):
+        goes_on = False
+        for p in decode_message(msg):
+            assert p["id"] not in done, f"{p['id']} answered twice"
+            assert p["content_type"] == "application/json"
+            nxt = p["headers"].get("ts_stream_next")
+            if nxt is None:
+                assert p["id"] not in streams, f"{p['id']} began a stream, then got a whole answer"
+                done[p["id"]] = (p["status"], p["body"])
+            elif nxt == "true":
+                goes_on = True
+                status, body = streams.get(p["id"], (p["status"], b""))
+                streams[p["id"]] = (status, body + p["body"])
+            else:
+                status, body = streams.pop(p["id"])
+                done[p["id"]] = (status, body + p["body"])
+        last = k == len(messages) - 1
+        assert goes_on != last, "only the last message may end the batch"
+    assert not streams, f"streams left open: {sorted(streams)}"
+    return done
+
+
+def run_batch(
+    handler: KOAHandler, ctx: Context, rows: list[dict], headers: list[dict], sock: FakeSocket | None = None
+) -> tuple[list[str], list[bytes]]:
+    """``handler.handle`` as a worker runs it (ts.service.Service.predict): request ids, socket, then the
+    final message from what ``handle`` returns. Returns (handle's list, the messages)."""
+    ctx.request_processor = [RequestProcessor(dict(h)) for h in headers]
+    ctx.request_ids = {i: f"req-{i}" for i in range(len(rows))}
+    ctx.cl_socket = sock or FakeSocket()
+    out = handler.handle(rows, ctx)
+    assert len(out) == len(rows)
+    final = create_predict_response(out, ctx.request_ids, "Prediction success", 200, context=ctx)
+    return out, [*ctx.cl_socket.messages, final]
+
+
+@pytest.fixture()
+def slow_attribution(monkeypatch) -> SimpleNamespace:
+    """Captum stubbed by a slow, fixed heat map; ``calls`` holds (messages in ``sock`` so far, method) per call."""
+    stub = SimpleNamespace(sock=FakeSocket(), calls=[])
+
+    def attribute(net, x, target, method="gradcam", ig_steps=16):
+        stub.calls.append((len(stub.sock.messages), method))
+        time.sleep(ATTRIBUTION_S)
+        return np.linspace(0, 1, x.shape[-1] * x.shape[-2], dtype=np.float32).reshape(x.shape[-2:])
+
+    monkeypatch.setattr("handler.service.attribute", attribute)
+    return stub
+
+
+def test_a_batch_answers_its_plain_predictions_before_its_explanations(
+    exported, tmp_path, monkeypatch, slow_attribution
+):
+    monkeypatch.delenv(STATE_ENV, raising=False)
+    monkeypatch.delenv(EARLY_ENV, raising=False)
+    handler, ctx = _handler(exported, tmp_path)
+    rows = [
+        {"body": png(seed=1)},
+        {"body": png(seed=2), "explain": b"true", "method": b"ig"},
+        {"body": b"not an image"},
+        {"body": png(seed=3), "explain": b"true", "method": b"gradcam"},
+        {"body": png(seed=4), "explain": b"true", "method": b"ig"},
+        {"body": png(seed=5)},
+    ]
+    headers = [REST, REST, REST, REST, GRPC_EXPLAIN, REST]
+    out, messages = run_batch(handler, ctx, rows, headers, slow_attribution.sock)
+    # The plain answers and the bad request left before the first explanation began, request 1's
+    # explanation before request 3's began; the last REST request (3) carried the batch open.
+    assert slow_attribution.calls == [(1, "ig"), (2, "gradcam"), (2, "ig")]
+    assert [len(decode_message(m)) for m in messages] == [4, 2, 2]
+    assert {p["id"] for p in decode_message(messages[0])} == {"req-0", "req-2", "req-5", "req-3"}
+    assert {p["id"] for p in decode_message(messages[1])} == {"req-1", "req-3"}
+    assert {p["id"] for p in decode_message(messages[2])} == {"req-3", "req-4"}
+    answers = frontend(messages)
+    assert {k: s for k, (s, _) in answers.items()} == {f"req-{i}": (400 if i == 2 else 200) for i in range(6)}
+    bodies = {k: json.loads(b) for k, (_, b) in answers.items()}
+    assert all("explanation" not in bodies[f"req-{i}"] for i in (0, 5)) and "error" in bodies["req-2"]
+    assert [bodies[f"req-{i}"]["explanation"]["method"] for i in (1, 3, 4)] == ["ig", "gradcam", "ig"]
+    # The same answers as a batch answered all at once (the handler's list, which the final message reads).
+    assert bodies == {f"req-{i}": json.loads(o) for i, o in enumerate(out)}
+
+
+def test_the_first_explanation_starts_after_the_plain_answers_left(exported, tmp_path, monkeypatch, slow_attribution):
+    monkeypatch.delenv(STATE_ENV, raising=False)
+    monkeypatch.delenv(EARLY_ENV, raising=False)
+    handler, ctx = _handler(exported, tmp_path)
+    rows = [{"body": png(seed=1), "explain": b"true", "method": b"ig"}, {"body": png(seed=2)}, {"body": png(seed=3)}]
+    sock = slow_attribution.sock
+    ctx.request_processor = [RequestProcessor(dict(REST)) for _ in rows]
+    ctx.request_ids = {i: f"req-{i}" for i in range(3)}
+    ctx.cl_socket = sock
+    handler.handle(rows, ctx)
+    assert slow_attribution.calls == [(1, "ig")], "the explanation began before the plain answers were sent"
+    sent = {p["id"]: p for p in decode_message(sock.messages[0])}
+    assert sent["req-1"]["status"] == sent["req-2"]["status"] == 200
+    assert "ts_stream_next" not in sent["req-1"]["headers"]
+    assert sent["req-0"]["headers"]["ts_stream_next"] == "true" and sent["req-0"]["body"] == b""
+    assert ctx.request_ids == {0: "req-0"}, "answered requests must leave the final message"
+
+
+def test_early_answers_can_be_turned_off(exported, tmp_path, monkeypatch, slow_attribution):
+    monkeypatch.delenv(STATE_ENV, raising=False)
+    monkeypatch.setenv(EARLY_ENV, "0")
+    handler, ctx = _handler(exported, tmp_path)
+    rows = [{"body": png(seed=1), "explain": b"true", "method": b"ig"}, {"body": png(seed=2)}]
+    _, messages = run_batch(handler, ctx, rows, [REST, REST])
+    assert len(messages) == 1 and set(frontend(messages)) == {"req-0", "req-1"}
+
+
+def test_without_a_rest_request_to_carry_the_batch_all_is_answered_at_once(
+    exported, tmp_path, monkeypatch, slow_attribution
+):
+    # A gRPC call ends at its first message, so it cannot hold the batch open: answers wait, as before.
+    monkeypatch.delenv(STATE_ENV, raising=False)
+    monkeypatch.delenv(EARLY_ENV, raising=False)
+    handler, ctx = _handler(exported, tmp_path)
+    rows = [{"data": png(seed=1), "explain": b"true"}, {"body": png(seed=2)}]
+    _, messages = run_batch(handler, ctx, rows, [GRPC_EXPLAIN, REST])
+    assert len(messages) == 1
+    answers = frontend(messages)
+    assert "explanation" in json.loads(answers["req-0"][1]) and answers["req-1"][0] == 200
+
+
+def test_a_failure_after_early_answers_fails_only_the_rest(exported, tmp_path, monkeypatch):
+    monkeypatch.delenv(STATE_ENV, raising=False)
+    monkeypatch.delenv(EARLY_ENV, raising=False)
+    handler, ctx = _handler(exported, tmp_path)
+
+    def answers(rows, headers):
+        yield {0: (200, {"kl_grade": 0})}
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(handler.predictor, "answers", answers)
+    out, messages = run_batch(handler, ctx, [{"body": b"x"}, {"body": b"y"}, {"body": b"z"}], [REST] * 3)
+    answers_ = frontend(messages)
+    assert answers_["req-0"] == (200, json.dumps({"kl_grade": 0}).encode())
+    assert answers_["req-1"][0] == 500 and json.loads(answers_["req-1"][1])["error"]["status"] == 500
+    # The carrier's status left with its first (empty) chunk: its failure is told in the body, as over gRPC.
+    assert answers_["req-2"][0] == 200 and json.loads(answers_["req-2"][1])["error"]["status"] == 500
+
+
+def test_predictor_answers_plain_requests_first_then_each_explanation(predictor, monkeypatch, slow_attribution):
+    rows = [
+        {"body": png(seed=1), "explain": b"true"},
+        {"body": png(seed=2)},
+        {"body": b"nope"},
+        {"body": png(seed=3), "explain": b"true", "method": b"ig"},
+    ]
+    groups = list(predictor.answers(rows, [{}] * 4))
+    assert [sorted(g) for g in groups] == [[1, 2], [0], [3]]
+    assert groups[0][1][0] == 200 and groups[0][2][0] == 400 and groups[2][3][1]["explanation"]["method"] == "ig"
+
+
+def test_a_decode_error_keeps_its_status_and_kind(predictor, monkeypatch):
+    class Unsupported(DecodeError):
+        status = 415
+        kind = "unsupported_transfer_syntax"
+
+    def decode(data, max_pixels=None):
+        raise Unsupported("JPEG 2000 DICOM is not decoded here")
+
+    monkeypatch.setattr("handler.service.decode_image", decode)
+    ((status, body),) = predictor.handle([{"body": b"DICM"}], [{}])
+    assert status == 415 and body["error"] == {
+        "status": 415,
+        "type": "unsupported_transfer_syntax",
+        "message": "JPEG 2000 DICOM is not decoded here",
+    }

@@ -310,6 +310,49 @@ def test_json_image_with_options(server, knee_png):
     assert r.status_code == 200 and r.json()["explanation"]["target"] == 4
 
 
+def test_a_batch_answers_its_plain_predictions_before_its_explanations(archive, tmp_path, knee_png):
+    """Early answers (handler/koa_handler.py) through the real frontend: one batch (a long batch delay
+    gathers the requests) of plain REST predictions, a gRPC explanation and a REST Integrated Gradients
+    explanation, which carries the batch open. Each client gets one whole answer; the plain ones first."""
+    srv = tsctl.start_on_free_ports(archive, tmp_path, max_batch_delay=500)
+    try:
+        key = srv.keys()["inference"]
+        auth = {"Authorization": f"Bearer {key}"}
+        grpc_client = GrpcClient(f"127.0.0.1:{srv.grpc_port}", token=key, timeout=120)
+        t0 = time.perf_counter()
+
+        def plain() -> tuple[float, requests.Response]:
+            headers = {**auth, "Content-Type": "image/png"}
+            r = requests.post(f"{srv.inference_url}/predictions/oamen", data=knee_png, headers=headers, timeout=120)
+            return time.perf_counter() - t0, r
+
+        def ig() -> tuple[float, requests.Response]:
+            time.sleep(0.05)  # after the plain ones, within the batch delay
+            files = {"data": ("knee.png", knee_png, "image/png")}
+            url = f"{srv.inference_url}/explanations/oamen"
+            r = requests.post(url, files=files, data={"method": "ig"}, headers=auth, timeout=120)
+            return time.perf_counter() - t0, r
+
+        def grpc_gradcam() -> tuple[float, dict]:
+            return time.perf_counter() - t0, grpc_client.predict(knee_png, explain=True, method="gradcam")
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            jobs = [pool.submit(plain), pool.submit(plain), pool.submit(grpc_gradcam), pool.submit(ig)]
+            (t_a, a), (t_b, b), (t_g, g), (t_ig, explained) = (j.result() for j in jobs)
+    finally:
+        tsctl.stop(tmp_path)
+    for r in (a, b, explained):
+        assert r.status_code == 200, r.text
+        check_answer(r.json())
+    assert a.json() == b.json() and "explanation" not in a.json()
+    assert "content-length" in {k.lower() for k in a.headers}  # a whole answer, as before
+    assert explained.headers.get("Transfer-Encoding") == "chunked"  # the carrier: one answer in chunks
+    assert explained.json()["explanation"]["method"] == "ig" and len(explained.json()["explanation"]["grid"]) == 16
+    assert g["explanation"]["method"] == "gradcam" and g["probabilities"] == a.json()["probabilities"]
+    # IG is 16 forward and backward passes (seconds on these CPUs): the plain answers left well before it.
+    assert t_ig - max(t_a, t_b) > 0.3, f"plain answers at {t_a:.2f} and {t_b:.2f} s waited for IG ({t_ig:.2f} s)"
+
+
 # Last in the module: it replaces the key that the shared clients above were built with.
 def test_inference_key_can_be_renewed(server, knee_png):
     old = server.keys()["inference"]
