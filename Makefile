@@ -129,6 +129,23 @@ compare: $(STAMP)  ## OA-MEN against the paper's baselines (quick budget; see tr
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf build model_store reports logs client/_proto .pytest_cache .ruff_cache
 
+# The PACS side (docs/PACS.md): Orthanc (DICOM ORTHANC@127.0.0.1:4242, REST on 127.0.0.1:8042 with basic auth)
+# and the DICOM gateway (KOASERVE@127.0.0.1:11112) beside the TorchServe of `make serve`, which is started when
+# it is not running. Their data (storage, spool, audit.jsonl, logs) stays in pacs/data/.
+.PHONY: pacs pacs-stop pacs-credentials pacs-demo
+pacs: archive  ## Orthanc + the DICOM gateway beside make serve's TorchServe (started if needed); returns when they answer
+	@$(PY) scripts/tsctl.py status --workdir $(SERVE_DIR) >/dev/null || $(PY) scripts/tsctl.py start --workdir $(SERVE_DIR)
+	$(PY) -m pacs start --key-file $(SERVE_DIR)/key_file.json
+
+pacs-stop: $(STAMP)  ## stop the gateway and Orthanc; returns when both are gone (TorchServe keeps running)
+	$(PY) -m pacs stop
+
+pacs-credentials: $(STAMP)  ## print Orthanc's REST user:password (made at the first make pacs)
+	@$(PY) -m pacs credentials
+
+pacs-demo: $(STAMP)  ## send IMAGE=... to Orthanc as a DX study; print the SR the gateway stores back
+	$(PY) -m pacs demo $(IMAGE)
+
 # Load test (loadtest/run.py): USERS, RATE, DURATION (per protocol), PROTOCOLS, EXPLAIN_SHARE, USER_RATE and
 # IMAGES pass through when set (defaults in run.py: 4 users, 2/s, 30s, rest,grpc); START=1 always
 # starts a private server on free ports (one is also started when `make serve` is not running).
