@@ -104,8 +104,7 @@ def main(args: argparse.Namespace) -> int:
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: gateway.stopping.set())
-    gateway.serve_forever()
-    return 0
+    return gateway.serve_forever()
 
 
 if __name__ == "__main__":

@@ -267,8 +267,8 @@ def refusal_report(source: Dataset, refusal: Refusal, model: dict[str, Any] | No
     """A report that says the image was not analysed and why (coded; the words go to the audit log).
 
     "CAD Processing and Findings Summary" = "No algorithms succeeded; without findings" (DCM), and the
-    reason (scheme 99KOA). ``model`` is the server's model when the server refused the image, None
-    when the gateway did (e.g. a DICOM header naming another body part).
+    reason (scheme 99KOA). ``model`` names the device when known; None names the gateway (a refusal,
+    the server's or the gateway's own, does not say which model version looked at the image).
     """
     source = source_header(source)
     evaluations = [
@@ -348,7 +348,7 @@ def heatmaps(source: Dataset, findings: Sequence[KneeFinding]) -> list[hd.sc.SCI
             series_instance_uid=result_uid("sc-series", source.StudyInstanceUID),
             series_number=SC_SERIES_NUMBER,
             sop_instance_uid=result_uid("sc", source.SOPInstanceUID, str(i)),
-            instance_number=int(source.get("InstanceNumber") or 1) * 10 + i,
+            instance_number=int(source.get("InstanceNumber") or 1),
             manufacturer=MANUFACTURER,
             laterality=finding.laterality,
             patient_orientation=orientation or ("L", "F"),

@@ -3,8 +3,9 @@
 Three outcomes (`screen`):
 
 * skip: not a radiograph to grade (a Structured Report, a Secondary Capture, a presentation state,
-  a CT...). No result is written, so the gateway's own results can never come back to it and loop,
-  whatever the PACS routes to it. Only the audit log records it.
+  a CT...), or a header without the UIDs a result must reference. No result is written, so the
+  gateway's own results can never come back to it and loop, whatever the PACS routes to it. Only
+  the audit log records it.
 * refuse: a radiograph whose header names another body part than the knee (BodyPartExamined, e.g.
   CHEST). Not sent to the model; it gets a "not analysed" report. The server refuses such a DICOM
   too (``not_a_knee``); checking here as well keeps the answer independent of the server's version.
@@ -59,6 +60,9 @@ def is_valid_uid(uid: object) -> bool:
 
 def screen(ds: Dataset) -> Verdict:
     """Decide from ``ds``'s header whether to grade, refuse or skip it (see the module docstring)."""
+    missing = [k for k in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID") if not ds.get(k)]
+    if missing:
+        return Verdict("skip", "invalid_header", f"no {', '.join(missing)}: results could not be filed into a study")
     sop_class = str(ds.get("SOPClassUID", "") or "")
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if sop_class.startswith(RESULT_SOP_CLASS_PREFIXES):

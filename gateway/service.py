@@ -219,13 +219,17 @@ class Gateway:
             self._worker.join(timeout)
         self.client.close()
 
-    def serve_forever(self) -> None:
+    def serve_forever(self) -> int:
+        """Run until `stopping` is set (a signal); returns 1 if the worker died, so a supervisor restarts us."""
         self.start()
         try:
             while not self.stopping.wait(1.0):
-                pass
+                if self._worker is not None and not self._worker.is_alive():
+                    log.error("the worker thread died: exiting so that the gateway is restarted")
+                    return 1
         finally:
             self.stop()
+        return 0
 
     # --- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -245,9 +249,14 @@ class Gateway:
                 log.warning("%s: %s; again in %.0f s", queue[0].stem, exc, backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, self.config.max_backoff_s)
-            except Exception:  # a bug must not stop the queue: park the instance and go on
+            except Exception as exc:  # a bug must not stop the queue: park the instance and go on
                 log.exception("unexpected failure on %s", queue[0].stem)
-                self._fail(queue[0].stem, "unexpected gateway error (see its log)", {})
+                try:
+                    self._fail(queue[0].stem, f"unexpected gateway error: {type(exc).__name__}: {exc}", {})
+                except Exception:  # e.g. the disk itself: keep the instance queued and wait
+                    log.exception("could not park %s; it stays queued", queue[0].stem)
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, self.config.max_backoff_s)
 
     def process(self, path: Path) -> str:
         """Finish one queued instance; returns the audit event written (result, refused, skipped, failed).

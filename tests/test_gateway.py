@@ -200,6 +200,7 @@ def test_a_source_without_type2_attributes_still_gets_results(knee):
         ({"Modality": "CT"}, "skip"),
         ({"Modality": "SR", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.34"}, "skip"),
         ({"Modality": "DX", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "skip"),  # a secondary capture called DX
+        ({"StudyInstanceUID": ""}, "skip"),  # nowhere to file a result
     ],
 )
 def test_screen(knee, attrs, action):
