@@ -466,3 +466,17 @@ def test_resume_grades_what_a_stopped_gateway_had_queued(tmp_path, knee):
         second.stop()
         store.stop()
         model.close()
+
+
+def test_the_gateway_never_imports_the_model_code():
+    """DESIGN.md: the gateway talks to KOA-Serve over the wire, so it can run on a machine without torch."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("gateway", "pacs"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                assert not {n.split(".")[0] for n in names} & {"model", "handler", "train", "torch"}, path
