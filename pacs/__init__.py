@@ -274,7 +274,7 @@ def start_orthanc(
         PacsError: not installed, already running, or it exited or did not answer in time (with its log).
     """
     workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)  # patient images: the owner only
     config = render_config(workdir, http_port, dicom_port, gateway_port)
     pid = _spawn(workdir, "orthanc", [find_orthanc(), str(config)], workdir)
     _save_state(workdir, http_port=http_port, dicom_port=dicom_port, gateway_port=gateway_port)
@@ -330,7 +330,7 @@ def start_gateway(
         PacsError: already running, or it exited or did not listen in time (with its log).
     """
     workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)  # patient images: the owner only
     cmd = [
         sys.executable, "-m", "gateway", "serve",
         "--spool", str(workdir / "spool"),
