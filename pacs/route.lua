@@ -6,8 +6,10 @@
 --
 -- Each instance is sent by an asynchronous Orthanc job (POST /modalities/koaserve/store), so storing
 -- does not wait for the gateway. A job that fails (the gateway is down) stays in Orthanc's job list
--- as a failure; `python -m pacs start` (make pacs) resubmits those jobs once the gateway listens
--- again (pacs.resubmit_failed_routing), so nothing stored while the gateway was down is forgotten.
+-- as a failure and is resubmitted when the gateway is known to be back: by OnJobSuccess below, as
+-- soon as any later routing job succeeds, and by `python -m pacs start` (make pacs) once the gateway
+-- listens (pacs.resubmit_failed_routing). Orthanc 1.10's Lua has no timer, so nothing retries while
+-- no new image arrives and nobody starts the gateway.
 
 local GATEWAY = 'koaserve'          -- the DicomModalities entry of the gateway (pacs/orthanc.json)
 local MODALITIES = { CR = true, DX = true, RG = true }
@@ -35,10 +37,26 @@ function OnStoredInstance(instanceId, tags, metadata, origin)
   end
 end
 
+local function is_routing(job)
+  return job['Type'] == 'DicomModalityStore' and job['Content']['RemoteAet'] == 'KOASERVE'
+end
+
 function OnJobFailure(jobId)
-  local job = ParseJson(RestApiGet('/jobs/' .. jobId))
-  if job['Type'] == 'DicomModalityStore' and job['Content']['RemoteAet'] == 'KOASERVE' then
-    print('routing job ' .. jobId .. ' to the KOA-Serve gateway failed (is it running?); ' ..
-          'python -m pacs start resubmits it')
+  if is_routing(ParseJson(RestApiGet('/jobs/' .. jobId))) then
+    print('routing job ' .. jobId .. ' to the KOA-Serve gateway failed (is it running?); it is resubmitted ' ..
+          'when a later routing job succeeds, or by python -m pacs start')
+  end
+end
+
+function OnJobSuccess(jobId)
+  if not is_routing(ParseJson(RestApiGet('/jobs/' .. jobId))) then
+    return
+  end
+  -- The gateway answers again: send it what failed while it was away.
+  for _, job in ipairs(ParseJson(RestApiGet('/jobs?expand'))) do
+    if job['State'] == 'Failure' and is_routing(job) then
+      RestApiPost('/jobs/' .. job['ID'] .. '/resubmit', '')
+      print('resubmitted routing job ' .. job['ID'])
+    end
   end
 end
