@@ -49,6 +49,8 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
         "1",
         "--cache-dir",
         "",
+        "--tune-fraction",
+        "0",
         *extra,
     ]
 
@@ -109,6 +111,31 @@ def test_fit_writes_outputs_then_resumes(tiny_koa: Path, tmp_path: Path, monkeyp
     assert [r["epoch"] for r in resumed] == [0, 1, 2]
     assert resumed[:2] == history
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_resume_continues_the_time_budget_and_schedule(tiny_koa: Path, tmp_path: Path) -> None:
+    # A first sitting that used the whole 60-minute budget (the clock says 61): the resumed run
+    # must not restart the clock, so it stops after its first step, at the schedule's floor.
+    out = tmp_path / "run"
+    _run(*_args(tiny_koa, out, "--epochs", "1", "--time-limit", "60"))
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert 0 < state["elapsed_s"] < 600
+    state["elapsed_s"] = 61.0 * 60
+    torch.save(state, out / "last.pt")
+    _run(*_args(tiny_koa, out, "--epochs", "5", "--time-limit", "60", "--resume"))
+    history = _history(out)
+    assert [r["epoch"] for r in history] == [0, 1]
+    assert history[1]["train_images"] == 8  # one step, then the budget's end
+    assert history[1]["lr"] == pytest.approx(0.01 * 2e-3, rel=1e-3)  # the schedule's floor: 1% of the peak
+    assert torch.load(out / "last.pt", weights_only=True)["elapsed_s"] >= 61.0 * 60
+
+
+def test_tune_fold_is_held_out_of_training(tiny_koa: Path, tmp_path: Path) -> None:
+    _run(*_args(tiny_koa, tmp_path, "--epochs", "1", "--tune-fraction", "0.2", "--max-val", "10"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert sum(config["tune_counts"]) == len(config["tune_files"]) == 10
+    assert sum(config["train_counts"]) == 5 * TINY_PER_GRADE - 10
+    assert all("/train/" in f for f in config["tune_files"])
 
 
 def test_last_batch_of_one_image_is_dropped(tiny_koa: Path, tmp_path: Path) -> None:
