@@ -22,7 +22,7 @@ SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
 PROTO_STAMP := client/_proto/inference_pb2.py
 
-.PHONY: help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-model train evaluate calibrate promote export compare archive serve stop restart token renew-token predict explain proto clean loadtest
+.PHONY: help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-model train evaluate calibrate promote export compare archive serve stop restart token renew-token predict explain proto clean loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -122,6 +122,9 @@ bench-logging: archive  ## TorchServe's built-in log setting against log4j2.xml,
 
 bench-malloc: archive  ## the worker's malloc settings against glibc's defaults, fresh processes side by side (~3 min)
 	$(PY) scripts/bench_malloc.py
+
+bench-explain: archive  ## plain-prediction latency with 10% IG explanations, batch answered at once vs. early answers, side by side -> reports/ and docs/results/bench_explain.json (~7 min)
+	$(PY) scripts/bench_explain.py $(if $(THREADS),--threads $(THREADS))
 
 compare: $(STAMP)  ## OA-MEN against the paper's baselines (quick budget; see train/compare.py)
 	$(PY) -m train.compare --data $(DATA) --out reports/compare --quick

@@ -1,0 +1,297 @@
+"""Latency of plain predictions while some requests ask for Integrated Gradients, before and after early answers.
+
+``python scripts/bench_explain.py [--explain-share 0.1] [--method ig] [--load 0.5] [--rate 0]
+[--seconds 60] [--rounds 2] [--threads 0] [--json reports/bench_explain.json] [--copy docs/results/bench_explain.json]``
+
+A batch's plain predictions used to wait for every explanation batched with them; the handler now
+sends them as soon as the batch's forward pass is done (`handler.koa_handler.answer_early`).
+``KOA_EARLY_ANSWERS=0`` in the worker's environment restores the old behaviour, so both run from
+the same archive:
+
+1. Two private TorchServes on free ports with the shipped batching, one ``before``
+   (``KOA_EARLY_ANSWERS=0``), one ``after``; each is warmed up (Captum's first attribution is
+   several times slower than the next), and the explanation's time at batch 1 is measured.
+2. Open-loop REST load, the same seeded schedule for every leg: Poisson arrivals at ``--rate``
+   requests/s (0: ``--load`` / (share x explanation seconds), so that explanations alone keep the
+   worker busy ``--load`` of the time on whatever CPU this runs), a share ``--explain-share`` of
+   them ``POST /explanations/oamen`` with ``method``, the rest plain ``POST /predictions/oamen``.
+   Latency counts from the scheduled send time, so a late sender does not hide a queue.
+3. Legs alternate ABBA (``before, after, after, before`` for two rounds): both modes see the same
+   drift of this shared machine. Per mode: p50 / p95 / p99 of plain predictions (and of the
+   explanations), each leg's figures as the spread, and after / before ratios per round.
+
+Writes ``--json`` and a copy to ``--copy`` (committed: docs/results/). Run ``make bench-explain``.
+The load generator shares the CPU with the server; compare the modes within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import tsctl  # noqa: E402
+
+from handler.koa_handler import EARLY_ENV  # noqa: E402
+from loadtest import InvalidAnswer, validate_answer  # noqa: E402
+
+MODES = {"before": "0", "after": "1"}  # KOA_EARLY_ANSWERS of each mode's worker
+RAMP_S = 5.0  # scheduled seconds at the start of a leg that are not counted
+THREADS_ENV = "KOA_TORCH_THREADS"  # read by handler/koa_handler.py
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--explain-share", type=float, default=0.1, help="share of requests that ask for an explanation")
+    p.add_argument("--method", default="ig", choices=("ig", "gradcam"))
+    p.add_argument("--rate", type=float, default=0.0, help="requests/s; 0: from --load and the measured explanation")
+    p.add_argument("--load", type=float, default=0.5, help="share of the worker's time spent explaining (--rate 0)")
+    p.add_argument("--seconds", type=float, default=60.0, help="scheduled seconds per leg, the first 5 not counted")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of one leg per mode, order alternating (ABBA)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per worker (KOA_TORCH_THREADS); 0: torch's default, one per core, as shipped. "
+        "Beside another CPU-bound process, 1 avoids oversubscribing the cores",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--note", default="", help="what else ran on the machine, kept in the JSON")
+    p.add_argument("--image", type=Path, default=ROOT / "tests" / "fixtures" / "knee_kl2.png")
+    p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--json", type=Path, default=ROOT / "reports" / "bench_explain.json")
+    p.add_argument(
+        "--copy",
+        type=lambda text: Path(text) if text else None,
+        default=ROOT / "docs" / "results" / "bench_explain.json",
+        help="a second copy of the JSON, committed ('' for none)",
+    )
+    return p
+
+
+def schedule(rate: float, seconds: float, share: float, seed: int) -> list[tuple[float, bool]]:
+    """(send time in s, asks for an explanation) of an open-loop Poisson load; the same for every leg.
+
+    Exactly ``round(share * n)`` of the ``n`` requests, at random places, ask for an explanation: with a
+    coin per request a short leg can get a handful too few, and explanations are what is measured here.
+    """
+    rng = random.Random(seed)
+    times, t = [], rng.expovariate(rate)
+    while t < seconds:
+        times.append(t)
+        t += rng.expovariate(rate)
+    explain = set(rng.sample(range(len(times)), round(share * len(times))))
+    return [(at, k in explain) for k, at in enumerate(times)]
+
+
+class Sender:
+    """REST calls to one server, one ``requests`` session (keep-alive connection) per thread."""
+
+    def __init__(self, srv: tsctl.Server, image: bytes, method: str) -> None:
+        self.base = srv.inference_url
+        self.auth = {"Authorization": f"Bearer {srv.keys()['inference']}"}
+        self.image, self.method = image, method
+        self.local = threading.local()
+
+    def call(self, explain: bool) -> tuple[bool, str]:
+        """One request; (answer valid, why not)."""
+        session = getattr(self.local, "session", None)
+        if session is None:
+            session = self.local.session = requests.Session()
+            session.headers.update(self.auth)
+        try:
+            if explain:  # as client.rest.RestClient sends it
+                files = {"data": ("knee.png", self.image, "image/png")}
+                url = f"{self.base}/explanations/oamen"
+                resp = session.post(url, files=files, data={"method": self.method}, timeout=300)
+            else:
+                headers = {"Content-Type": "image/png"}
+                resp = session.post(f"{self.base}/predictions/oamen", data=self.image, headers=headers, timeout=300)
+            if resp.status_code != 200:
+                return False, f"{resp.status_code}: {resp.text[:120]}"
+            validate_answer(resp.json(), explain=explain)
+            return True, ""
+        except (requests.RequestException, ValueError, InvalidAnswer) as exc:
+            return False, f"{type(exc).__name__}: {exc}"[:160]
+
+
+def warm_up(sender: Sender) -> float:
+    """Plain requests and two explanations one at a time; the seconds of the second explanation."""
+    for _ in range(3):
+        sender.call(False)
+    sender.call(True)  # Captum's first attribution pays for its set-up
+    t0 = time.perf_counter()
+    ok, why = sender.call(True)
+    if not ok:
+        raise RuntimeError(f"warm-up explanation failed: {why}")
+    return time.perf_counter() - t0
+
+
+def percentiles(ms: list[float]) -> dict[str, float | None]:
+    if len(ms) < 2:
+        return {"n": len(ms), "p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None}
+    q = statistics.quantiles(ms, n=100, method="inclusive")
+    return {"n": len(ms), "p50_ms": q[49], "p95_ms": q[94], "p99_ms": q[98], "mean_ms": statistics.fmean(ms)}
+
+
+def leg(sender: Sender, plan: list[tuple[float, bool]]) -> dict[str, Any]:
+    """Send ``plan`` open-loop; latency from each request's scheduled time to its answer."""
+    records: list[tuple[float, bool, bool, float, str]] = []
+    lock = threading.Lock()
+    t0 = time.perf_counter() + 0.2
+
+    def one(at: float, explain: bool) -> None:
+        ok, why = sender.call(explain)
+        with lock:
+            records.append((at, explain, ok, (time.perf_counter() - t0 - at) * 1000, why))
+
+    load = os.getloadavg()[0]
+    with cf.ThreadPoolExecutor(64) as pool:
+        for at, explain in plan:
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, at, explain)
+    counted = [r for r in records if r[0] >= RAMP_S]
+    errors = sorted({r[4] for r in counted if not r[2]})
+    out: dict[str, Any] = {"loadavg_1min_at_start": round(load, 2), "failures": sum(not r[2] for r in counted)}
+    out["errors"] = errors[:5]
+    out["plain"] = percentiles([r[3] for r in counted if r[2] and not r[1]])
+    out["explain"] = percentiles([r[3] for r in counted if r[2] and r[1]])
+    return out
+
+
+def start(store: Path, workdir: Path, early: str, threads: int) -> tsctl.Server:
+    """A private server whose worker gets ``KOA_EARLY_ANSWERS=early`` (and ``threads``) through Java's environment."""
+    env = {EARLY_ENV: early, **({THREADS_ENV: str(threads)} if threads > 0 else {})}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return tsctl.start_on_free_ports(store, workdir)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def summary(legs: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
+    """Per mode: median of the legs and their range (the spread), for plain and explain; ratios per round."""
+    out: dict[str, Any] = {}
+    for mode in MODES:
+        mine = [g for g in legs if g["mode"] == mode]
+        out[mode] = {}
+        for kind in ("plain", "explain"):
+            for key in ("p50_ms", "p95_ms", "p99_ms"):
+                values = [g[kind][key] for g in mine if g[kind][key] is not None]
+                if values:
+                    out[mode][f"{kind}_{key}"] = {
+                        "median": round(statistics.median(values), 1),
+                        "legs": [round(v, 1) for v in values],
+                    }
+        out[mode]["failures"] = sum(g["failures"] for g in mine)
+    ratios: dict[str, list[float]] = {"plain_p50": [], "plain_p95": []}
+    for r in range(1, rounds + 1):
+        pair = {g["mode"]: g for g in legs if g["round"] == r}
+        for key in ("p50", "p95"):
+            before, after = pair["before"]["plain"][f"{key}_ms"], pair["after"]["plain"][f"{key}_ms"]
+            if before and after:
+                ratios[f"plain_{key}"].append(round(after / before, 3))
+    out["after_over_before_per_round"] = ratios
+    return out
+
+
+def table(legs: list[dict[str, Any]]) -> str:
+    lines = [
+        "| round | mode | plain n | plain p50 ms | plain p95 ms | plain p99 ms | explain n | explain p50 ms "
+        "| failures |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in legs:
+        p, e = g["plain"], g["explain"]
+        cells = [f"{v:.0f}" if v is not None else "n/a" for v in (p["p50_ms"], p["p95_ms"], p["p99_ms"], e["p50_ms"])]
+        lines.append(
+            f"| {g['round']} | {g['mode']} | {p['n']} | {cells[0]} | {cells[1]} | {cells[2]} | {e['n']} | {cells[3]} "
+            f"| {g['failures']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    if not 0 < args.explain_share < 1:
+        raise ValueError(f"--explain-share must be in (0, 1), got {args.explain_share}")
+    if args.rounds < 1 or args.seconds <= RAMP_S:
+        raise ValueError(f"--rounds must be >= 1 and --seconds > {RAMP_S}")
+    image = args.image.read_bytes()
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="koa-explain-") as tmp:
+        servers: dict[str, tsctl.Server] = {}
+        try:
+            for mode, early in MODES.items():
+                servers[mode] = start(args.model_store, Path(tmp) / mode, early, args.threads)
+            senders = {mode: Sender(srv, image, args.method) for mode, srv in servers.items()}
+            explain_s = {mode: warm_up(s) for mode, s in senders.items()}
+            rate = args.rate or args.load / (args.explain_share * statistics.fmean(explain_s.values()))
+            plan = schedule(rate, args.seconds, args.explain_share, args.seed)
+            print(
+                f"explanation at batch 1: {explain_s}; {rate:.2f} requests/s, {len(plan)} per leg",
+                file=sys.stderr,
+                flush=True,
+            )
+            legs = []
+            for r in range(1, args.rounds + 1):
+                order = list(MODES) if r % 2 else list(reversed(MODES))
+                for mode in order:
+                    result = leg(senders[mode], plan)
+                    legs.append({"round": r, "mode": mode, **result})
+                    p = result["plain"]
+                    print(f"round {r} {mode}: plain p50 {p['p50_ms']} p95 {p['p95_ms']}", file=sys.stderr, flush=True)
+        finally:
+            for mode in servers:
+                tsctl.stop(Path(tmp) / mode)
+    md = table(legs)
+    result = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "what": (
+            "open-loop REST load, one TorchServe per mode (shipped batching, one worker); latency of plain "
+            "predictions while a share of the requests ask for an explanation. before: a batch answered at once "
+            f"({EARLY_ENV}=0); after: plain predictions answered before the batch's explanations"
+        ),
+        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+        "explain_s_at_batch_1": {k: round(v, 3) for k, v in explain_s.items()},
+        "rate_rps": round(rate, 3),
+        "requests_per_leg": len(plan),
+        "explain_per_leg": sum(e for _, e in plan),
+        "ramp_s": RAMP_S,
+        "legs": legs,
+        "summary": summary(legs, args.rounds),
+        "table": md,
+        "took_s": round(time.monotonic() - t_start, 1),
+    }
+    print(md)
+    print(json.dumps(result["summary"], indent=2))
+    for path in (args.json, args.copy):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
