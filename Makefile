@@ -70,7 +70,9 @@ promote: $(STAMP)  ## calibrate RUN, copy it to weights/, evaluate it into docs/
 
 export: $(EXPORT)  ## TorchScript export of the committed weights
 
-$(EXPORT): $(WEIGHTS) | $(STAMP)
+# The export is traced from the model code too: a change to model/ (a new buffer, a new method)
+# must re-export, or the archive would ship a TorchScript file the handler no longer fits.
+$(EXPORT): $(WEIGHTS) $(shell find model -name '*.py' 2>/dev/null) | $(STAMP)
 	$(PY) -m train.export --checkpoint $(WEIGHTS) --out $@ --images tests/fixtures/knee_kl2.png
 
 archive: $(ARCHIVE)  ## build model_store/oamen.mar (export first when the weights are newer)

@@ -35,6 +35,7 @@ from torch import nn
 from handler.explain import METHODS, attribute, heat_grid, overlay_png
 from model.contract import InputContract
 from model.decode import DecodeError, decode_image
+from model.postprocess import finish
 from model.preprocess import prepare, to_model_input
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,15 @@ def parse_request(row: dict[str, Any], headers: dict[str, Any], contract: InputC
     return ParsedRequest(image, explain, method, _target(options.get("target"), contract))
 
 
+# Answer schema version (client/schema.py, docs/API.md): 2 added confidence and uncertain.
+SCHEMA_VERSION = 2
+NOT_A_KNEE = (
+    "this image does not look like a knee-joint radiograph: KOA-Serve grades one knee joint on an AP/PA "
+    "radiograph, framed like a knee-joint crop (femur and tibia ends, the joint space in the middle). "
+    "Other body parts, photographs, documents and whole leg films are refused; crop a whole film to one knee"
+)
+
+
 def error_body(status: int, message: str, kind: str = "bad_request") -> dict[str, Any]:
     return {"error": {"status": status, "type": kind, "message": message}}
 
@@ -170,17 +180,34 @@ class Predictor:
         self.eager = eager
         self.contract = contract
         self.device = device
+        # An OA-MEN export has a second method that also returns the knee gate's score.
+        self.gated = hasattr(scripted, "forward_with_gate")
 
-    def answer(self, probs: np.ndarray) -> dict[str, Any]:
-        """The prediction body for one (K,) probability vector."""
-        grade = int(probs.argmax())
+    def outputs(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]:
+        """(B, C, S, S) batch -> the answer's arrays (`model.postprocess.finish`), as evaluation computes them."""
+        run = self.scripted.forward_with_gate if self.gated else self.scripted
+        with torch.inference_mode():
+            out = run(batch).float().cpu().numpy()
+            flipped = (
+                run(torch.flip(batch, dims=[3])).float().cpu().numpy() if self.contract.postprocess.flip_tta else None
+            )
+        return finish(out, self.contract.postprocess, self.contract.num_classes, flipped)
+
+    def answer(self, arrays: dict[str, np.ndarray | None], j: int) -> dict[str, Any]:
+        """The prediction body (answer schema v2, docs/API.md) for request ``j`` of the batch's arrays."""
+        probs = arrays["probabilities"][j]
+        grade = int(arrays["grades"][j])
         c = self.contract
+        rounded = [round(float(p), 6) for p in probs]
         return {
+            "schema_version": SCHEMA_VERSION,
             "kl_grade": grade,
             "class_name": c.class_names[grade],
             "label": c.class_labels[grade],
-            "probabilities": [round(float(p), 6) for p in probs],
+            "probabilities": rounded,
             "oa_probability": round(float(probs[2:].sum()), 6),
+            "confidence": rounded[grade],
+            "uncertain": bool(arrays["uncertain"][j]),
             "model": {"name": c.model_name, "version": c.model_version},
         }
 
@@ -209,7 +236,7 @@ class Predictor:
         for i, row in enumerate(rows):
             try:
                 req = parse_request(row, headers[i] if i < len(headers) else {}, self.contract)
-                gray = decode_image(req.image, max_pixels=self.contract.max_pixels)
+                gray = decode_image(req.image, max_pixels=self.contract.max_pixels, knee_only=True)
                 parsed.append((i, req, prepare(gray, self.contract)))
             except RequestError as exc:
                 first[i] = (exc.status, error_body(exc.status, str(exc)))
@@ -223,17 +250,22 @@ class Predictor:
                 first[i] = (400, error_body(400, f"could not read the request: {type(exc).__name__}: {exc}"))
         explain: list[tuple[int, ParsedRequest, np.ndarray, torch.Tensor, dict[str, Any]]] = []
         if parsed:
-            batch = torch.from_numpy(np.stack([to_model_input(p, self.contract) for _, _, p in parsed])).to(self.device)
+            batch = torch.from_numpy(np.stack([to_model_input(p, self.contract) for _, _, p in parsed]))
+            # channels_last, as the model was exported: its convolutions run faster in that layout on a CPU.
+            batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
             try:
-                with torch.inference_mode():
-                    probs = torch.softmax(self.scripted(batch).float(), dim=1).cpu().numpy()
+                arrays = self.outputs(batch)
             except Exception as exc:
                 log.exception("inference failed for a batch of %d", len(parsed))
                 for i, _, _ in parsed:
                     first[i] = (500, error_body(500, f"inference failed: {exc}", "server_error"))
                 parsed = []
+            refused = arrays["refused"] if parsed else None
             for j, (i, req, prepared) in enumerate(parsed):
-                body = self.answer(probs[j])
+                if refused is not None and refused[j]:
+                    first[i] = (422, error_body(422, NOT_A_KNEE, "not_a_knee"))
+                    continue
+                body = self.answer(arrays, j)
                 if req.explain:
                     explain.append((i, req, prepared, batch[j : j + 1].clone(), body))
                 else:

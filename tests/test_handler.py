@@ -454,7 +454,7 @@ def test_a_decode_error_keeps_its_status_and_kind(predictor, monkeypatch):
         status = 415
         kind = "unsupported_transfer_syntax"
 
-    def decode(data, max_pixels=None):
+    def decode(data, max_pixels=None, knee_only=False):
         raise Unsupported("JPEG 2000 DICOM is not decoded here")
 
     monkeypatch.setattr("handler.service.decode_image", decode)
@@ -464,3 +464,73 @@ def test_a_decode_error_keeps_its_status_and_kind(predictor, monkeypatch):
         "type": "unsupported_transfer_syntax",
         "message": "JPEG 2000 DICOM is not decoded here",
     }
+
+
+# --- answer schema v2: calibration, ordinal decoding, uncertain flag, the knee gate ----------------------------
+
+
+def _predictor_with(exported: str, **post) -> Predictor:
+    """The test model with another postprocess in its contract (as train.calibrate writes it)."""
+    scripted, contract = load_torchscript(exported)
+    eager = create_model(contract.model_name)
+    eager.load_state_dict(scripted.state_dict())
+    return Predictor(scripted, eager.eval(), contract.replace(postprocess=post), torch.device("cpu"))
+
+
+def test_answers_follow_schema_v2(predictor):
+    from client.schema import validate_answer
+
+    (status, body), (_, explained) = predictor.handle(
+        [{"body": png(seed=1)}, {"body": png(seed=2), "explain": b"true"}], [{}, {}]
+    )
+    assert status == 200 and body["schema_version"] == 2
+    validate_answer(body)
+    validate_answer(explained, explain=True)
+    assert body["confidence"] == body["probabilities"][body["kl_grade"]]
+    assert body["uncertain"] is False  # the test contract flags nothing (uncertain_below 0)
+
+
+def test_temperature_cutpoints_and_flag_come_from_the_contract(predictor, exported):
+    from model.postprocess import calibrated_probabilities, decode_grades
+
+    rows = [{"body": png(seed=s)} for s in range(4)]
+    plain = [b for _, b in predictor.handle(rows, [{}] * 4)]
+    post = {"temperature": 3.0, "decision": "cutpoints", "cutpoints": [0.2, 0.4, 0.6, 3.9], "uncertain_below": 0.99}
+    tuned = [b for _, b in _predictor_with(exported, **post).handle(rows, [{}] * 4)]
+    cfg = _predictor_with(exported, **post).contract.postprocess
+    for a, b in zip(plain, tuned, strict=True):
+        logits = np.log(np.array(a["probabilities"]))[None]  # logits up to a constant
+        expected = calibrated_probabilities(logits, cfg)
+        np.testing.assert_allclose(b["probabilities"], expected[0], atol=2e-4)
+        assert b["kl_grade"] == int(decode_grades(expected, cfg)[0])
+        assert b["uncertain"] is True and b["confidence"] == b["probabilities"][b["kl_grade"]]
+
+
+def test_the_knee_gate_refuses_with_422_and_keeps_the_batch(exported):
+    # Threshold below any distance: everything decodable is refused; threshold above: nothing is.
+    refuse_all = _predictor_with(exported, gate="mahalanobis", gate_threshold=-1.0)
+    answers = refuse_all.handle([{"body": png(seed=1)}, {"body": b"junk"}, {"body": png(seed=2)}], [{}] * 3)
+    assert [s for s, _ in answers] == [422, 400, 422]
+    err = answers[0][1]["error"]
+    assert err["type"] == "not_a_knee" and "knee-joint radiograph" in err["message"]
+    let_through = _predictor_with(exported, gate="mahalanobis", gate_threshold=1e30)
+    assert [s for s, _ in let_through.handle([{"body": png(seed=1)}], [{}])] == [200]
+
+
+def test_a_dicom_of_another_body_part_is_refused_before_the_model(predictor, monkeypatch):
+    from tests.imagebytes import make_dicom
+
+    chest = make_dicom(np.arange(4096, dtype=np.uint16).reshape(64, 64), BodyPartExamined="CHEST")
+    knee = make_dicom(np.arange(4096, dtype=np.uint16).reshape(64, 64), BodyPartExamined="KNEE")
+    answers = predictor.handle([{"body": chest}, {"body": knee}], [{}, {}])
+    assert [s for s, _ in answers] == [422, 200]
+    assert answers[0][1]["error"]["type"] == "not_a_knee" and "CHEST" in answers[0][1]["error"]["message"]
+
+
+def test_flip_averaging_reads_the_mirrored_image(exported):
+    rows = [{"body": png(seed=7)}]
+    plain = _predictor_with(exported).handle(rows, [{}])[0][1]["probabilities"]
+    mirrored_png = cv2.imencode(".png", cv2.imdecode(np.frombuffer(png(seed=7), np.uint8), 0)[:, ::-1])[1].tobytes()
+    mirrored = _predictor_with(exported).handle([{"body": mirrored_png}], [{}])[0][1]["probabilities"]
+    both = _predictor_with(exported, flip_tta=True).handle(rows, [{}])[0][1]["probabilities"]
+    np.testing.assert_allclose(both, (np.array(plain) + np.array(mirrored)) / 2, atol=2e-4)
