@@ -20,6 +20,7 @@ import argparse
 import base64
 import binascii
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,12 @@ def format_answer(name: str, answer: dict[str, Any]) -> str:
     """Human-readable lines for one answer."""
     names = answer.get("class_names") or DEFAULT_CLASS_NAMES
     probs = answer.get("probabilities") or []
-    lines = [f"{name}: KL{answer.get('kl_grade')} ({answer.get('label', answer.get('class_name', ''))})"]
-    lines.append("  " + "  ".join(f"{n} {p:.3f}" for n, p in zip(names, probs)))
+    first = f"{name}: KL{answer.get('kl_grade')} ({answer.get('label', answer.get('class_name', ''))})"
+    if "confidence" in answer:  # answer schema v2
+        first += f", confidence {answer['confidence']:.3f}"
+    if answer.get("uncertain"):
+        first += "  [UNCERTAIN: a reader should double-check]"
+    lines = [first, "  " + "  ".join(f"{n} {p:.3f}" for n, p in zip(names, probs))]
     if "oa_probability" in answer:
         lines.append(f"  P(OA, KL>=2) {answer['oa_probability']:.3f}")
     return "\n".join(lines)
@@ -121,7 +126,24 @@ def make_client(args: argparse.Namespace, token: str) -> Any:
     return RestClient(args.url, **options)
 
 
+# Where `make serve` (scripts/tsctl.py) starts TorchServe, which writes its keys there.
+LOCAL_KEY_FILE = Path("logs/serve/key_file.json")
+
+
+def local_key_file(args: argparse.Namespace) -> Path | None:
+    """The key file of the server `make serve` started, when no token was given and it is there."""
+    if args.token or os.environ.get(TOKEN_ENV) or args.key_file is not None or not LOCAL_KEY_FILE.is_file():
+        return None
+    return LOCAL_KEY_FILE
+
+
 def predict(args: argparse.Namespace) -> int:
+    found = local_key_file(args)
+    if found is not None:
+        print(
+            f"no token given: using the local server's key from {found} (the server of `make serve`)", file=sys.stderr
+        )
+        args.key_file = found
     try:
         token = load_token(args.token, args.key_file)
         client = make_client(args, token)
@@ -148,7 +170,8 @@ def predict(args: argparse.Namespace) -> int:
                 print(f"error: {exc.message}", file=sys.stderr)
                 failed += len(args.images) - i
                 break
-            print(f"{image}: server answered {exc.status}: {exc.message}", file=sys.stderr)
+            refused = f"not graded ({exc.kind})" if exc.kind == "not_a_knee" else f"server answered {exc.status}"
+            print(f"{image}: {refused}: {exc.message}", file=sys.stderr)
             failed += 1
             continue
         except (TypeError, ValueError) as exc:

@@ -515,10 +515,12 @@ def test_cli_explain_writes_overlay(images, tmp_path, monkeypatch, capsys) -> No
     assert str(path) in capsys.readouterr().out
 
 
-def test_cli_usage_errors(images, monkeypatch, capsys) -> None:
+def test_cli_usage_errors(images, monkeypatch, capsys, tmp_path) -> None:
     from client.__main__ import main
 
     good, _ = images
+    monkeypatch.chdir(tmp_path)  # no logs/serve/key_file.json of a local server here
+    monkeypatch.delenv("KOA_TOKEN", raising=False)
     _patch_client(monkeypatch, FakeClient({}))
     assert main(["predict"]) == 2
     assert main(["predict", str(good), "--method", "lime", "--token", "t"]) == 2
@@ -537,3 +539,33 @@ def test_client_needs_no_model_code(stubs: Any) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_cli_reads_the_local_servers_key_and_says_so(images, monkeypatch, capsys, tmp_path) -> None:
+    from client.__main__ import main
+
+    good, _ = images
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KOA_TOKEN", raising=False)
+    keys = tmp_path / "logs" / "serve" / "key_file.json"
+    keys.parent.mkdir(parents=True)
+    keys.write_text(json.dumps({"inference": {"key": "local-key"}, "management": {"key": "m"}}))
+    made = _patch_client(monkeypatch, FakeClient({good.read_bytes(): ANSWER}))
+    assert main(["predict", str(good)]) == 0
+    assert made[0][1] == "local-key"
+    assert "using the local server's key from logs/serve/key_file.json" in capsys.readouterr().err
+    assert main(["predict", str(good), "--token", "given"]) == 0  # an explicit token wins, silently
+    assert made[1][1] == "given" and "local server" not in capsys.readouterr().err
+
+
+def test_cli_prints_confidence_the_flag_and_refusals(images, monkeypatch, capsys) -> None:
+    from client.__main__ import main
+
+    good, bad = images
+    v2 = {**ANSWER, "schema_version": 2, "confidence": ANSWER["probabilities"][ANSWER["kl_grade"]], "uncertain": True}
+    refusal = KOAClientError(422, "this image does not look like a knee-joint radiograph", "not_a_knee")
+    _patch_client(monkeypatch, FakeClient({good.read_bytes(): v2, bad.read_bytes(): refusal}))
+    assert main(["predict", str(good), str(bad), "--token", "t"]) == 1
+    out, err = capsys.readouterr()
+    assert "confidence" in out and "UNCERTAIN" in out
+    assert "knee_b.png: not graded (not_a_knee): this image does not look like" in err
