@@ -20,10 +20,11 @@ import requests
 from client import KOAClientError
 from client.grpc_client import GrpcClient
 from client.rest import RestClient
+from client.schema import validate_answer, validate_error
 from model.checkpoint import load_torchscript
 from tests.imagebytes import encode, make_dicom, png_by_hand
 from train.data import scan
-from train.evaluate import evaluate_model
+from train.evaluate import answer_arrays, prepare_files
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -63,10 +64,8 @@ def grpc_client(server) -> GrpcClient:
 
 
 def check_answer(body: dict) -> None:
-    p = np.array(body["probabilities"])
-    assert p.shape == (5,) and abs(p.sum() - 1) < 1e-4
-    assert body["kl_grade"] == int(p.argmax()) and 0 <= body["oa_probability"] <= 1
-    assert body["model"]["name"] and body["model"]["version"]
+    validate_answer(body, explain="explanation" in body)  # answer schema v2 (client/schema.py)
+    assert body["schema_version"] == 2 and body["model"]["version"]
 
 
 def test_rest_predict(rest, knee_png):
@@ -155,9 +154,18 @@ def test_served_predictions_equal_in_process_evaluation(rest, knee_png, tmp_path
     cv2.imwrite(str(root / "2" / "noise.png"), rng.integers(0, 255, (150, 180), dtype=np.uint8))
     samples = scan(root)
     net, contract = load_torchscript(ROOT / "build" / "oamen.pt")
-    _, expected = evaluate_model(net, contract, samples, cache_dir=None)
-    served = np.array([rest.predict(s.path.read_bytes())["probabilities"] for s in samples])
-    np.testing.assert_allclose(served, expected, atol=1e-5)
+    expected = answer_arrays(net, contract, prepare_files([s.path for s in samples], contract))
+    for i, s in enumerate(samples):
+        if expected["refused"] is not None and expected["refused"][i]:  # evaluation refuses it: so does the server
+            with pytest.raises(KOAClientError) as err:
+                rest.predict(s.path.read_bytes())
+            assert (err.value.status, err.value.kind) == (422, "not_a_knee"), s.path.name
+            continue
+        served = rest.predict(s.path.read_bytes())
+        np.testing.assert_allclose(served["probabilities"], expected["probabilities"][i], atol=1e-5)
+        assert (served["kl_grade"], served["uncertain"]) == (expected["grades"][i], expected["uncertain"][i])
+    knee = [s.path.name for s in samples].index("knee.png")
+    assert expected["refused"] is None or not expected["refused"][knee]  # the fixture knee is graded
 
 
 def test_logs_keep_one_access_line_per_request_and_no_per_request_debug(server, rest, knee_png):
@@ -232,14 +240,25 @@ HOSTILE = {
     "YBR dicom": (make_dicom(np.zeros((4, 4, 3), np.uint8), photometric="YBR_FULL"), "application/dicom"),
     "form-encoded body": (b"a=1&b=2", "application/x-www-form-urlencoded"),
 }
+_KNEE = cv2.imread(str(ROOT / "tests" / "fixtures" / "knee_kl2.png"), cv2.IMREAD_GRAYSCALE)
+# The fixture knee in the formats a hospital's software writes: each must be graded.
 VALID = {
-    "16-bit png": encode(".png", _gray(dtype=np.uint16)),
-    "rgba png": encode(".png", np.dstack([_gray()] * 4)),
-    "palette png": png_by_hand(
+    "16-bit png": encode(".png", _KNEE.astype(np.uint16) * 16),
+    "rgba png": encode(".png", np.dstack([_KNEE] * 3 + [np.full_like(_KNEE, 255)])),
+    "jpeg": encode(".jpg", _KNEE),
+    "dicom monochrome1": make_dicom((4095 - _KNEE.astype(np.uint16) * 16), photometric="MONOCHROME1"),
+    "dicom knee header": make_dicom(_KNEE.astype(np.uint16) * 16, BodyPartExamined="KNEE"),
+}
+# Images that decode but are not knee radiographs: refused with 422 not_a_knee, never graded.
+NOT_KNEES = {
+    "1x1 png": encode(".png", np.zeros((1, 1), np.uint8)),
+    "palette png 2x2": png_by_hand(
         2, 2, color_type=3, raw_rows=b"\x00\x00\x01\x00\x01\x00", plte=b"\x00\x00\x00\xff\xff\xff"
     ),
-    "1x1 png": encode(".png", np.zeros((1, 1), np.uint8)),
-    "dicom monochrome1": make_dicom(_gray(dtype=np.uint16), photometric="MONOCHROME1"),
+    "gradient": encode(".png", _gray()),
+    "noise": encode(".png", np.random.default_rng(1).integers(0, 256, (300, 300), dtype=np.uint8)),
+    "photograph": (ROOT / "tests" / "fixtures" / "photos" / "coffee.jpg").read_bytes(),
+    "chest dicom": make_dicom(_KNEE.astype(np.uint16) * 16, BodyPartExamined="CHEST"),
 }
 
 
@@ -292,6 +311,21 @@ def test_broken_base64_json(server):
 def test_unusual_but_valid_images_are_graded(rest, grpc_client, name):
     check_answer(rest.predict(VALID[name]))
     check_answer(grpc_client.predict(VALID[name]))
+
+
+@pytest.mark.parametrize("name", list(NOT_KNEES))
+def test_what_is_not_a_knee_is_refused_over_rest_and_grpc(server, grpc_client, name):
+    r = requests.post(
+        f"{server.inference_url}/predictions/oamen",
+        data=NOT_KNEES[name],
+        headers={"Content-Type": "application/octet-stream", "Authorization": f"Bearer {server.keys()['inference']}"},
+        timeout=60,
+    )
+    assert r.status_code == 422, (r.status_code, r.text[:300])
+    assert validate_error(r.json(), 422) == "not_a_knee"
+    with pytest.raises(KOAClientError) as err:
+        grpc_client.predict(NOT_KNEES[name])
+    assert (err.value.status, err.value.kind) == (422, "not_a_knee")
 
 
 @pytest.mark.parametrize("name", ["random bytes", "png bomb 20000x20000", "multi-frame dicom"])
