@@ -25,6 +25,7 @@ The same HAProxy configuration, for one replica in the same pod, is the Kubernet
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -37,6 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -364,8 +366,8 @@ def stop_balancer(workdir: Path, timeout: float = 10.0) -> bool:
     return True
 
 
-def server_states(workdir: Path) -> dict[str, str]:
-    """{replica name: HAProxy's status (UP, DOWN, 'UP 1/2', MAINT...)} of the REST backend, from the stats socket."""
+def server_stats(workdir: Path) -> dict[tuple[str, str], dict[str, str]]:
+    """HAProxy's ``show stat`` from the stats socket: {(backend, server): its row (status, hrsp_2xx...)}."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(5)
     try:
@@ -378,12 +380,23 @@ def server_states(workdir: Path) -> dict[str, str]:
         sock.close()
     lines = data.decode().splitlines()
     header = lines[0].lstrip("# ").split(",")
-    states = {}
+    rows = {}
     for line in lines[1:]:
         row = dict(zip(header, line.split(",")))
-        if row.get("pxname") == "replicas_rest" and row.get("svname") not in ("BACKEND", "FRONTEND", None):
-            states[row["svname"]] = row.get("status", "")
-    return states
+        if row.get("svname") not in ("BACKEND", "FRONTEND", None):
+            rows[(row["pxname"], row["svname"])] = row
+    return rows
+
+
+def server_states(workdir: Path) -> dict[str, str]:
+    """{replica name: HAProxy's status (UP, DOWN, 'UP 1/2', MAINT...)} of the REST backend."""
+    return {sv: row.get("status", "") for (px, sv), row in server_stats(workdir).items() if px == "replicas_rest"}
+
+
+def answered(workdir: Path, replica: str) -> int:
+    """Requests ``replica`` has answered with a 2xx through the balancer so far, REST and gRPC."""
+    stats = server_stats(workdir)
+    return sum(int(stats[(px, replica)].get("hrsp_2xx") or 0) for px in ("replicas_rest", "replicas_grpc"))
 
 
 def wait_for_states(workdir: Path, want: dict[str, str], timeout: float = 30.0) -> dict[str, str]:
@@ -414,20 +427,45 @@ def replicas_of(state: dict[str, Any]) -> list[Replica]:
     return [Replica(**r) for r in state["replicas"]]
 
 
-def start_replica(model_store: Path, workdir: Path, threads: int, timeout: float = 240.0) -> Replica:
-    """One TorchServe on free loopback ports, token authorization off (the balancer checks the token)."""
+@contextlib.contextmanager
+def _replica_start(threads: int) -> Iterator[None]:
+    """What `tsctl.start` needs to start a replica of the cluster: its share of the cores, and no key.
+
+    N workers share the machine's cores: each gets ``threads`` (``KOA_TORCH_THREADS``), or they would
+    fight over every core. `tsctl.start` polls the management API with the key from key_file.json,
+    but TorchServe 0.12 writes no key file when token authorization is off: for such a server it
+    polls without a key (the replica's own config says so; any other server still needs its key).
+    """
     saved = os.environ.get("KOA_TORCH_THREADS")
-    # N workers share the machine's cores: each gets its share, or they would fight over every core.
     os.environ["KOA_TORCH_THREADS"] = str(threads)
+    original = tsctl.read_keys
+
+    def read_keys(workdir: Path) -> dict[str, str]:
+        try:
+            return original(workdir)
+        except tsctl.ServeError:
+            config = Path(workdir) / "config.properties"
+            if config.is_file() and tsctl._props(config.read_text()).get("disable_token_authorization") == "true":
+                return {"inference": "", "management": "", "api": ""}
+            raise
+
+    tsctl.read_keys = read_keys
     try:
-        srv = tsctl.start_on_free_ports(
-            model_store, workdir, timeout=timeout, properties={"disable_token_authorization": "true"}
-        )
+        yield
     finally:
+        tsctl.read_keys = original
         if saved is None:
             os.environ.pop("KOA_TORCH_THREADS", None)
         else:
             os.environ["KOA_TORCH_THREADS"] = saved
+
+
+def start_replica(model_store: Path, workdir: Path, threads: int, timeout: float = 240.0) -> Replica:
+    """One TorchServe on free loopback ports, token authorization off (the balancer checks the token)."""
+    with _replica_start(threads):
+        srv = tsctl.start_on_free_ports(
+            model_store, workdir, timeout=timeout, properties={"disable_token_authorization": "true"}
+        )
     port = lambda url: int(url.rsplit(":", 1)[1])  # noqa: E731
     return Replica(
         name=Path(workdir).name,
@@ -441,16 +479,23 @@ def start_replica(model_store: Path, workdir: Path, threads: int, timeout: float
 
 def restart_replica(replica: Replica, model_store: Path, threads: int, timeout: float = 240.0) -> None:
     """Start a stopped (or killed) replica again on its own ports, from its rendered configuration."""
-    saved = os.environ.get("KOA_TORCH_THREADS")
-    os.environ["KOA_TORCH_THREADS"] = str(threads)
-    try:
-        wd = Path(replica.workdir)
+    wd = Path(replica.workdir)
+    with _replica_start(threads):
         tsctl.start(model_store, wd / "config.properties", wd, timeout=timeout)
-    finally:
-        if saved is None:
-            os.environ.pop("KOA_TORCH_THREADS", None)
-        else:
-            os.environ["KOA_TORCH_THREADS"] = saved
+
+
+def kill_replica(replica: Replica) -> list[int]:
+    """SIGKILL a replica's Java frontend and its workers at once (a crashed server); returns their pids."""
+    java = tsctl._pid(Path(replica.workdir))
+    if not _pid_alive(java):
+        raise ClusterError(f"replica {replica.name} is not running")
+    pids = [java, *tsctl._descendants(java)]  # type: ignore[list-item]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    while any(_pid_alive(p) for p in pids):
+        time.sleep(0.02)
+    return pids
 
 
 def threads_per_replica(n: int) -> int:
