@@ -159,3 +159,16 @@ loadtest: archive $(PROTO_STAMP)  ## Locust, headless, REST then gRPC -> reports
 		$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) \
 		$(if $(PROTOCOLS),--protocols $(PROTOCOLS)) $(if $(EXPLAIN_SHARE),--explain-share $(EXPLAIN_SHARE)) $(if $(USER_RATE),--user-rate $(USER_RATE)) \
 		$(if $(IMAGES),--images $(IMAGES)) $(if $(filter 1 yes true,$(START)),--start)
+
+# Replicas on one machine behind HAProxy, one bearer token checked at the front (scripts/cluster.py,
+# docs/DEPLOY.md): N replicas (default 2) on free loopback ports, the balancer on 127.0.0.1:8180 (REST)
+# and 7170 (gRPC); the token is in logs/cluster/key_file.json (--key-file, KOA_KEY_FILE).
+.PHONY: cluster cluster-stop drill-replicas
+cluster: archive $(PROTO_STAMP)  ## N TorchServe replicas (N=2) behind HAProxy; returns when a request passes
+	$(PY) scripts/cluster.py start --replicas $(or $(N),2)
+
+cluster-stop: $(STAMP)  ## stop the cluster's HAProxy and replicas; returns when all are gone
+	$(PY) scripts/cluster.py stop
+
+drill-replicas: archive $(PROTO_STAMP)  ## throughput with 1 and N replicas, then kill one under load -> reports/drills/replicas.json (~7 min)
+	$(PY) scripts/drill_replicas.py --replicas $(or $(N),2)

@@ -271,3 +271,13 @@ def test_the_image_installs_only_pinned_packages_and_copies_what_the_context_sen
 
 def test_kubernetes_validate_is_pinned_as_a_dev_dependency() -> None:
     assert "kubernetes-validate" in _pins()
+
+
+def test_deploy_md_is_rendered_from_the_committed_figures() -> None:
+    import drill_replicas
+
+    doc = ROOT / "docs" / "DEPLOY.md"
+    assert doc.read_text() == drill_replicas.render_doc(doc), (
+        "docs/DEPLOY.md's generated sections are stale (docs/BENCHMARKS.json or docs/DEPLOY_REPLICAS.json "
+        "changed): python scripts/drill_replicas.py --doc-only"
+    )

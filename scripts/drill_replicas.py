@@ -1,0 +1,399 @@
+"""Replica drill: Locust through the balancer while one replica's server is killed and started again.
+
+``python scripts/drill_replicas.py [--replicas 2] [--seconds 90] [--kill-at 20] [--down-s 5] [--users 8]
+[--retry-s 60] [--throughput-s 40] [--json reports/drills/replicas.json]``
+
+1. Throughput (``--throughput-s`` > 0): for 1 replica, then for ``--replicas``, a fresh cluster
+   (scripts/cluster.py) is loaded by ``--throughput-users`` closed-loop Locust users through the
+   balancer, REST and gRPC half each, for ``--throughput-s`` seconds after a warm-up.
+2. The drill: a fresh cluster of ``--replicas``; the reference answer of every image is taken through
+   the balancer; then Locust (scripts/drill_replicas_locust.py: the shipped clients with ``retry_s``,
+   REST and gRPC half each, every answer checked against the schema and the reference) runs for
+   ``--seconds``. At ``--kill-at`` the Java frontend and the worker of replica r0 are SIGKILLed
+   (a crashed server, not a graceful stop), left down ``--down-s`` seconds and started again on
+   the same ports; the drill waits until HAProxy has it UP.
+
+Figures (JSON at ``--json``):
+
+- ``requests``: the callers' requests (each counted once, however often the client sent it);
+- ``failures``: failed attempts the clients saw (refused, reset, 503...), each resent or given up on;
+- ``resent``: requests answered after at least one failed attempt;
+- ``lost``: requests that never got a right answer within the client's ``retry_s`` (an error, or an
+  answer that differs from the reference): the target is 0;
+- ``recovery_s``: from the kill until HAProxy marks the replica UP again (it includes ``--down-s``
+  and TorchServe's start-up); ``ready_s``: until that replica's model was READY;
+  ``longest_gap_s``: the longest time no request was answered at all (0.1 s or so: the other
+  replica kept answering);
+- ``phases``: answered requests/s before the kill, while r0 was out, and once it was back;
+  ``answered_by_restarted_replica``: HAProxy's count of r0's answers once it was back.
+
+Exit 0 when nothing was lost and the restarted replica answered again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import cluster  # noqa: E402
+import tsctl  # noqa: E402
+
+from loadtest import load_images  # noqa: E402
+
+LOCUSTFILE = ROOT / "scripts" / "drill_replicas_locust.py"
+DEFAULT_JSON = ROOT / "reports" / "drills" / "replicas.json"
+DEFAULT_WORKDIR = ROOT / "logs" / "drill-replicas"
+DOC = ROOT / "docs" / "DEPLOY.md"
+PUBLISHED = ROOT / "docs" / "DEPLOY_REPLICAS.json"  # the committed copy the document is rendered from
+BENCHMARKS = ROOT / "docs" / "BENCHMARKS.json"
+# Planning load of one replica: the fraction of its saturated throughput at which the tail latency was
+# measured (make bench-tail, docs/BENCHMARKS.md): p99 about twice p50 there, against a queue without end.
+PLANNING_FRACTION = 0.8
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=90.0, help="drill load duration")
+    p.add_argument("--kill-at", type=float, default=20.0, help="seconds after the load starts")
+    p.add_argument("--down-s", type=float, default=5.0, help="seconds the killed replica stays down")
+    p.add_argument("--users", type=int, default=8, help="drill users (closed loop), half REST, half gRPC")
+    p.add_argument("--retry-s", type=float, default=60.0, help="the clients' retry window")
+    p.add_argument("--throughput-s", type=float, default=40.0, help="seconds per throughput run; 0 skips them")
+    p.add_argument("--throughput-users", type=int, default=32, help="closed-loop users of the throughput runs")
+    p.add_argument("--warmup-s", type=float, default=15.0, help="unmeasured load before each throughput run")
+    p.add_argument("--images", type=Path, default=ROOT / "tests" / "fixtures")
+    p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    p.add_argument(
+        "--publish", type=Path, default=PUBLISHED, help="copy the result here and render --doc from it ('' : neither)"
+    )
+    p.add_argument("--doc", type=Path, default=DOC, help="the document whose generated sections are rendered")
+    p.add_argument("--doc-only", action="store_true", help="only render --doc from the committed JSON files")
+    return p
+
+
+def free_front() -> cluster.Front:
+    rest, grpc_port, health = tsctl.free_ports(3)
+    return cluster.Front(rest_port=rest, grpc_port=grpc_port, health_port=health)
+
+
+def locust(
+    front: cluster.Front,
+    workdir: Path,
+    users: int,
+    seconds: float,
+    out: Path,
+    images: Path,
+    retry_s: float,
+    reference: Path | None = None,
+) -> subprocess.Popen:
+    """Start headless Locust with the drill's users against the balancer; records go to ``out``/records.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "KOA_DRILL_GRPC_TARGET": f"127.0.0.1:{front.grpc_port}",
+        "KOA_KEY_FILE": str(Path(workdir) / cluster.KEY_FILE),
+        "KOA_IMAGES": str(images),
+        "KOA_DRILL_REFERENCE": str(reference or ""),
+        "KOA_DRILL_RECORDS": str(out / "records.jsonl"),
+        "KOA_RETRY_S": str(retry_s),
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "locust"), "-f", str(LOCUSTFILE), "--headless",
+        "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s", "--stop-timeout", "30",
+        "--host", f"http://127.0.0.1:{front.rest_port}", "--only-summary", "--loglevel", "WARNING",
+        "--csv", str(out / "locust"),
+    ]  # fmt: skip
+    log = open(out / "locust.log", "w")  # noqa: SIM115 (closed with the process: Locust writes until it exits)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def wait_locust(proc: subprocess.Popen, out: Path, timeout: float) -> list[dict[str, Any]]:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"Locust did not finish in {timeout:.0f} s; see {out / 'locust.log'}") from None
+    records = out / "records.jsonl"
+    if not records.is_file():
+        raise RuntimeError(f"Locust wrote no records ({proc.returncode}); see {out / 'locust.log'}")
+    return [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+
+
+def reference_answers(front: cluster.Front, workdir: Path, images: Path) -> dict[str, dict[str, Any]]:
+    """The answer for every image, taken through the balancer before any fault (sent again to check it)."""
+    from client import load_token
+    from client.rest import RestClient
+
+    token = load_token(key_file=Path(workdir) / cluster.KEY_FILE)
+    refs = {}
+    with RestClient(f"http://127.0.0.1:{front.rest_port}", token=token, retry_s=30) as c:
+        for image in load_images(images):
+            answer = c.predict(image.data)
+            refs[image.name] = {"kl_grade": answer["kl_grade"], "probabilities": answer["probabilities"]}
+    return refs
+
+
+def rate(records: list[dict[str, Any]], t0: float, t1: float) -> float | None:
+    """Answered requests per second among those that ended in [t0, t1)."""
+    if t1 - t0 <= 0:
+        return None
+    return sum(1 for r in records if r["ok"] and t0 <= r["end"] < t1) / (t1 - t0)
+
+
+def longest_gap(records: list[dict[str, Any]], t0: float, t1: float) -> float:
+    """The longest stretch in [t0, t1] in which no request was answered."""
+    ends = sorted(r["end"] for r in records if r["ok"] and t0 <= r["end"] <= t1)
+    points = [t0, *ends, t1]
+    return max(b - a for a, b in zip(points, points[1:]))
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    lost = [r for r in records if not r["ok"]]
+    out: dict[str, Any] = {
+        "requests": len(records),
+        "failures": sum(len(r["retried"]) for r in records) + len(lost),
+        "resent": sum(1 for r in records if r["ok"] and r["retried"]),
+        "lost": len(lost),
+        "wrong": sum(1 for r in records if r["wrong"]),
+    }
+    kinds: dict[str, int] = {}
+    for r in records:
+        for label in r["retried"]:
+            kinds[label] = kinds.get(label, 0) + 1
+    out["failed_attempts_by_kind"] = kinds
+    out["lost_errors"] = sorted({r["error"] for r in lost})[:10]
+    return out
+
+
+def throughput(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Saturating closed-loop load through the balancer in front of ``n`` fresh replicas."""
+    workdir = args.workdir / f"throughput-{n}"
+    front = free_front()
+    t0 = time.monotonic()
+    cluster.start(n, workdir, front, args.model_store)
+    started_s = time.monotonic() - t0
+    try:
+        out = args.workdir / f"throughput-{n}-locust"
+        if args.warmup_s > 0:
+            warm = locust(front, workdir, args.throughput_users, args.warmup_s, out / "warmup", args.images, 30)
+            wait_locust(warm, out / "warmup", args.warmup_s + 120)
+        proc = locust(front, workdir, args.throughput_users, args.throughput_s, out, args.images, args.retry_s)
+        records = wait_locust(proc, out, args.throughput_s + 120)
+    finally:
+        cluster.stop(workdir)
+    t_first = min(r["start"] for r in records)
+    t_last = max(r["end"] for r in records)
+    by_protocol = {p: rate([r for r in records if r["protocol"] == p], t_first, t_last) for p in ("rest", "grpc")}
+    return {
+        "replicas": n,
+        "users": args.throughput_users,
+        "seconds": round(t_last - t_first, 1),
+        "start_s": round(started_s, 1),
+        "rps": rate(records, t_first, t_last),
+        "rps_by_protocol": by_protocol,
+        **summarise(records),
+    }
+
+
+def drill(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = args.workdir / "drill"
+    front = free_front()
+    state = cluster.start(args.replicas, workdir, front, args.model_store)
+    victim = cluster.replicas_of(state)[0]
+    out = args.workdir / "drill-locust"
+    timing: dict[str, float | None] = {"ready": None, "up": None}
+    try:
+        reference = reference_answers(front, workdir, args.images)
+        ref_path = workdir / "reference.json"
+        ref_path.write_text(json.dumps(reference, indent=2))
+        t_load = time.time()
+        proc = locust(front, workdir, args.users, args.seconds, out, args.images, args.retry_s, ref_path)
+        time.sleep(max(0.0, t_load + args.kill_at - time.time()))
+        if proc.poll() is not None:
+            raise RuntimeError(f"Locust ended before the kill; see {out / 'locust.log'}")
+        t_kill = time.time()
+        killed = cluster.kill_replica(victim)
+        cluster.wait_for_states(workdir, {victim.name: "DOWN"}, timeout=30)
+        t_down = time.time()
+        time.sleep(max(0.0, t_kill + args.down_s - time.time()))
+        cluster.restart_replica(victim, args.model_store, state["threads_per_replica"])
+        timing["ready"] = time.time()
+        cluster.wait_for_states(workdir, {victim.name: "UP"}, timeout=60)
+        timing["up"] = time.time()
+        served_before = cluster.answered(workdir, victim.name)
+        records = wait_locust(proc, out, args.seconds + 180)
+        served_after = cluster.answered(workdir, victim.name) - served_before
+    finally:
+        cluster.stop(workdir)
+    t_end = max(r["end"] for r in records)
+    t_up = timing["up"] or t_end
+    result: dict[str, Any] = {
+        "replicas": args.replicas,
+        "users": args.users,
+        "seconds": args.seconds,
+        "retry_s": args.retry_s,
+        "killed": {"replica": victim.name, "pids": killed, "at_s": round(t_kill - t_load, 2)},
+        **summarise(records),
+        "recovery_s": round(t_up - t_kill, 2),
+        "ready_s": round(timing["ready"] - t_kill, 2) if timing["ready"] else None,
+        "marked_down_s": round(t_down - t_kill, 2),
+        "longest_gap_s": round(longest_gap(records, t_load + 5, t_end), 2),
+        "phases": {
+            "before_kill_rps": rate(records, t_load + 5, t_kill),
+            "one_replica_rps": rate(records, t_kill, t_up),
+            "after_recovery_rps": rate(records, t_up, t_end),
+        },
+        "answered_after_recovery": sum(1 for r in records if r["ok"] and r["end"] > t_up),
+        # HAProxy's 2xx counter of the killed replica from UP to the end: it rejoined and served.
+        "answered_by_restarted_replica": served_after,
+        "by_protocol": {p: summarise([r for r in records if r["protocol"] == p]) for p in ("rest", "grpc")},
+    }
+    return result
+
+
+# --------------------------------------------------------------------------- docs/DEPLOY.md
+def _f(x: float | None, fmt: str = ".1f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def sizing_section(bench: dict[str, Any]) -> str:
+    """The per-replica figures of docs/BENCHMARKS.json that sizing starts from, and the rule."""
+    rest = max(bench["curves"]["rest"], key=lambda r: r["rps"])
+    grpc_row = max(bench["curves"]["grpc"], key=lambda r: r["rps"])
+    cpu = next(r for r in bench["cpu_per_request"] if r["client"] == "REST")
+    server_ms = cpu["cpu_ms_workers"] + cpu["cpu_ms_java"]
+    plan = PLANNING_FRACTION * rest["rps"]
+    chosen = bench["chosen"]
+    return "\n".join(
+        [
+            f"From [BENCHMARKS.json](BENCHMARKS.json) (`make bench`: one replica, one worker on 2 cores, batch "
+            f"{chosen['batch']}, {chosen['delay_ms']} ms delay):",
+            "",
+            "| figure | value |",
+            "|---|---|",
+            f"| one replica saturated, REST ({rest['clients']} clients) | {rest['rps']:.1f} req/s, "
+            f"p50 {rest['p50_ms']:.0f} ms, p99 {rest['p99_ms']:.0f} ms |",
+            f"| one replica saturated, gRPC ({grpc_row['clients']} clients) | {grpc_row['rps']:.1f} req/s |",
+            f"| server CPU per request (worker + Java) | {server_ms:.1f} ms, i.e. "
+            f"{1000 / server_ms:.0f} req/s per core |",
+            f"| idle single-request latency | {bench['idle_ms']:.0f} ms |",
+            f"| planning capacity per replica ({PLANNING_FRACTION:.0%} of saturation) | **{plan:.0f} req/s** |",
+            "",
+            f"Replicas for a peak of P requests/s: **ceil(P / {plan:.0f}) + 1** (the +1 keeps the peak served while "
+            "one replica restarts, is drained for an update or fails). On a machine or pod with C cores for one "
+            f"worker, scale the capacity by C / 2 as a first guess ({1000 / server_ms:.0f} req/s per core), then "
+            "measure it there with `make bench`.",
+        ]
+    )
+
+
+def replicas_section(result: dict[str, Any] | None) -> str:
+    """The drill's figures (docs/DEPLOY_REPLICAS.json), or a line saying they are not measured yet."""
+    if result is None:
+        return "Not measured yet: `make drill-replicas` writes them."
+    lines = [
+        f"Measured by `make drill-replicas` on {result['started']}, {result['cpu_count']} cores, "
+        f"from [DEPLOY_REPLICAS.json](DEPLOY_REPLICAS.json).",
+        "",
+    ]
+    if result.get("throughput"):
+        lines += [
+            "Throughput through the balancer (closed-loop Locust users on the same cores, REST and gRPC half each, "
+            "the shipped clients, every answer checked):",
+            "",
+            "| replicas | users | req/s | REST req/s | gRPC req/s | lost | replicas' start-up s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in result["throughput"]:
+            lines.append(
+                f"| {row['replicas']} | {row['users']} | {_f(row['rps'])} | {_f(row['rps_by_protocol']['rest'])} | "
+                f"{_f(row['rps_by_protocol']['grpc'])} | {row['lost']} | {row['start_s']:.0f} |"
+            )
+        lines.append("")
+    ph = result["phases"]
+    lines += [
+        f"The drill ({result['replicas']} replicas, {result['users']} users, {result['seconds']:.0f} s, client "
+        f"`retry_s` {result['retry_s']:.0f} s): replica {result['killed']['replica']}'s Java and worker SIGKILLed "
+        f"at {result['killed']['at_s']:.0f} s, started again {result['config']['down_s']:.0f} s later.",
+        "",
+        "| requests | failures (attempts) | resent | **lost** | wrong | marked down after | ready after | "
+        "**recovery_s** | longest gap without an answer |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {result['requests']} | {result['failures']} | {result['resent']} | **{result['lost']}** | "
+        f"{result['wrong']} | {result['marked_down_s']:.1f} s | {_f(result['ready_s'])} s | "
+        f"**{result['recovery_s']:.1f}** | {result['longest_gap_s']:.2f} s |",
+        "",
+        f"Answered requests/s: {_f(ph['before_kill_rps'])} before the kill, {_f(ph['one_replica_rps'])} while one "
+        f"replica served alone, {_f(ph['after_recovery_rps'])} after; the restarted replica answered "
+        f"{result['answered_by_restarted_replica']} requests once back. Failed attempts by kind: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(result["failed_attempts_by_kind"].items())) or "none")
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def render_doc(doc: Path, bench_path: Path = BENCHMARKS, published: Path = PUBLISHED) -> str:
+    """The text of ``doc`` with its generated sections rendered from the committed JSON files."""
+    text = doc.read_text()
+    result = json.loads(published.read_text()) if published.is_file() else None
+    for name, body in (
+        ("sizing", sizing_section(json.loads(bench_path.read_text()))),
+        ("replicas", replicas_section(result)),
+    ):
+        begin, end = f"<!-- generated:{name} -->", f"<!-- end:{name} -->"
+        if text.count(begin) != 1 or text.count(end) != 1:
+            raise ValueError(f"{doc} needs one {begin} ... {end} pair")
+        head, rest = text.split(begin)
+        _, tail = rest.split(end)
+        text = f"{head}{begin}\n{body}\n{end}{tail}"
+    return text
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.doc_only:
+        args.doc.write_text(render_doc(args.doc, published=args.publish))
+        print(f"rendered {args.doc}")
+        return 0
+    cluster.haproxy_binary()
+    if not (args.model_store / "oamen.mar").is_file():
+        raise SystemExit(f"{args.model_store / 'oamen.mar'} is missing: make archive")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result: dict[str, Any] = {"started": started, "cpu_count": os.cpu_count(), "config": vars(args).copy()}
+    result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in result["config"].items()}
+    result["config"].pop("doc_only", None)
+    if args.throughput_s > 0:
+        result["throughput"] = [throughput(n, args) for n in sorted({1, args.replicas})]
+    result.update(drill(args))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if str(args.publish) not in ("", "."):
+        shutil.copyfile(args.json, args.publish)
+        args.doc.write_text(render_doc(args.doc, published=args.publish))
+        print(f"published {args.publish} and rendered {args.doc}")
+    print(
+        f"requests {result['requests']}, failures {result['failures']} (attempts, resent), lost {result['lost']}, "
+        f"wrong {result['wrong']}, recovery {result['recovery_s']} s, longest gap {result['longest_gap_s']} s"
+    )
+    for row in result.get("throughput", []):
+        print(f"  {row['replicas']} replica(s): {row['rps']:.1f} req/s ({row['users']} users, lost {row['lost']})")
+    print(f"wrote {args.json}")
+    return 0 if result["lost"] == 0 and result["answered_by_restarted_replica"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
