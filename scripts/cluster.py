@@ -128,6 +128,8 @@ def haproxy_config(
         "defaults",
         "    mode http",
         "    timeout connect 2s",
+        "    # A /ping answers in milliseconds; on a saturated machine it may wait behind the grading.",
+        "    timeout check 3s",
         "    timeout http-request 60s",
         f"    timeout client {SERVER_TIMEOUT_S}s",
         f"    timeout server {SERVER_TIMEOUT_S}s",
@@ -400,12 +402,13 @@ def answered(workdir: Path, replica: str) -> int:
 
 
 def wait_for_states(workdir: Path, want: dict[str, str], timeout: float = 30.0) -> dict[str, str]:
-    """Poll `server_states` until every named replica's status starts with the wanted word (UP, DOWN)."""
+    """Poll `server_states` until every named replica has the wanted status (UP, DOWN)."""
     deadline = time.monotonic() + timeout
     states: dict[str, str] = {}
     while time.monotonic() < deadline:
         states = server_states(workdir)
-        if all(states.get(k, "").startswith(v) for k, v in want.items()):
+        # Exact: "UP 1/2" is a server going down, "DOWN 1/2" one coming up.
+        if all(states.get(k, "") == v for k, v in want.items()):
             return states
         time.sleep(0.1)
     raise ClusterError(f"HAProxy's replicas are {states}, not {want} within {timeout:.0f} s")
