@@ -41,6 +41,15 @@ pytestmark = [
 RESULT_TIMEOUT_S = 300  # an explanation takes seconds on a busy 2-core CPU
 
 
+@pytest.fixture(scope="module", autouse=True)
+def orthanc_installed() -> None:
+    """Checked before TorchServe is built and started: without Orthanc nothing here can run."""
+    try:
+        pacs.find_orthanc()
+    except pacs.PacsError as exc:
+        skip_or_fail(str(exc))
+
+
 @pytest.fixture(scope="module")
 def archive() -> Path:
     subprocess.run(["make", "-s", "archive"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -82,10 +91,6 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(torchserve: tsctl.Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    try:
-        pacs.find_orthanc()
-    except pacs.PacsError as exc:
-        skip_or_fail(str(exc))
     workdir = tmp_path_factory.mktemp("pacs")
     http_port, dicom_port, gateway_port = pacs.free_ports(3)
     orthanc = pacs.start_orthanc(workdir, http_port, dicom_port, gateway_port)
