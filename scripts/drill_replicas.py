@@ -180,6 +180,73 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class CpuShare:
+    """Who used the cores during a run: the cluster (Java, workers, HAProxy), the load generator, others.
+
+    These machines are shared: a number measured while another job computes is not the cluster's
+    own. The machine's busy time comes from ``/proc/stat`` (psutil), the cluster's from its processes,
+    Locust's from the children this process has waited for; ``other_cores`` is what is left.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        import psutil
+
+        self.psutil, self.workdir = psutil, Path(workdir)
+
+    def _pids(self) -> list[int]:
+        state = cluster.load_state(self.workdir) or {"replicas": []}
+        pids = [cluster._read_pid(self.workdir / "haproxy.pid")]
+        for r in cluster.replicas_of(state):
+            java = tsctl._pid(Path(r.workdir))
+            pids += [java, *tsctl._descendants(java)] if java else []
+        return [p for p in pids if p is not None and cluster._pid_alive(p)]
+
+    def _busy(self) -> float:
+        t = self.psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def _cluster(self) -> dict[int, float]:
+        """{pid: CPU seconds so far} of the cluster's processes (a replica started again has new ones)."""
+        out = {}
+        for pid in self._pids():
+            try:
+                c = self.psutil.Process(pid).cpu_times()
+                out[pid] = c.user + c.system
+            except self.psutil.NoSuchProcess:
+                pass
+        return out
+
+    def _children(self) -> float:
+        t = os.times()
+        return t.children_user + t.children_system
+
+    def begin(self) -> CpuShare:
+        self.start = (time.monotonic(), self._busy(), self._cluster(), self._children())
+        return self
+
+    def finish(self) -> None:
+        self.end = (time.monotonic(), self._busy(), self._cluster(), self._children())
+
+    def __enter__(self) -> CpuShare:
+        return self.begin()
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+    def result(self) -> dict[str, float]:
+        """Cores used on average. A process that died during the run (a killed replica) is left out of the
+        cluster's share and counted among the others; one started during the run counts in full."""
+        (t0, busy0, ours0, kids0), (t1, busy1, ours1, kids1) = self.start, self.end
+        wall, busy, children = t1 - t0, busy1 - busy0, kids1 - kids0
+        ours = sum(cpu - ours0.get(pid, 0.0) for pid, cpu in ours1.items())
+        return {
+            "machine_busy_cores": round(busy / wall, 2),
+            "cluster_cores": round(ours / wall, 2),
+            "load_generator_cores": round(children / wall, 2),
+            "other_cores": round(max(0.0, busy - ours - children) / wall, 2),
+        }
+
+
 def throughput(n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Saturating closed-loop load through the balancer in front of ``n`` fresh replicas."""
     workdir = args.workdir / f"throughput-{n}"
@@ -192,8 +259,9 @@ def throughput(n: int, args: argparse.Namespace) -> dict[str, Any]:
         if args.warmup_s > 0:
             warm = locust(front, workdir, args.throughput_users, args.warmup_s, out / "warmup", args.images, 30)
             wait_locust(warm, out / "warmup", args.warmup_s + 120)
-        proc = locust(front, workdir, args.throughput_users, args.throughput_s, out, args.images, args.retry_s)
-        records = wait_locust(proc, out, args.throughput_s + 120)
+        with CpuShare(workdir) as cpu:
+            proc = locust(front, workdir, args.throughput_users, args.throughput_s, out, args.images, args.retry_s)
+            records = wait_locust(proc, out, args.throughput_s + 120)
     finally:
         cluster.stop(workdir)
     t_first = min(r["start"] for r in records)
@@ -206,6 +274,7 @@ def throughput(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "start_s": round(started_s, 1),
         "rps": rate(records, t_first, t_last),
         "rps_by_protocol": by_protocol,
+        "cpu": cpu.result(),
         **summarise(records),
     }
 
@@ -222,6 +291,7 @@ def drill(args: argparse.Namespace) -> dict[str, Any]:
         ref_path = workdir / "reference.json"
         ref_path.write_text(json.dumps(reference, indent=2))
         t_load = time.time()
+        cpu = CpuShare(workdir).begin()
         proc = locust(front, workdir, args.users, args.seconds, out, args.images, args.retry_s, ref_path)
         time.sleep(max(0.0, t_load + args.kill_at - time.time()))
         if proc.poll() is not None:
@@ -237,6 +307,7 @@ def drill(args: argparse.Namespace) -> dict[str, Any]:
         timing["up"] = time.time()
         served_before = cluster.answered(workdir, victim.name)
         records = wait_locust(proc, out, args.seconds + 180)
+        cpu.finish()
         served_after = cluster.answered(workdir, victim.name) - served_before
     finally:
         cluster.stop(workdir)
@@ -258,6 +329,7 @@ def drill(args: argparse.Namespace) -> dict[str, Any]:
             "one_replica_rps": rate(records, t_kill, t_up),
             "after_recovery_rps": rate(records, t_up, t_end),
         },
+        "cpu": cpu.result(),
         "answered_after_recovery": sum(1 for r in records if r["ok"] and r["end"] > t_up),
         # HAProxy's 2xx counter of the killed replica from UP to the end: it rejoined and served.
         "answered_by_restarted_replica": served_after,
@@ -316,15 +388,24 @@ def replicas_section(result: dict[str, Any] | None) -> str:
             "Throughput through the balancer (closed-loop Locust users on the same cores, REST and gRPC half each, "
             "the shipped clients, every answer checked):",
             "",
-            "| replicas | users | req/s | REST req/s | gRPC req/s | lost | replicas' start-up s |",
-            "|---|---|---|---|---|---|---|",
+            "| replicas | users | req/s | REST req/s | gRPC req/s | lost | start-up s | cores: replicas | "
+            "Locust | other jobs |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in result["throughput"]:
+            cpu = row.get("cpu", {})
             lines.append(
                 f"| {row['replicas']} | {row['users']} | {_f(row['rps'])} | {_f(row['rps_by_protocol']['rest'])} | "
-                f"{_f(row['rps_by_protocol']['grpc'])} | {row['lost']} | {row['start_s']:.0f} |"
+                f"{_f(row['rps_by_protocol']['grpc'])} | {row['lost']} | {row['start_s']:.0f} | "
+                f"{_f(cpu.get('cluster_cores'), '.2f')} | {_f(cpu.get('load_generator_cores'), '.2f')} | "
+                f"{_f(cpu.get('other_cores'), '.2f')} |"
             )
-        lines.append("")
+        lines += [
+            "",
+            "`other jobs`: cores used by processes outside the drill during the run (this machine is shared); "
+            "a run where they are not near 0 measured the contention, not the replicas.",
+            "",
+        ]
     ph = result["phases"]
     lines += [
         f"The drill ({result['replicas']} replicas, {result['users']} users, {result['seconds']:.0f} s, client "
@@ -342,7 +423,12 @@ def replicas_section(result: dict[str, Any] | None) -> str:
         f"replica served alone, {_f(ph['after_recovery_rps'])} after; the restarted replica answered "
         f"{result['answered_by_restarted_replica']} requests once back. Failed attempts by kind: "
         + (", ".join(f"{k} {v}" for k, v in sorted(result["failed_attempts_by_kind"].items())) or "none")
-        + ".",
+        + "."
+        + (
+            f" Other jobs used {result['cpu']['other_cores']:.2f} cores on average during the drill."
+            if "cpu" in result
+            else ""
+        ),
     ]
     return "\n".join(lines)
 

@@ -135,7 +135,7 @@ def test_drill_kills_a_replica_under_load_and_loses_nothing(archive: Path, tmp_p
     out = tmp_path / "replicas.json"
     args = drill_replicas.get_args_parser().parse_args(
         ["--seconds", "35", "--kill-at", "8", "--down-s", "2", "--users", "4", "--throughput-s", "0"]
-        + ["--workdir", str(tmp_path / "work"), "--json", str(out), "--model-store", str(archive)]
+        + ["--workdir", str(tmp_path / "work"), "--json", str(out), "--model-store", str(archive), "--publish", ""]
     )
     code = drill_replicas.main(args)
     result = json.loads(out.read_text())
@@ -145,5 +145,6 @@ def test_drill_kills_a_replica_under_load_and_loses_nothing(archive: Path, tmp_p
     assert result["by_protocol"]["rest"]["requests"] > 0 and result["by_protocol"]["grpc"]["requests"] > 0
     assert result["answered_by_restarted_replica"] > 0
     assert result["recovery_s"] > 2
+    assert set(result["cpu"]) == {"machine_busy_cores", "cluster_cores", "load_generator_cores", "other_cores"}
     assert code == 0
     assert not cluster.running(tmp_path / "work" / "drill")
