@@ -171,4 +171,4 @@ cluster-stop: $(STAMP)  ## stop the cluster's HAProxy and replicas; returns when
 	$(PY) scripts/cluster.py stop
 
 drill-replicas: archive $(PROTO_STAMP)  ## throughput with 1 and N replicas, then kill one under load -> reports/drills/replicas.json (~7 min)
-	$(PY) scripts/drill_replicas.py --replicas $(or $(N),2)
+	$(PY) scripts/drill_replicas.py --replicas $(or $(N),2) --rounds 2

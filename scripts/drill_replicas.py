@@ -72,6 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--throughput-s", type=float, default=40.0, help="seconds per throughput run; 0 skips them")
     p.add_argument("--throughput-users", type=int, default=32, help="closed-loop users of the throughput runs")
     p.add_argument("--warmup-s", type=float, default=15.0, help="unmeasured load before each throughput run")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="throughput rounds, 1 then N replicas in each (a shared machine drifts)"
+    )
     p.add_argument("--images", type=Path, default=ROOT / "tests" / "fixtures")
     p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
@@ -247,7 +250,7 @@ class CpuShare:
         }
 
 
-def throughput(n: int, args: argparse.Namespace) -> dict[str, Any]:
+def throughput(n: int, args: argparse.Namespace, round_: int = 1) -> dict[str, Any]:
     """Saturating closed-loop load through the balancer in front of ``n`` fresh replicas."""
     workdir = args.workdir / f"throughput-{n}"
     front = free_front()
@@ -268,6 +271,7 @@ def throughput(n: int, args: argparse.Namespace) -> dict[str, Any]:
     t_last = max(r["end"] for r in records)
     by_protocol = {p: rate([r for r in records if r["protocol"] == p], t_first, t_last) for p in ("rest", "grpc")}
     return {
+        "round": round_,
         "replicas": n,
         "users": args.throughput_users,
         "seconds": round(t_last - t_first, 1),
@@ -388,14 +392,15 @@ def replicas_section(result: dict[str, Any] | None) -> str:
             "Throughput through the balancer (closed-loop Locust users on the same cores, REST and gRPC half each, "
             "the shipped clients, every answer checked):",
             "",
-            "| replicas | users | req/s | REST req/s | gRPC req/s | lost | start-up s | cores: replicas | "
+            "| round | replicas | users | req/s | REST req/s | gRPC req/s | lost | start-up s | cores: replicas | "
             "Locust | other jobs |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in result["throughput"]:
             cpu = row.get("cpu", {})
             lines.append(
-                f"| {row['replicas']} | {row['users']} | {_f(row['rps'])} | {_f(row['rps_by_protocol']['rest'])} | "
+                f"| {row.get('round', 1)} | {row['replicas']} | {row['users']} | {_f(row['rps'])} | "
+                f"{_f(row['rps_by_protocol']['rest'])} | "
                 f"{_f(row['rps_by_protocol']['grpc'])} | {row['lost']} | {row['start_s']:.0f} | "
                 f"{_f(cpu.get('cluster_cores'), '.2f')} | {_f(cpu.get('load_generator_cores'), '.2f')} | "
                 f"{_f(cpu.get('other_cores'), '.2f')} |"
@@ -463,7 +468,8 @@ def main(args: argparse.Namespace) -> int:
     result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in result["config"].items()}
     result["config"].pop("doc_only", None)
     if args.throughput_s > 0:
-        result["throughput"] = [throughput(n, args) for n in sorted({1, args.replicas})]
+        ns = sorted({1, args.replicas})
+        result["throughput"] = [throughput(n, args, k + 1) for k in range(args.rounds) for n in ns]
     result.update(drill(args))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
