@@ -178,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             for n, v in cands.items()
         ],  # fmt: skip
         "",
-        f"- **Mirror averaging** (the image and its left-right mirror): {'on' if post.flip_tta else 'off'}. It "
-        "doubles the model's cost per image, so it is kept only when it gains more than 0.005 of the tune-fold "
-        "score.",
+        f"- **Mirror averaging** (the image and its left-right mirror): {'on' if post.flip_tta else 'off'} "
+        f"(`train.calibrate --flip {calib.get('flip', 'auto')}`). On the tune fold it gains what the table shows "
+        "(rows `+flip`), but it runs the model twice per image (the request path's time with and without it: "
+        "docs/BENCHMARKS.md, what the knee gate costs), which would take the served throughput below the "
+        "project's 50 requests/s on these 2 cores.",
         f"- **Uncertain flag**: `uncertain: true` when the calibrated probability of the grade given is below "
         f"{post.uncertain_below} (chosen on val to leave {pct(calib['coverage'])} of answers unflagged). On val "
         f"{pct(unc['flagged_share'])} of answers are flagged; top-1 is {pct(unc['accuracy_not_flagged'])} on the "

@@ -9,7 +9,10 @@ except the one threshold the issue asks to choose there (the uncertain flag's co
   log-likelihood of the tune fold (the patient-grouped share of train that `train.fit` held out);
 - **decision**: the argmax, or cut-points on the expected grade fitted on the tune fold to
   maximise the mean of top-1 accuracy and quadratic kappa; the better on the tune fold is kept;
-- **flip averaging** (the image and its mirror): kept when it helps on the tune fold;
+- **flip averaging** (the image and its mirror): measured on the tune fold both ways; with
+  ``--flip auto`` kept when it gains more than 0.005 of the score there. The default is ``off``:
+  it runs the model twice per image, which halves the served throughput, and the project's
+  served-speed target (docs/BENCHMARKS.md) has no room for that on a CPU;
 - **knee gate** (`model.gate`): class means and a shared, shrunk covariance of the pooled
   features of the training knees; the refusal threshold is the ``--gate-quantile`` of the tune
   fold's knee scores, so that about 1 - q of real knees would be refused. The non-knee
@@ -50,9 +53,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="default: RUN/best.pt")
     p.add_argument("--data", default=None, help="dataset root (default: the run's)")
     p.add_argument("--out", required=True, help="where to write the calibrated checkpoint")
-    p.add_argument("--gate-quantile", type=float, default=0.995, help="share of tune-fold knees the gate lets through")
+    p.add_argument(
+        "--gate-quantile",
+        type=float,
+        default=1.0,
+        help="share of tune-fold knees the gate lets through (1: all; the fold is too small to place a 0.99x quantile)",
+    )
     p.add_argument("--coverage", type=float, default=0.8, help="share of val answers not flagged uncertain")
     p.add_argument("--max-gate-fit", type=int, default=3000, help="training knees used to fit the gate")
+    p.add_argument(
+        "--flip",
+        choices=("off", "on", "auto"),
+        default="off",
+        help="mirror averaging: off (one forward pass per image), on, or auto (when it gains on the tune fold)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--seed", type=int, default=0)
@@ -203,7 +217,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # Flip averaging doubles the model's cost: keep it only for a real gain on the tune fold.
     best_plain = max((c for n, c in candidates.items() if "flip" not in n), key=lambda c: c["tune_score"])
     best_flip = max((c for n, c in candidates.items() if "flip" in n), key=lambda c: c["tune_score"])
-    chosen = best_flip if best_flip["tune_score"] > best_plain["tune_score"] + 0.005 else best_plain
+    if args.flip == "auto":
+        chosen = best_flip if best_flip["tune_score"] > best_plain["tune_score"] + 0.005 else best_plain
+    else:
+        chosen = best_flip if args.flip == "on" else best_plain
     post: PostprocessConfig = chosen["config"]
 
     # 2. the knee gate, fitted on training knees (not the tune fold), thresholded on the tune fold
@@ -245,6 +262,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "tune_fold": {"images": len(tune), "patients": len({parse_patient(s.path) for s in tune})},
         "gate_fit_images": len(gate_fit),
         "gate_quantile": args.gate_quantile,
+        "flip": args.flip,
         "coverage": args.coverage,
         "temperature_plain": t_plain,
         "temperature_flip": t_flip,
