@@ -1,0 +1,97 @@
+"""What the knee gate (and mirror averaging) cost: the handler's request path with and without, side by side.
+
+``python scripts/bench_gate.py [--model build/oamen.pt] [--rounds 8] [--json docs/results/bench_gate.json]``
+
+The request path is what the worker runs per batch: decode the PNG, prepare (OA-MEN's
+preprocessing), normalise, stack, and the TorchScript model; with the gate the model call is
+``forward_with_gate`` (logits and the Mahalanobis score from the same pooled features) instead
+of ``forward``. Both are timed in alternating rounds in one process, so machine drift falls on
+both alike; the result is the median of the per-round ratios, with their spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from model.checkpoint import load_torchscript  # noqa: E402
+from model.decode import decode_image  # noqa: E402
+from model.preprocess import prepare, to_model_input  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=ROOT / "build" / "oamen.pt")
+    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val" / "2")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--batches-per-round", type=int, default=6)
+    p.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "bench_gate.json")
+    return p
+
+
+def request_path(net, contract, blobs: list[bytes], gated: bool, flip: bool = False) -> None:
+    arrays = [to_model_input(prepare(decode_image(b), contract), contract) for b in blobs]
+    x = torch.from_numpy(np.stack(arrays)).contiguous(memory_format=torch.channels_last)
+    run = net.forward_with_gate if gated else net.forward
+    with torch.inference_mode():
+        run(x)
+        if flip:  # mirror averaging: a second pass on the mirrored batch
+            run(torch.flip(x, dims=[3]))
+
+
+def main(args: argparse.Namespace) -> dict:
+    net, contract = load_torchscript(args.model)
+    if not hasattr(net, "forward_with_gate"):
+        raise SystemExit(f"{args.model} has no knee gate (export an OA-MEN with train.export)")
+    files = sorted(args.images.glob("*.png"))[: args.batch]
+    if len(files) < args.batch:
+        raise SystemExit(f"need {args.batch} PNGs in {args.images}, found {len(files)}")
+    blobs = [f.read_bytes() for f in files]
+    for gated in (False, True, False, True):  # warm up both graphs
+        request_path(net, contract, blobs, gated)
+    rounds = []
+    legs = [("without", False, False), ("with", True, False), ("with_flip", True, True)]
+    for r in range(args.rounds):
+        times = {}
+        for name, gated, flip in legs if r % 2 == 0 else legs[::-1]:
+            t0 = time.perf_counter()
+            for _ in range(args.batches_per_round):
+                request_path(net, contract, blobs, gated, flip)
+            times[name] = (time.perf_counter() - t0) / (args.batches_per_round * args.batch)
+        rounds.append({f"ms_per_image_{k}": 1000 * v for k, v in times.items()}
+                      | {"gate_share": (times["with"] - times["without"]) / times["with"],
+                         "flip_cost": times["with_flip"] / times["with"]})  # fmt: skip
+    shares = [r["gate_share"] for r in rounds]
+    result = {
+        "model": f"{contract.model_name} v{contract.model_version}",
+        "batch": args.batch,
+        "flip_tta": contract.postprocess.flip_tta,
+        "torch_threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "gate_share_median": statistics.median(shares),
+        "gate_share_range": [min(shares), max(shares)],
+        "ms_per_image_without_median": statistics.median(r["ms_per_image_without"] for r in rounds),
+        "ms_per_image_with_median": statistics.median(r["ms_per_image_with"] for r in rounds),
+        "ms_per_image_with_flip_median": statistics.median(r["ms_per_image_with_flip"] for r in rounds),
+        "flip_cost_median": statistics.median(r["flip_cost"] for r in rounds),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
