@@ -170,5 +170,5 @@ cluster: archive $(PROTO_STAMP)  ## N TorchServe replicas (N=2) behind HAProxy; 
 cluster-stop: $(STAMP)  ## stop the cluster's HAProxy and replicas; returns when all are gone
 	$(PY) scripts/cluster.py stop
 
-drill-replicas: archive $(PROTO_STAMP)  ## throughput with 1 and N replicas, then kill one under load -> reports/drills/replicas.json (~7 min)
-	$(PY) scripts/drill_replicas.py --replicas $(or $(N),2) --rounds 2
+drill-replicas: archive $(PROTO_STAMP)  ## throughput with 1 and N replicas, then kill one under load -> reports/drills/replicas.json (~10 min)
+	$(PY) scripts/drill_replicas.py --replicas $(or $(N),2) --configs 1,1x1,$(or $(N),2) --rounds 2

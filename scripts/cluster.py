@@ -532,19 +532,22 @@ def start(
     front: Front | None = None,
     model_store: Path = ROOT / "model_store",
     timeout: float = 240.0,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Start ``n`` replicas and the balancer; returns the cluster's state (also in ``<workdir>/cluster.json``)."""
+    """Start ``n`` replicas and the balancer; returns the cluster's state (also in ``<workdir>/cluster.json``).
+
+    ``threads``: torch threads per replica's worker; default: the machine's cores shared out evenly.
+    """
     if n < 1:
         raise ValueError(f"the cluster needs at least 1 replica, got {n}")
     workdir = Path(workdir).resolve()
     front = front or Front()
-    old = load_state(workdir)
-    if old is not None and (running(workdir)):
+    if running(workdir):
         raise ClusterError(f"a cluster from {workdir} is running; `make cluster-stop` first")
     haproxy_binary()  # fail before minutes of start-up
     workdir.mkdir(parents=True, exist_ok=True)
     token = ensure_token(workdir)
-    threads = threads_per_replica(n)
+    threads = threads or threads_per_replica(n)
     replicas: list[Replica] = []
     state: dict[str, Any] = {"front": asdict(front), "replicas": [], "threads_per_replica": threads}
     try:
@@ -612,12 +615,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=GRPC_PORT)
     p.add_argument("--health-port", type=int, default=HEALTH_PORT)
     p.add_argument("--timeout", type=float, default=240.0, help="seconds for each replica to become READY")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / replicas)")
     args = p.parse_args(argv)
     try:
         if args.command == "start":
             front = Front(args.rest_port, args.grpc_port, args.health_port)
             t0 = time.monotonic()
-            state = start(args.replicas, args.workdir, front, args.model_store, args.timeout)
+            state = start(args.replicas, args.workdir, front, args.model_store, args.timeout, args.threads)
             print(f"{len(state['replicas'])} TorchServe replicas behind HAProxy ({time.monotonic() - t0:.0f} s)")
             print(f"  REST    http://127.0.0.1:{front.rest_port}/predictions/{tsctl.MODEL_NAME}")
             print(f"  gRPC    127.0.0.1:{front.grpc_port}")

@@ -75,6 +75,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rounds", type=int, default=1, help="throughput rounds, 1 then N replicas in each (a shared machine drifts)"
     )
+    p.add_argument(
+        "--configs",
+        default="",
+        help="throughput runs as REPLICASxTHREADS, comma-separated (e.g. 1x2,1x1,2x1); default: 1 and --replicas "
+        "replicas, the cores shared out",
+    )
     p.add_argument("--images", type=Path, default=ROOT / "tests" / "fixtures")
     p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
@@ -85,6 +91,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", type=Path, default=DOC, help="the document whose generated sections are rendered")
     p.add_argument("--doc-only", action="store_true", help="only render --doc from the committed JSON files")
     return p
+
+
+def parse_configs(text: str) -> list[tuple[int, int | None]]:
+    """``"1x2,2x1"`` -> [(1, 2), (2, 1)]: replicas and torch threads per worker; ``"2"`` -> [(2, None)].
+
+    Raises:
+        ValueError: anything else, saying what was given.
+    """
+    out: list[tuple[int, int | None]] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        n, _, t = part.partition("x")
+        if not n.isdigit() or int(n) < 1 or (t and (not t.isdigit() or int(t) < 1)):
+            raise ValueError(f"--configs: {part!r} is not REPLICAS or REPLICASxTHREADS (e.g. 2x1)")
+        out.append((int(n), int(t) if t else None))
+    return out
 
 
 def free_front() -> cluster.Front:
@@ -250,12 +271,15 @@ class CpuShare:
         }
 
 
-def throughput(n: int, args: argparse.Namespace, round_: int = 1) -> dict[str, Any]:
-    """Saturating closed-loop load through the balancer in front of ``n`` fresh replicas."""
+def throughput(n: int, args: argparse.Namespace, round_: int = 1, threads: int | None = None) -> dict[str, Any]:
+    """Saturating closed-loop load through the balancer in front of ``n`` fresh replicas.
+
+    ``threads``: torch threads per worker (default: the cores shared out, `cluster.threads_per_replica`).
+    """
     workdir = args.workdir / f"throughput-{n}"
     front = free_front()
     t0 = time.monotonic()
-    cluster.start(n, workdir, front, args.model_store)
+    state = cluster.start(n, workdir, front, args.model_store, threads=threads)
     started_s = time.monotonic() - t0
     try:
         out = args.workdir / f"throughput-{n}-locust"
@@ -273,6 +297,7 @@ def throughput(n: int, args: argparse.Namespace, round_: int = 1) -> dict[str, A
     return {
         "round": round_,
         "replicas": n,
+        "threads_per_replica": state["threads_per_replica"],
         "users": args.throughput_users,
         "seconds": round(t_last - t_first, 1),
         "start_s": round(started_s, 1),
@@ -392,14 +417,15 @@ def replicas_section(result: dict[str, Any] | None) -> str:
             "Throughput through the balancer (closed-loop Locust users on the same cores, REST and gRPC half each, "
             "the shipped clients, every answer checked):",
             "",
-            "| round | replicas | users | req/s | REST req/s | gRPC req/s | lost | start-up s | cores: replicas | "
-            "Locust | other jobs |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| round | replicas | torch threads each | users | req/s | REST req/s | gRPC req/s | lost | start-up s | "
+            "cores: replicas | Locust | other jobs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in result["throughput"]:
             cpu = row.get("cpu", {})
             lines.append(
-                f"| {row.get('round', 1)} | {row['replicas']} | {row['users']} | {_f(row['rps'])} | "
+                f"| {row.get('round', 1)} | {row['replicas']} | {row.get('threads_per_replica', '-')} | "
+                f"{row['users']} | {_f(row['rps'])} | "
                 f"{_f(row['rps_by_protocol']['rest'])} | "
                 f"{_f(row['rps_by_protocol']['grpc'])} | {row['lost']} | {row['start_s']:.0f} | "
                 f"{_f(cpu.get('cluster_cores'), '.2f')} | {_f(cpu.get('load_generator_cores'), '.2f')} | "
@@ -468,8 +494,8 @@ def main(args: argparse.Namespace) -> int:
     result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in result["config"].items()}
     result["config"].pop("doc_only", None)
     if args.throughput_s > 0:
-        ns = sorted({1, args.replicas})
-        result["throughput"] = [throughput(n, args, k + 1) for k in range(args.rounds) for n in ns]
+        configs = parse_configs(args.configs) or [(n, None) for n in sorted({1, args.replicas})]
+        result["throughput"] = [throughput(n, args, k + 1, t) for k in range(args.rounds) for n, t in configs]
     result.update(drill(args))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
