@@ -1,7 +1,7 @@
 """Fault tolerance of the served model, against a private server on free ports.
 
 - SIGKILL the TorchServe worker under load (scripts/fault_kill_worker.py): 3 closed-loop REST
-  clients for about 20 s, the worker killed at 6 s. TorchServe must start a new worker (new pid)
+  clients for about 40 s, the worker killed at 6 s. TorchServe must start a new worker (new pid)
   that answers within 90 s; only requests in flight at the kill may fail, and every request sent
   after recovery must succeed.
 - Restart the whole server under load (scripts/fault_restart.py, what ``make restart`` does):
@@ -55,7 +55,9 @@ def _batch_size(srv: tsctl.Server) -> int:
 
 def test_killed_worker_is_restarted_and_only_in_flight_requests_fail(server: tsctl.Server, knee_png: bytes) -> None:
     result, records = fk.run_fault(
-        server, [knee_png], clients=CLIENTS, seconds=20.0, kill_at=6.0, after=2.0, recovery_timeout=RECOVERY_S
+        # 40 s: a new worker of oamen_pt (imports, TorchScript load, warm-up) can take 15-20 s to answer on a
+        # loaded 2-core machine, and requests after the recovery must fit in the run.
+        server, [knee_png], clients=CLIENTS, seconds=40.0, kill_at=6.0, after=2.0, recovery_timeout=RECOVERY_S
     )
     summary = {k: v for k, v in result.items() if k != "worker_states"}
     assert result["new_pid"] is not None and result["new_pid"] != result["old_pid"], summary
