@@ -418,8 +418,8 @@ def replicas_section(result: dict[str, Any] | None) -> str:
             "the shipped clients, every answer checked):",
             "",
             "| round | replicas | torch threads each | users | req/s | REST req/s | gRPC req/s | lost | start-up s | "
-            "cores: replicas | Locust | other jobs |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "cores: replicas | Locust | other jobs | req/s per replica core |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in result["throughput"]:
             cpu = row.get("cpu", {})
@@ -429,7 +429,8 @@ def replicas_section(result: dict[str, Any] | None) -> str:
                 f"{_f(row['rps_by_protocol']['rest'])} | "
                 f"{_f(row['rps_by_protocol']['grpc'])} | {row['lost']} | {row['start_s']:.0f} | "
                 f"{_f(cpu.get('cluster_cores'), '.2f')} | {_f(cpu.get('load_generator_cores'), '.2f')} | "
-                f"{_f(cpu.get('other_cores'), '.2f')} |"
+                f"{_f(cpu.get('other_cores'), '.2f')} | "
+                f"{_f(row['rps'] / cpu['cluster_cores'] if row['rps'] and cpu.get('cluster_cores') else None)} |"
             )
         lines += [
             "",
