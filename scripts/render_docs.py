@@ -60,7 +60,7 @@ def bench_gate() -> str:
     d = _load("bench_gate.json")
     lo, hi = d["gate_share_range"]
     return (
-        f"`scripts/bench_gate.py` (result `docs/results/bench_gate.json`), {d['model']}, batch {d['batch']}, "
+        f"`python -m train.bench_gate` (result `docs/results/bench_gate.json`), {d['model']}, batch {d['batch']}, "
         f"{len(d['rounds'])} alternating rounds: the request path (decode, preprocess, model) takes "
         f"{d['ms_per_image_without_median']:.1f} ms per image without the knee gate and "
         f"{d['ms_per_image_with_median']:.1f} ms with it; the gate's share of the request path is "

@@ -1,6 +1,6 @@
 """What the knee gate (and mirror averaging) cost: the handler's request path with and without, side by side.
 
-``python scripts/bench_gate.py [--model build/oamen.pt] [--rounds 8] [--json docs/results/bench_gate.json]``
+``python -m train.bench_gate [--model build/oamen.pt] [--rounds 8] [--json docs/results/bench_gate.json]``
 
 The request path is what the worker runs per batch: decode the PNG, prepare (OA-MEN's
 preprocessing), normalise, stack, and the TorchScript model; with the gate the model call is
@@ -14,20 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from the repository root
-    sys.path.insert(0, str(ROOT))
+from model.checkpoint import load_torchscript
+from model.decode import decode_image
+from model.preprocess import prepare, to_model_input
 
-from model.checkpoint import load_torchscript  # noqa: E402
-from model.decode import decode_image  # noqa: E402
-from model.preprocess import prepare, to_model_input  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
