@@ -1,0 +1,109 @@
+"""Views for annotating knee joints in whole films by eye (the boxes in ``annotations/legfilms.csv``).
+
+``python -m train.annotate grid FILM [--region x0 y0 x1 y1] --out PNG``: the film (or a region of it)
+enlarged, with a labelled grid in the film's own pixel coordinates, so that a reader can read off a
+joint's box. ``python -m train.annotate check FILM... --csv annotations/legfilms.csv --out DIR``:
+the film with its annotated boxes drawn, to check the annotation.
+
+Box convention (the file's header says it too): a square centred on the centre of the tibio-femoral
+joint space, whose side is the joint's width (outer edge to outer edge of the femoral condyles or the
+tibial plateau, whichever is wider) in source pixels; ``view`` is ``ap`` (AP/PA), ``lateral``, or
+``oblique``; ``marker`` is ``R`` or ``L`` when a burned-in letter beside that knee says its side. A film
+without a knee joint has one row with view ``none`` and no box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+COLUMNS = ["file", "width", "height", "view", "x0", "y0", "x1", "y1", "marker", "note"]
+
+
+def read_boxes(path: str | Path) -> dict[str, list[dict]]:
+    """file -> list of rows (a film without a knee has one row with view 'none')."""
+    out: dict[str, list[dict]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(line for line in f if not line.startswith("#")):
+            for k in ("width", "height"):
+                row[k] = int(row[k])
+            row["box"] = [float(row[k]) for k in ("x0", "y0", "x1", "y1")] if row["x0"] else None
+            out.setdefault(row["file"], []).append(row)
+    return out
+
+
+def grid_view(gray: np.ndarray, region: tuple[int, int, int, int] | None, size: int = 900) -> np.ndarray:
+    h, w = gray.shape
+    x0, y0, x1, y1 = region or (0, 0, w, h)
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    crop = gray[y0:y1, x0:x1]
+    scale = size / max(crop.shape)
+    big = cv2.resize(crop, (round(crop.shape[1] * scale), round(crop.shape[0] * scale)), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    rgb = cv2.cvtColor(big, cv2.COLOR_GRAY2BGR)
+    span = max(x1 - x0, y1 - y0)
+    step = next(s for s in (5, 10, 20, 25, 50, 100, 200, 250, 500) if span / s <= 16)
+    pad = 40
+    canvas = np.full((rgb.shape[0] + pad, rgb.shape[1] + pad, 3), 255, np.uint8)
+    canvas[pad:, pad:] = rgb
+    for gx in range((x0 // step + 1) * step, x1, step):
+        px = pad + round((gx - x0) * scale)
+        cv2.line(canvas, (px, pad), (px, canvas.shape[0]), (0, 200, 255), 1)
+        cv2.putText(canvas, str(gx), (px - 12, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 200), 1)
+    for gy in range((y0 // step + 1) * step, y1, step):
+        py = pad + round((gy - y0) * scale)
+        cv2.line(canvas, (pad, py), (canvas.shape[1], py), (0, 200, 255), 1)
+        cv2.putText(canvas, str(gy), (0, py + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 200), 1)
+    return canvas
+
+
+def draw_boxes(gray: np.ndarray, rows: list[dict], size: int = 700) -> np.ndarray:
+    scale = size / max(gray.shape)
+    big = cv2.resize(gray, (round(gray.shape[1] * scale), round(gray.shape[0] * scale)), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    rgb = cv2.cvtColor(big, cv2.COLOR_GRAY2BGR)
+    for r in rows:
+        if r.get("box"):
+            x0, y0, x1, y1 = (round(v * scale) for v in r["box"])
+            cv2.rectangle(rgb, (x0, y0), (x1, y1), (0, 255, 0), 2)
+            cv2.drawMarker(rgb, ((x0 + x1) // 2, (y0 + y1) // 2), (0, 0, 255), cv2.MARKER_CROSS, 12, 2)
+            cv2.putText(rgb, r["view"], (x0, max(12, y0 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 255, 0), 1)
+        else:
+            cv2.putText(rgb, r["view"], (10, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 255), 2)
+    return rgb
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("grid", help="a film or region with a labelled pixel grid")
+    g.add_argument("film")
+    g.add_argument("--region", nargs=4, type=int, metavar=("X0", "Y0", "X1", "Y1"))
+    g.add_argument("--size", type=int, default=900)
+    g.add_argument("--out", required=True)
+    c = sub.add_parser("check", help="films with their annotated boxes drawn")
+    c.add_argument("films", nargs="+")
+    c.add_argument("--csv", default="annotations/legfilms.csv")
+    c.add_argument("--out", required=True, help="folder")
+    a = p.parse_args(argv)
+    if a.cmd == "grid":
+        gray = cv2.imread(a.film, cv2.IMREAD_GRAYSCALE)
+        if gray is None:
+            raise SystemExit(f"cannot read {a.film}")
+        cv2.imwrite(a.out, grid_view(gray, tuple(a.region) if a.region else None, a.size))
+        print(f"{a.out}: {a.film} {gray.shape[1]}x{gray.shape[0]}")
+    else:
+        boxes = read_boxes(a.csv)
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        for film in a.films:
+            gray = cv2.imread(film, cv2.IMREAD_GRAYSCALE)
+            name = Path(film).name
+            out = Path(a.out) / (Path(film).stem + "_check.png")
+            cv2.imwrite(str(out), draw_boxes(gray, boxes.get(name, [])))
+            print(out)
+
+
+if __name__ == "__main__":
+    main()
