@@ -1,15 +1,17 @@
-"""Shared pytest setup: the repository root on sys.path, small shared fixtures, and the rule for
+"""Shared pytest setup: small shared fixtures (the archive, a private TorchServe), and the rule for
 missing resources (Java, the TorchServe jar): a test that needs one skips on a developer's machine
 and fails under ``CI=true``, where a skip would let the server tests pass without running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import sys
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import cv2
 import numpy as np
@@ -17,8 +19,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 JAVA_MISSING = "TorchServe needs Java 17+ (see README)"
 
@@ -48,6 +48,25 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """A test marked ``server`` starts TorchServe: check Java before its fixtures build the archive."""
     if item.get_closest_marker("server") is not None:
         require_java()
+
+
+@pytest.fixture(scope="session")
+def archive() -> Path:
+    """``make archive`` once per run: the .mar of the committed weights, built as a user builds it."""
+    subprocess.run(["make", "-s", "archive"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return ROOT / "model_store"
+
+
+@contextlib.contextmanager
+def private_server(archive: Path, workdir: Path, drain_s: float | None = None, **options: Any) -> Iterator[Any]:
+    """A TorchServe on free ports from ``workdir`` (`ops.server.start_on_free_ports` with ``options``),
+    stopped at the end (after a drain of at most ``drain_s``; default `ops.server.DRAIN_S`)."""
+    from ops import server as ts
+
+    try:
+        yield ts.start_on_free_ports(archive, workdir, **options)
+    finally:
+        ts.stop(workdir, drain_s=ts.DRAIN_S if drain_s is None else drain_s)
 
 
 @pytest.fixture(scope="session")
