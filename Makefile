@@ -66,7 +66,7 @@ promote: $(STAMP)  ## calibrate RUN, copy it to weights/, evaluate it into docs/
 	cp $(RUN)/history.json $(RUN)/curves.png docs/model/
 	$(PY) -m train.evaluate --checkpoint $(WEIGHTS) --data $(DATA) --split val --out docs/model/eval-val \
 		--framing --nonknee $(NONKNEE)
-	$(PY) scripts/model_card.py
+	$(PY) -m ops.model_card
 
 export: $(EXPORT)  ## TorchScript export of the committed weights
 
@@ -88,19 +88,19 @@ $(ARCHIVE): $(EXPORT) $(SOURCES) | $(STAMP)
 	@echo "built $@"
 
 serve: archive  ## start TorchServe in the background; returns when the model answers
-	$(PY) scripts/tsctl.py start --workdir $(SERVE_DIR)
+	$(PY) -m ops.server start --workdir $(SERVE_DIR)
 
 stop: $(STAMP)  ## stop TorchServe and wait until its processes are gone
-	$(PY) scripts/tsctl.py stop --workdir $(SERVE_DIR)
+	$(PY) -m ops.server stop --workdir $(SERVE_DIR)
 
 restart: archive  ## stop, then start again (new keys: clients re-read key_file.json; see docs/RELIABILITY.md)
-	$(PY) scripts/tsctl.py restart --workdir $(SERVE_DIR)
+	$(PY) -m ops.server restart --workdir $(SERVE_DIR)
 
 token: $(STAMP)  ## print the inference key of the running server
-	@$(PY) scripts/tsctl.py token --workdir $(SERVE_DIR)
+	@$(PY) -m ops.server token --workdir $(SERVE_DIR)
 
 renew-token: $(STAMP)  ## replace the inference key of the running server (keys expire after 60 min)
-	@$(PY) scripts/tsctl.py renew --workdir $(SERVE_DIR)
+	@$(PY) -m ops.server renew --workdir $(SERVE_DIR)
 
 proto: $(PROTO_STAMP)  ## generate the gRPC stubs from the proto inside TorchServe's jar
 
@@ -113,20 +113,20 @@ predict: $(PROTO_STAMP)  ## grade IMAGE=... on the running server (REST)
 explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG beside it in reports/)
 	$(PY) -m client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain
 
-bench: archive  ## served against in-process, batching sweep, JIT warm-up, REST against gRPC in paired rounds -> docs/BENCHMARKS.md (~20 min)
-	$(PY) scripts/bench_sweep.py
+bench: archive  ## served against in-process, batching sweep, JIT warm-up, REST against gRPC in paired rounds -> docs/results/bench_sweep.json, docs/BENCHMARKS.md (~20 min)
+	$(PY) -m ops.bench sweep
 
-bench-tail: archive $(PROTO_STAMP)  ## Locust at 80% of saturation, shipped batching (or SETTINGS=16x10,8x10) -> reports/bench_tail.json (~7 min each)
-	$(PY) scripts/bench_tail.py $(if $(SETTINGS),--settings $(SETTINGS)) $(if $(REPEAT),--repeat $(REPEAT))
+bench-tail: archive $(PROTO_STAMP)  ## Locust at 80% of saturation, shipped batching (or SETTINGS=16x10,8x10) -> docs/results/bench_tail.json (~7 min each)
+	$(PY) -m ops.bench tail $(if $(SETTINGS),--settings $(SETTINGS)) $(if $(REPEAT),--repeat $(REPEAT))
 
-bench-logging: archive  ## TorchServe's built-in log setting against log4j2.xml, side by side -> reports/bench_logging.json (~3 min)
-	$(PY) scripts/bench_logging.py --json reports/bench_logging.json
+bench-logging: archive  ## TorchServe's built-in log setting against log4j2.xml, side by side -> docs/results/bench_logging.json (~3 min)
+	$(PY) -m ops.bench logging --json docs/results/bench_logging.json
 
-bench-malloc: archive  ## the worker's malloc settings against glibc's defaults, fresh processes side by side (~3 min)
-	$(PY) scripts/bench_malloc.py
+bench-malloc: archive  ## the worker's malloc settings against glibc's defaults, fresh processes side by side -> docs/results/bench_malloc.json (~3 min)
+	$(PY) -m ops.bench malloc
 
 bench-explain: archive  ## plain-prediction latency with 10% IG explanations, batch answered at once vs. early answers, side by side -> reports/ and docs/results/bench_explain.json (~7 min)
-	$(PY) scripts/bench_explain.py $(if $(THREADS),--threads $(THREADS))
+	$(PY) -m ops.bench explain $(if $(THREADS),--threads $(THREADS))
 
 compare: $(STAMP)  ## OA-MEN against the paper's baselines (quick budget; see train/compare.py)
 	$(PY) -m train.compare --data $(DATA) --out reports/compare --quick
@@ -139,7 +139,7 @@ clean:  ## remove build outputs (keeps .venv)
 # it is not running. Their data (storage, spool, audit.jsonl, logs) stays in pacs/data/.
 .PHONY: pacs pacs-stop pacs-credentials pacs-demo
 pacs: archive  ## Orthanc + the DICOM gateway beside make serve's TorchServe (started if needed); returns when they answer
-	@$(PY) scripts/tsctl.py status --workdir $(SERVE_DIR) >/dev/null || $(PY) scripts/tsctl.py start --workdir $(SERVE_DIR)
+	@$(PY) -m ops.server status --workdir $(SERVE_DIR) >/dev/null || $(PY) -m ops.server start --workdir $(SERVE_DIR)
 	$(PY) -m pacs start --key-file $(SERVE_DIR)/key_file.json
 
 pacs-stop: $(STAMP)  ## stop the gateway and Orthanc; returns when both are gone (TorchServe keeps running)
@@ -151,24 +151,24 @@ pacs-credentials: $(STAMP)  ## print Orthanc's REST user:password (made at the f
 pacs-demo: $(STAMP)  ## send IMAGE=... to Orthanc as a DX study; print the SR the gateway stores back
 	$(PY) -m pacs demo $(IMAGE)
 
-# Load test (loadtest/run.py): USERS, RATE, DURATION (per protocol), PROTOCOLS, EXPLAIN_SHARE, USER_RATE and
-# IMAGES pass through when set (defaults in run.py: 4 users, 2/s, 30s, rest,grpc); START=1 always
+# Load test (python -m loadtest.run): USERS, RATE, DURATION (per protocol), PROTOCOLS, EXPLAIN_SHARE, USER_RATE and
+# IMAGES pass through when set (defaults in loadtest/run.py: 4 users, 2/s, 30s, rest,grpc); START=1 always
 # starts a private server on free ports (one is also started when `make serve` is not running).
 loadtest: archive $(PROTO_STAMP)  ## Locust, headless, REST then gRPC -> reports/loadtest/latest
-	$(PY) loadtest/run.py --workdir $(SERVE_DIR) \
+	$(PY) -m loadtest.run --workdir $(SERVE_DIR) \
 		$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) \
 		$(if $(PROTOCOLS),--protocols $(PROTOCOLS)) $(if $(EXPLAIN_SHARE),--explain-share $(EXPLAIN_SHARE)) $(if $(USER_RATE),--user-rate $(USER_RATE)) \
 		$(if $(IMAGES),--images $(IMAGES)) $(if $(filter 1 yes true,$(START)),--start)
 
-# Replicas on one machine behind HAProxy, one bearer token checked at the front (scripts/cluster.py,
+# Replicas on one machine behind HAProxy, one bearer token checked at the front (ops/cluster.py,
 # docs/DEPLOY.md): N replicas (default 2) on free loopback ports, the balancer on 127.0.0.1:8180 (REST)
 # and 7170 (gRPC); the token is in logs/cluster/key_file.json (--key-file, KOA_KEY_FILE).
 .PHONY: cluster cluster-stop drill-replicas
 cluster: archive $(PROTO_STAMP)  ## N TorchServe replicas (N=2) behind HAProxy; returns when a request passes
-	$(PY) scripts/cluster.py start --replicas $(or $(N),2)
+	$(PY) -m ops.cluster start --replicas $(or $(N),2)
 
 cluster-stop: $(STAMP)  ## stop the cluster's HAProxy and replicas; returns when all are gone
-	$(PY) scripts/cluster.py stop
+	$(PY) -m ops.cluster stop
 
 drill-replicas: archive $(PROTO_STAMP)  ## throughput with 1 and N replicas, then kill one under load -> reports/drills/replicas.json (~10 min)
-	$(PY) scripts/drill_replicas.py --replicas $(or $(N),2) --configs 1,1x1,$(or $(N),2) --rounds 2
+	$(PY) -m ops.drills.replicas --replicas $(or $(N),2) --configs 1,1x1,$(or $(N),2) --rounds 2

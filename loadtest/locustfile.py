@@ -2,9 +2,10 @@
 
     .venv/bin/locust -f loadtest/locustfile.py --headless -u 4 -r 2 -t 30s --host http://127.0.0.1:8080
 
-`loadtest/run.py` (``make loadtest``) drives this file and writes the reports; run Locust on it
-directly for the web UI. Every answer is validated (status 200 and the answer schema, see
-`loadtest.validate_answer`); one that fails is reported as a Locust failure with the reason.
+Run it from the repository root: Locust puts its working directory on the import path, and this file
+imports the project's packages from there. `loadtest.run` (``make loadtest``) drives this file and
+writes the reports; run Locust on it directly for the web UI. Every answer is validated (status 200
+and the answer schema, see `ops.load.validate_answer`); one that fails is reported as a Locust failure with the reason.
 
 Environment:
     KOA_TOKEN / KOA_KEY_FILE: the inference key, or the server's key_file.json
@@ -34,7 +35,6 @@ grpc.experimental.gevent.init_gevent()  # gRPC's C core must yield to gevent, be
 import logging  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -42,14 +42,12 @@ from typing import Any  # noqa: E402
 import gevent  # noqa: E402
 import grpc  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # locust puts only this file's folder on sys.path
-    sys.path.insert(0, str(ROOT))
-
 from client import KOAClientError, error_from_answer, load_token  # noqa: E402
 from client.grpc_client import GrpcClient, parse_prediction, rpc_error  # noqa: E402
 from client.rest import sniff_content_type  # noqa: E402
-from loadtest import Image, InvalidAnswer, check_loopback, load_images, validate_answer  # noqa: E402
+from ops.load import Image, InvalidAnswer, check_loopback, load_images, validate_answer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Headless Locust load test of KOA-Serve, REST and gRPC measured one after the other.
 
-``python loadtest/run.py [--users 4] [--rate 2] [--duration 30s] [--protocols rest,grpc] [--start]
+``python -m loadtest.run [--users 4] [--rate 2] [--duration 30s] [--protocols rest,grpc] [--start]
 [--workdir logs/serve] [--host URL --grpc-target HOST:PORT] [--explain-share 0.0] [--images DIR]
 [--out reports/loadtest]``  (``make loadtest USERS=4 RATE=2 DURATION=30s START=1``)
 
@@ -39,12 +39,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ops import server as ts
+from ops.load import check_loopback
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-import tsctl  # noqa: E402
-
-from loadtest import check_loopback  # noqa: E402
 
 log = logging.getLogger("loadtest.run")
 
@@ -60,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", default="30s", help="run time per protocol, Locust syntax (30s, 2m, 1h30m)")
     p.add_argument("--protocols", default="rest,grpc", help="comma-separated subset of rest,grpc")
     p.add_argument("--start", action="store_true", help="always start a private server (on free ports)")
-    p.add_argument("--workdir", type=Path, default=tsctl.DEFAULT_WORKDIR, help="where the running server lives")
+    p.add_argument("--workdir", type=Path, default=ts.DEFAULT_WORKDIR, help="where the running server lives")
     p.add_argument("--host", default=None, help="REST address of a running server (instead of --workdir's)")
     p.add_argument("--grpc-target", default=None, help="gRPC host:port of a running server (with --host)")
     p.add_argument("--key-file", type=Path, default=None, help="key_file.json (default: --workdir's)")
@@ -108,20 +106,13 @@ def check_args(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(protocols))
 
 
-def server_running(workdir: Path) -> bool:
-    """Whether a TorchServe started by tsctl from ``workdir`` is alive (its pid file, as `tsctl status`)."""
-    pid = tsctl._pid(Path(workdir).resolve())
-    return pid is not None and tsctl._alive(pid)
-
-
 def workdir_target(workdir: Path) -> tuple[str, str]:
     """(REST URL, gRPC host:port) of the server started from ``workdir``.
 
-    A private server (`tsctl.start_on_free_ports`) keeps its rendered config in its workdir;
+    A private server (`ops.server.start_on_free_ports`) keeps its rendered config in its workdir;
     ``make serve`` uses the repository's ``config.properties``.
     """
-    config = workdir / "config.properties"
-    props = tsctl._props((config if config.is_file() else ROOT / "config.properties").read_text())
+    props = ts.workdir_config(workdir)
     host = props.get("grpc_inference_address", "127.0.0.1")
     return props["inference_address"], f"{host}:{props.get('grpc_inference_port', '7070')}"
 
@@ -137,7 +128,7 @@ def target_server(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             "started": False,
         }
         return
-    if not args.start and server_running(args.workdir):
+    if not args.start and ts.is_running(args.workdir):
         host, grpc_target = workdir_target(args.workdir)
         key_file = args.key_file or args.workdir / "key_file.json"
         yield {"host": host, "grpc_target": grpc_target, "key_file": key_file, "started": False}
@@ -147,7 +138,7 @@ def target_server(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="koa-loadtest-") as tmp:
         workdir = Path(tmp)
         try:
-            server = tsctl.start_on_free_ports(args.model_store, workdir)
+            server = ts.start_on_free_ports(args.model_store, workdir)
             log.warning("private server: %s, gRPC 127.0.0.1:%d", server.inference_url, server.grpc_port)
             yield {
                 "host": server.inference_url,
@@ -156,7 +147,7 @@ def target_server(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                 "started": True,
             }
         finally:
-            tsctl.stop(workdir)
+            ts.stop(workdir)
 
 
 def run_dir(out: Path) -> Path:
@@ -229,7 +220,7 @@ def warm_up(target: dict[str, Any], args: argparse.Namespace, protocols: list[st
     from client import KOAClientError
     from client.grpc_client import GrpcClient
     from client.rest import RestClient
-    from loadtest import load_images
+    from ops.load import load_images
 
     env = locust_env("rest", target, args)
     try:
@@ -390,7 +381,7 @@ def main(args: argparse.Namespace) -> int:
             warm_up(target, args, protocols)
             for protocol in protocols:
                 summary[protocol] = run_locust(protocol, target, args, run)
-    except (tsctl.ServeError, ValueError) as exc:
+    except (ts.ServeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         summary["error"] = str(exc)
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -38,6 +38,8 @@ import requests
 from pydicom import Dataset, FileMetaDataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from ops.procs import free_ports, is_alive, read_pid
+
 __all__ = [
     "ROOT",
     "DEFAULT_WORKDIR",
@@ -84,17 +86,6 @@ def find_orthanc() -> str:
     if found is None:
         raise PacsError("Orthanc is not installed: sudo apt-get install -y orthanc (then `make pacs`)")
     return found
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
-    socks = [socket.socket() for _ in range(n)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ports
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -185,29 +176,6 @@ class Orthanc:
         return []
 
 
-def _pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped by its parent) is gone for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _state(workdir: Path) -> dict[str, Any]:
     try:
         return json.loads((Path(workdir) / "state.json").read_text())
@@ -222,8 +190,8 @@ def _save_state(workdir: Path, **values: Any) -> None:
 
 def _spawn(workdir: Path, name: str, cmd: Sequence[str], cwd: Path) -> int:
     pidfile = workdir / f"{name}.pid"
-    if _alive(_pid(pidfile)):
-        raise PacsError(f"{name} from {workdir} is already running (pid {_pid(pidfile)}): `make pacs-stop` first")
+    if is_alive(read_pid(pidfile)):
+        raise PacsError(f"{name} from {workdir} is already running (pid {read_pid(pidfile)}): `make pacs-stop` first")
     with open(workdir / f"{name}.log", "ab") as sink:
         # Output goes to a file, not a pipe: nothing reads a pipe once the starting command has returned.
         proc = subprocess.Popen(
@@ -243,19 +211,19 @@ def _tail(path: Path, lines: int = 15) -> str:
 def _stop(workdir: Path, name: str, timeout: float, kill: bool = False) -> bool:
     """Signal the process of ``name`` and return once it is gone; False when it was not running."""
     pidfile = Path(workdir) / f"{name}.pid"
-    pid = _pid(pidfile)
-    if not _alive(pid):
+    pid = read_pid(pidfile)
+    if not is_alive(pid):
         pidfile.unlink(missing_ok=True)
         return False
     assert pid is not None
     os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while is_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _alive(pid):
+    if is_alive(pid):
         log.warning("%s (pid %d) did not stop within %.0f s: killed", name, pid, timeout)
         os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
+        while is_alive(pid):
             time.sleep(0.05)
     pidfile.unlink(missing_ok=True)
     return True
@@ -281,7 +249,7 @@ def start_orthanc(
     orthanc = Orthanc(workdir, f"http://127.0.0.1:{http_port}", dicom_port)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not is_alive(pid):
             raise PacsError(f"Orthanc exited during start-up. Log:\n{_tail(workdir / 'orthanc.log')}")
         try:
             orthanc.get("/system", timeout=2)
@@ -348,7 +316,7 @@ def start_gateway(
     _save_state(workdir, gateway_port=port, ts_url=ts_url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not is_alive(pid):
             raise PacsError(f"the gateway exited during start-up. Log:\n{_tail(workdir / 'gateway.log')}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):

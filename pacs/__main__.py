@@ -15,6 +15,7 @@ from pathlib import Path
 import pacs
 from gateway.audit import read_audit
 from gateway.report import content_tree, result_uid
+from ops.procs import is_alive, read_pid
 
 __all__ = ["get_args_parser", "main"]
 
@@ -101,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
         elif args.command == "credentials":
             print(":".join(pacs.credentials(args.workdir)))
         elif args.command == "status":
-            running = {name: pacs._alive(pacs._pid(args.workdir / f"{name}.pid")) for name in ("orthanc", "gateway")}
+            running = {name: is_alive(read_pid(args.workdir / f"{name}.pid")) for name in ("orthanc", "gateway")}
             print(", ".join(f"{k} {'running' if v else 'stopped'}" for k, v in running.items()))
             return 0 if all(running.values()) else 1
         else:

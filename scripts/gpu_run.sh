@@ -2,7 +2,7 @@
 # One GPU run for issue "GPU run": train OA-MEN and the paper's baselines under one protocol and
 # budget inside a fixed time limit, and leave a few bounded files in $OUT.
 #
-#   Prepare here:  python scripts/stage_gpu_data.py --out gpu_stage   (lossy copy, < 64 MiB)
+#   Prepare here:  python -m ops.stage_gpu_data --out gpu_stage   (lossy copy, < 64 MiB)
 #   Run there:     OUT=... MINUTES=1.5 bash scripts/gpu_run.sh        (device tool, carry gpu_stage)
 #   Tiny CPU check: OUT=/tmp/gpu_out DATA=tests-tiny QUICK=1 bash scripts/gpu_run.sh
 #

@@ -1,17 +1,17 @@
-"""The benchmark scripts' own logic, without running a benchmark."""
+"""The benchmarks' own logic, without running a benchmark."""
 
 from __future__ import annotations
 
 import itertools
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from ops.bench.report import table
+from ops.bench.sweep import choose
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from bench_sweep import choose, table  # noqa: E402
 
 
 def row(batch: int, delay: int, rps: float) -> dict:
@@ -34,7 +34,7 @@ def test_ratios_keep_two_decimals():
 
 
 def test_paired_rounds_go_through_every_order_of_the_three_legs():
-    from bench_sweep import ROUND_LEGS, ROUND_ORDERS
+    from ops.bench.sweep import ROUND_LEGS, ROUND_ORDERS
 
     assert sorted(ROUND_ORDERS) == sorted(itertools.permutations(ROUND_LEGS))
     for position in range(len(ROUND_LEGS)):  # each leg runs first, second and third equally often
@@ -42,7 +42,7 @@ def test_paired_rounds_go_through_every_order_of_the_three_legs():
 
 
 def test_cpu_per_request_takes_each_protocols_median_over_the_rounds():
-    from bench_sweep import cpu_per_request, cpu_table
+    from ops.bench.sweep import cpu_per_request, cpu_table
 
     def cpu(leg: str, rps: float, workers: float, java: float, gen: float) -> dict:
         return {f"{leg}_cpu": cpu_per_request(leg, rps, {"workers": workers, "java": java, "load_generator": gen})}
@@ -63,7 +63,7 @@ def test_cpu_per_request_takes_each_protocols_median_over_the_rounds():
 
 
 def test_the_tail_benchmark_defaults_to_the_shipped_batching(tmp_path):
-    from bench_tail import get_args_parser, shipped_setting
+    from ops.bench.tail import get_args_parser, shipped_setting
 
     config = tmp_path / "config.properties"
     config.write_text('job_queue_size=100\nmodels={"oamen": {"1.0": {"batchSize": 8, "maxBatchDelay": 50}}}\n')
@@ -77,7 +77,7 @@ def test_the_tail_benchmark_defaults_to_the_shipped_batching(tmp_path):
 
 
 def test_the_jit_warm_up_ends_only_when_both_protocols_have_settled():
-    from bench_serve import JIT_SETTLED_MS, jit_settled
+    from ops.bench.serve import JIT_SETTLED_MS, jit_settled
 
     low, high = JIT_SETTLED_MS / 2, JIT_SETTLED_MS * 3
     assert jit_settled({"rest_jit_ms": low, "grpc_jit_ms": low})
@@ -91,8 +91,7 @@ def test_jit_seconds_reads_the_compiler_threads_of_a_java_process(tmp_path):
     import subprocess
     import time
 
-    from bench_serve import jit_seconds
-
+    from ops.bench.serve import jit_seconds
     from tests.conftest import require_java
 
     assert jit_seconds(os.getpid()) == 0.0  # Python has no compiler threads

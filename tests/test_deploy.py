@@ -13,18 +13,15 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from ops import cluster
+from ops import server as ts
 from tests.conftest import ROOT, skip_or_fail
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import cluster  # noqa: E402
-import tsctl  # noqa: E402
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -126,8 +123,8 @@ def test_pods_are_hardened() -> None:
         assert c.get("livenessProbe") and (c.get("readinessProbe") or c.get("startupProbe")), c["name"]
     # TorchServe writes only under /tmp (the image's TMPDIR, LOG_LOCATION, KOA_STATE_DIR): a volume.
     volumes = {v["name"]: v for v in spec["volumes"]}
-    ts = _container("torchserve")
-    assert any(m["mountPath"] == "/tmp" and "emptyDir" in volumes[m["name"]] for m in ts["volumeMounts"])
+    serve = _container("torchserve")
+    assert any(m["mountPath"] == "/tmp" and "emptyDir" in volumes[m["name"]] for m in serve["volumeMounts"])
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     for var in ("TMPDIR", "LOG_LOCATION", "METRICS_LOCATION", "KOA_STATE_DIR"):
         assert re.search(rf"{var}=/tmp\b", dockerfile), var
@@ -158,13 +155,13 @@ def test_mounts_ports_and_probes_refer_to_what_exists() -> None:
     assert mounts[str(Path(cluster.K8S_TOKEN_FILE).parent)] == "tokens"
     assert volumes["tokens"]["secret"]["items"] == [{"key": "tokens.lst", "path": Path(cluster.K8S_TOKEN_FILE).name}]
     # TorchServe reads the mounted configuration; its probes call its own loopback inference port.
-    ts = _container("torchserve")
-    env = {e["name"]: e["value"] for e in ts["env"]}
-    config_mount = next(m["mountPath"] for m in ts["volumeMounts"] if m["name"] == "config")
+    serve = _container("torchserve")
+    env = {e["name"]: e["value"] for e in serve["env"]}
+    config_mount = next(m["mountPath"] for m in serve["volumeMounts"] if m["name"] == "config")
     assert env["KOA_CONFIG"] == f"{config_mount}/config.properties"
-    props = tsctl._props((DEPLOY / "config.properties").read_text())
+    props = ts.parse_properties((DEPLOY / "config.properties").read_text())
     for probe in ("startupProbe", "livenessProbe"):
-        assert props["inference_address"] + "/ping" in " ".join(ts[probe]["exec"]["command"])
+        assert props["inference_address"] + "/ping" in " ".join(serve[probe]["exec"]["command"])
     assert ports["metrics"] == int(props["metrics_address"].rsplit(":", 1)[1])
     annotations = _pod()["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(ports["metrics"])
@@ -178,7 +175,7 @@ def test_the_network_policy_opens_only_the_sidecar_and_the_metrics() -> None:
     assert set(np["policyTypes"]) == {"Ingress", "Egress"} and np["egress"] == []
     opened = {p["port"] for rule in np["ingress"] for p in rule["ports"]}
     assert opened == {8080, 7070, 8082}
-    props = tsctl._props((DEPLOY / "config.properties").read_text())
+    props = ts.parse_properties((DEPLOY / "config.properties").read_text())
     for key in ("inference_address", "management_address"):  # TorchServe itself: pod loopback only
         assert props[key].startswith("http://127.0.0.1:"), key
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
@@ -203,8 +200,8 @@ def test_the_autoscaler_reads_the_adapters_queue_metric() -> None:
 
 
 def test_the_pods_configuration_differs_from_config_properties_only_where_a_pod_must() -> None:
-    repo = tsctl._props((ROOT / "config.properties").read_text())
-    pod = tsctl._props((DEPLOY / "config.properties").read_text())
+    repo = ts.parse_properties((ROOT / "config.properties").read_text())
+    pod = ts.parse_properties((DEPLOY / "config.properties").read_text())
     changed = {k for k in repo.keys() | pod.keys() if repo.get(k) != pod.get(k)}
     assert changed <= POD_KEYS, f"deploy/config.properties changes {sorted(changed - POD_KEYS)}: set them in both"
     assert pod["disable_token_authorization"] == "true"  # the sidecar checks the token (docs/DEPLOY.md)
@@ -213,7 +210,7 @@ def test_the_pods_configuration_differs_from_config_properties_only_where_a_pod_
 
 def test_the_configmap_is_current_with_its_sources() -> None:
     assert (K8S / "configmap.yaml").read_text() == cluster.k8s_configmap(), (
-        "deploy/k8s/configmap.yaml is stale: python scripts/cluster.py k8s-configmap"
+        "deploy/k8s/configmap.yaml is stale: python -m ops.cluster k8s-configmap"
     )
     data = _all()[("ConfigMap", "koa-serve")]["data"]
     assert data["config.properties"] == (DEPLOY / "config.properties").read_text()
@@ -273,11 +270,8 @@ def test_kubernetes_validate_is_pinned_as_a_dev_dependency() -> None:
     assert "kubernetes-validate" in _pins()
 
 
-def test_deploy_md_is_rendered_from_the_committed_figures() -> None:
-    import drill_replicas
-
-    doc = ROOT / "docs" / "DEPLOY.md"
-    assert doc.read_text() == drill_replicas.render_doc(doc), (
-        "docs/DEPLOY.md's generated sections are stale (docs/BENCHMARKS.json or docs/DEPLOY_REPLICAS.json "
-        "changed): python scripts/drill_replicas.py --doc-only"
-    )
+def test_deploy_md_quotes_the_drill_and_the_sizing_from_their_results() -> None:
+    # tests/test_docs.py checks that every generated block equals what its result renders to.
+    text = (ROOT / "docs" / "DEPLOY.md").read_text()
+    for name in ("replicas", "sizing"):
+        assert f"<!-- generated: {name} -->" in text, name

@@ -1,4 +1,4 @@
-"""The HAProxy balancer of scripts/cluster.py in front of fake replicas (no TorchServe, no model).
+"""The HAProxy balancer of ops/cluster.py in front of fake replicas (no TorchServe, no model).
 
 Two small REST servers and two gRPC servers on free loopback ports play the replicas; HAProxy runs
 with the configuration `cluster.haproxy_config` writes. The tests check what the balancer itself
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import threading
 import time
 import urllib.error
@@ -25,11 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, skip_or_fail
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import cluster  # noqa: E402
-import tsctl  # noqa: E402
+from ops import cluster
+from ops import server as ts
+from ops.procs import is_alive, read_pid
+from tests.conftest import skip_or_fail
 
 grpc = pytest.importorskip("grpc")
 
@@ -102,7 +100,7 @@ def _grpc_replica(name: str, port: int) -> grpc.Server:
 def balancer(tmp_path: Path) -> Iterator[dict]:
     _require_haproxy()
     pytest.importorskip("client._proto.inference_pb2", reason="gRPC stubs: make proto")
-    ports = tsctl.free_ports(7)
+    ports = ts.free_ports(7)
     front = cluster.Front(rest_port=ports[4], grpc_port=ports[5], health_port=ports[6])
     replicas = [
         cluster.Replica("r0", str(tmp_path / "r0"), rest_port=ports[0], grpc_port=ports[1]),
@@ -252,10 +250,10 @@ def test_rotation_accepts_the_new_token_and_the_previous_one_only(balancer: dict
 
 def test_stop_returns_when_haproxy_is_gone(balancer: dict) -> None:
     wd = balancer["workdir"]
-    pid = cluster._read_pid(wd / "haproxy.pid")
-    assert cluster._pid_alive(pid)
+    pid = read_pid(wd / "haproxy.pid")
+    assert is_alive(pid)
     assert cluster.stop_balancer(wd) is True
-    assert not cluster._pid_alive(pid)
+    assert not is_alive(pid)
     assert cluster.stop_balancer(wd) is False
 
 

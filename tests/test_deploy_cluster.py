@@ -1,27 +1,23 @@
-"""Replicas behind the balancer with real TorchServe servers (scripts/cluster.py), and the replica drill.
+"""Replicas behind the balancer with real TorchServe servers (`ops.cluster`), and the replica drill.
 
 The balancer's own decisions are tested against fake replicas in tests/test_deploy_balancer.py; here
 two real replicas with the real archive start on free ports, answer REST and gRPC through HAProxy
 with the cluster's token, refuse callers without it at the front, and are all gone after `stop`.
-A short drill (scripts/drill_replicas.py) kills one replica under load: nothing may be lost.
+A short drill (`ops.drills.replicas`) kills one replica under load: nothing may be lost.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, skip_or_fail
-
-sys.path[:0] = [str(ROOT / "scripts")]
-import cluster  # noqa: E402
-import drill_replicas  # noqa: E402
-import tsctl  # noqa: E402
+from ops import cluster
+from ops import server as ts
+from ops.drills import replicas as drill_replicas
+from tests.conftest import skip_or_fail
 
 
 # --------------------------------------------------------------------------- the drill's arithmetic
@@ -61,17 +57,10 @@ def _require_haproxy() -> None:
 
 
 @pytest.fixture(scope="module")
-def archive() -> Path:
-    """``make archive``, as tests/test_server.py builds it: the committed weights, as a user would."""
-    subprocess.run(["make", "-s", "archive"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return ROOT / "model_store"
-
-
-@pytest.fixture(scope="module")
 def two_replicas(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     _require_haproxy()
     workdir = tmp_path_factory.mktemp("cluster")
-    rest, grpc_port, health = tsctl.free_ports(3)
+    rest, grpc_port, health = ts.free_ports(3)
     front = cluster.Front(rest_port=rest, grpc_port=grpc_port, health_port=health)
     state = cluster.start(2, workdir, front, archive)
     try:
@@ -105,7 +94,7 @@ def test_two_replicas_answer_rest_and_grpc_through_the_balancer(two_replicas: di
         assert is_key_error(err.value)
     # The replicas listen on loopback only, with token authorization off: the balancer is their front.
     for r in cluster.replicas_of(two_replicas["state"]):
-        props = tsctl._props((Path(r.workdir) / "config.properties").read_text())
+        props = ts.parse_properties((Path(r.workdir) / "config.properties").read_text())
         assert props["disable_token_authorization"] == "true"
         assert all(props[k].startswith("http://127.0.0.1:") for k in ("inference_address", "management_address"))
         assert props["grpc_inference_address"] == "127.0.0.1"
@@ -115,14 +104,14 @@ def test_two_replicas_answer_rest_and_grpc_through_the_balancer(two_replicas: di
 @pytest.mark.slow
 def test_stop_returns_when_everything_is_gone(archive: Path, tmp_path: Path) -> None:
     _require_haproxy()
-    rest, grpc_port, health = tsctl.free_ports(3)
+    rest, grpc_port, health = ts.free_ports(3)
     front = cluster.Front(rest_port=rest, grpc_port=grpc_port, health_port=health)
     state = cluster.start(1, tmp_path, front, archive)
-    java = tsctl._pid(Path(state["replicas"][0]["workdir"]))
-    pids = [state["haproxy_pid"], java, *tsctl._descendants(java)]
+    java = ts.server_pid(Path(state["replicas"][0]["workdir"]))
+    pids = [state["haproxy_pid"], java, *ts.descendants(java)]
     assert cluster.running(tmp_path)
     assert cluster.stop(tmp_path) is True
-    assert not any(tsctl._alive(p) for p in pids)
+    assert not any(ts.is_alive(p) for p in pids)
     assert not cluster.running(tmp_path) and cluster.stop(tmp_path) is False
     with pytest.raises(ValueError, match="at least 1 replica"):
         cluster.start(0, tmp_path, front, archive)

@@ -1,10 +1,10 @@
 """Fault tolerance of the served model, against a private server on free ports.
 
-- SIGKILL the TorchServe worker under load (scripts/fault_kill_worker.py): 3 closed-loop REST
+- SIGKILL the TorchServe worker under load (`ops.drills.kill_worker`): 3 closed-loop REST
   clients for about 40 s, the worker killed at 6 s. TorchServe must start a new worker (new pid)
   that answers within 90 s; only requests in flight at the kill may fail, and every request sent
   after recovery must succeed.
-- Restart the whole server under load (scripts/fault_restart.py, what ``make restart`` does):
+- Restart the whole server under load (`ops.drills.restart`, what ``make restart`` does):
   clients that resend on 503 / unreachable and re-read the key file lose no request, and every
   answer equals the others for the same image.
 """
@@ -12,17 +12,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ops import server as ts
+from ops.drills import kill_worker as fk
+from ops.drills import restart as fr
+from tests.conftest import private_server
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import fault_kill_worker as fk  # noqa: E402
-import fault_restart as fr  # noqa: E402
-import tsctl  # noqa: E402
 
 pytestmark = [
     pytest.mark.server,  # needs Java: skipped without it, failed under CI=true (tests/conftest.py)
@@ -34,26 +34,17 @@ RECOVERY_S = 90.0
 
 
 @pytest.fixture(scope="module")
-def archive() -> Path:
-    subprocess.run(["make", "-s", "archive"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return ROOT / "model_store"
+def server(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ts.Server]:
+    with private_server(archive, tmp_path_factory.mktemp("ts-fault")) as srv:
+        yield srv
 
 
-@pytest.fixture(scope="module")
-def server(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tsctl.Server:
-    workdir = tmp_path_factory.mktemp("ts-fault")
-    try:
-        yield tsctl.start_on_free_ports(archive, workdir)
-    finally:
-        tsctl.stop(workdir)
-
-
-def _batch_size(srv: tsctl.Server) -> int:
-    models = json.loads(tsctl._props((Path(srv.workdir) / "config.properties").read_text())["models"])
+def _batch_size(srv: ts.Server) -> int:
+    models = json.loads(ts.parse_properties((Path(srv.workdir) / "config.properties").read_text())["models"])
     return max(cfg["batchSize"] for versions in models.values() for cfg in versions.values())
 
 
-def test_killed_worker_is_restarted_and_only_in_flight_requests_fail(server: tsctl.Server, knee_png: bytes) -> None:
+def test_killed_worker_is_restarted_and_only_in_flight_requests_fail(server: ts.Server, knee_png: bytes) -> None:
     result, records = fk.run_fault(
         # 40 s: a new worker of oamen_pt (imports, TorchScript load, warm-up) can take 15-20 s to answer on a
         # loaded 2-core machine, and requests after the recovery must fit in the run.
@@ -67,11 +58,11 @@ def test_killed_worker_is_restarted_and_only_in_flight_requests_fail(server: tsc
     assert result["failed_not_in_flight"] == 0, summary
     assert result["requests_after_recovery"] > 0 and result["failed_after_recovery"] == 0, summary
     # The new worker is the one the process tree shows: the old one is really gone.
-    assert [p.pid for p in fk.worker_processes(tsctl._pid(Path(server.workdir)))] == [result["new_pid"]]
+    assert [p.pid for p in fk.worker_processes(ts.server_pid(Path(server.workdir)))] == [result["new_pid"]]
     assert len(records) == result["requests"]
 
 
-def test_restart_under_load_loses_no_request(server: tsctl.Server, knee_png: bytes) -> None:
+def test_restart_under_load_loses_no_request(server: ts.Server, knee_png: bytes) -> None:
     try:
         import client._proto  # noqa: F401
     except ImportError:
@@ -79,7 +70,7 @@ def test_restart_under_load_loses_no_request(server: tsctl.Server, knee_png: byt
 
         gen_proto.generate()
     result, records = fr.run_restart(
-        server, ROOT / "model_store", [knee_png], clients=3, grpc_clients=1, seconds=12.0, restart_at=4.0, after=3.0
+        server, ROOT / "model_store", [knee_png], clients=3, grpc_clients=1, seconds=12.0, restart_at=4.0, after=10.0
     )
     assert result["lost"] == 0 and result["wrong"] == 0, result
     assert result["answered_before_stop"] > 0 and result["answered_after_restart"] > 0, result

@@ -29,11 +29,11 @@ from client import KOAClientError
 from client.rest import RestClient
 from gateway.audit import read_audit
 from gateway.report import result_uid
-from tests.conftest import skip_or_fail
+from ops import server as ts
+from ops.procs import free_ports, is_alive, read_pid
+from tests.conftest import private_server, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import tsctl  # noqa: E402
 
 pytestmark = [
     pytest.mark.server,  # needs Java: skipped without it, failed under CI=true (tests/conftest.py)
@@ -51,21 +51,13 @@ def orthanc_installed() -> None:
 
 
 @pytest.fixture(scope="module")
-def archive() -> Path:
-    subprocess.run(["make", "-s", "archive"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return ROOT / "model_store"
+def torchserve(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ts.Server]:
+    with private_server(archive, tmp_path_factory.mktemp("ts"), drain_s=0) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def torchserve(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tsctl.Server]:
-    workdir = tmp_path_factory.mktemp("ts")
-    server = tsctl.start_on_free_ports(archive, workdir)
-    yield server
-    tsctl.stop(workdir, drain_s=0)
-
-
-@pytest.fixture(scope="module")
-def rest(torchserve: tsctl.Server) -> RestClient:
+def rest(torchserve: ts.Server) -> RestClient:
     return RestClient(torchserve.inference_url, key_file=torchserve.workdir / "key_file.json", timeout=120)
 
 
@@ -90,9 +82,9 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(torchserve: tsctl.Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def site(torchserve: ts.Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     workdir = tmp_path_factory.mktemp("pacs")
-    http_port, dicom_port, gateway_port = pacs.free_ports(3)
+    http_port, dicom_port, gateway_port = free_ports(3)
     orthanc = pacs.start_orthanc(workdir, http_port, dicom_port, gateway_port)
     here = Site(workdir, orthanc, gateway_port, torchserve.inference_url, torchserve.workdir / "key_file.json")
     try:
@@ -101,7 +93,7 @@ def site(torchserve: tsctl.Server, tmp_path_factory: pytest.TempPathFactory) -> 
     finally:
         pacs.stop_gateway(workdir)
         pacs.stop_orthanc(workdir)
-        assert not pacs._alive(pacs._pid(workdir / "orthanc.pid"))
+        assert not is_alive(read_pid(workdir / "orthanc.pid"))
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +244,7 @@ def test_a_gateway_killed_mid_study_resumes_its_spool_and_torchserve_down_loses_
     """The drill: TorchServe stops; a study arrives and is acknowledged into the spool; the gateway is killed
     (SIGKILL) with the study pending, started again, and TorchServe comes back with new keys. Every image
     gets exactly one report; the gateway is killed a second time after its first result, if it is quick."""
-    tsctl.stop(torchserve.workdir, drain_s=0)
+    ts.stop(torchserve.workdir, drain_s=0)
     images = list(study_of(knee).values())[:3]
     uids = [str(ds.SOPInstanceUID) for ds in images]
     pacs.send(images, site.orthanc.dicom_port)
@@ -265,7 +257,7 @@ def test_a_gateway_killed_mid_study_resumes_its_spool_and_torchserve_down_loses_
 
     site.start_gateway()  # TorchServe is still down: it retries
     # The same rendered configuration: the same ports, and new keys the gateway re-reads from key_file.json.
-    tsctl.start(ROOT / "model_store", torchserve.workdir / "config.properties", torchserve.workdir)
+    ts.start(ROOT / "model_store", torchserve.workdir / "config.properties", torchserve.workdir)
     wait_for(lambda: any("result" in site.events(u) or "refused" in site.events(u) for u in uids))
     pacs.stop_gateway(site.workdir, kill=True)  # killed again, mid-study if the rest is not done yet
     site.start_gateway()

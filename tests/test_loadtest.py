@@ -11,12 +11,11 @@ from typing import Any
 
 import pytest
 
-from loadtest import InvalidAnswer, check_loopback, load_images, validate_answer
 from loadtest import run as loadtest_run
+from ops import server as ts
+from ops.load import InvalidAnswer, check_loopback, load_images, validate_answer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import tsctl  # noqa: E402
 
 GOOD: dict[str, Any] = {
     "kl_grade": 2,
@@ -167,19 +166,18 @@ def test_images_are_read_once_from_the_folder(tmp_path: Path) -> None:
 
 @pytest.mark.server  # needs Java: skipped without it, failed under CI=true (tests/conftest.py)
 @pytest.mark.slow
-def test_loadtest_run_against_a_private_server(tmp_path: Path) -> None:
-    subprocess.run(["make", "-s", "archive"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+def test_loadtest_run_against_a_private_server(archive: Path, tmp_path: Path) -> None:
     workdir = tmp_path / "ts"
     out = tmp_path / "reports"
-    tsctl.start_on_free_ports(ROOT / "model_store", workdir)
+    ts.start_on_free_ports(archive, workdir)
     try:
         # --workdir: run.py finds the running server there (its config and key file), as with `make serve`.
-        cmd = [sys.executable, str(ROOT / "loadtest" / "run.py"), "--workdir", str(workdir), "--users", "2",
+        cmd = [sys.executable, "-m", "loadtest.run", "--workdir", str(workdir), "--users", "2",
                "--rate", "2", "--duration", "4s", "--explain-share", "0.2", "--loglevel", "WARNING",
                "--out", str(out)]  # fmt: skip
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     finally:
-        tsctl.stop(workdir)
+        ts.stop(workdir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = [p for p in out.iterdir() if p.is_dir() and not p.is_symlink()]
     assert len(runs) == 1

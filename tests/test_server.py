@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -22,35 +21,27 @@ from client.grpc_client import GrpcClient
 from client.rest import RestClient
 from client.schema import validate_answer, validate_error
 from model.checkpoint import load_torchscript
+from ops import server as ts
+from tests.conftest import private_server
 from tests.imagebytes import encode, make_dicom, png_by_hand
 from train.data import scan
 from train.evaluate import answer_arrays, prepare_files
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import tsctl  # noqa: E402
 
 pytestmark = [
     pytest.mark.server,  # needs Java: skipped without it, failed under CI=true (tests/conftest.py)
 ]
 
 
-@pytest.fixture(scope="module")
-def archive() -> Path:
-    subprocess.run(["make", "-s", "archive"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return ROOT / "model_store"
-
-
-def start_server(archive: Path, workdir: Path) -> tsctl.Server:
-    return tsctl.start_on_free_ports(archive, workdir)
+def start_server(archive: Path, workdir: Path) -> ts.Server:
+    return ts.start_on_free_ports(archive, workdir)
 
 
 @pytest.fixture(scope="module")
-def server(archive: Path, tmp_path_factory) -> tsctl.Server:
-    workdir = tmp_path_factory.mktemp("ts")
-    srv = start_server(archive, workdir)
-    yield srv
-    tsctl.stop(workdir)
+def server(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ts.Server]:
+    with private_server(archive, tmp_path_factory.mktemp("ts")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +98,7 @@ def test_requests_without_a_token_are_refused(server, knee_png):
 
 
 def test_the_benchmark_drivers_are_answered_and_count_what_fails(server, knee_png):
-    from bench_serve import DRIVERS, HttpDriver, drive
+    from ops.load import DRIVERS, HttpDriver, drive
 
     assert set(DRIVERS) == {"rest", "grpc", "rest-requests", "grpc-sync"}
     for protocol in DRIVERS:
@@ -193,14 +184,14 @@ def test_logs_keep_one_access_line_per_request_and_no_per_request_debug(server, 
 
 def test_nothing_is_left_running_after_stop(archive, tmp_path):
     srv = start_server(archive, tmp_path)
-    pid = tsctl._pid(tmp_path)
-    family = [pid, *tsctl._descendants(pid)]
+    pid = ts.server_pid(tmp_path)
+    family = [pid, *ts.descendants(pid)]
     assert len(family) >= 2, "expected the Java frontend and at least one Python worker"
-    assert tsctl.stop(tmp_path)
-    assert not any(tsctl._alive(p) for p in family)
+    assert ts.stop(tmp_path)
+    assert not any(ts.is_alive(p) for p in family)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{srv.inference_url}/ping", timeout=2)
-    assert not tsctl.stop(tmp_path)  # a second stop finds nothing to do
+    assert not ts.stop(tmp_path)  # a second stop finds nothing to do
 
 
 def test_a_model_that_cannot_load_fails_start_with_the_reason(tmp_path):
@@ -208,7 +199,7 @@ def test_a_model_that_cannot_load_fails_start_with_the_reason(tmp_path):
     store.mkdir()
     (store / "oamen.mar").write_bytes(b"this is not an archive")
     t0 = time.monotonic()
-    with pytest.raises(tsctl.ServeError) as err:
+    with pytest.raises(ts.ServeError) as err:
         start_server(store, tmp_path / "ts")
     assert time.monotonic() - t0 < 200
     assert "oamen" in str(err.value)
@@ -279,7 +270,7 @@ def test_hostile_input_gets_a_clear_4xx(server, name):
 
 
 def test_a_body_over_the_request_limit_is_refused_before_the_worker(server, rest, grpc_client):
-    limit = int(tsctl._props((Path(server.workdir) / "config.properties").read_text())["max_request_size"])
+    limit = int(ts.parse_properties((Path(server.workdir) / "config.properties").read_text())["max_request_size"])
     body = b"\x89PNG\r\n\x1a\n" + bytes(limit)  # over the limit by the signature's 8 bytes
     before = _worker_pids(server)
     r = requests.post(
@@ -348,7 +339,7 @@ def test_a_batch_answers_its_plain_predictions_before_its_explanations(archive, 
     """Early answers (handler/koa_handler.py) through the real frontend: one batch (a long batch delay
     gathers the requests) of plain REST predictions, a gRPC explanation and a REST Integrated Gradients
     explanation, which carries the batch open. Each client gets one whole answer; the plain ones first."""
-    srv = tsctl.start_on_free_ports(archive, tmp_path, max_batch_delay=500)
+    srv = ts.start_on_free_ports(archive, tmp_path, max_batch_delay=500)
     try:
         key = srv.keys()["inference"]
         auth = {"Authorization": f"Bearer {key}"}
@@ -374,7 +365,7 @@ def test_a_batch_answers_its_plain_predictions_before_its_explanations(archive, 
             jobs = [pool.submit(plain), pool.submit(plain), pool.submit(grpc_gradcam), pool.submit(ig)]
             (t_a, a), (t_b, b), (t_g, g), (t_ig, explained) = (j.result() for j in jobs)
     finally:
-        tsctl.stop(tmp_path)
+        ts.stop(tmp_path)
     for r in (a, b, explained):
         assert r.status_code == 200, r.text
         check_answer(r.json())
@@ -390,7 +381,7 @@ def test_a_batch_answers_its_plain_predictions_before_its_explanations(archive, 
 # Last in the module: it replaces the key that the shared clients above were built with.
 def test_inference_key_can_be_renewed(server, knee_png):
     old = server.keys()["inference"]
-    new = tsctl.renew_key(server.workdir, server.management_url)
+    new = ts.renew_key(server.workdir, server.management_url)
     assert new != old and server.keys()["inference"] == new
     assert RestClient(server.inference_url, token=new).predict(knee_png)["kl_grade"] in range(5)
     with pytest.raises(KOAClientError):

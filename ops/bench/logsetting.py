@@ -1,6 +1,6 @@
 """What the frontend's logging costs: TorchServe's built-in log4j2 setting against ``log4j2.xml``.
 
-``python scripts/bench_logging.py [--rounds 2] [--seconds 20] [--clients 32]`` (``make bench-logging``)
+``python -m ops.bench logging [--rounds 2] [--seconds 20] [--clients 32]`` (``make bench-logging``)
 
 Each round runs both settings, one after the other (the order alternates between rounds), each
 on a fresh private server with the batching of ``config.properties``: ``--clients`` closed-loop
@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tsctl  # noqa: E402
-from bench_serve import ROOT, cpu_use, drive, load_images, server  # noqa: E402
-from bench_sweep import table  # noqa: E402
+from ops import server as ts
+from ops.bench.report import logging_report
+from ops.bench.serve import ROOT, cpu_use, server
+from ops.load import drive
+from ops.load import image_bodies as load_images
+from ops.results import DATA_IMAGES, write_result
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
+    p.add_argument("--images", type=Path, default=DATA_IMAGES)
     p.add_argument("--store", type=Path, default=ROOT / "model_store")
     p.add_argument("--json", type=Path, default=None)
     return p
@@ -47,8 +48,8 @@ def builtin_log_config(dest: Path) -> Path:
 
 
 def shipped_batching() -> tuple[int, int]:
-    props = tsctl._props((ROOT / "config.properties").read_text())
-    model = json.loads(props["models"])[tsctl.MODEL_NAME]["1.0"]
+    props = ts.parse_properties((ROOT / "config.properties").read_text())
+    model = json.loads(props["models"])[ts.MODEL_NAME]["1.0"]
     return int(model["batchSize"]), int(model["maxBatchDelay"])
 
 
@@ -78,27 +79,17 @@ def run_one(label: str, log_config: Path, images: list[bytes], args: argparse.Na
 
 def main(args: argparse.Namespace) -> list[dict]:
     images = load_images(args.images, 64)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     runs = []
     with tempfile.TemporaryDirectory(prefix="koa-logcfg-") as tmp:
-        settings = [("built-in", builtin_log_config(Path(tmp) / "log4j2.xml")), ("log4j2.xml", tsctl.LOG_CONFIG)]
+        settings = [("built-in", builtin_log_config(Path(tmp) / "log4j2.xml")), ("log4j2.xml", ts.LOG_CONFIG)]
         for k in range(args.rounds):
             for label, path in settings if k % 2 == 0 else settings[::-1]:
                 runs.append({"round": k + 1, **run_one(label, path, images, args)})
                 r = runs[-1]
                 print(f"round {k + 1}, {label}: {r['rps']:.1f} req/s, Java {r['cores_java']:.2f} cores", flush=True)
-    print("\n" + table(runs, list(runs[0])))
-    for label, _ in settings:
-        mine = [r for r in runs if r["logging"] == label]
-        print(
-            f"\n{label}: median {statistics.median(r['rps'] for r in mine):.1f} req/s, "
-            f"Java {statistics.median(r['cores_java'] for r in mine):.2f} cores, "
-            f"{statistics.median(r['log_lines_per_s'] for r in mine):.0f} log lines/s"
-        )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(runs, indent=2))
+    config = {"rounds": args.rounds, "seconds": args.seconds, "clients": args.clients}
+    result = {"started": started, "config": config, "runs": runs}
+    print(logging_report(result))
+    write_result(args.json, result)
     return runs
-
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())

@@ -1,13 +1,13 @@
 """Replica drill: Locust through the balancer while one replica's server is killed and started again.
 
-``python scripts/drill_replicas.py [--replicas 2] [--seconds 90] [--kill-at 20] [--down-s 5] [--users 8]
+``python -m ops.drills.replicas [--replicas 2] [--seconds 90] [--kill-at 20] [--down-s 5] [--users 8]
 [--retry-s 60] [--throughput-s 40] [--json reports/drills/replicas.json]``
 
 1. Throughput (``--throughput-s`` > 0): for 1 replica, then for ``--replicas``, a fresh cluster
-   (scripts/cluster.py) is loaded by ``--throughput-users`` closed-loop Locust users through the
+   (`ops.cluster`) is loaded by ``--throughput-users`` closed-loop Locust users through the
    balancer, REST and gRPC half each, for ``--throughput-s`` seconds after a warm-up.
 2. The drill: a fresh cluster of ``--replicas``; the reference answer of every image is taken through
-   the balancer; then Locust (scripts/drill_replicas_locust.py: the shipped clients with ``retry_s``,
+   the balancer; then Locust (ops/drills/replicas_locustfile.py: the shipped clients with ``retry_s``,
    REST and gRPC half each, every answer checked against the schema and the reference) runs for
    ``--seconds``. At ``--kill-at`` the Java frontend and the worker of replica r0 are SIGKILLed
    (a crashed server, not a graceful stop), left down ``--down-s`` seconds and started again on
@@ -35,30 +35,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from ops import cluster, render_docs
+from ops import server as ts
+from ops.drills import ROOT
+from ops.load import load_images
+from ops.procs import is_alive, read_pid
+from ops.results import DOC_RESULTS, write_result
 
-import cluster  # noqa: E402
-import tsctl  # noqa: E402
-
-from loadtest import load_images  # noqa: E402
-
-LOCUSTFILE = ROOT / "scripts" / "drill_replicas_locust.py"
+LOCUSTFILE = Path(__file__).with_name("replicas_locustfile.py")
 DEFAULT_JSON = ROOT / "reports" / "drills" / "replicas.json"
 DEFAULT_WORKDIR = ROOT / "logs" / "drill-replicas"
-DOC = ROOT / "docs" / "DEPLOY.md"
-PUBLISHED = ROOT / "docs" / "DEPLOY_REPLICAS.json"  # the committed copy the document is rendered from
-BENCHMARKS = ROOT / "docs" / "BENCHMARKS.json"
-# Planning load of one replica: the fraction of its saturated throughput at which the tail latency was
-# measured (make bench-tail, docs/BENCHMARKS.md): p99 about twice p50 there, against a queue without end.
-PLANNING_FRACTION = 0.8
+PUBLISHED = DOC_RESULTS / "drill_replicas.json"  # the committed copy docs/DEPLOY.md is rendered from
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -86,10 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     p.add_argument(
-        "--publish", type=Path, default=PUBLISHED, help="copy the result here and render --doc from it ('' : neither)"
+        "--publish", type=Path, default=PUBLISHED, help="copy the result here, render the docs ('': neither)"
     )
-    p.add_argument("--doc", type=Path, default=DOC, help="the document whose generated sections are rendered")
-    p.add_argument("--doc-only", action="store_true", help="only render --doc from the committed JSON files")
     return p
 
 
@@ -109,7 +100,7 @@ def parse_configs(text: str) -> list[tuple[int, int | None]]:
 
 
 def free_front() -> cluster.Front:
-    rest, grpc_port, health = tsctl.free_ports(3)
+    rest, grpc_port, health = ts.free_ports(3)
     return cluster.Front(rest_port=rest, grpc_port=grpc_port, health_port=health)
 
 
@@ -219,11 +210,11 @@ class CpuShare:
 
     def _pids(self) -> list[int]:
         state = cluster.load_state(self.workdir) or {"replicas": []}
-        pids = [cluster._read_pid(self.workdir / "haproxy.pid")]
+        pids = [read_pid(self.workdir / "haproxy.pid")]
         for r in cluster.replicas_of(state):
-            java = tsctl._pid(Path(r.workdir))
-            pids += [java, *tsctl._descendants(java)] if java else []
-        return [p for p in pids if p is not None and cluster._pid_alive(p)]
+            java = ts.server_pid(Path(r.workdir))
+            pids += [java, *ts.descendants(java)] if java else []
+        return [p for p in pids if p is not None and is_alive(p)]
 
     def _busy(self) -> float:
         t = self.psutil.cpu_times()
@@ -367,143 +358,22 @@ def drill(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-# --------------------------------------------------------------------------- docs/DEPLOY.md
-def _f(x: float | None, fmt: str = ".1f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def sizing_section(bench: dict[str, Any]) -> str:
-    """The per-replica figures of docs/BENCHMARKS.json that sizing starts from, and the rule."""
-    rest = max(bench["curves"]["rest"], key=lambda r: r["rps"])
-    grpc_row = max(bench["curves"]["grpc"], key=lambda r: r["rps"])
-    cpu = next(r for r in bench["cpu_per_request"] if r["client"] == "REST")
-    server_ms = cpu["cpu_ms_workers"] + cpu["cpu_ms_java"]
-    plan = PLANNING_FRACTION * rest["rps"]
-    chosen = bench["chosen"]
-    return "\n".join(
-        [
-            f"From [BENCHMARKS.json](BENCHMARKS.json) (`make bench`: one replica, one worker on 2 cores, batch "
-            f"{chosen['batch']}, {chosen['delay_ms']} ms delay):",
-            "",
-            "| figure | value |",
-            "|---|---|",
-            f"| one replica saturated, REST ({rest['clients']} clients) | {rest['rps']:.1f} req/s, "
-            f"p50 {rest['p50_ms']:.0f} ms, p99 {rest['p99_ms']:.0f} ms |",
-            f"| one replica saturated, gRPC ({grpc_row['clients']} clients) | {grpc_row['rps']:.1f} req/s |",
-            f"| server CPU per request (worker + Java) | {server_ms:.1f} ms, i.e. "
-            f"{1000 / server_ms:.0f} req/s per core |",
-            f"| idle single-request latency | {bench['idle_ms']:.0f} ms |",
-            f"| planning capacity per replica ({PLANNING_FRACTION:.0%} of saturation) | **{plan:.0f} req/s** |",
-            "",
-            f"Replicas for a peak of P requests/s: **ceil(P / {plan:.0f}) + 1** (the +1 keeps the peak served while "
-            "one replica restarts, is drained for an update or fails). On a machine or pod with C cores for one "
-            f"worker, scale the capacity by C / 2 as a first guess ({1000 / server_ms:.0f} req/s per core), then "
-            "measure it there with `make bench`.",
-        ]
-    )
-
-
-def replicas_section(result: dict[str, Any] | None) -> str:
-    """The drill's figures (docs/DEPLOY_REPLICAS.json), or a line saying they are not measured yet."""
-    if result is None:
-        return "Not measured yet: `make drill-replicas` writes them."
-    lines = [
-        f"Measured by `make drill-replicas` on {result['started']}, {result['cpu_count']} cores, "
-        f"from [DEPLOY_REPLICAS.json](DEPLOY_REPLICAS.json).",
-        "",
-    ]
-    if result.get("throughput"):
-        lines += [
-            "Throughput through the balancer (closed-loop Locust users on the same cores, REST and gRPC half each, "
-            "the shipped clients, every answer checked):",
-            "",
-            "| round | replicas | torch threads each | users | req/s | REST req/s | gRPC req/s | lost | start-up s | "
-            "cores: replicas | Locust | other jobs | req/s per replica core |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in result["throughput"]:
-            cpu = row.get("cpu", {})
-            lines.append(
-                f"| {row.get('round', 1)} | {row['replicas']} | {row.get('threads_per_replica', '-')} | "
-                f"{row['users']} | {_f(row['rps'])} | "
-                f"{_f(row['rps_by_protocol']['rest'])} | "
-                f"{_f(row['rps_by_protocol']['grpc'])} | {row['lost']} | {row['start_s']:.0f} | "
-                f"{_f(cpu.get('cluster_cores'), '.2f')} | {_f(cpu.get('load_generator_cores'), '.2f')} | "
-                f"{_f(cpu.get('other_cores'), '.2f')} | "
-                f"{_f(row['rps'] / cpu['cluster_cores'] if row['rps'] and cpu.get('cluster_cores') else None)} |"
-            )
-        lines += [
-            "",
-            "`other jobs`: cores used by processes outside the drill during the run (this machine is shared); "
-            "a run where they are not near 0 measured the contention, not the replicas.",
-            "",
-        ]
-    ph = result["phases"]
-    lines += [
-        f"The drill ({result['replicas']} replicas, {result['users']} users, {result['seconds']:.0f} s, client "
-        f"`retry_s` {result['retry_s']:.0f} s): replica {result['killed']['replica']}'s Java and worker SIGKILLed "
-        f"at {result['killed']['at_s']:.0f} s, started again {result['config']['down_s']:.0f} s later.",
-        "",
-        "| requests | failures (attempts) | resent | **lost** | wrong | marked down after | ready after | "
-        "**recovery_s** | longest gap without an answer |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {result['requests']} | {result['failures']} | {result['resent']} | **{result['lost']}** | "
-        f"{result['wrong']} | {result['marked_down_s']:.1f} s | {_f(result['ready_s'])} s | "
-        f"**{result['recovery_s']:.1f}** | {result['longest_gap_s']:.2f} s |",
-        "",
-        f"Answered requests/s: {_f(ph['before_kill_rps'])} before the kill, {_f(ph['one_replica_rps'])} while one "
-        f"replica served alone, {_f(ph['after_recovery_rps'])} after; the restarted replica answered "
-        f"{result['answered_by_restarted_replica']} requests once back. Failed attempts by kind: "
-        + (", ".join(f"{k} {v}" for k, v in sorted(result["failed_attempts_by_kind"].items())) or "none")
-        + "."
-        + (
-            f" Other jobs used {result['cpu']['other_cores']:.2f} cores on average during the drill."
-            if "cpu" in result
-            else ""
-        ),
-    ]
-    return "\n".join(lines)
-
-
-def render_doc(doc: Path, bench_path: Path = BENCHMARKS, published: Path = PUBLISHED) -> str:
-    """The text of ``doc`` with its generated sections rendered from the committed JSON files."""
-    text = doc.read_text()
-    result = json.loads(published.read_text()) if published.is_file() else None
-    for name, body in (
-        ("sizing", sizing_section(json.loads(bench_path.read_text()))),
-        ("replicas", replicas_section(result)),
-    ):
-        begin, end = f"<!-- generated:{name} -->", f"<!-- end:{name} -->"
-        if text.count(begin) != 1 or text.count(end) != 1:
-            raise ValueError(f"{doc} needs one {begin} ... {end} pair")
-        head, rest = text.split(begin)
-        _, tail = rest.split(end)
-        text = f"{head}{begin}\n{body}\n{end}{tail}"
-    return text
-
-
 def main(args: argparse.Namespace) -> int:
-    if args.doc_only:
-        args.doc.write_text(render_doc(args.doc, published=args.publish))
-        print(f"rendered {args.doc}")
-        return 0
     cluster.haproxy_binary()
     if not (args.model_store / "oamen.mar").is_file():
         raise SystemExit(f"{args.model_store / 'oamen.mar'} is missing: make archive")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result: dict[str, Any] = {"started": started, "cpu_count": os.cpu_count(), "config": vars(args).copy()}
     result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in result["config"].items()}
-    result["config"].pop("doc_only", None)
     if args.throughput_s > 0:
         configs = parse_configs(args.configs) or [(n, None) for n in sorted({1, args.replicas})]
         result["throughput"] = [throughput(n, args, k + 1, t) for k in range(args.rounds) for n, t in configs]
     result.update(drill(args))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.json, result)
     if str(args.publish) not in ("", "."):
-        shutil.copyfile(args.json, args.publish)
-        args.doc.write_text(render_doc(args.doc, published=args.publish))
-        print(f"published {args.publish} and rendered {args.doc}")
+        write_result(args.publish, result)
+        render_docs.main([])
+        print(f"published {args.publish} and rendered the docs from it")
     print(
         f"requests {result['requests']}, failures {result['failures']} (attempts, resent), lost {result['lost']}, "
         f"wrong {result['wrong']}, recovery {result['recovery_s']} s, longest gap {result['longest_gap_s']} s"

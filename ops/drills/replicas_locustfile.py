@@ -1,4 +1,4 @@
-"""Locust users of the replica drill (scripts/drill_replicas.py): the shipped clients, with their retry.
+"""Locust users of the replica drill (`ops.drills.replicas`): the shipped clients, with their retry.
 
 Unlike loadtest/locustfile.py, which measures the server, these users are callers built the way
 docs/API.md tells an integrator to build them: `client.RestClient` / `client.GrpcClient` with
@@ -28,19 +28,17 @@ grpc.experimental.gevent.init_gevent()
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # locust puts only this file's folder on sys.path
-    sys.path.insert(0, str(ROOT))
-
+# Locust puts its working directory on the import path: the drill runs it from the repository root.
 from client import KOAClientError, load_token  # noqa: E402
 from client.grpc_client import GrpcClient  # noqa: E402
 from client.rest import RestClient  # noqa: E402
-from loadtest import InvalidAnswer, check_loopback, load_images, validate_answer  # noqa: E402
+from ops.load import InvalidAnswer, check_loopback, count_attempts, load_images, validate_answer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PROB_TOL = 1e-4
 RETRY_S = float(os.environ.get("KOA_RETRY_S", "60"))
@@ -54,16 +52,6 @@ class Setup:
     images: list[Any] = []
     reference: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
-
-
-def attempt_label(exc: KOAClientError) -> str:
-    """A short name for a failed attempt: ``refused``, ``reset``, or the status and kind."""
-    text = exc.message.lower()
-    if exc.kind == "connection_lost" or (exc.kind == "UNAVAILABLE" and any(w in text for w in ("reset", "closed"))):
-        return "reset"
-    if "refused" in text:
-        return "refused"
-    return f"{exc.status} {exc.kind or ''}".strip()
 
 
 def check_answer(name: str, answer: dict[str, Any]) -> None:
@@ -83,7 +71,6 @@ class _DrillUser(User):
     abstract = True
     wait_time = constant(0)
     protocol = ""
-    once = ""
 
     def make_client(self) -> Any:
         raise NotImplementedError
@@ -91,16 +78,7 @@ class _DrillUser(User):
     def on_start(self) -> None:
         self.client = self.make_client()
         self.attempt_errors: list[str] = []
-        inner = getattr(self.client, self.once)
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return inner(*args, **kwargs)
-            except KOAClientError as exc:
-                self.attempt_errors.append(attempt_label(exc))
-                raise
-
-        setattr(self.client, self.once, counted)
+        count_attempts(self.client, self.attempt_errors)
 
     def on_stop(self) -> None:
         self.client.close()
@@ -143,7 +121,7 @@ class _DrillUser(User):
 
 
 class RestUser(_DrillUser):
-    protocol, once = "rest", "_send_once"
+    protocol = "rest"
     host = "http://127.0.0.1:8180"
 
     def make_client(self) -> RestClient:
@@ -151,7 +129,7 @@ class RestUser(_DrillUser):
 
 
 class GrpcUser(_DrillUser):
-    protocol, once = "grpc", "_predict_once"
+    protocol = "grpc"
 
     def make_client(self) -> GrpcClient:
         return GrpcClient(GRPC_TARGET, token=Setup.token, timeout=TIMEOUT, retry_s=RETRY_S)

@@ -1,17 +1,17 @@
 """Restart drill: stop and start TorchServe under load; no request may be lost or answered wrongly.
 
-``python scripts/fault_restart.py [--seconds 40] [--clients 4] [--grpc-clients 1] [--restart-at 10]
+``python -m ops.drills.restart [--seconds 40] [--clients 4] [--grpc-clients 1] [--restart-at 10]
 [--retry-s 120] [--drain-s 30] [--json PATH]``
 
 Starts a private server on free ports, drives ``--clients`` closed-loop clients (the first
 ``--grpc-clients`` over gRPC, the others over REST) built the way an integrator should build them:
 ``retry_s`` set (a request is sent again while the server cannot be reached or answers 503) and
 ``key_file`` given (a refused key is re-read: every TorchServe start writes new keys). At
-``--restart-at`` seconds it runs ``tsctl.stop`` and then ``tsctl.start`` on the same ports, the
+``--restart-at`` seconds it runs ``ts.stop`` and then ``ts.start`` on the same ports, the
 same thing ``make restart`` does, and keeps the load going for ``--after`` seconds once the server
 is back.
 
-What the server does at the stop: ``tsctl.stop`` first drains (handler/drain.py): the batches being
+What the server does at the stop: ``ts.stop`` first drains (handler/drain.py): the batches being
 graded are answered and later requests get 503 ``restarting``. Then Java exits; it drops the
 connections it still holds (a request that arrived in the last milliseconds gets a reset; without
 the drain, ``--drain-s 0``, every request in flight does), and a request sent while it is down is
@@ -30,7 +30,6 @@ Exit 0 when nothing was lost or wrong and requests were answered both before and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
@@ -38,11 +37,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-import tsctl  # noqa: E402
-from fault_kill_worker import LoadDriver, Record, add_drill_args, load_images, serving  # noqa: E402
+from ops import server as ts
+from ops.drills import add_drill_args, write_drill
+from ops.load import LoadDriver, Record
+from ops.load import image_bodies as load_images
+from ops.server import serving
 
 PROB_TOL = 1e-4
 
@@ -55,20 +54,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart-at", type=float, default=10.0, help="seconds after the load starts")
     p.add_argument("--after", type=float, default=5.0, help="s of load kept once the server is back")
     p.add_argument("--retry-s", type=float, default=120.0, help="the clients' retry window, s")
-    p.add_argument("--drain-s", type=float, default=tsctl.DRAIN_S, help="tsctl.stop's drain limit; 0: plain stop")
+    p.add_argument("--drain-s", type=float, default=ts.DRAIN_S, help="ts.stop's drain limit; 0: plain stop")
     return add_drill_args(p)
 
 
-def restart(srv: tsctl.Server, store: Path, drain_s: float = tsctl.DRAIN_S) -> tuple[float, float, float]:
+def restart(srv: ts.Server, store: Path, drain_s: float = ts.DRAIN_S) -> tuple[float, float, float]:
     """``make restart`` on a private server: stop, then start with its rendered config (same ports).
 
     Returns ``time.monotonic()`` at the stop call, when the old server was gone and when the new one was READY.
     """
     workdir = Path(srv.workdir)
     t_stop = time.monotonic()
-    tsctl.stop(workdir, drain_s=drain_s)
+    ts.stop(workdir, drain_s=drain_s)
     t_down = time.monotonic()
-    tsctl.start(store, workdir / "config.properties", workdir)
+    ts.start(store, workdir / "config.properties", workdir)
     return t_stop, t_down, time.monotonic()
 
 
@@ -117,7 +116,7 @@ def analyse(records: list[Record], t_stop: float, t_down: float, t_up: float) ->
 
 
 def run_restart(
-    srv: tsctl.Server,
+    srv: ts.Server,
     store: Path,
     images: list[bytes],
     clients: int = 4,
@@ -126,7 +125,7 @@ def run_restart(
     restart_at: float = 10.0,
     after: float = 5.0,
     retry_s: float = 120.0,
-    drain_s: float = tsctl.DRAIN_S,
+    drain_s: float = ts.DRAIN_S,
 ) -> tuple[dict[str, Any], list[Record]]:
     """Load, restart at ``restart_at`` s, load ``after`` s more; the figures of `analyse` and the records."""
     if not 0 < restart_at < seconds:
@@ -172,10 +171,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"| {k} | {v} |")
     if result["lost_examples"]:
         print("\nlost: " + "; ".join(result["lost_examples"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        args.json.write_text(json.dumps({"config": config, **result, "records": [asdict(r) for r in records]}))
+    write_drill(args, result, records)
     return 0 if result["passed"] else 1
 
 

@@ -1,6 +1,6 @@
 """Make a compact, lossy copy of the training data that fits the GPU machine's upload limit.
 
-``python scripts/stage_gpu_data.py --data ../shared/data/koa --out gpu_stage --quality 90``
+``python -m ops.stage_gpu_data --data ../shared/data/koa --out gpu_stage --quality 90``
 
 The GPU machine receives at most 64 MiB of working tree per run, code included; the lossless
 PNGs are about 190 MB. JPEG at quality 90 keeps the 224 px knees visually identical and
@@ -17,9 +17,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train.data import scan  # noqa: E402
+from train.data import scan
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Tail latency at 80% of saturation, per batching setting: the sweep behind config.properties' batching.
 
-``python scripts/bench_tail.py [--settings 16x10,8x10,4x10] [--saturate-users 32] [--saturate-duration 30s]
+``python -m ops.bench tail [--settings 16x10,8x10,4x10] [--saturate-users 32] [--saturate-duration 30s]
 [--users 16] [--duration 180s] [--load 0.8] [--repeat 1] [--protocols rest,grpc] [--json PATH]``
 
 By default it measures the setting config.properties ships, for 180 s per protocol: a 60 s run's
@@ -32,17 +32,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from ops import render_docs
+from ops import server as ts
+from ops.results import DOC_RESULTS, write_result
 
-import tsctl  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+
 
 THREADS_ENV = "KOA_TORCH_THREADS"
 
 
 def shipped_setting(config: Path = ROOT / "config.properties") -> str:
     """The batching ``config`` ships, as ``BATCHxDELAY_MS`` (its first model version)."""
-    versions = next(iter(tsctl.models_property(config.read_text()).values()))
+    versions = next(iter(ts.models_property(config.read_text()).values()))
     cfg = next(iter(versions.values()))
     return f"{cfg['batchSize']}x{cfg['maxBatchDelay']}"
 
@@ -65,6 +67,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, default=ROOT / "tests" / "fixtures")
     p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
     p.add_argument("--json", type=Path, default=ROOT / "reports" / "bench_tail.json")
+    p.add_argument(
+        "--publish",
+        type=Path,
+        default=DOC_RESULTS / "bench_tail.json",
+        help="add this sweep to the committed list and render the docs ('': neither)",
+    )
     return p
 
 
@@ -82,13 +90,13 @@ def parse_settings(text: str) -> list[tuple[int, int, int]]:
 
 
 def locust(workdir: Path, out: Path, images: Path, protocols: str, users: int, duration: str, user_rate: float) -> dict:
-    """One `loadtest/run.py` against the server in ``workdir``; its summary.json."""
+    """One `loadtest.run` against the server in ``workdir``; its summary.json."""
     cmd = [
-        sys.executable, str(ROOT / "loadtest" / "run.py"),
+        sys.executable, "-m", "loadtest.run",
         "--workdir", str(workdir), "--out", str(out), "--images", str(images), "--protocols", protocols,
         "--users", str(users), "--rate", str(max(users, 1)), "--duration", duration, "--user-rate", str(user_rate),
     ]  # fmt: skip
-    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=False, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((out / "latest" / "summary.json").read_text())
 
 
@@ -100,9 +108,7 @@ def measure(args: argparse.Namespace, batch: int, delay: int, workers: int) -> d
         if threads is not None:  # the workers inherit it through Java
             os.environ[THREADS_ENV] = str(threads)
         try:
-            tsctl.start_on_free_ports(
-                args.model_store, workdir, batch_size=batch, max_batch_delay=delay, workers=workers
-            )
+            ts.start_on_free_ports(args.model_store, workdir, batch_size=batch, max_batch_delay=delay, workers=workers)
         finally:
             os.environ.pop(THREADS_ENV, None)
             if saved is not None:
@@ -113,7 +119,7 @@ def measure(args: argparse.Namespace, batch: int, delay: int, workers: int) -> d
             rate = args.load * capacity / args.users
             paced = locust(workdir, out, args.images, args.protocols, args.users, args.duration, rate)
         finally:
-            tsctl.stop(workdir)
+            ts.stop(workdir)
     row: dict[str, Any] = {"batch": batch, "delay_ms": delay, "workers": workers, "threads": threads}
     row.update(capacity_rps=capacity, user_rate=round(rate, 3))
     for name in args.protocols.split(","):
@@ -147,6 +153,7 @@ def main(args: argparse.Namespace) -> int:
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     if not 0 < args.load <= 1:
         raise ValueError(f"--load must be in (0, 1], got {args.load}")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = []
     for run in range(1, args.repeat + 1):
         for batch, delay, workers in settings:
@@ -161,11 +168,11 @@ def main(args: argparse.Namespace) -> int:
         f"{platform.processor() or platform.machine()}, load generator on the same CPU\n"
     )
     print(md)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    args.json.write_text(json.dumps({"config": config, "rows": rows, "table": md}, indent=2))
+    write_result(args.json, {"config": config, "rows": rows, "table": md})
+    if str(args.publish) not in ("", "."):  # the committed list of sweeps docs/BENCHMARKS.md is rendered from
+        sweeps = json.loads(args.publish.read_text()) if args.publish.is_file() else []
+        sweeps.append({"sweep": f"{started}, make bench-tail", "config": config, "rows": rows})
+        write_result(args.publish, sweeps)
+        render_docs.main([])
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))

@@ -1,4 +1,4 @@
-"""scripts/tsctl.py without a server: the drain handshake with the handler (handler/drain.py)."""
+"""ops.server without a server: the drain handshake with the handler (handler/drain.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import tsctl  # noqa: E402
+from handler.drain import BUSY_PREFIX, DRAIN_FILE, DrainGate
+from ops import server as ts
 
-from handler.drain import BUSY_PREFIX, DRAIN_FILE, DrainGate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_drain_waits_for_the_batch_in_progress(tmp_path: Path) -> None:
@@ -31,7 +30,7 @@ def test_drain_waits_for_the_batch_in_progress(tmp_path: Path) -> None:
     ready = threading.Event()
     threading.Thread(target=batch, daemon=True).start()
     ready.wait(5)
-    waited = tsctl.drain(tmp_path, timeout=10)
+    waited = ts.drain(tmp_path, timeout=10)
     assert done.is_set() and 0.3 < waited < 5
     assert (tmp_path / "state" / DRAIN_FILE).is_file()
     with gate.batch() as draining:  # every later batch is turned away
@@ -44,10 +43,10 @@ def test_drain_ignores_a_dead_workers_busy_file_and_gives_up_at_the_timeout(tmp_
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (state / f"{BUSY_PREFIX}{int(dead.stdout)}").touch()  # a SIGKILLed worker never removes its file
     (state / f"{BUSY_PREFIX}junk").touch()
-    assert tsctl.drain(tmp_path, timeout=10) < 1
+    assert ts.drain(tmp_path, timeout=10) < 1
     (state / f"{BUSY_PREFIX}{os.getpid()}").touch()  # a live worker stuck in a batch
-    assert 0.4 < tsctl.drain(tmp_path, timeout=0.5) < 3
+    assert 0.4 < ts.drain(tmp_path, timeout=0.5) < 3
 
 
 def test_no_state_folder_means_nothing_to_drain(tmp_path: Path) -> None:
-    assert tsctl.drain(tmp_path, timeout=10) == 0.0
+    assert ts.drain(tmp_path, timeout=10) == 0.0

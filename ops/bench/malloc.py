@@ -1,6 +1,6 @@
 """The worker's malloc settings (`handler/memory.py`) against glibc's defaults, in fresh processes.
 
-``python scripts/bench_malloc.py [--runs 5] [--seconds 8] [--batch 16]`` (``make bench-malloc``)
+``python -m ops.bench malloc [--runs 5] [--seconds 8] [--batch 16]`` (``make bench-malloc``)
 
 Each run starts two fresh Python processes one after the other (the order alternates), one with
 ``KOA_MALLOC=default``; each measures the handler's request path (decode, preprocess, batch,
@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from handler.memory import ENV
+from ops.bench.report import malloc_report
+from ops.results import DATA_IMAGES, DOC_RESULTS, write_result
 
-from handler.memory import ENV  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -30,15 +31,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
+    p.add_argument("--images", type=Path, default=DATA_IMAGES)
     p.add_argument("--model", type=Path, default=ROOT / "build" / "oamen.pt")
+    p.add_argument("--json", type=Path, default=DOC_RESULTS / "bench_malloc.json", help="the result (committed)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
 def child(args: argparse.Namespace) -> None:
     import psutil
-    from bench_serve import load_images, load_predictor, pipeline_rate
+
+    from ops.bench.serve import load_predictor, pipeline_rate
+    from ops.load import image_bodies as load_images
 
     images = load_images(args.images, 64)
     ips = pipeline_rate(load_predictor(args.model), images, args.batch, args.seconds)
@@ -49,32 +53,29 @@ def one(args: argparse.Namespace, setting: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != ENV}
     if setting == "glibc default":
         env[ENV] = "default"
-    cmd = [sys.executable, __file__, "--child", "--seconds", str(args.seconds), "--batch", str(args.batch)]
+    cmd = [sys.executable, "-m", "ops.bench", "malloc", "--child", "--seconds", str(args.seconds)]
+    cmd += ["--batch", str(args.batch)]
     cmd += ["--images", str(args.images), "--model", str(args.model)]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return {"setting": setting, **json.loads(out.strip().splitlines()[-1])}
 
 
 def main(args: argparse.Namespace) -> list[dict]:
+    if args.child:  # one measurement, in the fresh process `one` started
+        child(args)
+        return []
     settings = ["glibc default", "handler/memory.py"]
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = []
     for k in range(args.runs):
         for setting in settings if k % 2 == 0 else settings[::-1]:
             rows.append({"run": k + 1, **one(args, setting)})
             print(f"run {k + 1}, {setting}: {rows[-1]['ips']:.1f} img/s, {rows[-1]['rss_mb']:.0f} MB", flush=True)
-    print(f"\n| run | setting | request path, batch {args.batch} (img/s) | resident memory (MB) |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['run']} | {r['setting']} | {r['ips']:.1f} | {r['rss_mb']:.0f} |")
-    med = {s: statistics.median(r["ips"] for r in rows if r["setting"] == s) for s in settings}
-    rss = {s: statistics.median(r["rss_mb"] for r in rows if r["setting"] == s) for s in settings}
-    print(
-        f"\nmedian: {med[settings[0]]:.1f} -> {med[settings[1]]:.1f} img/s "
-        f"(x{med[settings[1]] / med[settings[0]]:.2f}), resident memory {rss[settings[0]]:.0f} -> "
-        f"{rss[settings[1]]:.0f} MB"
-    )
+    result = {
+        "started": started,
+        "config": {"runs": args.runs, "seconds": args.seconds, "batch": args.batch, "images": str(args.images)},
+        "rows": rows,
+    }
+    print(malloc_report(result))
+    write_result(args.json, result)
     return rows
-
-
-if __name__ == "__main__":
-    a = get_args_parser().parse_args()
-    child(a) if a.child else main(a)

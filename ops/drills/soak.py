@@ -1,6 +1,6 @@
 """Bounded soak run: steady REST load on a private TorchServe, watching the servers' memory for leaks.
 
-``python scripts/soak.py [--minutes 10] [--clients 4] [--warmup 1] [--interval 10] [--explain-share 0.1]
+``python -m ops.drills.soak [--minutes 10] [--clients 4] [--warmup 1] [--interval 10] [--explain-share 0.1]
 [--json PATH]``
 
 Starts a private server on free ports, drives ``--clients`` closed-loop REST clients (a share
@@ -36,11 +36,14 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-import tsctl  # noqa: E402
-from fault_kill_worker import LoadDriver, add_drill_args, load_images, serving, worker_processes  # noqa: E402
+from ops import render_docs
+from ops import server as ts
+from ops.drills import ROOT, add_drill_args
+from ops.drills.kill_worker import worker_processes
+from ops.load import LoadDriver
+from ops.load import image_bodies as load_images
+from ops.results import write_result
+from ops.server import serving
 
 MB = 1024 * 1024
 # e.g. "[12.345s][info][gc] GC(7) Pause Young (Normal) (G1 Evacuation Pause) 52M->12M(256M) 3.456ms"
@@ -67,9 +70,9 @@ def rss_mb(pid: int | None) -> float | None:
         return None
 
 
-def sample(srv: tsctl.Server) -> dict[str, Any]:
+def sample(srv: ts.Server) -> dict[str, Any]:
     """The worker's pid and RSS and the Java frontend's RSS right now (MB)."""
-    java = tsctl._pid(Path(srv.workdir))
+    java = ts.server_pid(Path(srv.workdir))
     workers = worker_processes(java) if java else []
     wpid = workers[0].pid if workers else None
     return {"worker_pid": wpid, "worker_rss_mb": rss_mb(wpid), "java_rss_mb": rss_mb(java)}
@@ -123,7 +126,7 @@ def live_heap_growth(heap: list[dict[str, float]], warmup_s: float, end_s: float
 
 
 def soak(
-    srv: tsctl.Server, images: list[bytes], clients: int, seconds: float, interval: float, explain_share: float
+    srv: ts.Server, images: list[bytes], clients: int, seconds: float, interval: float, explain_share: float
 ) -> tuple[list[dict[str, Any]], int, int]:
     """Load for ``seconds``, a sample every ``interval`` s (the first at t=0). Returns samples, requests, failures."""
     driver = LoadDriver(srv, images, clients, explain_share=explain_share).start()
@@ -203,8 +206,9 @@ def main(args: argparse.Namespace) -> int:
     gc_log = args.json.with_name(f"{args.json.stem}_gc.log").resolve()
     gc_log.parent.mkdir(parents=True, exist_ok=True)
     gc_log.unlink(missing_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with serving(args.store, properties={"vmargs": f"-Xlog:gc:file={gc_log}:uptime"}) as srv:
-        java_started = psutil.Process(tsctl._pid(Path(srv.workdir))).create_time()
+        java_started = psutil.Process(ts.server_pid(Path(srv.workdir))).create_time()
         uptime_at_t0 = time.time() - java_started
         samples, total, failed = soak(srv, images, args.clients, seconds, args.interval, args.explain_share)
     heap = java_heap(gc_log, uptime_at_t0)
@@ -215,6 +219,7 @@ def main(args: argparse.Namespace) -> int:
     ok_mem = all(g["growth_pct"] is not None and g["growth_pct"] <= args.target for g in (worker, live))
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result = {
+        "started": started,
         "config": config,
         "requests": total,
         "failures": failed,
@@ -245,6 +250,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"growth target <= {args.target:g} % (worker RSS, Java live heap): {'met' if ok_mem else 'MISSED'}")
     write_outputs(samples, result, args.json, warmup_s, heap)
     print(f"wrote {args.json}, {args.json.with_suffix('.csv')}, {gc_log}, {args.json.with_suffix('.png')}")
+    if args.publish is not None:  # a result the docs quote (docs/results/soak.json), then the docs rendered
+        write_result(args.publish, result)
+        render_docs.main([])
     return 0 if result["passed"] else 1
 
 

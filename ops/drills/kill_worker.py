@@ -1,6 +1,6 @@
 """Fault injection: SIGKILL TorchServe's Python worker under load and measure how the service recovers.
 
-``python scripts/fault_kill_worker.py [--seconds 30] [--clients 4] [--kill-at 10] [--json PATH]``
+``python -m ops.drills.kill_worker [--seconds 30] [--clients 4] [--kill-at 10] [--json PATH]``
 
 Starts a private server on free ports (or attaches to a running one with ``--workdir``), drives
 ``--clients`` closed-loop REST clients in threads and records every request (start, end, ok,
@@ -31,29 +31,22 @@ by how fast the new worker can import torch and load the model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
 import sys
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-import tsctl  # noqa: E402
-from bench_serve import load_images  # noqa: E402
-
-from client import KOAClientError  # noqa: E402
-from client.rest import RestClient  # noqa: E402
+from ops import server as ts
+from ops.drills import add_drill_args, write_drill
+from ops.load import LoadDriver, Record
+from ops.load import image_bodies as load_images
+from ops.server import serving
 
 WORKER_MARK = "model_service_worker.py"
 POLL_S = 0.2
@@ -71,49 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return add_drill_args(p)
 
 
-def add_drill_args(p: argparse.ArgumentParser, json_default: Path | None = None) -> argparse.ArgumentParser:
-    """The options every drill shares (this one, fault_restart.py, soak.py): archive, images, output."""
-    p.add_argument("--store", type=Path, default=ROOT / "model_store")
-    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val")
-    p.add_argument("--max-images", type=int, default=16)
-    p.add_argument("--json", type=Path, default=json_default)
-    return p
-
-
-# --- shared helpers (scripts/soak.py imports them too) -------------------------------------------
-
-
-def attach(workdir: Path) -> tsctl.Server:
-    """The server running from ``workdir`` (its rendered config there, else the project's config)."""
-    workdir = Path(workdir).resolve()
-    pid = tsctl._pid(workdir)
-    if pid is None or not tsctl._alive(pid):
-        raise tsctl.ServeError(f"no TorchServe is running from {workdir} (`make serve`, or leave --workdir out)")
-    rendered = workdir / "config.properties"
-    props = tsctl._props((rendered if rendered.is_file() else ROOT / "config.properties").read_text())
-    return tsctl.Server(
-        workdir,
-        props["inference_address"],
-        props["management_address"],
-        props["metrics_address"],
-        int(props.get("grpc_inference_port", 7070)),
-    )
-
-
-@contextlib.contextmanager
-def serving(
-    store: Path, workdir: Path | None = None, properties: dict[str, str] | None = None
-) -> Iterator[tsctl.Server]:
-    """A private server on free ports (with extra config ``properties``), always stopped afterwards; or the one
-    running from ``workdir``."""
-    if workdir is not None:
-        yield attach(workdir)
-        return
-    with tempfile.TemporaryDirectory(prefix="koa-fault-") as tmp:
-        try:
-            yield tsctl.start_on_free_ports(store, Path(tmp), properties=properties)
-        finally:
-            tsctl.stop(Path(tmp))
+# --- shared helpers (ops.drills.soak imports them too) --------------------------------------------
 
 
 def worker_processes(java_pid: int) -> list[Any]:
@@ -134,7 +85,7 @@ def worker_processes(java_pid: int) -> list[Any]:
     return found
 
 
-def management_workers(srv: tsctl.Server, model: str = tsctl.MODEL_NAME) -> list[dict[str, Any]]:
+def management_workers(srv: ts.Server, model: str = ts.MODEL_NAME) -> list[dict[str, Any]]:
     """The model's ``workers`` list from the management API ([] when it cannot be read)."""
     req = urllib.request.Request(
         f"{srv.management_url}/models/{model}", headers={"Authorization": f"Bearer {srv.keys()['management']}"}
@@ -146,148 +97,12 @@ def management_workers(srv: tsctl.Server, model: str = tsctl.MODEL_NAME) -> list
         return []
 
 
-@dataclass
-class Record:
-    """One request: times are ``time.monotonic()`` seconds; ``status`` 200 when ok.
-
-    ``image`` is the index of the body sent, ``grade`` and ``probabilities`` the answer (when ok),
-    ``retried`` the errors of the attempts the client sent again (only with ``retry_s`` > 0).
-    """
-
-    client: int
-    kind: str
-    start: float
-    end: float
-    ok: bool
-    status: int
-    error: str = ""
-    protocol: str = "rest"
-    image: int = -1
-    grade: int | None = None
-    probabilities: list[float] | None = None
-    retried: list[str] = field(default_factory=list)
-
-
-def attempt_label(exc: KOAClientError) -> str:
-    """A short name for a failed attempt: ``refused``, ``reset`` (connected, then dropped) or status and kind."""
-    text = exc.message.lower()
-    if exc.kind == "connection_lost" or (exc.kind == "UNAVAILABLE" and any(w in text for w in ("reset", "closed"))):
-        return "reset"
-    if "refused" in text:
-        return "refused"
-    return f"{exc.status} {exc.kind or ''}".strip()
-
-
-class LoadDriver:
-    """``clients`` closed-loop clients in threads (REST, the first ``grpc_clients`` gRPC); every request is recorded.
-
-    Args:
-        srv: the server.
-        images: request bodies, used round-robin.
-        clients: number of threads, each with one request outstanding at a time.
-        explain_share: fraction of requests sent to ``/explanations`` (deterministic per client).
-        timeout: client timeout per request, s.
-        retry_s: the clients' ``retry_s`` (resend while unreachable / 503); when > 0 they also re-read
-            the server's key file when their key is refused (a restarted server has new keys).
-        grpc_clients: how many of the ``clients`` use gRPC.
-    """
-
-    def __init__(
-        self,
-        srv: tsctl.Server,
-        images: list[bytes],
-        clients: int,
-        explain_share: float = 0.0,
-        timeout: float = 120.0,
-        retry_s: float = 0.0,
-        grpc_clients: int = 0,
-    ) -> None:
-        if clients < 1:
-            raise ValueError(f"clients must be >= 1, got {clients}")
-        if not 0 <= grpc_clients <= clients:
-            raise ValueError(f"grpc_clients must be in [0, clients={clients}], got {grpc_clients}")
-        if not 0.0 <= explain_share <= 1.0:
-            raise ValueError(f"explain_share must be in [0, 1], got {explain_share}")
-        self.srv, self.images, self.clients = srv, images, clients
-        self.explain_share, self.timeout = explain_share, timeout
-        self.retry_s, self.grpc_clients = retry_s, grpc_clients
-        self._records: list[Record] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def _client(self, k: int, token: str, retried: list[str]) -> tuple[str, Any]:
-        """Client ``k`` and its protocol; every failed attempt's error is appended to ``retried``."""
-        key_file = Path(self.srv.workdir) / "key_file.json" if self.retry_s > 0 else None
-        opts = {"token": token, "timeout": self.timeout, "key_file": key_file, "retry_s": self.retry_s}
-        if k < self.grpc_clients:
-            from client.grpc_client import GrpcClient
-
-            protocol, client, once = "grpc", GrpcClient(f"127.0.0.1:{self.srv.grpc_port}", **opts), "_predict_once"
-        else:
-            protocol, client, once = "rest", RestClient(self.srv.inference_url, **opts), "_send_once"
-        inner = getattr(client, once)
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return inner(*args, **kwargs)
-            except KOAClientError as exc:
-                retried.append(attempt_label(exc))
-                raise
-
-        setattr(client, once, counted)
-        return protocol, client
-
-    def _user(self, k: int, token: str) -> None:
-        retried: list[str] = []
-        protocol, client = self._client(k, token, retried)
-        with client:
-            i, credit = k, 0.0
-            while not self._stop.is_set():
-                credit += self.explain_share
-                explain = credit >= 1.0
-                credit -= 1.0 if explain else 0.0
-                kind, image = "explain" if explain else "predict", i % len(self.images)
-                retried.clear()
-                t0 = time.monotonic()
-                try:
-                    answer = client.predict(self.images[image], explain=explain)
-                    rec = Record(k, kind, t0, time.monotonic(), True, 200, "", protocol, image)
-                    rec.grade, rec.probabilities = answer.get("kl_grade"), answer.get("probabilities")
-                    rec.retried = list(retried)
-                except KOAClientError as exc:
-                    rec = Record(k, kind, t0, time.monotonic(), False, exc.status, str(exc)[:200], protocol, image)
-                    rec.retried = list(retried[:-1])  # the last error is the one that was raised
-                with self._lock:
-                    self._records.append(rec)
-                i += self.clients
-
-    def start(self) -> LoadDriver:
-        token = self.srv.keys()["inference"]
-        for k in range(self.clients):
-            t = threading.Thread(target=self._user, args=(k, token), name=f"load-{k}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        return self
-
-    def stop(self) -> list[Record]:
-        """Stop after each client's current request; return every record."""
-        self._stop.set()
-        for t in self._threads:
-            t.join(self.timeout + 5)
-        return self.records()
-
-    def records(self) -> list[Record]:
-        with self._lock:
-            return list(self._records)
-
-
 # --- the drill ------------------------------------------------------------------------------------
 
 
-def kill_worker(srv: tsctl.Server) -> tuple[int, float]:
+def kill_worker(srv: ts.Server) -> tuple[int, float]:
     """SIGKILL the model's worker process; return its pid and ``time.monotonic()`` just before the kill."""
-    java = tsctl._pid(Path(srv.workdir))
+    java = ts.server_pid(Path(srv.workdir))
     if java is None:
         raise RuntimeError(f"no TorchServe pid file in {srv.workdir}/tmp: is the server running?")
     procs = worker_processes(java)
@@ -302,7 +117,7 @@ def kill_worker(srv: tsctl.Server) -> tuple[int, float]:
     return pid, t_kill
 
 
-def wait_for_new_worker(srv: tsctl.Server, old_pid: int, timeout: float) -> dict[str, Any]:
+def wait_for_new_worker(srv: ts.Server, old_pid: int, timeout: float) -> dict[str, Any]:
     """Poll the management API until a READY worker with a pid other than ``old_pid`` shows up.
 
     Returns {'new_pid', 't_new_pid' (first poll showing another pid), 't_ready', 'states'}; the
@@ -375,7 +190,7 @@ def analyse(
 
 
 def run_fault(
-    srv: tsctl.Server,
+    srv: ts.Server,
     images: list[bytes],
     clients: int = 4,
     seconds: float = 30.0,
@@ -431,11 +246,7 @@ def main(args: argparse.Namespace) -> int:
     print_table(result)
     if result["failure_examples"]:
         print("\nfailures: " + "; ".join(result["failure_examples"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        payload = {"config": config, **result, "records": [asdict(r) for r in records]}
-        args.json.write_text(json.dumps(payload, indent=2))
+    write_drill(args, result, records)
     return 0 if result["passed"] else 1
 
 

@@ -1,0 +1,16 @@
+"""Operations: running KOA-Serve's TorchServe and putting load on it.
+
+- `ops.server`: start, stop, drain, restart a local TorchServe; its keys (``make serve``, ``make stop``).
+- `ops.load`: load generation shared by Locust (loadtest/), the benchmarks, the drills and the soak:
+  request images, the drivers, every answer checked against `client.schema`.
+- `ops.bench`: the benchmarks, one command (``python -m ops.bench serve|sweep|tail|logging|malloc|explain``).
+- `ops.cluster`: N replicas behind HAProxy on one machine (``make cluster``).
+- `ops.drills`: fault drills (a worker killed, a restart, a replica killed) and the soak.
+- `ops.results`: where results go (docs/results/ holds the committed ones); `ops.render_docs` renders the
+  docs' measured figures from them, `ops.model_card` the model card.
+- `ops.procs`: process ids and free ports, shared with the PACS side (`pacs`).
+- `ops.stage_gpu_data`: the lossy training-data copy for a GPU machine (scripts/gpu_run.sh).
+
+Run everything from the repository root (``python -m ops.<module>``): the packages are imported from
+there, with no edit of the import path.
+"""

@@ -1,0 +1,23 @@
+"""KOA-Serve's benchmarks, one command: ``python -m ops.bench SUBCOMMAND [options]``.
+
+=========  ==============================================================  ==================
+serve      served against in-process throughput and idle latency           `ops.bench.serve`
+sweep      ``make bench``: batching sweep, JIT warm-up, REST against gRPC  `ops.bench.sweep`
+tail       ``make bench-tail``: Locust at 80% of saturation                `ops.bench.tail`
+logging    ``make bench-logging``: TorchServe's log setting vs log4j2.xml  `ops.bench.logsetting`
+malloc     ``make bench-malloc``: the worker's malloc settings vs glibc    `ops.bench.malloc`
+explain    ``make bench-explain``: explanations off the hot path           `ops.bench.explain`
+=========  ==============================================================  ==================
+
+Each writes its result as JSON; the figures in docs/BENCHMARKS.md are rendered from the committed
+results (`ops.render_docs`). The load itself comes from `ops.load`.
+"""
+
+SUBCOMMANDS = {
+    "serve": "ops.bench.serve",
+    "sweep": "ops.bench.sweep",
+    "tail": "ops.bench.tail",
+    "logging": "ops.bench.logsetting",
+    "malloc": "ops.bench.malloc",
+    "explain": "ops.bench.explain",
+}
