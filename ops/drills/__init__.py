@@ -13,6 +13,7 @@ The load comes from `ops.load`, the servers from `ops.server` and `ops.cluster`.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +40,10 @@ def write_drill(args: argparse.Namespace, result: dict[str, Any], records: list[
     """The drill's figures and configuration, with every request's record (`ops.load.Record`), to ``args.json``;
     without the records to ``args.publish`` (a result the docs quote: docs/results/), then the docs rendered."""
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    summary = {"finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "config": config, **result}
+    # What else ran: these machines are shared, and a drill's timings are the contention's as much as its own.
+    machine = {"cores": os.cpu_count(), "loadavg_1min_at_end": round(os.getloadavg()[0], 2)}
+    summary = {"finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "config": config}
+    summary.update(result)
     write_result(args.json, {**summary, "records": [asdict(r) for r in records]})
     if args.publish is not None:
         from ops import render_docs

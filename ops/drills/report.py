@@ -109,4 +109,8 @@ def soak_section(result: dict[str, Any], link: str) -> str:
 def drill_table(result: dict[str, Any], keys: list[str], command: str, link: str) -> str:
     """A fault drill's figures (`ops.drills.kill_worker`, `ops.drills.restart`) as a measure / value table."""
     rows = [f"| {k} | {result.get(k)} |" for k in keys if k in result]
-    return "\n".join([f"`{command}` ([{link}]({link})):", "", "| measure | value |", "|---|---|", *rows]) + "\n"
+    when = f" on {result['finished']}" if "finished" in result else ""
+    m = result.get("machine")
+    where = f", {m['cores']} cores, 1-minute load average {m['loadavg_1min_at_end']} at the end" if m else ""
+    head = f"`{command}`{when}{where} ([{link}]({link})):"
+    return "\n".join([head, "", "| measure | value |", "|---|---|", *rows]) + "\n"
