@@ -63,6 +63,13 @@ def model_from_checkpoint(
     contract: InputContract = state["contract"]
     net = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
+    if "knee_gate.means" in weights:  # the single-layer gate of oamen_pt 1.0.0 and before
+        if bool(weights["knee_gate.fitted"]):
+            raise RuntimeError(
+                f"{path} carries a knee gate fitted for the old single-layer format: re-fit it with "
+                "`python -m train.calibrate --run RUN --out OUT` (make promote RUN=...)"
+            )
+        weights = {k: v for k, v in weights.items() if not k.startswith("knee_gate.")}
     missing, unexpected = net.load_state_dict(weights, strict=False)
     # Checkpoints from before the knee gate existed load with an unfitted gate (refuses nothing).
     missing = [k for k in missing if not k.startswith("knee_gate.")]

@@ -104,6 +104,9 @@ class PostprocessConfig:
     Attributes:
         temperature: logits are divided by it before the softmax (temperature scaling, fitted
             on the tune fold held out of train), so probabilities mean what they say.
+        class_bias: K per-class offsets added to ``logits / temperature`` before the softmax
+            (temperature scaling with a bias per class, a constrained vector scaling, Guo et al.
+            2017); empty for none. `train.calibrate` chooses between the two on the tune fold.
         decision: ``argmax`` of the probabilities, or ``cutpoints`` on the expected grade
             sum_k k p_k (an ordinal decoding: grade g where cutpoints[g-1] <= E < cutpoints[g]).
         cutpoints: the K-1 increasing thresholds of ``cutpoints``, fitted on the tune fold.
@@ -116,6 +119,7 @@ class PostprocessConfig:
     """
 
     temperature: float = 1.0
+    class_bias: tuple[float, ...] = ()
     decision: str = "argmax"
     cutpoints: tuple[float, ...] = ()
     flip_tta: bool = False
@@ -129,6 +133,8 @@ class PostprocessConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.decision not in DECISIONS:
             raise ValueError(f"decision must be one of {DECISIONS}, got {self.decision!r}")
+        if any(not isinstance(b, int | float) or not math.isfinite(b) for b in tuple(self.class_bias)):
+            raise ValueError(f"class_bias must be finite numbers, got {tuple(self.class_bias)!r}")
         cuts = tuple(self.cutpoints)
         if any(not isinstance(c, int | float) or not math.isfinite(c) for c in cuts):
             raise ValueError(f"cutpoints must be finite numbers, got {cuts!r}")
@@ -195,6 +201,9 @@ class InputContract:
         cuts = self.postprocess.cutpoints
         if cuts and len(cuts) != len(self.class_names) - 1:
             raise ValueError(f"postprocess needs {len(self.class_names) - 1} cutpoints, got {len(cuts)}")
+        bias = self.postprocess.class_bias
+        if bias and len(bias) != len(self.class_names):
+            raise ValueError(f"postprocess needs {len(self.class_names)} class_bias values, got {len(bias)}")
 
     @property
     def num_classes(self) -> int:
@@ -206,8 +215,9 @@ class InputContract:
             changes["preprocess"] = dataclasses.replace(self.preprocess, **changes["preprocess"])
         if isinstance(changes.get("postprocess"), dict):
             post = dict(changes["postprocess"])
-            if "cutpoints" in post:
-                post["cutpoints"] = tuple(float(c) for c in post["cutpoints"])
+            for name in ("cutpoints", "class_bias"):
+                if name in post:
+                    post[name] = tuple(float(c) for c in post[name])
             changes["postprocess"] = dataclasses.replace(self.postprocess, **post)
         return dataclasses.replace(self, **changes)
 
@@ -232,8 +242,9 @@ class InputContract:
         try:
             kw["preprocess"] = PreprocessConfig(**kw.get("preprocess", {}))
             post = dict(kw.get("postprocess", {}))
-            if "cutpoints" in post:
-                post["cutpoints"] = tuple(post["cutpoints"])
+            for name in ("cutpoints", "class_bias"):
+                if name in post:
+                    post[name] = tuple(post[name])
             kw["postprocess"] = PostprocessConfig(**post)
             for name in ("class_names", "class_labels", "mean", "std"):
                 if name in kw:

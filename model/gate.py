@@ -1,10 +1,14 @@
 """The knee gate: is this image a knee radiograph like the ones the grader learnt from?
 
-A class-conditional Mahalanobis score on the grader's own pooled features (Lee et al., "A
-Simple Unified Framework for Detecting Out-of-Distribution Samples", NeurIPS 2018): one mean
-per KL grade and one shared covariance, fitted on training knees (`train.calibrate`). The score
-of an image is its smallest squared distance to a grade's mean; far from every grade means not a
-knee crop. The refusal threshold lives in the contract (``postprocess.gate_threshold``).
+A feature ensemble of class-conditional Mahalanobis scores (Lee et al., "A Simple Unified
+Framework for Detecting Out-of-Distribution Samples", NeurIPS 2018): for each of several layers
+of the grader, one mean per KL grade and one shared covariance of that layer's pooled features,
+fitted on training knees (`train.calibrate`). A layer's score is the smallest squared distance
+to a grade's mean; each layer's score is standardised by the mean and standard deviation of the
+scores of knees the weights never trained on (the tune fold), and the gate's score is the mean of
+the standardised scores. Far from every grade, in the layers that see texture as well as in those
+that see shape, means not a knee crop. The refusal threshold lives in the contract
+(``postprocess.gate_threshold``); which layers, and why, is in docs/MODEL_CARD.md.
 
 The gate is a module with buffers only, so it travels inside the checkpoint and the exported
 TorchScript file with the weights it was fitted to.
@@ -12,11 +16,13 @@ TorchScript file with the weights it was fitted to.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 
-class KneeGate(nn.Module):
+class MahalanobisScore(nn.Module):
     """(B, D) features -> (B,) squared Mahalanobis distance to the nearest class mean.
 
     Args:
@@ -28,7 +34,6 @@ class KneeGate(nn.Module):
         super().__init__()
         self.register_buffer("means", torch.zeros(num_classes, num_features))
         self.register_buffer("precision", torch.eye(num_features))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def set_statistics(self, means: torch.Tensor, precision: torch.Tensor) -> None:
@@ -40,11 +45,59 @@ class KneeGate(nn.Module):
             )
         self.means.copy_(means)
         self.precision.copy_(precision)
-        self.fitted.fill_(True)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         f = features.float()
-        # (B, K, D) differences; D is ~1.3k and K 5, so this is a few MFLOP an image.
+        # (B, K, D) differences; D is at most 1280 and K 5, so this is a few MFLOP an image.
         diff = f[:, None, :] - self.means[None, :, :]
         d2 = ((diff @ self.precision) * diff).sum(-1)
         return d2.min(dim=1).values
+
+
+class KneeGate(nn.Module):
+    """L layers' (B, D_l) pooled features -> (B,) largest standardised Mahalanobis score.
+
+    Until fitted, every layer scores 0 and the gate refuses nothing.
+
+    Args:
+        layer_dims: D_l of each layer the gate reads, in the order ``forward`` receives them.
+        num_classes: number of class means per layer.
+    """
+
+    def __init__(self, layer_dims: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        if not layer_dims:
+            raise ValueError("the knee gate needs at least one feature layer")
+        self.layer_dims = tuple(int(d) for d in layer_dims)
+        self.layers = nn.ModuleList(MahalanobisScore(d, num_classes) for d in self.layer_dims)
+        n = len(self.layer_dims)
+        self.register_buffer("loc", torch.zeros(n))
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def set_statistics(self, layer: int, means: torch.Tensor, precision: torch.Tensor) -> None:
+        """Install one layer's fitted class means (K, D_l) and shared precision (D_l, D_l)."""
+        self.layers[layer].set_statistics(means, precision)
+
+    @torch.no_grad()
+    def set_standardisation(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        """Install each layer's (L,) reference mean and standard deviation; marks the gate fitted."""
+        if loc.shape != self.loc.shape or scale.shape != self.scale.shape:
+            n = len(self.layer_dims)
+            raise ValueError(f"expected ({n},) loc and scale, got {tuple(loc.shape)}, {tuple(scale.shape)}")
+        if not bool((scale > 0).all()):
+            raise ValueError(f"scales must be positive, got {scale.tolist()}")
+        self.loc.copy_(loc)
+        self.scale.copy_(scale)
+        self.fitted.fill_(True)
+
+    def layer_scores(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """(B, L) raw squared Mahalanobis distances, one column per layer."""
+        if len(features) != len(self.layers):
+            raise ValueError(f"the gate reads {len(self.layers)} feature layers, got {len(features)}")
+        return torch.stack([m(f) for m, f in zip(self.layers, features)], dim=1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        z = (self.layer_scores(features) - self.loc) / self.scale
+        return z.max(dim=1).values * self.fitted  # an unfitted gate scores 0 (and its contract has none)

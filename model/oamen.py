@@ -49,10 +49,20 @@ class OAMENConfig:
     mobile_backbone: str = "v1"
     head_hidden: int = 256
     dropout: float = 0.3
+    # The pooled feature layers the knee gate reads (`model.gate`): "c2".."c5" (the trunk's
+    # stages), "fused", "mobile" (the branch's pooled output) and, for a Lite0 branch,
+    # "mobile_s0".."mobile_s6" (its stages). Shape and texture layers together: a layer alone
+    # lets through made-up negatives that another refuses (docs/MODEL_CARD.md, the gate study).
+    gate_layers: tuple[str, ...] = ("c5", "fused", "mobile")
 
     def __post_init__(self) -> None:
         if len(self.mobile_widths) != len(self.mobile_strides):
             raise ValueError("mobile_widths and mobile_strides need the same length")
+        for name in self.gate_layers:
+            ok = name in ("c2", "c3", "c4", "c5", "fused") or (self.use_mobile and name == "mobile")
+            ok = ok or (self.use_mobile and self.mobile_backbone == "lite0" and name in _LITE0_TAPS)
+            if not ok:
+                raise ValueError(f"gate layer {name!r} does not exist in this variant")
         if self.num_classes < 2 or self.in_chans < 1:
             raise ValueError(f"bad num_classes={self.num_classes} or in_chans={self.in_chans}")
         if self.mobile_backbone not in ("v1", "lite0"):
@@ -120,6 +130,13 @@ class MobileBranch(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(self.blocks(x), 1), 1)
 
 
+_LITE0_TAPS = tuple(f"mobile_s{i}" for i in range(7))
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
 class Lite0Branch(nn.Module):
     """EfficientNet-Lite0 as the parallel branch: (B, C, H, W) -> (B, 1280) pooled features."""
 
@@ -132,6 +149,17 @@ class Lite0Branch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def forward_taps(self, x: torch.Tensor, stages: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, C, H, W) -> the pooled features (as `forward`) and the pooled outputs of ``stages``."""
+        net = self.net
+        y = net.act(net.bn1(net.conv_stem(x)))
+        taps = []
+        for i, stage in enumerate(net.blocks):
+            y = stage(y)
+            if i in stages:
+                taps.append(_pool(y))
+        return _pool(net.act(net.bn2(net.conv_head(y)))), taps
 
 
 class MultiScaleFusion(nn.Module):
@@ -197,7 +225,16 @@ class OAMEN(nn.Module):
         )
         # The "is this a knee?" gate on the same pooled features, fitted after training
         # (train.calibrate); until then it scores everything 0 and refuses nothing.
-        self.knee_gate = KneeGate(feat, cfg.num_classes)
+        dims = {"c2": cfg.widths[0], "c3": cfg.widths[1], "c4": cfg.widths[2], "c5": cfg.widths[3]}
+        dims["fused"] = cfg.fusion_channels
+        if self.mobile is not None:
+            dims["mobile"] = self.mobile.out_channels
+        if isinstance(self.mobile, Lite0Branch):
+            from model.efficientnet_lite import LITE0_STAGES
+
+            # a stage is (kernel, stride, expand, channels out, repeats)
+            dims |= {f"mobile_s{i}": stage[3] for i, stage in enumerate(LITE0_STAGES)}
+        self.knee_gate = KneeGate([dims[n] for n in cfg.gate_layers], cfg.num_classes)
         self._init_weights()
         if pretrained and not isinstance(self.mobile, Lite0Branch):
             raise ValueError("pretrained weights exist only for mobile_backbone='lite0'")
@@ -230,16 +267,35 @@ class OAMEN(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, num_features) pooled fused + MobileNet features."""
+        return self._features(x, taps=False)[0]
+
+    def forward_gate_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, C, H, W) -> the pooled features (as `forward_features`) and the (B, D_l) pooled
+        features of each of ``cfg.gate_layers``, in that order (what the knee gate reads)."""
+        return self._features(x, taps=True)
+
+    def _features(self, x: torch.Tensor, taps: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         y = self.stem(x)
         feats = []
         for stage in self.stages:
             y = stage(y)
             feats.append(y)
         fused = self.fusion(*feats) if self.cfg.use_fusion else self.fusion(feats[-1])
-        pooled = torch.flatten(F.adaptive_avg_pool2d(fused, 1), 1)
+        found = {}
+        pooled = _pool(fused)
+        if taps:
+            found = {f"c{i + 2}": _pool(f) for i, f in enumerate(feats) if f"c{i + 2}" in self.cfg.gate_layers}
+            found["fused"] = pooled
         if self.mobile is not None:
-            pooled = torch.cat([pooled, self.mobile(x)], dim=1)
-        return pooled
+            if taps and isinstance(self.mobile, Lite0Branch):
+                stages = tuple(int(n[len("mobile_s") :]) for n in self.cfg.gate_layers if n in _LITE0_TAPS)
+                mobile, stage_feats = self.mobile.forward_taps(x, stages)
+                found |= {f"mobile_s{i}": f for i, f in zip(sorted(stages), stage_feats)}
+            else:
+                mobile = self.mobile(x)
+            found["mobile"] = mobile
+            pooled = torch.cat([pooled, mobile], dim=1)
+        return pooled, [found[n] for n in self.cfg.gate_layers] if taps else []
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """(B, num_features) -> (B, num_classes) logits."""
@@ -250,8 +306,8 @@ class OAMEN(nn.Module):
 
     def forward_with_gate(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, num_classes + 1): the logits, then the knee gate's score."""
-        feats = self.forward_features(x)
-        return torch.cat([self.forward_head(feats), self.knee_gate(feats)[:, None]], dim=1)
+        feats, taps = self.forward_gate_features(x)
+        return torch.cat([self.forward_head(feats), self.knee_gate(taps)[:, None]], dim=1)
 
 
 def _build(default: OAMENConfig, pretrained: bool = False, **kwargs) -> OAMEN:
@@ -286,12 +342,16 @@ def oamen_nofusion(**kwargs) -> OAMEN:
 @register_model
 def oamen_nomobile(**kwargs) -> OAMEN:
     """Ablation: OA-MEN without the parallel MobileNet branch."""
-    return _build(OAMENConfig(use_mobile=False), **kwargs)
+    return _build(OAMENConfig(use_mobile=False, gate_layers=("c5", "fused")), **kwargs)
 
 
 # The trunk of oamen_lite: a quarter of ResNet-18's compute, trained from scratch beside the
 # pretrained branch, which carries most of the capacity.
 _LITE_TRUNK = {"stem_width": 32, "widths": (32, 64, 128, 256), "fusion_channels": 64}
+# The knee gate of the Lite0 variants: the trunk's last stage, the fused map, the branch's
+# stride-16 stage (112 channels) and its pooled output, chosen on the tune fold against made-up
+# negatives (train.gate_study, docs/model/gate_study.json).
+_LITE0_GATE = ("c5", "fused", "mobile_s4", "mobile")
 
 
 @register_model(pretrained=True)
@@ -299,16 +359,20 @@ def oamen_pt(**kwargs) -> OAMEN:
     """OA-MEN whose MobileNet-family branch is EfficientNet-Lite0, ImageNet-initialised on
     request (``pretrained=True``); the half-width ResNet trunk with multi-scale fusion as in
     `oamen_lite`. The served model."""
-    return _build(OAMENConfig(mobile_backbone="lite0", head_hidden=256, **_LITE_TRUNK), **kwargs)
+    cfg = OAMENConfig(mobile_backbone="lite0", head_hidden=256, gate_layers=_LITE0_GATE, **_LITE_TRUNK)
+    return _build(cfg, **kwargs)
 
 
 @register_model(pretrained=True)
 def oamen_pt_full(**kwargs) -> OAMEN:
     """`oamen_pt` with the full ResNet-18-width trunk (for a GPU run)."""
-    return _build(OAMENConfig(mobile_backbone="lite0", head_hidden=256), **kwargs)
+    return _build(OAMENConfig(mobile_backbone="lite0", head_hidden=256, gate_layers=_LITE0_GATE), **kwargs)
 
 
 @register_model(pretrained=True)
 def oamen_pt_nofusion(**kwargs) -> OAMEN:
     """Ablation of `oamen_pt`: the trunk's head reads C5 only, no multi-scale fusion."""
-    return _build(OAMENConfig(mobile_backbone="lite0", head_hidden=256, use_fusion=False, **_LITE_TRUNK), **kwargs)
+    cfg = OAMENConfig(
+        mobile_backbone="lite0", head_hidden=256, use_fusion=False, gate_layers=_LITE0_GATE, **_LITE_TRUNK
+    )
+    return _build(cfg, **kwargs)

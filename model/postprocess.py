@@ -4,7 +4,8 @@ Everything is read from the contract's `PostprocessConfig`, fitted after trainin
 `train.calibrate` on a fold held out of the training split, so that the handler and
 `train.evaluate` turn the same logits into the same answer.
 
-- probabilities: ``softmax(logits / temperature)`` (temperature scaling, Guo et al. 2017),
+- probabilities: ``softmax(logits / temperature + class_bias)`` (temperature scaling, with a
+  bias per class when the tune fold chose it; Guo et al. 2017),
   averaged with the mirrored image's when ``flip_tta`` is on (the caller supplies both);
 - grade: the argmax, or an ordinal decoding of the expected grade ``E = sum_k k p_k`` by
   cut-points, which lets a doubtful KL1 be said where the argmax would round it to KL0 or KL2;
@@ -40,8 +41,12 @@ def _check_logits(logits: np.ndarray) -> np.ndarray:
 
 
 def calibrated_probabilities(logits: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
-    """(N, K) logits -> (N, K) probabilities, ``softmax(logits / temperature)``."""
+    """(N, K) logits -> (N, K) probabilities, ``softmax(logits / temperature + class_bias)``."""
     x = _check_logits(logits) / cfg.temperature
+    if cfg.class_bias:
+        if len(cfg.class_bias) != x.shape[1]:
+            raise ValueError(f"{x.shape[1]} classes need {x.shape[1]} class_bias values, got {len(cfg.class_bias)}")
+        x = x + np.asarray(cfg.class_bias, dtype=np.float64)
     x = x - x.max(axis=1, keepdims=True)
     e = np.exp(x)
     return e / e.sum(axis=1, keepdims=True)

@@ -1,15 +1,23 @@
-"""model.postprocess, model.gate and the fitting in train.calibrate, on small hand-checkable cases."""
+"""model.postprocess and the calibration fitting in train.calibrate, on small hand-checkable cases.
+
+The knee gate (model.gate, its fitting) is tested in tests/test_gate.py.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from model.contract import InputContract, PostprocessConfig
-from model.gate import KneeGate
 from model.postprocess import calibrated_probabilities, decode_grades, expected_grade, finish, split_outputs
-from train.calibrate import decision_score, fit_cutpoints, fit_gate, fit_temperature
+from train.calibrate import (
+    choose_calibration,
+    cross_validate_calibration,
+    decision_score,
+    fit_calibration,
+    fit_cutpoints,
+    fit_temperature,
+)
 
 
 def test_temperature_divides_the_logits() -> None:
@@ -88,26 +96,49 @@ def test_fit_cutpoints_never_scores_worse_than_rounding() -> None:
     assert decision_score(labels, fitted, 5) >= decision_score(labels, rounded, 5)
 
 
-def test_gate_scores_the_distance_to_the_nearest_class() -> None:
-    gate = KneeGate(num_features=2, num_classes=2)
-    assert not bool(gate.fitted)
-    gate.set_statistics(torch.tensor([[0.0, 0.0], [10.0, 0.0]]), torch.eye(2) * 0.25)
-    scores = gate(torch.tensor([[1.0, 0.0], [9.0, 2.0], [5.0, 0.0]]))
-    torch.testing.assert_close(scores, torch.tensor([0.25, 1.25, 6.25]))
-    with pytest.raises(ValueError, match="do not fit"):
-        gate.set_statistics(torch.zeros(3, 2), torch.eye(2))
+def test_class_bias_is_added_after_the_temperature() -> None:
+    logits = np.array([[2.0, 0.0, 0.0, 0.0, 0.0]])
+    cfg = PostprocessConfig(temperature=2.0, class_bias=(0.0, 1.0, 0.0, 0.0, 0.0))
+    p = calibrated_probabilities(logits, cfg)
+    np.testing.assert_allclose(p[0, 0], p[0, 1])  # 2/2 + 0 == 0/2 + 1
+    with pytest.raises(ValueError, match="class_bias"):
+        calibrated_probabilities(logits, PostprocessConfig(class_bias=(0.0, 1.0)))
+    with pytest.raises(ValueError, match="finite"):
+        PostprocessConfig(class_bias=(0.0, float("nan")))
+    c = InputContract(postprocess=cfg)
+    assert InputContract.from_json(c.to_json()) == c
+    with pytest.raises(ValueError, match="class_bias"):
+        InputContract(postprocess=PostprocessConfig(class_bias=(0.0, 1.0)))
 
 
-def test_fitted_gate_separates_what_it_was_fitted_on_from_the_rest() -> None:
-    rng = np.random.default_rng(2)
-    labels = rng.integers(0, 3, 900)
-    centres = rng.normal(0, 3, (3, 16))
-    knees = centres[labels] + rng.normal(0, 1, (900, 16))
-    others = rng.normal(0, 1, (200, 16)) + 8.0
-    means, precision = fit_gate(knees, labels, 3)
-    gate = KneeGate(16, 3)
-    gate.set_statistics(torch.from_numpy(means), torch.from_numpy(precision))
-    s_knee = gate(torch.from_numpy(knees).float()).numpy()
-    s_other = gate(torch.from_numpy(others).float()).numpy()
-    threshold = np.quantile(s_knee, 0.99)
-    assert (s_other > threshold).mean() > 0.99
+def _shifted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose true probabilities are softmax(logits / 2 + bias): too confident, shifted."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, (n, 5))
+    bias = np.array([1.0, -1.0, 0.5, 0.0, -0.5])
+    p = calibrated_probabilities(logits, PostprocessConfig(temperature=2.0, class_bias=tuple(bias)))
+    return logits, np.array([rng.choice(5, p=row) for row in p])
+
+
+def test_fit_calibration_recovers_a_temperature_and_bias() -> None:
+    logits, labels = _shifted(6000, 3)
+    cfg = fit_calibration(logits, labels, "temperature+bias")
+    assert cfg.temperature == pytest.approx(2.0, rel=0.1)
+    bias = np.array([1.0, -1.0, 0.5, 0.0, -0.5])
+    np.testing.assert_allclose(cfg.class_bias, bias - bias.mean(), atol=0.15)
+    assert fit_calibration(logits, labels, "none") == PostprocessConfig()
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        fit_calibration(logits, labels, "isotonic")
+
+
+def test_cross_validation_prefers_the_method_the_data_need() -> None:
+    logits, labels = _shifted(1200, 4)
+    groups = np.arange(len(labels)) // 2  # two knees per patient
+    cv = cross_validate_calibration(logits, labels, groups, repeats=2)
+    assert set(cv) == {"none", "temperature", "temperature+bias"}
+    assert cv["temperature"]["cv_ece"] < cv["none"]["cv_ece"]
+    assert choose_calibration(cv) == "temperature+bias"
+    # a method with a worse NLL than temperature scaling is never chosen, whatever its ECE
+    rigged = {m: dict(v) for m, v in cv.items()}
+    rigged["temperature+bias"] |= {"cv_nll": cv["temperature"]["cv_nll"] + 1, "cv_ece": 0.0}
+    assert choose_calibration(rigged) != "temperature+bias"

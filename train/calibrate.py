@@ -5,18 +5,23 @@
 Everything is fitted on data the weights never trained on, and nothing on the validation split
 except the one threshold the issue asks to choose there (the uncertain flag's coverage):
 
-- **temperature** (`model.postprocess`): the one scalar that minimises the negative
-  log-likelihood of the tune fold (the patient-grouped share of train that `train.fit` held out);
+- **calibration** (`model.postprocess`): none, temperature scaling, or temperature with a bias per
+  class, compared by patient-grouped 5-fold cross-validation inside the tune fold (the
+  patient-grouped share of train that `train.fit` held out) and chosen by a stated rule
+  (`choose_calibration`); the chosen one is then fitted on the whole fold by negative log-likelihood;
 - **decision**: the argmax, or cut-points on the expected grade fitted on the tune fold to
   maximise the mean of top-1 accuracy and quadratic kappa; the better on the tune fold is kept;
 - **flip averaging** (the image and its mirror): measured on the tune fold both ways; with
   ``--flip auto`` kept when it gains more than 0.005 of the score there. The default is ``off``:
   it runs the model twice per image, which halves the served throughput, and the project's
   served-speed target (docs/BENCHMARKS.md) has no room for that on a CPU;
-- **knee gate** (`model.gate`): class means and a shared, shrunk covariance of the pooled
-  features of the training knees; the refusal threshold is the ``--gate-quantile`` of the tune
-  fold's knee scores, so that about 1 - q of real knees would be refused. The non-knee
-  radiographs are never fitted on: they only measure the gate (`train.evaluate`);
+- **knee gate** (`model.gate`): for each of the model's gate layers, class means and a shared,
+  shrunk covariance of the pooled features of training knees; each layer's distance standardised on
+  the tune fold's knees; the refusal threshold is the ``--gate-quantile`` of the tune fold's knee
+  scores, so that about 1 - q of real knees would be refused. Which layers, and how they are
+  combined, was chosen by `train.gate_study` on the tune fold and made-up negatives. The non-knee
+  radiographs are never fitted on: they only measure the gate (`train.evaluate`). Features are
+  cached on disk (``--cache-dir``), keyed by the weights and the images;
 - **uncertain flag**: the confidence below which the least confident ``1 - coverage`` of the
   validation answers fall.
 
@@ -27,6 +32,7 @@ Writes the checkpoint with the fitted gate and the contract's ``postprocess`` se
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -89,6 +95,48 @@ def pooled_features(
 
 
 @torch.inference_mode()
+def gate_features(
+    net: torch.nn.Module, images: np.ndarray, contract: InputContract, batch_size: int = 32
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(N, S, S) prepared uint8 images -> (N, D) pooled features and the gate's L (N, D_l) layers."""
+    pooled, layers = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
+        chunk = images[i : i + batch_size]
+        x = torch.from_numpy(np.stack([to_model_input(np.ascontiguousarray(im), contract) for im in chunk]))
+        f, taps = net.forward_gate_features(x.contiguous(memory_format=torch.channels_last))
+        pooled.append(f.float().numpy())
+        layers.append([t.float().numpy() for t in taps])
+    return np.concatenate(pooled), [np.concatenate(col) for col in zip(*layers, strict=True)]
+
+
+class FeatureCache:
+    """Features of prepared images on disk, keyed by the weights, the images and what is computed.
+
+    Calibration reads the same few thousand knees through the same weights each time it runs;
+    on a CPU that is most of its time.
+    """
+
+    def __init__(self, folder: str | None, checkpoint: Path, gate_layers: tuple[str, ...]) -> None:
+        self.folder = Path(folder) if folder else None
+        self.base = hashlib.sha1(checkpoint.read_bytes() + repr(gate_layers).encode()).hexdigest()
+
+    def get(self, name: str, images: np.ndarray, compute) -> list[np.ndarray]:
+        if self.folder is None:
+            return compute()
+        key = hashlib.sha1((self.base + name).encode() + images.tobytes()).hexdigest()[:16]
+        path = self.folder / f"features-{name}-{key}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                return [z[f"a{i}"] for i in range(len(z.files))]
+        arrays = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **{f"a{i}": a for i, a in enumerate(arrays)})
+        tmp.replace(path)
+        return arrays
+
+
+@torch.inference_mode()
 def head_logits(net: torch.nn.Module, features: np.ndarray) -> np.ndarray:
     return net.forward_head(torch.from_numpy(features)).float().numpy()
 
@@ -105,6 +153,98 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     fine = best * np.exp(np.linspace(-0.03, 0.03, 31))
     return float(min(fine, key=nll))
 
+
+
+def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
+def fit_temperature_and_bias(logits: np.ndarray, labels: np.ndarray) -> tuple[float, tuple[float, ...]]:
+    """Temperature and K per-class biases minimising the mean negative log-likelihood (L-BFGS).
+
+    ``softmax(logits / T + b)``: temperature scaling with a bias per class (vector scaling with one
+    shared scale, Guo et al. 2017). It can also correct a shift of the grade frequencies between the
+    data the model trained on and the data it sees. The biases are returned centred (the softmax
+    ignores a common offset).
+    """
+    from scipy.optimize import minimize
+
+    x = np.asarray(logits, dtype=np.float64)
+    k = x.shape[1]
+
+    def loss(a: np.ndarray) -> float:
+        return _nll(_softmax(x / np.exp(a[0]) + a[1:]), labels)
+
+    a0 = np.r_[np.log(fit_temperature(x, labels)), np.zeros(k)]
+    a = minimize(loss, a0, method="L-BFGS-B").x
+    bias = a[1:] - a[1:].mean()
+    return float(np.exp(a[0])), tuple(float(b) for b in bias)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+CALIBRATIONS = ("none", "temperature", "temperature+bias")
+
+
+def fit_calibration(logits: np.ndarray, labels: np.ndarray, method: str) -> PostprocessConfig:
+    """The `PostprocessConfig` (temperature, class_bias) of one of `CALIBRATIONS`, fitted by NLL."""
+    if method == "none":
+        return PostprocessConfig()
+    if method == "temperature":
+        return PostprocessConfig(temperature=fit_temperature(logits, labels))
+    if method == "temperature+bias":
+        t, b = fit_temperature_and_bias(logits, labels)
+        return PostprocessConfig(temperature=t, class_bias=b)
+    raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {method!r}")
+
+
+def cross_validate_calibration(
+    logits: np.ndarray, labels: np.ndarray, groups: np.ndarray, folds: int = 5, repeats: int = 10, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Each of `CALIBRATIONS` fitted on k-1 folds of the tune fold and measured on the k-th.
+
+    Folds are patient-grouped (both knees of a patient fall in one fold); the split is repeated
+    ``repeats`` times because the 15-bin ECE of a few hundred knees is noisy. Returns, per method,
+    the mean and standard deviation over repeats of the out-of-fold ECE, and the mean NLL and top-1.
+    """
+    from train.metrics import expected_calibration_error
+
+    uniq = np.unique(groups)
+    out: dict[str, dict[str, list[float]]] = {m: {"ece": [], "nll": [], "accuracy": []} for m in CALIBRATIONS}
+    for r in range(repeats):
+        order = np.random.default_rng(seed + r).permutation(uniq)
+        fold_of = {g: i % folds for i, g in enumerate(order)}
+        fid = np.array([fold_of[g] for g in groups])
+        for m in CALIBRATIONS:
+            p = np.zeros_like(logits, dtype=np.float64)
+            for f in range(folds):
+                fit, held = fid != f, fid == f
+                p[held] = calibrated_probabilities(logits[held], fit_calibration(logits[fit], labels[fit], m))
+            out[m]["ece"].append(expected_calibration_error(labels, p))
+            out[m]["nll"].append(_nll(p, labels))
+            out[m]["accuracy"].append(float((p.argmax(1) == labels).mean()))
+    return {
+        m: {
+            "cv_ece": float(np.mean(v["ece"])),
+            "cv_ece_sd": float(np.std(v["ece"])),
+            "cv_nll": float(np.mean(v["nll"])),
+            "cv_accuracy": float(np.mean(v["accuracy"])),
+        }
+        for m, v in out.items()
+    }
+
+
+def choose_calibration(cv: dict[str, dict[str, float]]) -> str:
+    """The rule, stated before measuring: lowest cross-validated ECE, among the methods whose
+    cross-validated NLL (a proper score, so it cannot be gamed by binning) is no worse than
+    temperature scaling's."""
+    ref = cv["temperature"]["cv_nll"]
+    ok = [m for m in cv if m == "temperature" or cv[m]["cv_nll"] <= ref]
+    return min(ok, key=lambda m: cv[m]["cv_ece"])
 
 def decision_score(labels: np.ndarray, grades: np.ndarray, k: int) -> float:
     """What the decision rule is chosen by: the mean of top-1 accuracy and quadratic kappa."""
@@ -145,8 +285,34 @@ def fit_gate(features: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarr
 
 
 @torch.inference_mode()
-def gate_scores(net: torch.nn.Module, features: np.ndarray) -> np.ndarray:
-    return net.knee_gate(torch.from_numpy(features)).numpy()
+def layer_scores(net: torch.nn.Module, layers: list[np.ndarray]) -> np.ndarray:
+    """(N, L) each gate layer's raw squared Mahalanobis distance."""
+    return net.knee_gate.layer_scores([torch.from_numpy(f) for f in layers]).numpy()
+
+
+@torch.inference_mode()
+def gate_scores(net: torch.nn.Module, layers: list[np.ndarray]) -> np.ndarray:
+    """(N,) the gate's score: the largest standardised layer score."""
+    return net.knee_gate([torch.from_numpy(f) for f in layers]).numpy()
+
+
+def fit_knee_gate(
+    net: torch.nn.Module, fit_layers: list[np.ndarray], fit_labels: np.ndarray, ref_layers: list[np.ndarray], k: int
+) -> np.ndarray:
+    """Fit every gate layer on training knees, standardise each on the reference knees; returns
+    the reference knees' (N,) gate scores.
+
+    Each layer's class means and shrunk covariance come from ``fit_layers`` (knees the weights
+    trained on); its location and scale are the mean and standard deviation of its scores on
+    ``ref_layers`` (knees the weights never trained on: the tune fold), which the trained-on knees
+    would understate.
+    """
+    for i, f in enumerate(fit_layers):
+        means, precision = fit_gate(f, fit_labels, k)
+        net.knee_gate.set_statistics(i, torch.from_numpy(means), torch.from_numpy(precision))
+    raw = layer_scores(net, ref_layers)
+    net.knee_gate.set_standardisation(torch.from_numpy(raw.mean(0)).float(), torch.from_numpy(raw.std(0)).float())
+    return gate_scores(net, ref_layers)
 
 
 def samples_from_files(files: list[str], root_samples: list[Sample]) -> list[Sample]:
@@ -179,17 +345,36 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     y_tune = np.array([s.grade for s in tune])
     x_tune = prepare_all(tune, contract, cache, "tune")
     x_val = prepare_all(val, contract, cache, "val")
-    f_tune = pooled_features(net, x_tune, contract, batch_size=args.batch_size)
-    f_tune_flip = pooled_features(net, x_tune, contract, flip=True, batch_size=args.batch_size)
+    features = FeatureCache(cache, ckpt, net.cfg.gate_layers)
 
-    # 1. temperature, without and with flip averaging (averaging softens: fit T for each)
+    def cached(name: str, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The pooled features and the gate's layers of ``images``, from the cache when there."""
+
+        def compute() -> list[np.ndarray]:
+            pooled, layers = gate_features(net, images, contract, args.batch_size)
+            return [pooled, *layers]
+
+        arrays = features.get(name, images, compute)
+        return arrays[0], arrays[1:]
+
+    f_tune, g_tune = cached("tune", x_tune)
+    f_tune_flip = features.get(
+        "tune-mirrored", x_tune, lambda: [pooled_features(net, x_tune, contract, True, args.batch_size)]
+    )[0]
+
+    # 1. calibration: the methods compared by cross-validation inside the tune fold, the chosen one
+    #    fitted on all of it; then the decoding, without and with flip averaging (which softens: fit T for each)
     l_tune = head_logits(net, f_tune)
     l_tune_flip = head_logits(net, f_tune_flip)
-    t_plain = fit_temperature(l_tune, y_tune)
+    groups = np.array([parse_patient(s.path) or str(s.path) for s in tune])
+    calibration_cv = cross_validate_calibration(l_tune, y_tune, groups, seed=args.seed)
+    calibration = choose_calibration(calibration_cv)
+    fitted = fit_calibration(l_tune, y_tune, calibration)
+    t_plain, bias = fitted.temperature, fitted.class_bias
     t_flip = fit_temperature(0.5 * (l_tune + l_tune_flip), y_tune)
 
     def probs_of(logits: np.ndarray, logits_flip: np.ndarray | None, t: float) -> np.ndarray:
-        cfg = PostprocessConfig(temperature=t)
+        cfg = PostprocessConfig(temperature=t, class_bias=() if logits_flip is not None else bias)
         p = calibrated_probabilities(logits, cfg)
         if logits_flip is not None:
             p = 0.5 * (p + calibrated_probabilities(logits_flip, cfg))
@@ -202,6 +387,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for decision in ("argmax", "cutpoints"):
             cfg = PostprocessConfig(
                 temperature=t_flip if flip else t_plain,
+                class_bias=() if flip else bias,
                 decision=decision,
                 cutpoints=cuts if decision == "cutpoints" else (),
                 flip_tta=flip,
@@ -223,16 +409,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         chosen = best_flip if args.flip == "on" else best_plain
     post: PostprocessConfig = chosen["config"]
 
-    # 2. the knee gate, fitted on training knees (not the tune fold), thresholded on the tune fold
+    # 2. the knee gate, fitted on training knees (not the tune fold), standardised and thresholded
+    #    on the tune fold
     x_fit = prepare_all(gate_fit, contract, cache, "gatefit")
-    f_fit = pooled_features(net, x_fit, contract, batch_size=args.batch_size)
-    means, precision = fit_gate(f_fit, np.array([s.grade for s in gate_fit]), k)
-    net.knee_gate.set_statistics(torch.from_numpy(means), torch.from_numpy(precision))
-    s_tune = gate_scores(net, f_tune)
+    _, g_fit = cached("gatefit", x_fit)
+    s_tune = fit_knee_gate(net, g_fit, np.array([s.grade for s in gate_fit]), g_tune, k)
     threshold = float(np.quantile(s_tune, args.gate_quantile))
+    # how often a knee like the tune fold's is refused at a threshold placed this way on half as many
+    # knees: the threshold from one random half of the tune fold, the refusals counted on the other
+    half = len(s_tune) // 2
+    rng_h = np.random.default_rng(args.seed)
+    halves = [rng_h.permutation(len(s_tune)) for _ in range(200)]
+    split_half = float(
+        np.mean([(s_tune[h[half:]] > np.quantile(s_tune[h[:half]], args.gate_quantile)).mean() for h in halves])
+    )
 
     # 3. the uncertain flag, chosen on val for the stated coverage
-    f_val = pooled_features(net, x_val, contract, batch_size=args.batch_size)
+    f_val, _ = cached("val", x_val)
     l_val = head_logits(net, f_val)
     l_val_flip = None
     if post.flip_tta:
@@ -244,6 +437,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     post = PostprocessConfig(
         temperature=round(post.temperature, 4),
+        class_bias=tuple(round(b, 4) for b in post.class_bias),
         decision=post.decision,
         cutpoints=post.cutpoints,
         flip_tta=post.flip_tta,
@@ -271,6 +465,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for n, c in candidates.items()
         },
         "chosen": next(n for n, c in candidates.items() if c is chosen),
+        "calibration": {
+            "chosen": calibration,
+            "rule": "lowest cross-validated ECE among the methods whose cross-validated NLL is no worse "
+            "than temperature scaling's",
+            "cv": "patient-grouped 5-fold inside the tune fold, 10 repeats",
+            "methods": calibration_cv,
+        },
+        "gate": {
+            "layers": list(net.cfg.gate_layers),
+            "layer_dims": list(net.knee_gate.layer_dims),
+            "combination": "largest of the layer scores, each standardised by its tune-fold mean and sd",
+            "loc": net.knee_gate.loc.tolist(),
+            "scale": net.knee_gate.scale.tolist(),
+            "tune_knees_refused_split_half": split_half,
+        },
         "tune_gate_scores": {"p50": float(np.median(s_tune)), "threshold": threshold},
     }
     report_path = Path(args.out).with_name("calibration.json")
