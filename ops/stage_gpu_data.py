@@ -3,9 +3,10 @@
 ``python -m ops.stage_gpu_data --data ../shared/data/koa --out gpu_stage --quality 90``
 
 The GPU machine receives at most 64 MiB of working tree per run, code included; the lossless
-PNGs are about 190 MB. JPEG at quality 90 keeps the 224 px knees visually identical and
-brings train + val to roughly 45 MB. Only the GPU run trains and selects on this copy; the
-figures we report are always re-measured here, on the lossless PNGs, with train.evaluate.
+PNGs are larger than that. JPEG at quality 90 keeps the 224 px knees visually identical and
+brings train + val well under the limit (the script prints the size it wrote). Only the GPU run
+trains and selects on this copy; the figures we report are always re-measured here, on the
+lossless PNGs, with train.evaluate.
 """
 
 from __future__ import annotations

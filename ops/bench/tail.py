@@ -4,10 +4,11 @@
 [--users 16] [--duration 180s] [--load 0.8] [--repeat 1] [--protocols rest,grpc] [--json PATH]``
 
 By default it measures the setting config.properties ships, for 180 s per protocol: a 60 s run's
-p99 rests on about 50 requests, and single 60 s runs landed on both sides of the 2 x p50 target.
+p99 rests on a few dozen requests, and single 60 s runs landed on both sides of the 2 x p50 target
+(docs/BENCHMARKS.md).
 
 For each setting ``BATCHxDELAY_MS``, on one private TorchServe (free ports) started with that
-batching, it runs Locust headless (``loadtest/run.py``, the same users as ``make loadtest``):
+batching, it runs Locust headless (``python -m loadtest.run``, the same users as ``make loadtest``):
 
 1. saturation: ``--saturate-users`` closed-loop REST users for ``--saturate-duration``; its
    requests/s is the setting's capacity S;
