@@ -1,0 +1,227 @@
+"""The knee-joint finder (model.localize): geometry, decisions, training targets, and the shipped
+finder on real whole films (tests/fixtures/films, annotated in annotations/legfilms.csv)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from model.localize import (
+    CROP_PER_JOINT_WIDTH,
+    JOINT_LINE_IN_CROP,
+    STRIDE,
+    VIEWS,
+    FinderConfig,
+    Joint,
+    crop_box,
+    crop_joint,
+    decode_output,
+    find_joints,
+    finder_input,
+    load_finder,
+    plan,
+    to_source,
+)
+from train.annotate import read_boxes
+from train.fit_finder import Item, augment, film_split, targets
+
+ROOT = Path(__file__).resolve().parents[1]
+FILMS = ROOT / "tests" / "fixtures" / "films"
+SHIPPED = ROOT / "weights" / "finder.pt"
+
+
+def joint(x: float, y: float, w: float, view: str = "ap") -> Joint:
+    return Joint((x - w / 2, y - w / 2, x + w / 2, y + w / 2), view, 0.9)
+
+
+def test_letterbox_maps_back_to_the_source():
+    film = np.zeros((400, 300), np.uint8)
+    x, lb = finder_input(film, 256)
+    assert x.shape == (256, 256) and x.dtype == np.float32
+    # a peak at the input position of source (150, 200) with width 64 input px comes back there
+    cx, cy = 150 * lb.scale + lb.left, 200 * lb.scale + lb.top
+    j = to_source((cx, cy, 64.0, 0, 0.8), lb)
+    assert j.centre == pytest.approx((150, 200), abs=1e-6) and j.width == pytest.approx(64 / lb.scale)
+
+
+def test_decode_output_finds_each_peak_once_with_its_width_and_offset():
+    g = 32
+    out = np.full((len(VIEWS) + 3, g, g), -10.0, np.float32)
+    out[0, 10, 5] = 3.0  # an AP joint at cell (5, 10)
+    out[0, 10, 6] = 2.0  # its neighbour: the same joint
+    out[1, 20, 25] = 1.0  # a lateral one
+    out[len(VIEWS), 10, 5] = np.log(48 / (g * STRIDE))
+    out[len(VIEWS) + 1 :, 10, 5] = 0.0  # offset 0.5 in each direction
+    out[len(VIEWS), 20, 25] = np.log(40 / (g * STRIDE))
+    peaks = decode_output(out, FinderConfig(score_threshold=0.5))
+    assert [(p[3], round(p[2])) for p in peaks] == [(0, 48), (1, 40)]
+    assert peaks[0][:2] == pytest.approx(((5 + 0.5) * STRIDE, (10 + 0.5) * STRIDE))
+    assert decode_output(out, FinderConfig(score_threshold=0.9)) == [peaks[0]]
+
+
+@pytest.mark.parametrize(
+    ("joints", "kind", "error"),
+    [
+        ([joint(100, 100, 180)], "crop", None),  # the joint fills the image: a crop already
+        ([joint(60, 100, 70), joint(140, 100, 70)], "film", None),
+        ([joint(100, 100, 30)], "refuse", "resolution_too_low"),
+        ([joint(100, 100, 70, "other")], "refuse", "unsupported_view"),
+        ([joint(100, 100, 180, "other")], "refuse", "unsupported_view"),  # a lateral crop
+        ([], "refuse", "not_a_knee"),
+    ],
+)
+def test_plan_decides_from_the_joints(joints, kind, error):
+    p = plan(joints, (200, 200), FinderConfig(min_joint_px=56))
+    assert (p.kind, p.error) == (kind, error)
+
+
+def test_plan_grades_the_ap_knee_and_lists_the_rest_with_reasons():
+    p = plan([joint(150, 100, 70), joint(50, 100, 70, "other"), joint(100, 50, 20)], (200, 300), FinderConfig())
+    assert p.kind == "film" and [j.centre[0] for j in p.joints] == [150]
+    assert sorted(reason for _, reason in p.skipped) == ["resolution_too_low", "unsupported_view"]
+
+
+def test_the_crop_frames_the_joint_as_the_training_crops_do():
+    j = joint(200, 300, 100)
+    x0, y0, x1, y1 = crop_box(j)
+    assert x1 - x0 == pytest.approx(100 * CROP_PER_JOINT_WIDTH) and y1 - y0 == pytest.approx(x1 - x0)
+    assert (x0 + x1) / 2 == pytest.approx(200)  # centred across
+    assert (300 - y0) / (y1 - y0) == pytest.approx(JOINT_LINE_IN_CROP)  # the joint line a little below the middle
+    film = np.zeros((400, 400), np.float32)
+    film[300, 200] = 1.0  # the joint centre
+    crop = crop_joint(film, j)
+    side = crop.shape[0]
+    ys, xs = np.nonzero(crop > 0.5)
+    assert abs(xs[0] - side / 2) <= 1 and abs(ys[0] - JOINT_LINE_IN_CROP * side) <= 1
+    edge = crop_joint(film, joint(10, 10, 100))  # beyond the film: black
+    assert edge.shape == (112, 112) and edge[:40, :40].max() == 0
+
+
+def test_targets_mark_the_joint_cell_with_its_width_and_offset():
+    heat, reg = targets([(100.0, 60.0, 64.0, 1)], 256)
+    iy, ix = 60 // STRIDE, 100 // STRIDE
+    assert heat[1, iy, ix] == 1.0 and heat[0].max() == 0.0
+    assert reg[0, iy, ix] == 1.0 and np.exp(reg[1, iy, ix]) * 256 == pytest.approx(64)
+    assert reg[2:, iy, ix] == pytest.approx([100 / STRIDE - ix, 60 / STRIDE - iy])
+
+
+def test_augmentation_moves_the_joint_with_the_image():
+    # a bright spot at the joint centre must end where the augmented joint says it is
+    film = np.full((500, 400), 40, np.uint8)
+    cv2.circle(film, (120, 300), 6, 255, -1)
+    item = Item("synthetic", film, [(120.0, 300.0, 80.0, 0)], "film")
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(30):
+        x, joints = augment(item, 256, rng)
+        if not joints:
+            continue
+        blurred = cv2.GaussianBlur(x, (0, 0), 2)
+        y, xx = np.unravel_index(np.argmax(blurred), x.shape)
+        assert abs(xx - joints[0][0]) <= 3 and abs(y - joints[0][1]) <= 3
+        checked += 1
+    assert checked >= 10
+
+
+def test_the_film_split_is_fixed_by_name():
+    parts = {film_split(f"IMG{i:07d}.jpg") for i in range(200)}
+    assert parts == {"train", "tune", "test"}
+    assert film_split("IMG0000653.jpg") == film_split("IMG0000653.jpg")
+
+
+# --- the shipped finder on real films it never trained on ---
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return load_finder(SHIPPED)
+
+
+def annotated(name: str) -> list[dict]:
+    return read_boxes(ROOT / "annotations" / "legfilms.csv")[name.split("_")[-1]]
+
+
+def films(prefix: str) -> Path:
+    [path] = FILMS.glob(f"{prefix}_IMG*.jpg")
+    return path
+
+
+def gray(path: Path) -> np.ndarray:
+    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+
+
+def test_fixture_films_were_not_trained_on():
+    assert {film_split(p.name.split("_")[-1]) for p in FILMS.glob("*.jpg")} == {"test"}
+
+
+@pytest.mark.parametrize("prefix", ["ap", "bilateral"])
+def test_shipped_finder_boxes_each_ap_knee_within_a_quarter_of_its_width(shipped, prefix):
+    net, cfg = shipped
+    path = films(prefix)
+    image = gray(path)
+    p = plan(find_joints(net, cfg, [image])[0], image.shape, cfg)
+    truth = [r for r in annotated(path.name) if r["view"] == "ap"]
+    assert p.kind == "film" and len(p.joints) == len(truth)
+    for r in truth:
+        x0, y0, x1, y1 = r["box"]
+        w = x1 - x0
+        err = min(np.hypot(j.centre[0] - (x0 + x1) / 2, j.centre[1] - (y0 + y1) / 2) for j in p.joints)
+        assert err < 0.25 * w, f"{path.name}: centre {err:.1f} px off, joint {w:.0f} px wide"
+
+
+def test_shipped_finder_grades_the_ap_view_beside_a_lateral(shipped):
+    net, cfg = shipped
+    image = gray(films("ap_lateral"))
+    p = plan(find_joints(net, cfg, [image])[0], image.shape, cfg)
+    assert p.kind == "film" and len(p.joints) == 1
+    [ap] = [r for r in annotated(films("ap_lateral").name) if r["view"] == "ap"]
+    assert abs(p.joints[0].centre[0] - (ap["box"][0] + ap["box"][2]) / 2) < 0.25 * (ap["box"][2] - ap["box"][0])
+
+
+@pytest.mark.parametrize(("prefix", "error"), [("lateral", "unsupported_view"), ("ankle", "not_a_knee")])
+def test_shipped_finder_refuses_what_cannot_be_graded(shipped, prefix, error):
+    net, cfg = shipped
+    image = gray(films(prefix))
+    p = plan(find_joints(net, cfg, [image])[0], image.shape, cfg)
+    assert (p.kind, p.error) == ("refuse", error)
+
+
+def test_shipped_finder_refuses_a_film_too_small_to_grade(shipped):
+    net, cfg = shipped
+    image = gray(films("ap"))
+    [r] = annotated(films("ap").name)
+    scale = 0.5 * cfg.min_joint_px / (r["box"][2] - r["box"][0])  # the joint at half the floor
+    small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    p = plan(find_joints(net, cfg, [small])[0], small.shape, cfg)
+    assert (p.kind, p.error) == ("refuse", "resolution_too_low")
+
+
+def test_shipped_finder_takes_a_dataset_crop_as_a_crop(shipped):
+    net, cfg = shipped
+    image = gray(ROOT / "tests" / "fixtures" / "knee_kl2.png")
+    assert plan(find_joints(net, cfg, [image])[0], image.shape, cfg).kind == "crop"
+    band = image[50:173]  # a tight band around the joint, wider than tall
+    assert plan(find_joints(net, cfg, [band])[0], band.shape, cfg).kind == "crop"
+
+
+def test_the_documented_figures_were_measured_with_the_shipped_settings():
+    _, cfg = load_finder(SHIPPED)
+    measured = json.loads((ROOT / "docs" / "model" / "finder.json").read_text())
+    assert measured["config"] == asdict(cfg)
+
+
+def test_films_md_is_generated_from_the_committed_results():
+    from train.eval_finder import render_doc
+
+    result = json.loads((ROOT / "docs" / "model" / "finder.json").read_text())
+    resolution = json.loads((ROOT / "docs" / "model" / "resolution.json").read_text())
+    assert (ROOT / "docs" / "FILMS.md").read_text() == render_doc(result, resolution), (
+        "docs/FILMS.md differs from its results: run python -m train.eval_finder --render-doc"
+    )
