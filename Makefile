@@ -14,6 +14,8 @@ NONKNEE ?= ../shared/data/nonknee
 # short continues with `make train TRAIN_ARGS="... --resume"`). On a GPU: make train TRAIN_ARGS="--epochs 30"
 TRAIN_ARGS ?= --epochs 40 --time-limit 95 --no-balance --patience 0 --lr 1e-3 --version 1.0.0
 WEIGHTS := weights/oamen.ckpt
+FINDER := weights/finder.pt
+FILMS ?= ../shared/data/legfilms
 EXPORT := build/oamen.pt
 ARCHIVE := model_store/oamen.mar
 # The .mar packs the model/ and handler/ packages, so it is rebuilt when any of them changes.
@@ -22,7 +24,7 @@ SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
 PROTO_STAMP := client/_proto/inference_pb2.py
 
-.PHONY: help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-model train evaluate calibrate promote export compare archive serve stop restart token renew-token predict explain proto clean loadtest
+.PHONY: help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-model train evaluate finder evaluate-finder promote-finder calibrate promote export compare archive serve stop restart token renew-token predict explain proto clean loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -55,6 +57,22 @@ evaluate: $(STAMP)  ## evaluate the committed weights on DATA's val split (+ fra
 	$(PY) -m train.evaluate --checkpoint $(WEIGHTS) --data $(DATA) --split val --out reports/eval-val \
 		--framing $(if $(wildcard $(NONKNEE)),--nonknee $(NONKNEE))
 
+finder: $(STAMP)  ## train the knee-joint finder on the annotated leg films (FILMS) -> runs/finder/finder.pt (~10 min)
+	$(PY) -m train.fit_finder --films $(FILMS) --koa $(DATA) --out runs/finder
+
+# the shipped finder's threshold is chosen on the tune films, then everything is measured once on the test films
+evaluate-finder: $(STAMP)  ## resolution floor, finder threshold, then the test films -> docs/model/finder.json, docs/FILMS.md (~25 min)
+	$(PY) -m train.resolution --weights $(WEIGHTS) --data $(DATA) --out docs/model/resolution.json
+	$(PY) -m train.eval_finder --finder $(FINDER) --choose --films $(FILMS) --koa $(DATA) \
+		--min-joint-px $$($(PY) -c "import json; print(json.load(open('docs/model/resolution.json'))['floor_px'])") \
+		--weights $(WEIGHTS) $(if $(wildcard $(NONKNEE)),--nonknee $(NONKNEE)) --sheet docs/model/finder_test_films.jpg \
+		--out docs/model/finder.json
+	$(PY) -m train.eval_finder --render-doc
+
+promote-finder: $(STAMP)  ## runs/finder/finder.pt becomes the shipped finder, measured and documented (evaluate-finder)
+	cp runs/finder/finder.pt $(FINDER)
+	$(MAKE) evaluate-finder
+
 calibrate: $(STAMP)  ## fit temperature, decoding, knee gate and uncertain flag of RUN's best checkpoint -> RUN/calibrated.ckpt
 	$(PY) -m train.calibrate --run $(RUN) --out $(RUN)/calibrated.ckpt
 
@@ -77,9 +95,10 @@ $(EXPORT): $(WEIGHTS) $(shell find model -name '*.py' 2>/dev/null) | $(STAMP)
 
 archive: $(ARCHIVE)  ## build model_store/oamen.mar (export first when the weights are newer)
 
-$(ARCHIVE): $(EXPORT) $(SOURCES) | $(STAMP)
+$(ARCHIVE): $(EXPORT) $(FINDER) $(SOURCES) | $(STAMP)
 	rm -rf build/mar && mkdir -p build/mar model_store
 	cp -r model handler build/mar/
+	cp $(FINDER) build/mar/finder.pt  # the knee-joint finder: whole films are answered per knee
 	find build/mar -name __pycache__ -prune -exec rm -rf {} +
 	# the worker needs OA-MEN only: the lazily registered baselines stay out of the archive
 	rm -f $(patsubst %,build/mar/%.py,$(subst .,/,$(shell $(PY) -c "from model.registry import LAZY_MODULES; print(*LAZY_MODULES)"))) build/mar/model/_layers.py

@@ -73,7 +73,24 @@ def _target(value: str | None) -> int | str | None:
 
 
 def format_answer(name: str, answer: dict[str, Any]) -> str:
-    """Human-readable lines for one answer."""
+    """Human-readable lines for one answer: a crop's grade, or each knee of a whole film."""
+    if isinstance(answer.get("knees"), list):
+        lines = [f"{name}: whole film, {len(answer['knees'])} knee joint(s) found"]
+        for n, knee in enumerate(answer["knees"]):
+            x0, y0, x1, y1 = (round(v) for v in knee.get("box", (0, 0, 0, 0)))
+            where = f"knee {n + 1} ({knee.get('side')} of the image"
+            where += f", laterality {knee['laterality']})" if knee.get("laterality") else ")"
+            where += f" box [{x0}, {y0}, {x1}, {y1}]"
+            if "refused" in knee:
+                lines.append(f"  {where}: not graded ({knee['refused'].get('type')}): {knee['refused'].get('message')}")
+            else:
+                lines.extend("  " + line for line in format_grade(where, knee).splitlines())
+        return "\n".join(lines)
+    return format_grade(name, answer)
+
+
+def format_grade(name: str, answer: dict[str, Any]) -> str:
+    """Human-readable lines for one grade (a crop's answer, or one knee of a film)."""
     names = answer.get("class_names") or DEFAULT_CLASS_NAMES
     probs = answer.get("probabilities") or []
     first = f"{name}: KL{answer.get('kl_grade')} ({answer.get('label', answer.get('class_name', ''))})"
@@ -87,8 +104,17 @@ def format_answer(name: str, answer: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_overlay(answer: dict[str, Any], image: Path, out_dir: Path) -> Path:
-    """Write the explanation's overlay PNG as ``<stem>_<method>_KL<target>.png``; returns its path.
+def write_overlays(answer: dict[str, Any], image: Path, out_dir: Path) -> list[Path]:
+    """The explanation overlays of an answer: one for a crop, one per graded knee of a film
+    (``<stem>_knee<N>_<method>_KL<target>.png``)."""
+    if isinstance(answer.get("knees"), list):
+        graded = [(n, k) for n, k in enumerate(answer["knees"]) if "kl_grade" in k]
+        return [write_overlay(k, image, out_dir, f"_knee{n + 1}") for n, k in graded]
+    return [write_overlay(answer, image, out_dir)]
+
+
+def write_overlay(answer: dict[str, Any], image: Path, out_dir: Path, suffix: str = "") -> Path:
+    """Write the explanation's overlay PNG as ``<stem><suffix>_<method>_KL<target>.png``; returns its path.
 
     Raises:
         ValueError: the answer has no explanation overlay, or it is not valid base64.
@@ -101,7 +127,7 @@ def write_overlay(answer: dict[str, Any], image: Path, out_dir: Path) -> Path:
     except (binascii.Error, ValueError, TypeError):
         raise ValueError("the explanation's overlay_png is not valid base64") from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{image.stem}_{exp.get('method', 'explain')}_KL{exp.get('target', 'x')}.png"
+    path = out_dir / f"{image.stem}{suffix}_{exp.get('method', 'explain')}_KL{exp.get('target', 'x')}.png"
     path.write_bytes(png)
     return path
 
@@ -184,8 +210,8 @@ def predict(args: argparse.Namespace) -> int:
             print(format_answer(image.name, answer))
         if explain:
             try:
-                path = write_overlay(answer, image, args.overlay_dir)
-                print(f"  overlay {path}", file=sys.stderr if args.json else sys.stdout)
+                for path in write_overlays(answer, image, args.overlay_dir):
+                    print(f"  overlay {path}", file=sys.stderr if args.json else sys.stdout)
             except (OSError, ValueError) as exc:
                 print(f"{image}: no overlay written: {exc}", file=sys.stderr)
                 failed += 1

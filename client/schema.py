@@ -2,7 +2,10 @@
 
 docs/API.md documents it. Version 2 (``schema_version: 2``) added ``confidence`` and
 ``uncertain``; the grade may differ from the most probable grade, because the served model
-decodes grades ordinally (``model.postprocess``). An answer without ``schema_version`` is a
+decodes grades ordinally (``model.postprocess``). Version 3 added the answer for a whole film:
+instead of one grade, ``knees``, one entry per knee joint found (its ``box``, ``side``, ``view``,
+``laterality``, and either the grade fields of version 2 or ``refused`` with the reason); a joint
+crop's answer is unchanged. An answer without ``schema_version`` is a
 version 1 answer (the grade was then the most probable one) and still passes, so a newer
 client can read an older server. Refusals are errors, not answers (``ERROR_TYPES``).
 
@@ -16,7 +19,7 @@ from typing import Any
 
 __all__ = ["SCHEMA_VERSION", "NUM_GRADES", "ERROR_TYPES", "InvalidAnswer", "validate_answer", "validate_error"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 NUM_GRADES = 5  # KL0..KL4
 SUM_TOLERANCE = 1e-3  # the server rounds each probability to 6 decimals
 # Every error type the server answers with (docs/API.md); 4xx is the client's to fix, 5xx the server's.
@@ -24,7 +27,9 @@ ERROR_TYPES = {
     "bad_request": "the request itself is malformed (fields, options, encoding)",
     "invalid_image": "the bytes are not an image KOA-Serve can read",
     "unsupported_transfer_syntax": "a DICOM compressed with a transfer syntax that is not decoded",
-    "not_a_knee": "the image is not a knee-joint radiograph (or its DICOM header names another body part)",
+    "not_a_knee": "the image is not a knee radiograph (or its DICOM header names another body part)",
+    "unsupported_view": "the knee is shown in a lateral or oblique view; KL grading is defined on AP/PA views",
+    "resolution_too_low": "the knee joint spans too few pixels to be graded; send the film at full resolution",
     "restarting": "the server is draining for a restart: send the request again",
     "server_error": "the server failed on this request",
 }
@@ -43,8 +48,9 @@ def validate_answer(answer: Any, explain: bool = False) -> None:
 
     Args:
         answer: the decoded JSON body.
-        explain: whether an explanation was asked for; then ``explanation.grid`` must be a
-            non-empty 2-D grid of numbers in [0, 1], otherwise ``explanation`` must be absent.
+        explain: whether an explanation was asked for; then every grade (of a crop, or of each
+            graded knee of a film) carries ``explanation.grid``, a non-empty 2-D grid of numbers in
+            [0, 1]; otherwise ``explanation`` must be absent.
 
     Raises:
         InvalidAnswer: the first problem found, saying what was received.
@@ -52,9 +58,55 @@ def validate_answer(answer: Any, explain: bool = False) -> None:
     if not isinstance(answer, dict):
         raise InvalidAnswer(f"answer is not a JSON object but {type(answer).__name__}")
     version = answer.get("schema_version", 1)
-    if version not in (1, SCHEMA_VERSION):
-        raise InvalidAnswer(f"schema_version must be 1 or {SCHEMA_VERSION}, got {version!r}")
-    required = ["kl_grade", "probabilities", "oa_probability", "model"]
+    if version not in (1, 2, SCHEMA_VERSION):
+        raise InvalidAnswer(f"schema_version must be 1 to {SCHEMA_VERSION}, got {version!r}")
+    model = answer.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or not model["name"]:
+        raise InvalidAnswer(f"model must be an object with a non-empty name, got {model!r}")
+    if version >= 3 and "knees" in answer:
+        _check_film(answer, explain)
+    else:
+        _check_grade(answer, version, explain)
+
+
+def _check_film(answer: dict[str, Any], explain: bool) -> None:
+    image = answer.get("image")
+    if not isinstance(image, dict) or not all(isinstance(image.get(k), int) for k in ("width", "height")):
+        raise InvalidAnswer(f"image must be an object with integer width and height, got {image!r}")
+    knees = answer["knees"]
+    if not isinstance(knees, list) or not knees:
+        raise InvalidAnswer(f"knees must be a non-empty list, got {knees!r}"[:300])
+    for n, knee in enumerate(knees):
+        where = f"knees[{n}]"
+        if not isinstance(knee, dict):
+            raise InvalidAnswer(f"{where} is not an object")
+        box = knee.get("box")
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+            raise InvalidAnswer(f"{where}.box must be [x0, y0, x1, y1], got {box!r}")
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise InvalidAnswer(f"{where}.box must have x1 > x0 and y1 > y0, got {box}")
+        if knee.get("side") not in ("left", "right"):
+            raise InvalidAnswer(f"{where}.side must be 'left' or 'right', got {knee.get('side')!r}")
+        if knee.get("laterality") not in (None, "R", "L"):
+            raise InvalidAnswer(f"{where}.laterality must be 'R', 'L' or null, got {knee.get('laterality')!r}")
+        if "refused" in knee:
+            refused = knee["refused"]
+            if not isinstance(refused, dict) or refused.get("type") not in ERROR_TYPES:
+                raise InvalidAnswer(f"{where}.refused must name a known error type, got {refused!r}")
+            if "kl_grade" in knee:
+                raise InvalidAnswer(f"{where} is both refused and graded")
+            continue
+        try:
+            _check_grade(knee, SCHEMA_VERSION, explain)
+        except InvalidAnswer as exc:
+            raise InvalidAnswer(f"{where}: {exc}") from None
+    if not any("kl_grade" in knee for knee in knees):
+        raise InvalidAnswer("a film answer grades at least one knee (otherwise it is a refusal)")
+
+
+def _check_grade(answer: dict[str, Any], version: int, explain: bool) -> None:
+    """The grade fields of a crop's answer, or of one graded knee of a film."""
+    required = ["kl_grade", "probabilities", "oa_probability"]
     if version >= 2:
         required += ["confidence", "uncertain"]
     for key in required:
@@ -83,9 +135,6 @@ def validate_answer(answer: Any, explain: bool = False) -> None:
     oa = answer["oa_probability"]
     if not _is_number(oa) or not 0 <= oa <= 1:
         raise InvalidAnswer(f"oa_probability must be a number in [0, 1], got {oa!r}")
-    model = answer["model"]
-    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or not model["name"]:
-        raise InvalidAnswer(f"model must be an object with a non-empty name, got {model!r}")
     exp = answer.get("explanation")
     if not explain:
         if exp is not None:

@@ -58,6 +58,8 @@ REASON_NOT_ANALYSED = Code("NOTANALYSED", SCHEME, "Reason the image was not anal
 # Why an image got no grade: the server's 4xx error types (client.schema.ERROR_TYPES) and the gateway's own.
 REASONS = {
     "not_a_knee": Code("not_a_knee", SCHEME, "Not a knee radiograph (image or body part)"),
+    "unsupported_view": Code("unsupported_view", SCHEME, "Lateral or oblique knee view: KL grading needs AP/PA"),
+    "resolution_too_low": Code("resolution_too_low", SCHEME, "Knee joint too small in the image to grade"),
     "invalid_image": Code("invalid_image", SCHEME, "Image could not be decoded"),
     "unsupported_transfer_syntax": Code("unsupported_transfer_syntax", SCHEME, "Transfer syntax not decoded"),
     "bad_request": Code("bad_request", SCHEME, "Request refused by the grading server"),

@@ -65,8 +65,9 @@ class KneeFinding:
 
     Attributes:
         laterality: ``"R"``, ``"L"`` or None when the source does not say.
-        answer: one answer of schema v2 (client/schema.py): ``kl_grade``, ``probabilities``,
-            ``oa_probability``, ``model``, optionally ``uncertain`` and ``explanation``.
+        answer: one answer of schema v2 or v3 (client/schema.py), or one graded knee of a film's
+            answer: ``kl_grade``, ``probabilities``, ``oa_probability``, ``model``, optionally
+            ``uncertain``, ``explanation`` and (a film's knee) ``box``.
     """
 
     laterality: str | None
@@ -136,8 +137,14 @@ def laterality_of(ds: Dataset) -> str | None:
 
 
 def findings_from_answer(answer: dict[str, Any], laterality: str | None) -> list[KneeFinding]:
-    """One finding per knee of ``answer``. Today an answer grades one knee, whose side the DICOM header gives."""
-    return [KneeFinding(laterality, answer)]
+    """One finding per graded knee of ``answer``: a crop's answer grades one knee, whose side the DICOM
+    header gives; a whole film's answer (``knees``, schema 3) grades each knee it found, with the
+    laterality the server read (the header's, for a film with one graded knee) and the film's model."""
+    if not isinstance(answer.get("knees"), list):
+        return [KneeFinding(laterality, answer)]
+    graded = [k for k in answer["knees"] if "kl_grade" in k]
+    single = laterality if len(graded) == 1 else None
+    return [KneeFinding(k.get("laterality") or single, {**k, "model": answer.get("model")}) for k in graded]
 
 
 def _device(model: dict[str, Any] | None) -> hd.sr.ObservationContext:

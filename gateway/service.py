@@ -51,7 +51,15 @@ from client import KOAClientError
 from client.rest import RestClient
 from client.schema import InvalidAnswer, validate_answer
 from gateway.audit import AuditLog
-from gateway.report import Refusal, findings_from_answer, grade_report, heatmaps, laterality_of, refusal_report
+from gateway.report import (
+    KneeFinding,
+    Refusal,
+    findings_from_answer,
+    grade_report,
+    heatmaps,
+    laterality_of,
+    refusal_report,
+)
 from gateway.screen import is_valid_uid, screen
 from gateway.spool import Spool
 
@@ -78,10 +86,21 @@ TRANSFER_SYNTAXES = [
     JPEG2000,
 ]
 # The server's refusals of an image (client.schema.ERROR_TYPES): the image, not the server, is the problem.
-REFUSAL_KINDS = frozenset({"bad_request", "invalid_image", "unsupported_transfer_syntax", "not_a_knee"})
+REFUSAL_KINDS = frozenset(
+    {"bad_request", "invalid_image", "unsupported_transfer_syntax"}
+    | {"not_a_knee", "unsupported_view", "resolution_too_low"}
+)
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+def grades_of(answer: dict[str, Any], findings: list[KneeFinding]) -> dict[str, Any]:
+    """The audit record's grade fields: a crop's grade, or each graded knee of a whole film."""
+    keys = ("kl_grade", "probabilities", "oa_probability", "uncertain")
+    if "knees" not in answer:
+        return {k: answer.get(k) for k in keys}
+    return {"knees": [{"box": f.answer.get("box"), **{k: f.answer.get(k) for k in keys}} for f in findings]}
 
 
 class Transient(Exception):
@@ -314,10 +333,7 @@ class Gateway:
             return "failed"
         record = {
             **ids,
-            "kl_grade": answer["kl_grade"],
-            "probabilities": answer["probabilities"],
-            "oa_probability": answer["oa_probability"],
-            "uncertain": answer.get("uncertain"),
+            **grades_of(answer, findings),
             "laterality": [f.laterality for f in findings],
             "model": answer.get("model"),
             "sr_sop_instance_uid": sr.SOPInstanceUID,

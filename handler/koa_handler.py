@@ -28,11 +28,13 @@ from handler.memory import keep_freed_memory
 from handler.service import Answer, Predictor, error_body
 from model import create_model
 from model.checkpoint import load_torchscript
+from model.localize import load_finder
 
 log = logging.getLogger(__name__)
 
 # KOA_EARLY_ANSWERS=0 answers every batch in one message, as TorchServe does by default (see `answer_early`).
 EARLY_ENV = "KOA_EARLY_ANSWERS"
+FINDER_WEIGHTS = "finder.pt"
 OFF = {"0", "false", "no", "off"}
 
 
@@ -58,7 +60,13 @@ class KOAHandler(BaseHandler):
         eager.load_state_dict(scripted.state_dict())
         eager.to(self.device).eval()
         self.model = scripted
-        self.predictor = Predictor(scripted, eager, contract, self.device)
+        # The knee-joint finder ships beside the model (make archive); without it every image is
+        # graded as a joint crop, as before whole films were handled.
+        finder_path = os.path.join(props.get("model_dir"), FINDER_WEIGHTS)
+        finder = load_finder(finder_path) if os.path.isfile(finder_path) else None
+        if finder is None:
+            log.warning("no %s in the archive: whole films will be graded as if they were joint crops", FINDER_WEIGHTS)
+        self.predictor = Predictor(scripted, eager, contract, self.device, finder)
         self.context = context
         self.gate = DrainGate()
         warm_s = self.warm_up(scripted, contract, int(props.get("batch_size") or 1))

@@ -34,7 +34,8 @@ from torch import nn
 
 from handler.explain import METHODS, attribute, heat_grid, overlay_png
 from model.contract import InputContract
-from model.decode import DecodeError, decode_image
+from model.decode import DecodeError, decode_image, dicom_laterality
+from model.localize import FinderConfig, Joint, Plan, crop_joint, find_joints, plan
 from model.postprocess import finish
 from model.preprocess import prepare, to_model_input
 
@@ -152,13 +153,15 @@ def parse_request(row: dict[str, Any], headers: dict[str, Any], contract: InputC
     return ParsedRequest(image, explain, method, _target(options.get("target"), contract))
 
 
-# Answer schema version (client/schema.py, docs/API.md): 2 added confidence and uncertain.
-SCHEMA_VERSION = 2
+# Answer schema version (client/schema.py, docs/API.md): 2 added confidence and uncertain; 3 added the
+# per-knee answer of a whole film (``knees``).
+SCHEMA_VERSION = 3
 NOT_A_KNEE = (
-    "this image does not look like a knee-joint radiograph: KOA-Serve grades one knee joint on an AP/PA "
-    "radiograph, framed like a knee-joint crop (femur and tibia ends, the joint space in the middle). "
-    "Other body parts, photographs, documents and whole leg films are refused; crop a whole film to one knee"
+    "this image does not look like a knee radiograph: KOA-Serve grades knee joints on AP/PA radiographs, "
+    "either a knee-joint crop or a film showing one or two knees. Other body parts, photographs and "
+    "documents are refused"
 )
+KNEE_FIELDS = ("kl_grade", "class_name", "label", "probabilities", "oa_probability", "confidence", "uncertain")
 
 
 def error_body(status: int, message: str, kind: str = "bad_request") -> dict[str, Any]:
@@ -173,13 +176,24 @@ class Predictor:
         eager: the same weights as an eager module (explanations; Captum needs hooks).
         contract: the input contract both were saved with.
         device: where the models live.
+        finder: the knee-joint finder and its settings (`model.localize`); whole films are then cut
+            into one crop per knee and answered per knee (``knees``).
     """
 
-    def __init__(self, scripted: nn.Module, eager: nn.Module, contract: InputContract, device: torch.device) -> None:
+    def __init__(
+        self,
+        scripted: nn.Module,
+        eager: nn.Module,
+        contract: InputContract,
+        device: torch.device,
+        finder: tuple[nn.Module, FinderConfig] | None = None,
+    ) -> None:
         self.scripted = scripted
         self.eager = eager
         self.contract = contract
         self.device = device
+        # The knee-joint finder (model.localize): without it every image is graded as a joint crop.
+        self.finder = finder
         # An OA-MEN export has a second method that also returns the knee gate's score.
         self.gated = hasattr(scripted, "forward_with_gate")
 
@@ -232,12 +246,12 @@ class Predictor:
         a batch's plain predictions without waiting for its explanations.
         """
         first: dict[int, Answer] = {}
-        parsed: list[tuple[int, ParsedRequest, np.ndarray]] = []
+        decoded: list[tuple[int, ParsedRequest, np.ndarray, bytes]] = []
         for i, row in enumerate(rows):
             try:
                 req = parse_request(row, headers[i] if i < len(headers) else {}, self.contract)
                 gray = decode_image(req.image, max_pixels=self.contract.max_pixels, knee_only=True)
-                parsed.append((i, req, prepare(gray, self.contract)))
+                decoded.append((i, req, gray, req.image))
             except RequestError as exc:
                 first[i] = (exc.status, error_body(exc.status, str(exc)))
             except DecodeError as exc:
@@ -248,38 +262,148 @@ class Predictor:
             except Exception as exc:  # an input we did not foresee: answer it, keep the batch alive
                 log.exception("request %d could not be prepared", i)
                 first[i] = (400, error_body(400, f"could not read the request: {type(exc).__name__}: {exc}"))
-        explain: list[tuple[int, ParsedRequest, np.ndarray, torch.Tensor, dict[str, Any]]] = []
-        if parsed:
-            batch = torch.from_numpy(np.stack([to_model_input(p, self.contract) for _, _, p in parsed]))
+        plans = self.plans([gray for _, _, gray, _ in decoded])
+        # One unit per image to grade: the image itself (a joint crop), or each knee cut out of a film.
+        units: list[tuple[int, int | None, np.ndarray]] = []
+        films: dict[int, tuple[ParsedRequest, Plan, tuple[int, int], str | None]] = {}
+        requests: dict[int, ParsedRequest] = {}
+        for (i, req, gray, raw), pl in zip(decoded, plans, strict=True):
+            try:
+                if pl.kind == "refuse":
+                    message = NOT_A_KNEE if pl.error == "not_a_knee" else pl.message
+                    first[i] = (422, error_body(422, message, pl.error or "not_a_knee"))
+                elif pl.kind == "crop":
+                    units.append((i, None, prepare(gray, self.contract)))
+                else:
+                    knees = [(i, k, prepare(crop_joint(gray, j), self.contract)) for k, j in enumerate(pl.joints)]
+                    films[i] = (req, pl, gray.shape, dicom_laterality(raw))
+                    units.extend(knees)
+                requests[i] = req
+            except Exception as exc:
+                log.exception("request %d could not be prepared", i)
+                first[i] = (400, error_body(400, f"could not prepare the image: {type(exc).__name__}: {exc}"))
+        units = [u for u in units if u[0] not in first]
+        films = {i: f for i, f in films.items() if i not in first}
+        explain: list[tuple[int, int | None, np.ndarray, torch.Tensor, dict[str, Any]]] = []
+        knee_bodies: dict[int, dict[int, dict[str, Any]]] = {}
+        if units:
+            batch = torch.from_numpy(np.stack([to_model_input(p, self.contract) for _, _, p in units]))
             # channels_last, as the model was exported: its convolutions run faster in that layout on a CPU.
             batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
             try:
                 arrays = self.outputs(batch)
             except Exception as exc:
-                log.exception("inference failed for a batch of %d", len(parsed))
-                for i, _, _ in parsed:
+                log.exception("inference failed for a batch of %d", len(units))
+                for i in {u[0] for u in units}:
                     first[i] = (500, error_body(500, f"inference failed: {exc}", "server_error"))
-                parsed = []
-            refused = arrays["refused"] if parsed else None
-            for j, (i, req, prepared) in enumerate(parsed):
-                if refused is not None and refused[j]:
-                    first[i] = (422, error_body(422, NOT_A_KNEE, "not_a_knee"))
-                    continue
-                body = self.answer(arrays, j)
-                if req.explain:
-                    explain.append((i, req, prepared, batch[j : j + 1].clone(), body))
+                units, films = [], {}
+            refused = arrays["refused"] if units else None
+            for j, (i, k, prepared) in enumerate(units):
+                gate_refused = refused is not None and bool(refused[j])
+                if k is None:  # a joint crop: today's answer
+                    if gate_refused:
+                        first[i] = (422, error_body(422, NOT_A_KNEE, "not_a_knee"))
+                        continue
+                    body = self.answer(arrays, j)
                 else:
+                    body = self.answer(arrays, j) if not gate_refused else {}
+                    knee_bodies.setdefault(i, {})[k] = body
+                if body and requests[i].explain:
+                    explain.append((i, k, prepared, batch[j : j + 1].clone(), body))
+                elif k is None:
                     first[i] = (200, body)
+        film_answers: dict[int, Answer] = {}
+        film_entries: dict[int, dict[int, dict[str, Any]]] = {}
+        for i, film in films.items():
+            film_answers[i], film_entries[i] = self.film_answer(film, knee_bodies.get(i, {}))
+        explain = [e for e in explain if e[1] is None or film_answers[e[0]][0] == 200]
+        explained = {e[0] for e in explain}
+        first.update({i: answer for i, answer in film_answers.items() if i not in explained})
         yield first
-        for i, req, prepared, x, body in explain:
-            target = body["kl_grade"] if req.target is None else req.target
+        failed: set[int] = set()
+        for n, (i, k, prepared, x, body) in enumerate(explain):
+            if i in failed:
+                continue
+            target = body["kl_grade"] if requests[i].target is None else requests[i].target
             try:
-                body["explanation"] = self.explanation(x, prepared, target, req.method)
+                explanation = self.explanation(x, prepared, target, requests[i].method)
             except Exception as exc:
                 log.exception("explanation failed for request %d", i)
+                failed.add(i)
                 yield {i: (500, error_body(500, f"explanation failed: {exc}", "server_error"))}
                 continue
-            yield {i: (200, body)}
+            if k is None:
+                body["explanation"] = explanation
+                yield {i: (200, body)}
+                continue
+            film_entries[i][k]["explanation"] = explanation
+            if all(e[0] != i for e in explain[n + 1 :]):  # the film's last knee: its answer is complete
+                yield {i: film_answers[i]}
+
+    def plans(self, grays: list[np.ndarray]) -> list[Plan]:
+        """What to do with each decoded image: grade it whole, per knee, or refuse it (`model.localize.plan`)."""
+        if self.finder is None:
+            return [Plan("crop") for _ in grays]
+        net, cfg = self.finder
+        try:
+            found = find_joints(net, cfg, grays)
+        except Exception:
+            log.exception("the knee-joint finder failed on a batch of %d", len(grays))
+            return [Plan("refuse", error="server_error", message="the knee-joint finder failed") for _ in grays]
+        return [plan(joints, g.shape, cfg) for joints, g in zip(found, grays, strict=True)]
+
+    def film_answer(
+        self, film: tuple[ParsedRequest, Plan, tuple[int, int], str | None], bodies: dict[int, dict[str, Any]]
+    ) -> tuple[Answer, dict[int, dict[str, Any]]]:
+        """The answer for a whole film: one entry per knee found (graded, or refused with the reason),
+        left to right; a 422 when no knee could be graded. ``bodies`` maps the plan's knee index to its
+        answer (empty when the knee gate refused the crop). Also returns the graded entries by knee
+        index: an explanation added to one later is part of the answer."""
+        _, pl, (h, w), laterality = film
+        entries: list[tuple[float, dict[str, Any]]] = []
+        by_knee: dict[int, dict[str, Any]] = {}
+        for k, joint in enumerate(pl.joints):
+            body = bodies.get(k)
+            if body:
+                entry = self.knee_entry(joint, w)
+                entry.update({key: body[key] for key in KNEE_FIELDS})
+                by_knee[k] = entry
+            else:
+                entry = self.knee_entry(joint, w, ("not_a_knee", "the knee gate did not accept this crop"))
+            entries.append((joint.centre[0], entry))
+        for joint, reason in pl.skipped:
+            why = {
+                "resolution_too_low": f"this joint spans {joint.width:.0f} pixels; grading needs "
+                f"{self.finder[1].min_joint_px if self.finder else 0}",
+                "unsupported_view": "a lateral or oblique view: KL grading is defined on AP/PA views",
+            }.get(reason, reason)
+            entries.append((joint.centre[0], self.knee_entry(joint, w, (reason, why))))
+        knees = [e for _, e in sorted(entries, key=lambda t: t[0])]
+        graded = [e for e in knees if "kl_grade" in e]
+        if len(graded) == 1 and laterality:
+            graded[0]["laterality"] = laterality
+        if not graded:
+            return (422, error_body(422, NOT_A_KNEE, "not_a_knee")), {}
+        c = self.contract
+        body = {
+            "schema_version": SCHEMA_VERSION,
+            "image": {"width": w, "height": h},
+            "knees": knees,
+            "model": {"name": c.model_name, "version": c.model_version},
+        }
+        return (200, body), by_knee
+
+    @staticmethod
+    def knee_entry(joint: Joint, image_width: int, refusal: tuple[str, str] | None = None) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "box": [round(v, 1) for v in joint.box],
+            "side": joint.side(image_width),
+            "laterality": None,
+            "view": joint.view,
+        }
+        if refusal:
+            entry["refused"] = {"type": refusal[0], "message": refusal[1]}
+        return entry
 
     def handle(self, rows: list[dict[str, Any]], headers: list[dict[str, Any]]) -> list[Answer]:
         """Answer every request of a batch at once: (HTTP status, JSON body) each, in order (see `answers`)."""

@@ -239,6 +239,26 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000, knee_only: bool =
     return _finish(image, f"{fmt.upper()}, {len(data)} bytes", max_pixels)
 
 
+def dicom_laterality(data: bytes) -> str | None:
+    """``R`` or ``L`` from a DICOM's ImageLaterality (0020,0062), else its Laterality (0020,0060); None for
+    other images, other values (``B``, ``U``) or a header that cannot be read."""
+    data = bytes(data)
+    if sniff_format(data) != "dicom":
+        return None
+    import pydicom
+
+    try:
+        force = data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] != _DICOM_MAGIC
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=force)
+    except Exception:
+        return None
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(header.get(keyword, "") or "").strip().upper()
+        if value in ("R", "L"):
+            return value
+    return None
+
+
 def _check_size(width: int, height: int, received: str, max_pixels: int) -> None:
     """Refuse zero-sized images and images with more than ``max_pixels`` pixels."""
     if width <= 0 or height <= 0:

@@ -148,6 +148,35 @@ def test_one_group_per_knee_for_films_with_both_knees(knee):
         grade_report(source, [])
 
 
+def test_a_whole_films_answer_gives_one_finding_per_graded_knee(knee):
+    source = pacs.radiograph(knee)
+    left, right = make_answer(1), make_answer(3)
+    film = {
+        "schema_version": 3,
+        "image": {"width": 400, "height": 300},
+        "knees": [
+            {"box": [10, 10, 90, 90], "side": "left", "laterality": None, "view": "ap", **_grades(left)},
+            {"box": [150, 10, 230, 90], "side": "left", "laterality": None, "view": "other",
+             "refused": {"type": "unsupported_view", "message": "lateral"}},
+            {"box": [300, 10, 380, 90], "side": "right", "laterality": None, "view": "ap", **_grades(right)},
+        ],
+        "model": left["model"],
+    }  # fmt: skip
+    validate_answer(film, explain=True)
+    findings = findings_from_answer(film, "R")  # two knees: the header's side names neither
+    assert [f.answer["kl_grade"] for f in findings] == [1, 3] and [f.laterality for f in findings] == [None, None]
+    assert all(f.answer["model"] == left["model"] for f in findings)
+    sr = grade_report(source, findings)
+    assert [i.ConceptCodeSequence[0].CodeValue for i in named(sr, "Kellgren-Lawrence grade")] == ["KL1", "KL3"]
+    assert len(heatmaps(source, findings)) == 2
+    film["knees"] = film["knees"][:2]  # one graded knee: the header's side is its side
+    assert [f.laterality for f in findings_from_answer(film, "R")] == ["R"]
+
+
+def _grades(answer: dict) -> dict:
+    return {k: v for k, v in answer.items() if k not in ("schema_version", "model")}
+
+
 def test_a_refused_image_gets_a_not_analysed_report_without_a_grade(knee):
     source = pacs.radiograph(knee, BodyPartExamined="CHEST")
     sr = reread(refusal_report(source, Refusal("not_a_knee", "BodyPartExamined is CHEST")))

@@ -477,13 +477,14 @@ def _predictor_with(exported: str, **post) -> Predictor:
     return Predictor(scripted, eager.eval(), contract.replace(postprocess=post), torch.device("cpu"))
 
 
-def test_answers_follow_schema_v2(predictor):
-    from client.schema import validate_answer
+def test_answers_follow_the_schema(predictor):
+    from client.schema import SCHEMA_VERSION, validate_answer
 
     (status, body), (_, explained) = predictor.handle(
         [{"body": png(seed=1)}, {"body": png(seed=2), "explain": b"true"}], [{}, {}]
     )
-    assert status == 200 and body["schema_version"] == 2
+    assert status == 200 and body["schema_version"] == SCHEMA_VERSION
+    assert "knees" not in body  # without a finder every image is a joint crop: one grade
     validate_answer(body)
     validate_answer(explained, explain=True)
     assert body["confidence"] == body["probabilities"][body["kl_grade"]]
@@ -512,7 +513,7 @@ def test_the_knee_gate_refuses_with_422_and_keeps_the_batch(exported):
     answers = refuse_all.handle([{"body": png(seed=1)}, {"body": b"junk"}, {"body": png(seed=2)}], [{}] * 3)
     assert [s for s, _ in answers] == [422, 400, 422]
     err = answers[0][1]["error"]
-    assert err["type"] == "not_a_knee" and "knee-joint radiograph" in err["message"]
+    assert err["type"] == "not_a_knee" and "knee radiograph" in err["message"]
     let_through = _predictor_with(exported, gate="mahalanobis", gate_threshold=1e30)
     assert [s for s, _ in let_through.handle([{"body": png(seed=1)}], [{}])] == [200]
 
@@ -534,3 +535,101 @@ def test_flip_averaging_reads_the_mirrored_image(exported):
     mirrored = _predictor_with(exported).handle([{"body": mirrored_png}], [{}])[0][1]["probabilities"]
     both = _predictor_with(exported, flip_tta=True).handle(rows, [{}])[0][1]["probabilities"]
     np.testing.assert_allclose(both, (np.array(plain) + np.array(mirrored)) / 2, atol=2e-4)
+
+
+# --- whole films (model.localize): the finder's joints are given, the answer is assembled per knee ---
+
+
+def _joint(x: float, y: float, w: float, view: str = "ap", score: float = 0.9):
+    from model.localize import Joint
+
+    return Joint((x - w / 2, y - w / 2, x + w / 2, y + w / 2), view, score)
+
+
+def _film_predictor(exported: str, monkeypatch, joints_by_width: dict[int, list], **post) -> Predictor:
+    """A predictor whose finder sees ``joints_by_width[image width]`` in each image."""
+    from model.localize import FinderConfig
+
+    pred = _predictor_with(exported, **post) if post else _predictor_with(exported)
+    pred.finder = (None, FinderConfig(min_joint_px=40))
+    monkeypatch.setattr(
+        "handler.service.find_joints", lambda net, cfg, grays: [joints_by_width.get(g.shape[1], []) for g in grays]
+    )
+    return pred
+
+
+def test_a_film_is_answered_per_knee_left_to_right(exported, monkeypatch):
+    from client.schema import validate_answer
+
+    film = png((300, 400), seed=3)
+    pred = _film_predictor(exported, monkeypatch, {400: [_joint(300, 150, 80), _joint(100, 150, 90)]})
+    [(status, body)] = pred.handle([{"body": film}], [{}])
+    assert status == 200, body
+    validate_answer(body)
+    assert body["image"] == {"width": 400, "height": 300} and "kl_grade" not in body
+    assert [k["side"] for k in body["knees"]] == ["left", "right"]
+    assert body["knees"][0]["box"] == [55.0, 105.0, 145.0, 195.0]
+    assert all(k["view"] == "ap" and "kl_grade" in k and k["laterality"] is None for k in body["knees"])
+
+
+def test_each_knee_of_a_film_is_explained(exported, monkeypatch):
+    from client.schema import validate_answer
+
+    pred = _film_predictor(exported, monkeypatch, {400: [_joint(300, 150, 80), _joint(100, 150, 90)]})
+    [(status, body)] = pred.handle([{"body": png((300, 400), seed=3), "explain": b"true"}], [{}])
+    assert status == 200
+    validate_answer(body, explain=True)
+    assert all(k["explanation"]["grid"] for k in body["knees"])
+
+
+@pytest.mark.parametrize(
+    ("joints", "kind"),
+    [
+        ([], "not_a_knee"),
+        ([_joint(200, 150, 80, "other")], "unsupported_view"),
+        ([_joint(200, 150, 30)], "resolution_too_low"),
+    ],
+)
+def test_a_film_without_a_gradable_knee_is_refused_saying_why(exported, monkeypatch, joints, kind):
+    from client.schema import validate_error
+
+    pred = _film_predictor(exported, monkeypatch, {400: joints})
+    [(status, body)] = pred.handle([{"body": png((300, 400), seed=3)}], [{}])
+    assert status == 422 and validate_error(body, 422) == kind
+
+
+def test_a_lateral_beside_an_ap_view_is_listed_not_graded(exported, monkeypatch):
+    pred = _film_predictor(exported, monkeypatch, {400: [_joint(100, 150, 80), _joint(300, 150, 70, "other")]})
+    [(status, body)] = pred.handle([{"body": png((300, 400), seed=3)}], [{}])
+    assert status == 200
+    ap, lateral = body["knees"]
+    assert "kl_grade" in ap and lateral["refused"]["type"] == "unsupported_view" and "kl_grade" not in lateral
+
+
+def test_crops_films_and_bad_requests_share_a_batch(exported, monkeypatch):
+    # width 120: the joint fills the image (a crop); width 400: a film with one knee
+    pred = _film_predictor(exported, monkeypatch, {120: [_joint(60, 45, 100)], 400: [_joint(200, 150, 80)]})
+    rows = [{"body": png(seed=1)}, {"body": png((300, 400), seed=3)}, {"body": b"junk"}]
+    (s0, crop), (s1, film), (s2, bad) = pred.handle(rows, [{}] * 3)
+    assert (s0, s1, s2) == (200, 200, 400)
+    assert "kl_grade" in crop and "knees" not in crop
+    assert len(film["knees"]) == 1 and "kl_grade" in film["knees"][0]
+
+
+def test_a_film_whose_knee_crops_the_gate_refuses_gets_no_grade(exported, monkeypatch):
+    pred = _film_predictor(
+        exported, monkeypatch, {400: [_joint(200, 150, 80)]}, gate="mahalanobis", gate_threshold=-1.0
+    )
+    [(status, body)] = pred.handle([{"body": png((300, 400), seed=3)}], [{}])
+    assert status == 422 and body["error"]["type"] == "not_a_knee"
+
+
+def test_a_dicom_laterality_names_the_only_knee(exported, monkeypatch):
+    from tests.imagebytes import make_dicom
+
+    film = make_dicom(
+        np.tile(np.arange(400, dtype=np.uint16) * 10, (300, 1)), BodyPartExamined="KNEE", ImageLaterality="L"
+    )
+    pred = _film_predictor(exported, monkeypatch, {400: [_joint(200, 150, 80)]})
+    [(status, body)] = pred.handle([{"body": film}], [{}])
+    assert status == 200 and body["knees"][0]["laterality"] == "L"

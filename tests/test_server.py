@@ -56,7 +56,7 @@ def grpc_client(server) -> GrpcClient:
 
 def check_answer(body: dict) -> None:
     validate_answer(body, explain="explanation" in body)  # answer schema v2 (client/schema.py)
-    assert body["schema_version"] == 2 and body["model"]["version"]
+    assert body["schema_version"] == 3 and body["model"]["version"]
 
 
 def test_rest_predict(rest, knee_png):
