@@ -36,18 +36,19 @@ def read_boxes(path: str | Path) -> dict[str, list[dict]]:
     return out
 
 
+def enlarged(gray: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """A gray image scaled so that its longer side is ``size``, in colour (to draw on), and the scale."""
+    scale = size / max(gray.shape)
+    shape = (round(gray.shape[1] * scale), round(gray.shape[0] * scale))
+    big = cv2.resize(gray, shape, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    return cv2.cvtColor(big, cv2.COLOR_GRAY2BGR), scale
+
+
 def grid_view(gray: np.ndarray, region: tuple[int, int, int, int] | None, size: int = 900) -> np.ndarray:
     h, w = gray.shape
     x0, y0, x1, y1 = region or (0, 0, w, h)
     x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
-    crop = gray[y0:y1, x0:x1]
-    scale = size / max(crop.shape)
-    big = cv2.resize(
-        crop,
-        (round(crop.shape[1] * scale), round(crop.shape[0] * scale)),
-        interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC,
-    )
-    rgb = cv2.cvtColor(big, cv2.COLOR_GRAY2BGR)
+    rgb, scale = enlarged(gray[y0:y1, x0:x1], size)
     span = max(x1 - x0, y1 - y0)
     step = next(s for s in (5, 10, 20, 25, 50, 100, 200, 250, 500) if span / s <= 16)
     pad = 40
@@ -65,13 +66,7 @@ def grid_view(gray: np.ndarray, region: tuple[int, int, int, int] | None, size: 
 
 
 def draw_boxes(gray: np.ndarray, rows: list[dict], size: int = 700) -> np.ndarray:
-    scale = size / max(gray.shape)
-    big = cv2.resize(
-        gray,
-        (round(gray.shape[1] * scale), round(gray.shape[0] * scale)),
-        interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC,
-    )
-    rgb = cv2.cvtColor(big, cv2.COLOR_GRAY2BGR)
+    rgb, scale = enlarged(gray, size)
     for r in rows:
         if r.get("box"):
             x0, y0, x1, y1 = (round(v * scale) for v in r["box"])
