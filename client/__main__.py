@@ -152,7 +152,7 @@ def make_client(args: argparse.Namespace, token: str) -> Any:
     return RestClient(args.url, **options)
 
 
-# Where `make serve` (scripts/tsctl.py) starts TorchServe, which writes its keys there.
+# Where `make serve` (`ops.server`) starts TorchServe, which writes its keys there.
 LOCAL_KEY_FILE = Path("logs/serve/key_file.json")
 
 

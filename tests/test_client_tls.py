@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from client import TLS_STATUS, KOAClientError
-from loadtest import validate_answer
+from client.schema import validate_answer
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
 ANSWER = {
