@@ -4,8 +4,3 @@
 The pure parts they share with the benchmarks and the drills (request images, the answer schema, the
 loopback guard) live in `ops.load`, importable without Locust and its gevent monkey-patching.
 """
-
-# The answer schema lives in client/schema.py; this name stays importable for code that still imports it here.
-from client.schema import InvalidAnswer, validate_answer
-
-__all__ = ["InvalidAnswer", "validate_answer"]
