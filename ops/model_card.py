@@ -48,6 +48,21 @@ def met(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
 
 
+def film_knee_sentence(calib: dict, threshold: float) -> str:
+    """How the gate's threshold lets another hospital's knees through (train.calibrate --films)."""
+    films = calib.get("gate_film_knees")
+    if not films or not films.get("knees"):
+        return f"Refused above {threshold}."
+    return (
+        f"That threshold refuses {pct(films['refused_at_dataset_threshold'])} of the {films['knees']} AP knees of "
+        "the tune leg films (FracAtlas: another hospital, scanner and population, cut out as the server cuts a "
+        "whole film), so the gate would refuse most knees from elsewhere; the threshold is raised to the largest "
+        f"of their scores: refused above {threshold}. Non-knee radiographs are then refused mostly by the "
+        "knee-joint finder in front of the gate (docs/FILMS.md), and the gate's own figures below are measured "
+        "at this threshold."
+    )
+
+
 def comparison_rows(m: dict, c, prev: dict) -> list[str]:
     rows = [
         "| model | initialisation | top-1 | QWK | macro AUC | KL1 recall | ECE |",
@@ -219,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         f"output; feature dimensions in brackets). Each layer's class means and shrunk shared covariance come from "
         f"{calib['gate_fit_images']} training knees; each layer's distance is standardised by its mean and "
         "standard deviation on the tune fold's knees, and the gate's score is the largest standardised distance. "
-        f"Refused above {post.gate_threshold}, the {calib['gate_quantile']} quantile of the tune fold's "
-        f"{calib['tune_fold']['images']} knee scores (the largest): a threshold placed this way on one half of the "
-        f"tune fold refuses {pct(g['tune_knees_refused_split_half'])} of the other half.",
+        f"The {calib['gate_quantile']} quantile of the tune fold's {calib['tune_fold']['images']} knee scores "
+        f"(the largest) is {calib.get('gate_threshold_dataset_knees', post.gate_threshold):.3f}: a threshold placed "
+        f"this way on one half of the tune fold refuses {pct(g['tune_knees_refused_split_half'])} of the other half. "
+        + film_knee_sentence(calib, post.gate_threshold),
         "",
         "How the layers and their combination were chosen (`python -m train.gate_study`, "
         "`docs/model/gate_study.json`): every candidate below was thresholded at its largest tune-fold knee score "

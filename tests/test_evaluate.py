@@ -83,7 +83,20 @@ def test_compare_quick_flags_its_table(tiny_koa: Path, tmp_path: Path):
 def calibrated(trained: Path) -> Path:
     out = trained / "calibrated.ckpt"
     args = calibrate.get_args_parser().parse_args(
-        ["--run", str(trained), "--out", str(out), "--max-gate-fit", "30", "--cache-dir", "", "--coverage", "0.8"]
+        [
+            "--run",
+            str(trained),
+            "--out",
+            str(out),
+            "--max-gate-fit",
+            "30",
+            "--cache-dir",
+            "",
+            "--coverage",
+            "0.8",
+            "--films",
+            "",
+        ]  # fmt: skip
     )
     n = torch.get_num_threads()
     calibrate.main(args)
@@ -152,3 +165,29 @@ def test_calibrated_torchscript_answers_like_its_checkpoint(calibrated: Path, ti
     assert a["confusion_matrix"] == b["confusion_matrix"]
     assert a["ece"] == pytest.approx(b["ece"], abs=1e-6)
     assert a["uncertain"] == b["uncertain"]
+
+
+def test_the_gate_lets_the_tune_films_knees_through(trained: Path, tmp_path: Path) -> None:
+    """train.calibrate --films: the threshold rises to the largest score of the tune films' AP knees."""
+    import shutil
+
+    from train.fit_finder import film_split
+
+    tune_name = next(f"IMG{i:07d}.jpg" for i in range(1000) if film_split(f"IMG{i:07d}.jpg") == "tune")
+    films = tmp_path / "films"
+    films.mkdir()
+    shutil.copy(Path(__file__).parent / "fixtures" / "films" / "ap_IMG0000653.jpg", films / tune_name)
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(f"file,width,height,view,x0,y0,x1,y1,marker,note\n{tune_name},373,454,ap,144,154,221,231,,\n")
+    out = tmp_path / "c.ckpt"
+    args = calibrate.get_args_parser().parse_args(
+        ["--run", str(trained), "--out", str(out), "--max-gate-fit", "30", "--cache-dir", "", "--films", str(films),
+         "--boxes", str(boxes)]
+    )  # fmt: skip
+    n = torch.get_num_threads()
+    report = calibrate.main(args)
+    torch.set_num_threads(n)
+    films_seen = report["gate_film_knees"]
+    assert films_seen["knees"] == 1
+    threshold = load_checkpoint(out)["contract"].postprocess.gate_threshold
+    assert threshold >= round(max(films_seen["max_score"], report["gate_threshold_dataset_knees"]), 3) - 1e-3

@@ -40,15 +40,23 @@ def test_shipped_weights_carry_a_fitted_gate_and_calibration(shipped) -> None:
     assert post.temperature != 1.0 and 0 < post.uncertain_below < 1
 
 
-def test_the_gate_passes_the_knee_and_refuses_other_radiographs(shipped) -> None:
+def test_the_knee_passes_and_other_radiographs_are_refused(shipped) -> None:
+    """What the server does: the knee-joint finder first (no joint: refused), then the knee gate."""
+    import cv2
+
+    from model.localize import find_joints, load_finder, plan
+
     net, contract = shipped
+    finder, cfg = load_finder(ROOT / "weights" / "finder.pt")
     knee = answer_arrays(net, contract, prepare_files([FIXTURES / "knee_kl2.png"], contract))
     assert not knee["refused"][0], f"the fixture knee is refused (score {knee['gate_scores'][0]:.1f})"
     others = sorted((FIXTURES / "nonknee").glob("*.jpg"))
     assert len(others) == 3
-    refused = answer_arrays(net, contract, prepare_files(others, contract))
-    scores = dict(zip((p.name for p in others), refused["gate_scores"].round(1), strict=True))
-    assert refused["refused"].all(), f"threshold {contract.postprocess.gate_threshold}, scores {scores}"
+    grays = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in others]
+    plans = [plan(js, g.shape, cfg) for js, g in zip(find_joints(finder, cfg, grays), grays, strict=True)]
+    gate = answer_arrays(net, contract, prepare_files(others, contract))["refused"]
+    for path, p, by_gate in zip(others, plans, gate, strict=True):
+        assert p.kind == "refuse" or by_gate, f"{path.name} would be graded ({p.kind}, {p.error})"
 
 
 def test_the_gate_refuses_made_up_negatives(shipped) -> None:

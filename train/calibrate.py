@@ -18,7 +18,10 @@ except the one threshold the issue asks to choose there (the uncertain flag's co
 - **knee gate** (`model.gate`): for each of the model's gate layers, class means and a shared,
   shrunk covariance of the pooled features of training knees; each layer's distance standardised on
   the tune fold's knees; the refusal threshold is the ``--gate-quantile`` of the tune fold's knee
-  scores, so that about 1 - q of real knees would be refused. Which layers, and how they are
+  scores, so that about 1 - q of real knees would be refused, raised when needed to let through
+  every AP knee of the ``tune`` leg films (``--films``, ``annotations/legfilms.csv``, cut out by
+  `model.localize.crop_joint`): knees of another hospital and population, which a gate fitted on
+  one dataset's knees alone refuses (most of them, with the four-layer gate). Which layers, and how they are
   combined, was chosen by `train.gate_study` on the tune fold and made-up negatives. The non-knee
   radiographs are never fitted on: they only measure the gate (`train.evaluate`). Features are
   cached on disk (``--cache-dir``), keyed by the weights and the images;
@@ -45,9 +48,13 @@ from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model.contract import InputContract, PostprocessConfig
+from model.decode import decode_image
+from model.localize import Joint, crop_joint
 from model.postprocess import calibrated_probabilities, decode_grades, expected_grade
-from model.preprocess import to_model_input
+from model.preprocess import as_float_image, prepare, to_model_input
+from train.annotate import read_boxes
 from train.data import Sample, parse_patient, prepare_all, scan
+from train.fit_finder import film_split
 from train.metrics import quadratic_weighted_kappa
 
 log = logging.getLogger("train.calibrate")
@@ -65,6 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="share of tune-fold knees the gate lets through (1: all; the fold is too small to place a 0.99x quantile)",
     )
+    p.add_argument("--films", default="../shared/data/legfilms", help="leg films whose tune AP knees must pass")
+    p.add_argument("--boxes", default="annotations/legfilms.csv", help="the knee boxes of --films")
     p.add_argument("--coverage", type=float, default=0.8, help="share of val answers not flagged uncertain")
     p.add_argument("--max-gate-fit", type=int, default=3000, help="training knees used to fit the gate")
     p.add_argument(
@@ -315,6 +324,21 @@ def fit_knee_gate(
     return gate_scores(net, ref_layers)
 
 
+def tune_film_knees(films: str | None, boxes: str | None, contract) -> np.ndarray:
+    """The prepared AP knees of the ``tune`` leg films, cut as the server cuts them (none without the films)."""
+    if not films or not boxes or not Path(films).is_dir() or not Path(boxes).is_file():
+        return np.zeros((0, contract.input_size, contract.input_size), np.uint8)
+    out = []
+    for name, rows in sorted(read_boxes(boxes).items()):
+        if film_split(name) != "tune":
+            continue
+        gray = as_float_image(decode_image((Path(films) / name).read_bytes()))
+        for r in rows:
+            if r["view"] == "ap" and r["box"]:
+                out.append(prepare(crop_joint(gray, Joint(tuple(r["box"]), "ap", 1.0)), contract))
+    return np.stack(out) if out else np.zeros((0, contract.input_size, contract.input_size), np.uint8)
+
+
 def samples_from_files(files: list[str], root_samples: list[Sample]) -> list[Sample]:
     by_path = {str(s.path): s for s in root_samples}
     missing = [f for f in files if f not in by_path]
@@ -414,7 +438,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     x_fit = prepare_all(gate_fit, contract, cache, "gatefit")
     _, g_fit = cached("gatefit", x_fit)
     s_tune = fit_knee_gate(net, g_fit, np.array([s.grade for s in gate_fit]), g_tune, k)
-    threshold = float(np.quantile(s_tune, args.gate_quantile))
+    threshold_koa = float(np.quantile(s_tune, args.gate_quantile))
+    film_knees = tune_film_knees(args.films, args.boxes, contract)
+    s_films = gate_scores(net, cached("tunefilms", film_knees)[1]) if len(film_knees) else np.zeros(0)
+    threshold = max(threshold_koa, float(s_films.max()) if len(s_films) else threshold_koa)
     # how often a knee like the tune fold's is refused at a threshold placed this way on half as many
     # knees: the threshold from one random half of the tune fold, the refusals counted on the other
     half = len(s_tune) // 2
@@ -456,6 +483,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "tune_fold": {"images": len(tune), "patients": len({parse_patient(s.path) for s in tune})},
         "gate_fit_images": len(gate_fit),
         "gate_quantile": args.gate_quantile,
+        "gate_threshold_dataset_knees": threshold_koa,
+        "gate_film_knees": {
+            "films": args.films,
+            "knees": len(s_films),
+            "max_score": float(s_films.max()) if len(s_films) else None,
+            "refused_at_dataset_threshold": float((s_films > threshold_koa).mean()) if len(s_films) else None,
+        },
         "flip": args.flip,
         "coverage": args.coverage,
         "temperature_plain": t_plain,
