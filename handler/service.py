@@ -246,12 +246,12 @@ class Predictor:
         a batch's plain predictions without waiting for its explanations.
         """
         first: dict[int, Answer] = {}
-        decoded: list[tuple[int, ParsedRequest, np.ndarray, bytes]] = []
+        decoded: list[tuple[int, ParsedRequest, np.ndarray]] = []
         for i, row in enumerate(rows):
             try:
                 req = parse_request(row, headers[i] if i < len(headers) else {}, self.contract)
                 gray = decode_image(req.image, max_pixels=self.contract.max_pixels, knee_only=True)
-                decoded.append((i, req, gray, req.image))
+                decoded.append((i, req, gray))
             except RequestError as exc:
                 first[i] = (exc.status, error_body(exc.status, str(exc)))
             except DecodeError as exc:
@@ -262,28 +262,27 @@ class Predictor:
             except Exception as exc:  # an input we did not foresee: answer it, keep the batch alive
                 log.exception("request %d could not be prepared", i)
                 first[i] = (400, error_body(400, f"could not read the request: {type(exc).__name__}: {exc}"))
-        plans = self.plans([gray for _, _, gray, _ in decoded])
+        plans = self.plans([gray for _, _, gray in decoded])
         # One unit per image to grade: the image itself (a joint crop), or each knee cut out of a film.
         units: list[tuple[int, int | None, np.ndarray]] = []
-        films: dict[int, tuple[ParsedRequest, Plan, tuple[int, int], str | None]] = {}
+        films: dict[int, tuple[Plan, tuple[int, int], str | None]] = {}
         requests: dict[int, ParsedRequest] = {}
-        for (i, req, gray, raw), pl in zip(decoded, plans, strict=True):
+        for (i, req, gray), pl in zip(decoded, plans, strict=True):
             try:
                 if pl.kind == "refuse":
                     message = NOT_A_KNEE if pl.error == "not_a_knee" else pl.message
-                    first[i] = (422, error_body(422, message, pl.error or "not_a_knee"))
+                    status = 500 if pl.error == "server_error" else 422
+                    first[i] = (status, error_body(status, message, pl.error or "not_a_knee"))
                 elif pl.kind == "crop":
                     units.append((i, None, prepare(gray, self.contract)))
                 else:
                     knees = [(i, k, prepare(crop_joint(gray, j), self.contract)) for k, j in enumerate(pl.joints)]
-                    films[i] = (req, pl, gray.shape, dicom_laterality(raw))
+                    films[i] = (pl, gray.shape, dicom_laterality(req.image))
                     units.extend(knees)
                 requests[i] = req
             except Exception as exc:
                 log.exception("request %d could not be prepared", i)
                 first[i] = (400, error_body(400, f"could not prepare the image: {type(exc).__name__}: {exc}"))
-        units = [u for u in units if u[0] not in first]
-        films = {i: f for i, f in films.items() if i not in first}
         explain: list[tuple[int, int | None, np.ndarray, torch.Tensor, dict[str, Any]]] = []
         knee_bodies: dict[int, dict[int, dict[str, Any]]] = {}
         if units:
@@ -353,13 +352,13 @@ class Predictor:
         return [plan(joints, g.shape, cfg) for joints, g in zip(found, grays, strict=True)]
 
     def film_answer(
-        self, film: tuple[ParsedRequest, Plan, tuple[int, int], str | None], bodies: dict[int, dict[str, Any]]
+        self, film: tuple[Plan, tuple[int, int], str | None], bodies: dict[int, dict[str, Any]]
     ) -> tuple[Answer, dict[int, dict[str, Any]]]:
         """The answer for a whole film: one entry per knee found (graded, or refused with the reason),
         left to right; a 422 when no knee could be graded. ``bodies`` maps the plan's knee index to its
         answer (empty when the knee gate refused the crop). Also returns the graded entries by knee
         index: an explanation added to one later is part of the answer."""
-        _, pl, (h, w), laterality = film
+        pl, (h, w), laterality = film
         entries: list[tuple[float, dict[str, Any]]] = []
         by_knee: dict[int, dict[str, Any]] = {}
         for k, joint in enumerate(pl.joints):

@@ -633,3 +633,17 @@ def test_a_dicom_laterality_names_the_only_knee(exported, monkeypatch):
     pred = _film_predictor(exported, monkeypatch, {400: [_joint(200, 150, 80)]})
     [(status, body)] = pred.handle([{"body": film}], [{}])
     assert status == 200 and body["knees"][0]["laterality"] == "L"
+
+
+def test_a_finder_failure_is_a_server_error_not_a_refusal(exported, monkeypatch):
+    from model.localize import FinderConfig
+
+    pred = _predictor_with(exported)
+    pred.finder = (None, FinderConfig())
+
+    def broken(net, cfg, grays):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("handler.service.find_joints", broken)
+    [(status, body)] = pred.handle([{"body": png((300, 400), seed=3)}], [{}])
+    assert status == 500 and body["error"]["type"] == "server_error"

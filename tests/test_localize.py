@@ -132,7 +132,8 @@ def test_augmentation_moves_the_joint_with_the_image():
 def test_the_film_split_is_fixed_by_name():
     parts = {film_split(f"IMG{i:07d}.jpg") for i in range(200)}
     assert parts == {"train", "tune", "test"}
-    assert film_split("IMG0000653.jpg") == film_split("IMG0000653.jpg")
+    # pinned: the committed figures (docs/FILMS.md) and fixtures rest on this split
+    assert [film_split(f"IMG{n:07d}.jpg") for n in (653, 2119, 13)] == ["test", "test", "train"]
 
 
 # --- the shipped finder on real films it never trained on ---
