@@ -35,7 +35,6 @@ JOINT_WIDTH_IN_CROP = 1.0 / CROP_PER_JOINT_WIDTH
 JOINT_LINE_IN_CROP = 0.555
 VIEWS = ("ap", "other")  # "other": lateral or oblique, which KL grading does not define
 STRIDE = 8
-FINDER_FILE = "finder.json"
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,6 @@ def test_the_film_split_is_fixed_by_name():
 
 @pytest.fixture(scope="module")
 def shipped():
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return load_finder(SHIPPED)
 
 
