@@ -10,7 +10,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from model.localize import (
     CROP_PER_JOINT_WIDTH,
