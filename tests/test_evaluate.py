@@ -191,3 +191,20 @@ def test_the_gate_lets_the_tune_films_knees_through(trained: Path, tmp_path: Pat
     assert films_seen["knees"] == 1
     threshold = load_checkpoint(out)["contract"].postprocess.gate_threshold
     assert threshold >= round(max(films_seen["max_score"], report["gate_threshold_dataset_knees"]), 3) - 1e-3
+
+
+def test_compare_without_re_evaluation_reports_what_fit_measured(tiny_koa: Path, tmp_path: Path):
+    """The GPU run's settings: fit's own best-epoch metrics, no last.pt, no tune fold carved out."""
+    args = compare.get_args_parser().parse_args(
+        ["--models", "oamen_lite", "--data", str(tiny_koa), "--out", str(tmp_path), "--quick", "--no-speed",
+         "--no-eval", "--no-save-last", "--tune-fraction", "0", "--cache-dir", str(tmp_path / "cache")]
+    )  # fmt: skip
+    n = torch.get_num_threads()
+    rows = compare.main(args)
+    torch.set_num_threads(n)
+    run = tmp_path / "oamen_lite"
+    fitted = json.loads((run / "best_metrics.json").read_text())
+    assert rows[0]["qwk"] == fitted["qwk"] and rows[0]["accuracy"] == fitted["accuracy"]
+    assert not (run / "eval-val").exists() and not (run / "last.pt").exists() and (run / "best.pt").is_file()
+    config = json.loads((run / "config.json").read_text())
+    assert config["tune_counts"] == [0] * 5 and list((tmp_path / "cache").glob("*.npy"))

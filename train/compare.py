@@ -53,6 +53,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help=f"reduced budget for a quick look: {QUICK}")
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip the CPU speed measurement")
+    p.add_argument("--tune-fraction", type=float, default=0.1, help="as train.fit's (0: the data has no tune fold)")
+    p.add_argument(
+        "--no-eval",
+        dest="eval",
+        action="store_false",
+        help="report the best epoch's val metrics as train.fit measured them (on its device) instead of "
+        "re-running train.evaluate on the CPU (slow for the largest baselines on a GPU machine)",
+    )
+    p.add_argument("--no-save-last", dest="save_last", action="store_false", help="passed to train.fit")
+    p.add_argument("--cache-dir", default="cache", help="passed to train.fit (one per concurrent compare)")
     return p
 
 
@@ -63,7 +73,8 @@ def fit_args(args: argparse.Namespace, name: str, out: Path) -> argparse.Namespa
         "--epochs", str(args.epochs), "--time-limit", str(args.time_limit), "--batch-size", str(args.batch_size),
         "--lr", str(args.lr), "--input-size", str(args.input_size), "--loss", args.loss,
         "--workers", str(args.workers), "--device", args.device, "--seed", str(args.seed), "--patience", "0",
-        "--balance" if args.balance else "--no-balance",
+        "--balance" if args.balance else "--no-balance", "--tune-fraction", str(args.tune_fraction),
+        "--save-last" if args.save_last else "--no-save-last", "--cache-dir", args.cache_dir,
     ]  # fmt: skip
     if args.max_train_per_epoch:
         argv += ["--max-train-per-epoch", str(args.max_train_per_epoch)]
@@ -99,12 +110,15 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         t0 = time.monotonic()
         fit_mod.main(fit_args(args, name, run))
         minutes = (time.monotonic() - t0) / 60
-        ev = evaluate_mod.get_args_parser().parse_args(
-            ["--checkpoint", str(run / "best.pt"), "--data", args.data, "--split", "val", "--protocol", args.protocol,
-             "--seed", str(args.seed), "--out", str(run / "eval-val")]
-        )  # fmt: skip
-        metrics = evaluate_mod.main(ev)
         history = json.loads((run / "history.json").read_text())
+        if args.eval:
+            ev = evaluate_mod.get_args_parser().parse_args(
+                ["--checkpoint", str(run / "best.pt"), "--data", args.data, "--split", "val", "--protocol",
+                 args.protocol, "--seed", str(args.seed), "--out", str(run / "eval-val")]
+            )  # fmt: skip
+            metrics = evaluate_mod.main(ev)
+        else:
+            metrics = json.loads((run / "best_metrics.json").read_text())
         rows.append({"model": name, **{m: metrics[m] for m in METRICS}, "train_minutes": round(minutes, 1),
                      "epochs_run": len(history), "per_class": metrics["per_class"]})  # fmt: skip
     if args.speed:

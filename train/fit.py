@@ -112,6 +112,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--save-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write OUT/last.pt (with the optimiser) every epoch, for --resume; a large model's costs seconds",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue from OUT/last.pt: same time budget (the clock goes on from where it stopped) and schedule",
@@ -479,20 +485,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 )
             else:
                 stale += 1
-            save_checkpoint(
-                out / "last.pt",
-                net,
-                contract,
-                epoch=epoch,
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                history=json.dumps(history),
-                best_qwk=best_qwk,
-                stale=stale,
-                best_metrics=json.dumps(best_metrics),
-                config=json.dumps(config, default=str),
-                elapsed_s=time.monotonic() - schedule_clock[0],
-            )
+            if args.save_last:
+                save_checkpoint(
+                    out / "last.pt",
+                    net,
+                    contract,
+                    epoch=epoch,
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    history=json.dumps(history),
+                    best_qwk=best_qwk,
+                    stale=stale,
+                    best_metrics=json.dumps(best_metrics),
+                    config=json.dumps(config, default=str),
+                    elapsed_s=time.monotonic() - schedule_clock[0],
+                )
             write_history(out, history, f"{args.model} ({args.protocol})")
             log.info(
                 "epoch %d: train loss %.4f acc %.3f | val acc %.3f qwk %.4f auc %s | %.0fs%s",
