@@ -7,6 +7,7 @@ tail       ``make bench-tail``: Locust at 80% of saturation                `ops.
 logging    ``make bench-logging``: TorchServe's log setting vs log4j2.xml  `ops.bench.logsetting`
 malloc     ``make bench-malloc``: the worker's malloc settings vs glibc    `ops.bench.malloc`
 explain    ``make bench-explain``: explanations off the hot path           `ops.bench.explain`
+gpu        the request path's throughput on a GPU (scripts/gpu_run.sh)      `ops.bench.gpu`
 =========  ==============================================================  ==================
 
 Each writes its result as JSON; the figures in docs/BENCHMARKS.md are rendered from the committed
@@ -20,4 +21,5 @@ SUBCOMMANDS = {
     "logging": "ops.bench.logsetting",
     "malloc": "ops.bench.malloc",
     "explain": "ops.bench.explain",
+    "gpu": "ops.bench.gpu",
 }

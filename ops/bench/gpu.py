@@ -1,0 +1,329 @@
+"""GPU throughput of the handler's request path, without TorchServe (the GPU machine has no Java).
+
+``python -m ops.bench gpu --images gpu_stage/val --json $OUT/bench_gpu.json`` (on the GPU machine,
+from scripts/gpu_run.sh; it runs on a CPU too, slowly, for a check).
+
+The request path is the handler's (`handler.service.Predictor`), step by step, with the same
+functions from `model/`: decode the image bytes (`model.decode.decode_image`), the knee-joint
+finder's input (`model.localize.finder_input`), the finder on the GPU and its decision
+(`model.localize.plan`), the grader's preprocessing (`model.preprocess.prepare`, `to_model_input`)
+and the grader with its knee gate on the GPU (``forward_with_gate``). The images are the val crops,
+PNG-encoded in memory, so every one is graded as a crop (a whole film adds one crop per knee).
+
+Measured, each in one run side by side:
+
+1. **Models alone** (the grader, and the finder), at batch 1, 16, 64 and 256, float32 and bfloat16
+   (weights and inputs cast; channels-last), eager and replayed as a CUDA graph: images/s on
+   random inputs already on the GPU.
+2. **CPU steps**, per image on one core: decode, finder input, preprocessing; their share of the
+   CPU time.
+3. **The whole path**: ``--workers`` processes decode and preprocess (imap, in order) while the
+   main process batches their output and runs the finder, the decision and the grader on the GPU;
+   images/s end to end, at each batch size, in bfloat16 and float32 (CUDA graphs), and which step
+   limits it (the CPU side's throughput on all workers against the models'). The workers hand
+   over uint8 images and the GPU scales them (``to_model_input``'s arithmetic, and the finder's),
+   a quarter of the bytes through the pipes that float32 would take.
+
+Random weights unless ``--checkpoint``: throughput does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from model import create_model
+from model.checkpoint import model_from_checkpoint
+from model.contract import InputContract
+from model.decode import decode_image
+from model.localize import FinderConfig, Letterbox, decode_output, finder_input, load_finder, plan, to_source
+from model.preprocess import prepare, to_model_input
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=Path, required=True, help="a folder of knee crops (searched recursively)")
+    p.add_argument("--max-images", type=int, default=1024, help="distinct images, cycled")
+    p.add_argument("--model", default="oamen_pt")
+    p.add_argument("--checkpoint", default=None, help="an eager checkpoint (default: random weights)")
+    p.add_argument("--finder", default="weights/finder.pt", help="'' to leave the finder out")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    p.add_argument("--seconds", type=float, default=1.0, help="minimum time per model measurement")
+    p.add_argument("--path-images", type=int, default=8192, help="images per whole-path measurement")
+    p.add_argument("--workers", type=int, default=0, help="CPU processes for decode + preprocess (0: all cores)")
+    p.add_argument("--json", default=None)
+    return p
+
+
+# ---- the CPU side, in worker processes ----------------------------------------------------------
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(contract_json: str, finder_size: int) -> None:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    _STATE["contract"] = InputContract.from_json(contract_json)
+    _STATE["finder_size"] = finder_size
+
+
+def _cpu_steps(data: bytes) -> tuple[np.ndarray, tuple[float, int, int], tuple[int, int], np.ndarray]:
+    """Decode, the finder's input and (the image being a crop) the grader's prepared image: what a
+    worker does. Both images go back as uint8 (the finder's input is an equalised uint8 canvas
+    scaled to [-1, 1]; the GPU scales it again)."""
+    c = _STATE["contract"]
+    gray = decode_image(data, max_pixels=c.max_pixels, knee_only=True)
+    f_in, lb = finder_input(gray, _STATE["finder_size"])
+    f_u8 = np.rint((f_in + 1.0) * 127.5).astype(np.uint8)
+    return f_u8, (lb.scale, lb.left, lb.top), gray.shape, prepare(gray, c)
+
+
+def step_times(blobs: list[bytes], contract: InputContract, finder_size: int, n: int = 200) -> dict[str, float]:
+    """Seconds per image of each CPU step on one core (``to_model_input`` counted with the
+    preprocessing, as the handler runs it)."""
+    cv2.setNumThreads(1)
+    out = {"decode": 0.0, "finder_input": 0.0, "preprocess": 0.0}
+    for data in blobs[:n]:
+        t0 = time.perf_counter()
+        gray = decode_image(data, max_pixels=contract.max_pixels, knee_only=True)
+        t1 = time.perf_counter()
+        finder_input(gray, finder_size)
+        t2 = time.perf_counter()
+        to_model_input(prepare(gray, contract), contract)
+        t3 = time.perf_counter()
+        out["decode"] += t1 - t0
+        out["finder_input"] += t2 - t1
+        out["preprocess"] += t3 - t2
+    return {k: v / min(n, len(blobs)) for k, v in out.items()}
+
+
+# ---- the GPU side -------------------------------------------------------------------------------
+class Runner:
+    """A module at one batch size and dtype, eager or replayed from a captured CUDA graph."""
+
+    def __init__(self, fn, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, graph: bool) -> None:
+        self.fn, self.dtype, self.device = fn, dtype, device
+        self.static = torch.zeros(shape, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+        self.graph, self.error = None, None
+        if graph and device.type == "cuda":
+            try:
+                self._capture(fn)
+            except Exception as exc:  # measured eager instead, and said so
+                self.graph, self.error = None, f"{type(exc).__name__}: {exc}"[:300]
+
+    def _capture(self, fn) -> None:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.inference_mode():
+            for _ in range(3):
+                fn(self.static)
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.out = fn(self.static)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self.fn(
+                x.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            )
+        self.static.copy_(x)
+        self.graph.replay()
+        return self.out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_model(runner: Runner, batch: int, seconds: float, device: torch.device) -> float:
+    """Images/s of ``runner`` on a random batch already on the device."""
+    x = torch.randn(runner.static.shape, device=device).to(runner.dtype).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        runner(x)
+    _sync(device)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        runner(x)
+        n += 1
+        if n % 5 == 0:
+            _sync(device)
+            if time.perf_counter() - t0 >= seconds:
+                break
+    return n * batch / (time.perf_counter() - t0)
+
+
+def cast(net: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A copy of ``net`` in ``dtype`` on ``device`` (``Module.to`` alone would change ``net`` itself).
+    The knee gate's Mahalanobis distances stay in float32, as the gate computes them."""
+    out = copy.deepcopy(net).to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+    if hasattr(out, "knee_gate"):
+        out.knee_gate.float()
+    return out
+
+
+def load_blobs(folder: Path, limit: int) -> list[bytes]:
+    """The folder's images, PNG-encoded in memory (what a client sends)."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})[:limit]
+    if not files:
+        raise SystemExit(f"no images under {folder}")
+    blobs = []
+    for f in files:
+        ok, buf = cv2.imencode(".png", cv2.imread(str(f), cv2.IMREAD_GRAYSCALE))
+        if not ok:
+            raise SystemExit(f"could not encode {f}")
+        blobs.append(buf.tobytes())
+    return blobs
+
+
+def _scale(u8: list[np.ndarray], device: torch.device, mean: float, std: float) -> torch.Tensor:
+    """uint8 images -> (B, 1, S, S) float on the device: (x / 255 - mean) / std."""
+    x = torch.from_numpy(np.stack(u8)).to(device, non_blocking=True)[:, None].float()
+    return (x / 255.0 - mean) / std
+
+
+def whole_path(
+    pool, blobs: list[bytes], n: int, batch: int, grader: dict[int, Runner], finder: dict[int, Runner] | None,
+    cfg: FinderConfig | None, contract: InputContract, device: torch.device,
+) -> dict[str, float]:  # fmt: skip
+    """Images/s end to end and the share of the time the main process waited for the workers."""
+    chunk = max(1, min(32, batch))
+    stream = pool.imap((_cpu_steps), (blobs[i % len(blobs)] for i in range(n)), chunksize=chunk)
+    done, waited, graded, t0 = 0, 0.0, 0, time.perf_counter()
+    while done < n:
+        w0 = time.perf_counter()
+        items = [next(stream) for _ in range(min(batch, n - done))]
+        waited += time.perf_counter() - w0
+        b = len(items)
+        if finder is not None and cfg is not None:
+            f_in = _scale([it[0] for it in items], device, 0.5, 0.5)  # [-1, 1], as finder_input
+            out = finder[batch](_pad(f_in, batch))[:b].float().cpu().numpy()
+            plans = []
+            for o, it in zip(out, items, strict=True):
+                joints = [to_source(p, Letterbox(*it[1])) for p in decode_output(o, cfg)]
+                plans.append(plan(joints, it[2], cfg))
+            keep = [i for i, pl in enumerate(plans) if pl.kind == "crop"]
+        else:
+            keep = list(range(b))
+        if keep:
+            x = _scale([items[i][3] for i in keep], device, contract.mean[0], contract.std[0])
+            grader[batch](_pad(x, batch))[: len(keep)].float().cpu()
+            graded += len(keep)
+        done += b
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return {"images_per_s": n / seconds, "seconds": seconds, "waiting_for_cpu_share": waited / seconds,
+            "graded_as_crops": graded / n}  # fmt: skip
+
+
+def _pad(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """A short last batch padded to the captured batch size (a graph has one shape)."""
+    if x.shape[0] == batch:
+        return x
+    return torch.cat([x, x[:1].expand(batch - x.shape[0], *x.shape[1:])])
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    workers = args.workers or os.cpu_count() or 1
+    blobs = load_blobs(args.images, args.max_images)
+    if args.checkpoint:
+        net, contract = model_from_checkpoint(args.checkpoint)
+    else:
+        contract = InputContract(model_name=args.model, input_size=args.input_size, mean=(0.5,), std=(0.5,))
+        net = create_model(args.model, num_classes=contract.num_classes, in_chans=contract.channels)
+    finder_net, cfg = load_finder(args.finder) if args.finder else (None, None)
+    fsize = cfg.input_size if cfg is not None else 256
+    # The pool forks before CUDA is initialised in this process.
+    pool = mp.get_context("fork").Pool(workers, _init_worker, (contract.to_json(), fsize))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_cores": os.cpu_count(), "workers": workers, "torch": torch.__version__, "model": args.model,
+        "input_size": contract.input_size, "finder_input_size": fsize, "images": len(blobs),
+    }  # fmt: skip
+    grade_fn_of = {}
+    for name, dtype in DTYPES.items():
+        if name in args.dtypes:
+            m = cast(net, dtype, device)
+            grade_fn_of[name] = m.forward_with_gate if hasattr(m, "forward_with_gate") else m
+    finder_of = {name: cast(finder_net, DTYPES[name], device) for name in args.dtypes} if finder_net else {}
+
+    rows = []
+    for name in args.dtypes:
+        dtype = DTYPES[name]
+        for graph in (False, True):
+            for b in args.batches:
+                g = Runner(grade_fn_of[name], (b, contract.channels, contract.input_size, contract.input_size),
+                           dtype, device, graph)  # fmt: skip
+                row = {"dtype": name, "cuda_graph": graph, "batch": b,
+                       "grader_images_per_s": time_model(g, b, args.seconds, device)}  # fmt: skip
+                if g.error:
+                    row["grader_graph_error"] = g.error
+                if finder_of:
+                    f = Runner(finder_of[name], (b, 1, fsize, fsize), dtype, device, graph)
+                    row["finder_images_per_s"] = time_model(f, b, args.seconds, device)
+                    if f.error:
+                        row["finder_graph_error"] = f.error
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    result["models_alone"] = rows
+
+    per_image = step_times(blobs, contract, fsize)
+    total = sum(per_image.values())
+    result["cpu_steps"] = {k: {"ms_per_image_one_core": v * 1e3, "share_of_cpu_time": v / total}
+                           for k, v in per_image.items()}  # fmt: skip
+    result["cpu_side_images_per_s_estimate"] = workers / total
+    print(json.dumps(result["cpu_steps"]), flush=True)
+
+    # The CPU side alone, on every worker: the ceiling the GPU cannot lift.
+    n = min(args.path_images, 4 * len(blobs))
+    t0 = time.perf_counter()
+    for _ in pool.imap(_cpu_steps, (blobs[i % len(blobs)] for i in range(n)), chunksize=32):
+        pass
+    result["cpu_side_images_per_s"] = n / (time.perf_counter() - t0)
+    print("cpu side alone:", round(result["cpu_side_images_per_s"]), "images/s", flush=True)
+
+    paths = []
+    for name in args.dtypes:
+        dtype = DTYPES[name]
+        for b in args.batches:
+            shape = (b, contract.channels, contract.input_size, contract.input_size)
+            grader = {b: Runner(grade_fn_of[name], shape, dtype, device, True)}
+            finder = {b: Runner(finder_of[name], (b, 1, fsize, fsize), dtype, device, True)} if finder_of else None
+            count = min(args.path_images, max(64, 64 * b))
+            row = {
+                "dtype": name,
+                "batch": b,
+                **whole_path(pool, blobs, count, b, grader, finder, cfg, contract, device),
+            }
+            paths.append(row)
+            print(json.dumps(row), flush=True)
+    result["whole_path"] = paths
+    pool.close()
+    pool.join()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
