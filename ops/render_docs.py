@@ -34,6 +34,7 @@ from ops.bench.report import (
     tail_report,
 )
 from ops.drills.report import drill_table, not_kept, replicas_section, soak_section
+from ops.gpu_report import compare_report, throughput_report
 from ops.results import DOC_RESULTS, ROOT
 
 RESULTS = DOC_RESULTS
@@ -67,7 +68,11 @@ RESTART_KEYS = [
     "failed_attempts_by_error", "resent_then_answered", "stop_s", "start_s", "longest_request_s", "passed",
 ]  # fmt: skip
 
+GPU_RUN = "bash scripts/gpu_run.sh on the GPU machine, then python -m ops.gpu_report collect (docs/RESULTS.md)"
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "gpu_compare": _or_not_kept("gpu_run.json", "the GPU comparison", GPU_RUN, compare_report),
+    "gpu_throughput": _or_not_kept("gpu_run.json", "the GPU throughput", GPU_RUN, throughput_report),
     "bench_sweep": lambda: sweep_report(_load("bench_sweep.json")),
     "bench_tail": lambda: tail_report(_load("bench_tail.json")),
     "bench_explain": lambda: explain_report(_load("bench_explain.json")),
