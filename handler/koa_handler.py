@@ -28,7 +28,7 @@ from handler.memory import keep_freed_memory
 from handler.service import Answer, Predictor, error_body
 from model import create_model
 from model.checkpoint import load_torchscript
-from model.localize import load_finder
+from model.localize import load_serving_finder
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class KOAHandler(BaseHandler):
         # The knee-joint finder ships beside the model (make archive); without it every image is
         # graded as a joint crop, as before whole films were handled.
         finder_path = os.path.join(props.get("model_dir"), FINDER_WEIGHTS)
-        finder = load_finder(finder_path) if os.path.isfile(finder_path) else None
+        finder = load_serving_finder(finder_path, self.device)
         if finder is None:
             log.warning("no %s in the archive: whole films will be graded as if they were joint crops", FINDER_WEIGHTS)
         self.predictor = Predictor(scripted, eager, contract, self.device, finder)

@@ -345,7 +345,7 @@ class Predictor:
             return [Plan("crop") for _ in grays]
         net, cfg = self.finder
         try:
-            found = find_joints(net, cfg, grays)
+            found = find_joints(net, cfg, grays, self.device)
         except Exception:
             log.exception("the knee-joint finder failed on a batch of %d", len(grays))
             return [Plan("refuse", error="server_error", message="the knee-joint finder failed") for _ in grays]

@@ -15,7 +15,9 @@ tibio-femoral joint space whose side is the joint's width, bone edge to bone edg
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -173,12 +175,16 @@ def to_source(peak: tuple[float, float, float, int, float], lb: Letterbox) -> Jo
 
 
 @torch.inference_mode()
-def find_joints(net: nn.Module, cfg: FinderConfig, grays: list[np.ndarray]) -> list[list[Joint]]:
-    """The knee joints of each film, best first, in each film's own pixels (one batched forward)."""
+def find_joints(
+    net: nn.Module, cfg: FinderConfig, grays: list[np.ndarray], device: torch.device | str = "cpu"
+) -> list[list[Joint]]:
+    """The knee joints of each film, best first, in each film's own pixels (one batched forward on
+    ``device``, where ``net`` lives)."""
     if not grays:
         return []
     inputs, boxes = zip(*(finder_input(g, cfg.input_size) for g in grays), strict=True)
-    out = net(torch.from_numpy(np.stack(inputs))[:, None]).float().numpy()
+    x = torch.from_numpy(np.stack(inputs))[:, None].to(device).contiguous(memory_format=torch.channels_last)
+    out = net(x).float().cpu().numpy()
     return [[to_source(p, lb) for p in decode_output(o, cfg)] for o, lb in zip(out, boxes, strict=True)]
 
 
@@ -212,6 +218,29 @@ def save_finder(path: str | Path, net: KneeFinder, cfg: FinderConfig, **extra: A
     torch.save({"model": net.state_dict(), "config": json.dumps(asdict(cfg)), **extra}, tmp)
     tmp.replace(path)
     return path
+
+
+def serving_finder(net: KneeFinder, size: int, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    """The finder as the server runs it: traced and frozen, in channels-last memory, on ``device``.
+
+    Same outputs as the eager module (tests/test_localize.py); on the 2 CPU cores of these machines
+    about 1.8 times the images per second at batch 1 and 2.6 times at batch 8 (docs/BENCHMARKS.md).
+    """
+    net = copy.deepcopy(net).eval().to(device=device, memory_format=torch.channels_last)
+    example = torch.zeros(1, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        return torch.jit.freeze(torch.jit.trace(net, example))
+
+
+def load_serving_finder(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[torch.jit.ScriptModule, FinderConfig] | None:
+    """The server's finder from its weights file (`serving_finder`), or None when there is none."""
+    if not Path(path).is_file():
+        return None
+    net, cfg = load_finder(path)
+    return serving_finder(net, cfg.input_size, device), cfg
 
 
 def load_finder(path: str | Path) -> tuple[KneeFinder, FinderConfig]:

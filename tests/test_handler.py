@@ -552,9 +552,10 @@ def _film_predictor(exported: str, monkeypatch, joints_by_width: dict[int, list]
 
     pred = _predictor_with(exported, **post) if post else _predictor_with(exported)
     pred.finder = (None, FinderConfig(min_joint_px=40))
-    monkeypatch.setattr(
-        "handler.service.find_joints", lambda net, cfg, grays: [joints_by_width.get(g.shape[1], []) for g in grays]
-    )
+    def seen(net, cfg, grays, device):
+        return [joints_by_width.get(g.shape[1], []) for g in grays]
+
+    monkeypatch.setattr("handler.service.find_joints", seen)
     return pred
 
 
@@ -641,7 +642,7 @@ def test_a_finder_failure_is_a_server_error_not_a_refusal(exported, monkeypatch)
     pred = _predictor_with(exported)
     pred.finder = (None, FinderConfig())
 
-    def broken(net, cfg, grays):
+    def broken(net, cfg, grays, device):
         raise RuntimeError("boom")
 
     monkeypatch.setattr("handler.service.find_joints", broken)

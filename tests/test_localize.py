@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from model.localize import (
     CROP_PER_JOINT_WIDTH,
@@ -25,6 +26,7 @@ from model.localize import (
     finder_input,
     load_finder,
     plan,
+    serving_finder,
     to_source,
 )
 from train.annotate import read_boxes
@@ -224,3 +226,19 @@ def test_films_md_is_generated_from_the_committed_results():
     assert (ROOT / "docs" / "FILMS.md").read_text() == render_doc(result, resolution), (
         "docs/FILMS.md differs from its results: run python -m train.eval_finder --render-doc"
     )
+
+
+def test_the_served_finder_answers_as_the_eager_one(shipped):
+    """Traced, frozen and channels-last (the server's finder): the same maps, the same joints."""
+    net, cfg = shipped
+    served = serving_finder(net, cfg.input_size)
+    grays = [gray(p) for p in sorted(FILMS.glob("*.jpg"))]
+    x = torch.from_numpy(np.stack([finder_input(g, cfg.input_size)[0] for g in grays]))[:, None]
+    with torch.inference_mode():
+        assert torch.allclose(served(x.contiguous(memory_format=torch.channels_last)), net(x), atol=1e-4)
+    a, b = find_joints(served, cfg, grays), find_joints(net, cfg, grays)
+    assert [[j.view for j in js] for js in a] == [[j.view for j in js] for js in b] and any(a)
+    for ja, jb in zip(sum(a, []), sum(b, []), strict=True):
+        assert np.allclose(ja.box, jb.box, atol=0.01) and abs(ja.score - jb.score) < 1e-4
+    w = next(p for p in net.parameters() if p.ndim == 4 and min(p.shape[1:]) > 1)
+    assert w.is_contiguous()  # the eager finder itself is left in its own memory format
