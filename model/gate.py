@@ -100,4 +100,6 @@ class KneeGate(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         z = (self.layer_scores(features) - self.loc) / self.scale
-        return z.max(dim=1).values * self.fitted  # an unfitted gate scores 0 (and its contract has none)
+        # An unfitted gate scores 0 (and its contract has none). The flag is cast: a frozen TorchScript
+        # module folds the buffer into a constant, and multiplying by a boolean constant does not compile.
+        return z.max(dim=1).values * self.fitted.to(z.dtype)

@@ -34,6 +34,7 @@ from model.checkpoint import load_torchscript, model_from_checkpoint
 from model.contract import InputContract
 from model.decode import decode_image
 from model.postprocess import finish
+from model.precision import compiled, serving_dtype
 from model.preprocess import as_float_image, prepare, to_model_input
 from train.data import IMAGE_SUFFIXES, PROTOCOLS, Sample, make_splits, prepare_all, scan
 from train.metrics import compute_metrics, quadratic_weighted_kappa, reliability_bins
@@ -57,6 +58,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache-dir", default="cache", help="where prepared images are cached ('' to disable)")
     p.add_argument("--framing", action="store_true", help="also grade the knees framed as other hospitals do")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "served"),
+        help="number format of the network (model.precision); 'served': what the server picks on this machine",
+    )
     p.add_argument("--nonknee", default=None, help="folder of non-knee radiographs to measure the knee gate on")
     return p
 
@@ -268,6 +275,13 @@ def write_predictions(path: Path, samples: list[Sample], labels: np.ndarray, ans
 def main(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     net, contract, source = load_model(args.checkpoint, args.torchscript)
+    dtype = serving_dtype(torch.device("cpu"), None if args.precision == "served" else args.precision)
+    if dtype != torch.float32:
+        if args.torchscript:
+            raise ValueError("--precision bf16 needs --checkpoint (the eager model is cast, then traced)")
+        example = torch.zeros(1, contract.channels, contract.input_size, contract.input_size)
+        net = compiled(net, example, dtype)
+        source += f" in {str(dtype).removeprefix('torch.')}"
     samples = select_split(scan(args.data, contract.num_classes), args.split, args.protocol, args.seed)
     labels = np.array([s.grade for s in samples])
     images = prepare_all(samples, contract, args.cache_dir or None, desc="eval")

@@ -1,0 +1,87 @@
+"""The number format the server runs its networks in: bfloat16 where the processor computes it natively.
+
+On the 2-core AMD EPYC machines of this project (AVX-512 with BF16 instructions), the grader and the
+knee-joint finder run about twice as fast in bfloat16 as in float32 (docs/BENCHMARKS.md). Where the
+processor lacks native bfloat16 it would be emulated and slower, so ``auto`` keeps float32 there.
+``KOA_PRECISION`` (``auto``, ``fp32`` or ``bf16``) overrides the choice; ``train.evaluate
+--precision`` measures a model the same way, so the figures of the served format are known
+(docs/MODEL_CARD.md). The knee gate's Mahalanobis distances stay in float32 (`model.gate`), and
+explanations use the float32 eager model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ENV = "KOA_PRECISION"
+CHOICES = ("auto", "fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 convolutions natively (not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def serving_dtype(device: torch.device, choice: str | None = None) -> torch.dtype:
+    """The dtype to serve in on ``device``: ``choice`` (default ``$KOA_PRECISION``, else ``auto``)."""
+    choice = (choice or os.environ.get(ENV) or "auto").strip().lower()
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={choice!r}: choose one of {', '.join(CHOICES)}")
+    if choice == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if choice == "bf16" and not native_bf16(device):
+        log.warning("bfloat16 asked for on %s, which emulates it: expect it to be slower than float32", device)
+    return DTYPES[choice]
+
+
+class Cast(nn.Module):
+    """A network in another dtype behind float32 doors: inputs cast in, outputs cast back to float32."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner = inner
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(self.dtype)).float()
+
+
+class CastGated(Cast):
+    """`Cast` for a grader that also returns its knee gate's score (``forward_with_gate``)."""
+
+    def forward_with_gate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.forward_with_gate(x.to(self.dtype)).float()
+
+
+def compiled(net: nn.Module, example: torch.Tensor, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of ``net`` in ``dtype``, traced and frozen in channels-last memory on ``example``'s device.
+
+    Traces ``forward`` and, when ``net`` has one, ``forward_with_gate``; a knee gate stays in float32.
+    Returns the frozen module itself in float32, else it wrapped in `Cast` / `CastGated`.
+    """
+    net = copy.deepcopy(net).eval().to(device=example.device, dtype=dtype, memory_format=torch.channels_last)
+    if hasattr(net, "knee_gate"):
+        net.knee_gate.float()
+    x = example.to(dtype).contiguous(memory_format=torch.channels_last)
+    gated = hasattr(net, "forward_with_gate")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        if gated:
+            traced = torch.jit.trace_module(net, {"forward": x, "forward_with_gate": x}, check_trace=False)
+            frozen = torch.jit.freeze(traced, preserved_attrs=["forward_with_gate"])
+        else:
+            frozen = torch.jit.freeze(torch.jit.trace(net, x, check_trace=False))
+    if dtype == torch.float32:
+        return frozen
+    return CastGated(frozen, dtype) if gated else Cast(frozen, dtype)
