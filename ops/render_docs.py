@@ -29,6 +29,7 @@ from ops.bench.report import (
     loadtest_report,
     logging_report,
     malloc_report,
+    precision_report,
     sizing_section,
     sweep_report,
     tail_report,
@@ -77,6 +78,9 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "bench_tail": lambda: tail_report(_load("bench_tail.json")),
     "bench_explain": lambda: explain_report(_load("bench_explain.json")),
     "bench_gate": lambda: gate_report(_load("bench_gate.json")),
+    "bench_precision": _or_not_kept(
+        "bench_precision.json", "float32 against bfloat16", "make bench-precision", precision_report
+    ),
     "sizing": lambda: sizing_section(_load("bench_sweep.json")) + "\n",
     "replicas": lambda: replicas_section(_maybe("drill_replicas.json")) + "\n",
     "soak": lambda: soak_section(_load("soak.json"), "results/soak.json"),

@@ -8,6 +8,7 @@ logging    ``make bench-logging``: TorchServe's log setting vs log4j2.xml  `ops.
 malloc     ``make bench-malloc``: the worker's malloc settings vs glibc    `ops.bench.malloc`
 explain    ``make bench-explain``: explanations off the hot path           `ops.bench.explain`
 gpu        the request path's throughput on a GPU (scripts/gpu_run.sh)      `ops.bench.gpu`
+precision  ``make bench-precision``: float32 against bfloat16 on this CPU   `ops.bench.precision`
 =========  ==============================================================  ==================
 
 Each writes its result as JSON; the figures in docs/BENCHMARKS.md are rendered from the committed
@@ -22,4 +23,5 @@ SUBCOMMANDS = {
     "malloc": "ops.bench.malloc",
     "explain": "ops.bench.explain",
     "gpu": "ops.bench.gpu",
+    "precision": "ops.bench.precision",
 }

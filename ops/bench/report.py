@@ -358,3 +358,40 @@ def loadtest_report(summary: dict[str, Any]) -> str:
             f"{s['p95_ms']:.0f} | {s['p99_ms']:.0f} | {s.get('percentiles', 'locust')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def precision_report(r: dict[str, Any]) -> str:
+    """docs/BENCHMARKS.md's float32-against-bfloat16 section (`ops.bench.precision`)."""
+    ips = r["images_per_s"]
+    lines = [
+        f"Measured by `make bench-precision` (`python -m ops.bench precision`, result "
+        f"[results/bench_precision.json](results/bench_precision.json)) on {r['cpu']} "
+        f"(native bfloat16: {'yes' if r['native_bf16'] else 'no'}), torch {r['torch']}, {r['threads']} threads, "
+        f"median of {r['rounds']} interleaved rounds.",
+        "",
+        "| network, form | batch 1 (img/s) | batch 8 (img/s) |",
+        "|---|---|---|",
+    ]
+    for name in dict.fromkeys(k.rsplit(" b", 1)[0] for k in ips):
+        lines.append(f"| {name} | {ips[f'{name} b1']:.1f} | {ips[f'{name} b8']:.1f} |")
+    v = r["val"]
+    lines += [
+        "",
+        f"The answers on val ({v['n']} knees, committed weights and contract), float32 against bfloat16; "
+        f"{v['grades_differ']} grades differ:",
+        "",
+        "| format | top-1 | QWK | macro AUC | ECE | KL1 recall | flagged uncertain | refused by the gate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("fp32", "bf16"):
+        m = v[name]
+        lines.append(
+            f"| {name} | {m['accuracy']:.1%} | {m['qwk']:.3f} | {m['macro_auc']:.3f} | {m['ece']:.3f} | "
+            f"{m['kl1_recall']:.3f} | {m['uncertain_share']:.1%} | {m['refused_share']:.1%} |"
+        )
+    lines += ["", "The knee-joint finder in bfloat16 against float32:", "",
+              "| images | n | decisions that differ | largest box shift (share of the joint's width) |",
+              "|---|---|---|---|"]  # fmt: skip
+    for name, f in r["finder_bf16_vs_fp32"].items():
+        lines.append(f"| {name} | {f['n']} | {f['decisions_differ']} | {f['worst_box_shift_of_width']:.3f} |")
+    return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ from handler.service import Predictor
 from model import create_model
 from model.checkpoint import load_torchscript
 from model.decode import decode_image
+from model.localize import find_joints, load_serving_finder
 from model.preprocess import prepare, to_model_input
 from ops import server as ts
 from ops.load import drive, idle_latency
@@ -37,6 +38,7 @@ from ops.load import image_bodies as load_images
 from ops.results import DATA_IMAGES, write_result
 
 ROOT = Path(__file__).resolve().parents[2]
+FINDER = ROOT / "weights" / "finder.pt"  # what `make archive` puts beside the model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,14 +65,16 @@ def rate(fn, items_per_call: int, seconds: float) -> float:
     return n * items_per_call / (time.perf_counter() - t0)
 
 
-def load_predictor(model_path: Path) -> Predictor:
-    """The handler's request path (`handler.service.Predictor`) on CPU, from the exported model, with the
-    worker's malloc settings (`handler.memory`), so in-process and served run the same way."""
+def load_predictor(model_path: Path, finder_path: Path = FINDER) -> Predictor:
+    """The handler's request path (`handler.service.Predictor`) on CPU, from the exported model and the
+    knee-joint finder the archive ships, with the worker's malloc settings (`handler.memory`), so
+    in-process and served run the same way."""
     keep_freed_memory()
     scripted, contract = load_torchscript(model_path)
     eager = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
     eager.load_state_dict(scripted.state_dict())
-    return Predictor(scripted, eager.eval(), contract, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    return Predictor(scripted, eager.eval(), contract, cpu, load_serving_finder(finder_path, cpu))
 
 
 def pipeline_rate(pred: Predictor, images: list[bytes], batch: int, seconds: float) -> float:
@@ -96,7 +100,13 @@ def in_process(model_path: Path, images: list[bytes], batch: int, seconds: float
     decode = rate(lambda: [decode_image(r["body"]) for r in rows], batch, 2.0)
     prep = rate(lambda: [to_model_input(prepare(g, contract), contract) for g in grays], batch, 2.0)
     image_ms = 1000 / pipeline
+    finder: dict[str, float] = {}
+    if pred.finder is not None:  # the knee-joint finder runs on every image, crops included
+        net, cfg = pred.finder
+        finder_ms = 1000 / rate(lambda: find_joints(net, cfg, grays), batch, 2.0)
+        finder = {"finder_ms_per_image": finder_ms, f"finder_share_b{batch}": finder_ms / image_ms}
     return {
+        **finder,
         "model_ips_b1": model_b1,
         f"model_ips_b{batch}": model_bn,
         f"pipeline_ips_b{batch}": pipeline,

@@ -1,0 +1,156 @@
+"""The server's number formats side by side: speed on this CPU, and what bfloat16 changes in the answers.
+
+``python -m ops.bench precision [--json docs/results/bench_precision.json]`` (``make bench-precision``)
+
+1. **Speed**, in interleaved rounds (the median kept), at batch 1 and 8 on the torch threads given:
+   the grader with its knee gate as exported (`train.export`: traced, not frozen), as the server now
+   runs it (`model.precision.compiled`: frozen) in float32 and in bfloat16, and the knee-joint finder
+   eager, frozen in float32 and in bfloat16.
+2. **Answers on val**, float32 against bfloat16, from the committed weights and contract (calibration,
+   decoding, uncertain flag, knee gate): top-1, QWK, macro AUC, ECE, KL1 recall, the uncertain share,
+   the share refused, and how many grades differ.
+3. **The finder's decisions** in bfloat16 against float32 on the 240 leg films, 300 val crops and the
+   non-knee radiographs: how many decisions (crop, film, refusal and its type, the views) differ, and
+   the largest shift of a graded joint's box as a share of its width. The server keeps the finder in
+   float32 where this is not zero (`handler.koa_handler`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from model.checkpoint import load_torchscript, model_from_checkpoint
+from model.localize import find_joints, load_finder, plan, serving_finder
+from model.precision import compiled, native_bf16
+from ops.results import ROOT, write_result
+from train.data import IMAGE_SUFFIXES, scan
+from train.evaluate import answer_arrays, prepare_files
+from train.metrics import compute_metrics
+
+FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--weights", default=str(ROOT / "weights" / "oamen.ckpt"))
+    p.add_argument("--exported", default=str(ROOT / "build" / "oamen.pt"), help="train.export's file ('' to skip)")
+    p.add_argument("--finder", default=str(ROOT / "weights" / "finder.pt"))
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "koa"))
+    p.add_argument("--films", default=str(ROOT.parent / "shared" / "data" / "legfilms"))
+    p.add_argument("--nonknee", default=str(ROOT.parent / "shared" / "data" / "nonknee"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=1.0)
+    p.add_argument("--json", default=None)
+    return p
+
+
+def speed(runners: dict[str, tuple[Any, torch.Tensor]], rounds: int, seconds: float) -> dict[str, float]:
+    """Images/s of each runner, median over interleaved rounds (shared-machine drift hits all alike)."""
+    got: dict[str, list[float]] = {k: [] for k in runners}
+    with torch.inference_mode():
+        for fn, x in runners.values():
+            for _ in range(3):
+                fn(x)
+        for _ in range(rounds):
+            for k, (fn, x) in runners.items():
+                n, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    fn(x)
+                    n += 1
+                got[k].append(n * x.shape[0] / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in got.items()}
+
+
+def answers(nets: dict[str, torch.nn.Module], contract, data: Path) -> dict[str, Any]:
+    samples = [s for s in scan(data, contract.num_classes) if s.split == "val"]
+    labels = np.array([s.grade for s in samples])
+    images = prepare_files([s.path for s in samples], contract)
+    out: dict[str, Any] = {"n": len(samples)}
+    grades = {}
+    for name, net in nets.items():
+        a = answer_arrays(net, contract, images)
+        m = compute_metrics(labels, a["probabilities"], contract.class_names, y_pred=a["grades"])
+        refused = a["refused"]
+        out[name] = {
+            "accuracy": m["accuracy"], "qwk": m["qwk"], "macro_auc": m["macro_auc"], "ece": m["ece"],
+            "kl1_recall": m["per_class"]["KL1"]["recall"], "uncertain_share": float(a["uncertain"].mean()),
+            "refused_share": float(refused.mean()) if refused is not None else 0.0,
+        }  # fmt: skip
+        grades[name] = a["grades"]
+    out["grades_differ"] = int((grades["fp32"] != grades["bf16"]).sum())
+    return out
+
+
+def finder_decisions(finder: str, sets: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+    net, cfg = load_finder(finder)
+    f32, f16 = serving_finder(net, cfg.input_size), serving_finder(net, cfg.input_size, dtype=torch.bfloat16)
+    out = {}
+    for name, grays in sets.items():
+        differ, worst = 0, 0.0
+        for g in grays:
+            pa, pb = (plan(find_joints(f, cfg, [g])[0], g.shape, cfg) for f in (f32, f16))
+            key = lambda p: (p.kind, p.error, [j.view for j in p.joints])  # noqa: E731
+            differ += key(pa) != key(pb)
+            for ja, jb in zip(pa.joints, pb.joints, strict=False):
+                worst = max(worst, float(np.abs(np.subtract(ja.box, jb.box)).max()) / max(ja.width, 1.0))
+        out[name] = {"n": len(grays), "decisions_differ": differ, "worst_box_shift_of_width": worst}
+    return out
+
+
+def _images(folder: Path, limit: int | None = None) -> list[np.ndarray]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES - {".dcm"})[:limit]
+    return [g for g in (cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in files) if g is not None]
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    warnings.simplefilter("ignore", FutureWarning)
+    torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+    net, contract = model_from_checkpoint(args.weights)
+    s = contract.input_size
+    x1, f1 = torch.zeros(1, contract.channels, s, s), None
+    nets = {name: compiled(net, x1, dtype) for name, dtype in FORMATS.items()}
+    fnet, cfg = load_finder(args.finder)
+    finders = {"eager": fnet, **{n: serving_finder(fnet, cfg.input_size, dtype=d) for n, d in FORMATS.items()}}
+    runners: dict[str, tuple[Any, torch.Tensor]] = {}
+    for b in (1, 8):
+        x = torch.randn(b, contract.channels, s, s).contiguous(memory_format=torch.channels_last)
+        f1 = torch.randn(b, 1, cfg.input_size, cfg.input_size).contiguous(memory_format=torch.channels_last)
+        if args.exported:
+            runners[f"grader exported b{b}"] = (load_torchscript(args.exported)[0].forward_with_gate, x)
+        for name, n in nets.items():
+            runners[f"grader frozen {name} b{b}"] = (n.forward_with_gate, x)
+        for name, f in finders.items():
+            runners[f"finder {'eager fp32' if name == 'eager' else 'frozen ' + name} b{b}"] = (f, f1)
+    result: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "native_bf16": native_bf16(cpu),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "images_per_s": speed(runners, args.rounds, args.seconds),
+    }
+    print(result["images_per_s"], flush=True)
+    result["val"] = answers(nets, contract, Path(args.data))
+    print(result["val"], flush=True)
+    sets = {"leg films": _images(Path(args.films)), "val crops": _images(Path(args.data) / "val", 300),
+            "non-knee radiographs": _images(Path(args.nonknee))}  # fmt: skip
+    result["finder_bf16_vs_fp32"] = finder_decisions(args.finder, sets)
+    print(result["finder_bf16_vs_fp32"], flush=True)
+    write_result(Path(args.json) if args.json else None, result)
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
