@@ -15,9 +15,7 @@ tibio-femoral joint space whose side is the joint's width, bone edge to bone edg
 
 from __future__ import annotations
 
-import copy
 import json
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.efficientnet_lite import BN_EPS, create_lite0
+from model.precision import compiled
 
 # The dataset's crops, measured by eye on a grid (train.annotate): the joint spans 83-97% of the
 # crop's width (mean 0.89) and the joint line lies at 52-59% of its height (mean 0.555).
@@ -220,27 +219,27 @@ def save_finder(path: str | Path, net: KneeFinder, cfg: FinderConfig, **extra: A
     return path
 
 
-def serving_finder(net: KneeFinder, size: int, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
-    """The finder as the server runs it: traced and frozen, in channels-last memory, on ``device``.
+def serving_finder(
+    net: KneeFinder, size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """The finder as the server runs it: traced and frozen, in channels-last memory, on ``device``, in
+    ``dtype`` (`model.precision`).
 
-    Same outputs as the eager module (tests/test_localize.py); on the 2 CPU cores of these machines
-    about 1.8 times the images per second at batch 1 and 2.6 times at batch 8 (docs/BENCHMARKS.md).
+    Same outputs as the eager module in float32 (tests/test_localize.py); on the 2 CPU cores of these
+    machines about 1.8 times the images per second at batch 1 and 2.6 times at batch 8, and bfloat16
+    doubles that again (docs/BENCHMARKS.md).
     """
-    net = copy.deepcopy(net).eval().to(device=device, memory_format=torch.channels_last)
-    example = torch.zeros(1, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
-        return torch.jit.freeze(torch.jit.trace(net, example))
+    return compiled(net, torch.zeros(1, 1, size, size, device=device), dtype)
 
 
 def load_serving_finder(
-    path: str | Path, device: torch.device | str = "cpu"
-) -> tuple[torch.jit.ScriptModule, FinderConfig] | None:
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, FinderConfig] | None:
     """The server's finder from its weights file (`serving_finder`), or None when there is none."""
     if not Path(path).is_file():
         return None
     net, cfg = load_finder(path)
-    return serving_finder(net, cfg.input_size, device), cfg
+    return serving_finder(net, cfg.input_size, device, dtype), cfg
 
 
 def load_finder(path: str | Path) -> tuple[KneeFinder, FinderConfig]:

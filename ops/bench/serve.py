@@ -31,6 +31,7 @@ from model import create_model
 from model.checkpoint import load_torchscript
 from model.decode import decode_image
 from model.localize import find_joints, load_serving_finder
+from model.precision import compiled, serving_dtype
 from model.preprocess import prepare, to_model_input
 from ops import server as ts
 from ops.load import drive, idle_latency
@@ -74,7 +75,10 @@ def load_predictor(model_path: Path, finder_path: Path = FINDER) -> Predictor:
     eager = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
     eager.load_state_dict(scripted.state_dict())
     cpu = torch.device("cpu")
-    return Predictor(scripted, eager.eval(), contract, cpu, load_serving_finder(finder_path, cpu))
+    # As `handler.koa_handler` does: predictions on a frozen trace in the format this CPU serves in.
+    example = torch.zeros(1, contract.channels, contract.input_size, contract.input_size)
+    fast = compiled(eager.eval(), example, serving_dtype(cpu))
+    return Predictor(fast, eager, contract, cpu, load_serving_finder(finder_path, cpu))
 
 
 def pipeline_rate(pred: Predictor, images: list[bytes], batch: int, seconds: float) -> float:
