@@ -250,8 +250,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         net = create_model(args.model, num_classes=contract.num_classes, in_chans=contract.channels)
     finder_net, cfg = load_finder(args.finder) if args.finder else (None, None)
     fsize = cfg.input_size if cfg is not None else 256
-    # The pool forks before CUDA is initialised in this process.
-    pool = mp.get_context("fork").Pool(workers, _init_worker, (contract.to_json(), fsize))
+    # Spawned, not forked: a fork of a process whose torch, OpenCV or gRPC threads hold a lock can hang
+    # (it did inside the test suite), and a forked child must not touch CUDA either.
+    pool = mp.get_context("spawn").Pool(workers, _init_worker, (contract.to_json(), fsize))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     result: dict[str, Any] = {
