@@ -2,11 +2,13 @@
 
 ``python -m train.bench_gate [--model build/oamen.pt] [--rounds 8] [--json docs/results/bench_gate.json]``
 
-The request path is what the worker runs per batch: decode the PNG, prepare (OA-MEN's
-preprocessing), normalise, stack, and the TorchScript model; with the gate the model call is
-``forward_with_gate`` (logits and the Mahalanobis score from the same pooled features) instead
-of ``forward``. Both are timed in alternating rounds in one process, so machine drift falls on
-both alike; the result is the median of the per-round ratios, with their spread.
+The request path is what the worker runs per batch: decode the PNG, the knee-joint finder (it runs
+on every image; these knee crops stay crops), prepare (OA-MEN's preprocessing), normalise, stack,
+and the grader as the worker runs it (`model.precision.compiled`: a frozen trace, in bfloat16 where
+the CPU computes it natively). With the gate the grader's call is ``forward_with_gate`` (logits and
+the Mahalanobis score from the same pooled features) instead of ``forward``. The legs are timed in
+alternating rounds in one process, so machine drift falls on all alike; the result is the median
+of the per-round ratios, with their spread.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import create_model
 from model.checkpoint import load_torchscript
 from model.decode import decode_image
+from model.localize import find_joints, load_serving_finder
+from model.precision import compiled, serving_dtype
 from model.preprocess import prepare, to_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,15 +36,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=ROOT / "build" / "oamen.pt")
     p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val" / "2")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--finder", type=Path, default=ROOT / "weights" / "finder.pt", help="'' to leave it out")
+    p.add_argument("--batch", type=int, default=8, help="the shipped batch size (config.properties)")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--batches-per-round", type=int, default=6)
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "bench_gate.json")
     return p
 
 
-def request_path(net, contract, blobs: list[bytes], gated: bool, flip: bool = False) -> None:
-    arrays = [to_model_input(prepare(decode_image(b), contract), contract) for b in blobs]
+def request_path(net, contract, blobs: list[bytes], gated: bool, flip: bool = False, finder=None) -> None:
+    grays = [decode_image(b) for b in blobs]
+    if finder is not None:
+        find_joints(*finder, grays)
+    arrays = [to_model_input(prepare(g, contract), contract) for g in grays]
     x = torch.from_numpy(np.stack(arrays)).contiguous(memory_format=torch.channels_last)
     run = net.forward_with_gate if gated else net.forward
     with torch.inference_mode():
@@ -49,15 +58,20 @@ def request_path(net, contract, blobs: list[bytes], gated: bool, flip: bool = Fa
 
 
 def main(args: argparse.Namespace) -> dict:
-    net, contract = load_torchscript(args.model)
-    if not hasattr(net, "forward_with_gate"):
+    scripted, contract = load_torchscript(args.model)
+    if not hasattr(scripted, "forward_with_gate"):
         raise SystemExit(f"{args.model} has no knee gate (export an OA-MEN with train.export)")
+    eager = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
+    eager.load_state_dict(scripted.state_dict())
+    dtype = serving_dtype(torch.device("cpu"))
+    net = compiled(eager, torch.zeros(1, contract.channels, contract.input_size, contract.input_size), dtype)
+    finder = load_serving_finder(args.finder) if str(args.finder) else None
     files = sorted(args.images.glob("*.png"))[: args.batch]
     if len(files) < args.batch:
         raise SystemExit(f"need {args.batch} PNGs in {args.images}, found {len(files)}")
     blobs = [f.read_bytes() for f in files]
     for gated in (False, True, False, True):  # warm up both graphs
-        request_path(net, contract, blobs, gated)
+        request_path(net, contract, blobs, gated, finder=finder)
     rounds = []
     legs = [("without", False, False), ("with", True, False), ("with_flip", True, True)]
     for r in range(args.rounds):
@@ -65,7 +79,7 @@ def main(args: argparse.Namespace) -> dict:
         for name, gated, flip in legs if r % 2 == 0 else legs[::-1]:
             t0 = time.perf_counter()
             for _ in range(args.batches_per_round):
-                request_path(net, contract, blobs, gated, flip)
+                request_path(net, contract, blobs, gated, flip, finder)
             times[name] = (time.perf_counter() - t0) / (args.batches_per_round * args.batch)
         rounds.append({f"ms_per_image_{k}": 1000 * v for k, v in times.items()}
                       | {"gate_share": (times["with"] - times["without"]) / times["with"],
@@ -74,6 +88,8 @@ def main(args: argparse.Namespace) -> dict:
     result = {
         "model": f"{contract.model_name} v{contract.model_version}",
         "batch": args.batch,
+        "dtype": str(dtype).removeprefix("torch."),
+        "finder": finder is not None,
         "flip_tta": contract.postprocess.flip_tta,
         "torch_threads": torch.get_num_threads(),
         "rounds": rounds,

@@ -251,7 +251,9 @@ def gate_report(d: dict[str, Any]) -> str:
     lo, hi = d["gate_share_range"]
     return (
         f"`python -m train.bench_gate` (result `docs/results/bench_gate.json`), {d['model']}, batch {d['batch']}, "
-        f"{len(d['rounds'])} alternating rounds: the request path (decode, preprocess, model) takes "
+        f"{len(d['rounds'])} alternating rounds: the request path (decode, "
+        f"{'the knee-joint finder, ' if d.get('finder') else ''}preprocess, model"
+        f"{' in ' + d['dtype'] if d.get('dtype') else ''}) takes "
         f"{d['ms_per_image_without_median']:.1f} ms per image without the knee gate and "
         f"{d['ms_per_image_with_median']:.1f} ms with it; the gate's share of the request path is "
         f"**{100 * d['gate_share_median']:.1f}%** (median; rounds {100 * lo:.1f}% to {100 * hi:.1f}%; target <= 15%"
