@@ -26,10 +26,9 @@ from ts.torch_handler.base_handler import BaseHandler
 from handler.drain import RETRY_AFTER_S, DrainGate
 from handler.memory import keep_freed_memory
 from handler.service import Answer, Predictor, error_body
-from model import create_model
 from model.checkpoint import load_torchscript
 from model.localize import load_serving_finder
-from model.precision import compiled, serving_dtype
+from model.precision import served_models
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +54,17 @@ class KOAHandler(BaseHandler):
             self.device = torch.device("cpu")
         path = os.path.join(props.get("model_dir"), context.manifest["model"]["serializedFile"])
         scripted, contract = load_torchscript(path, map_location=self.device)
-        # Explanations need module hooks, which TorchScript lacks: rebuild the eager model from the
-        # same weights (the traced module's state dict has the eager module's keys).
-        eager = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
-        eager.load_state_dict(scripted.state_dict())
-        eager.to(self.device).eval()
-        self.model = scripted
-        # The knee-joint finder ships beside the model (make archive); without it every image is
-        # graded as a joint crop, as before whole films were handled.
-        finder_path = os.path.join(props.get("model_dir"), FINDER_WEIGHTS)
         # Predictions run on a frozen trace of the same weights (a quarter more images per second than the
         # exported trace on these CPUs), in bfloat16 where the processor computes it natively (about twice
-        # as fast again: model.precision). Explanations keep the float32 eager model.
-        self.dtype = serving_dtype(self.device)
-        example = torch.zeros(1, contract.channels, contract.input_size, contract.input_size, device=self.device)
-        fast = compiled(eager, example, self.dtype)
-        # The finder stays in float32: in bfloat16 it moved one film's box by 13% of the joint's width
-        # and changed 2 of the 259 non-knee radiographs' decisions, and docs/FILMS.md measured float32.
-        finder = load_serving_finder(finder_path, self.device)
+        # as fast again: model.precision). Explanations need module hooks, which TorchScript lacks: they
+        # use the float32 eager model rebuilt from the same weights.
+        eager, fast, self.dtype = served_models(scripted, contract, self.device)
+        self.model = scripted
+        # The knee-joint finder ships beside the model (make archive); without it every image is graded
+        # as a joint crop. It stays in float32: in bfloat16 it moved one film's box by 13% of the joint's
+        # width and changed 2 of the 259 non-knee radiographs' decisions (make bench-precision), and
+        # docs/FILMS.md measured float32.
+        finder = load_serving_finder(os.path.join(props.get("model_dir"), FINDER_WEIGHTS), self.device)
         if finder is None:
             log.warning("no %s in the archive: whole films will be graded as if they were joint crops", FINDER_WEIGHTS)
         self.predictor = Predictor(fast, eager, contract, self.device, finder)

@@ -19,6 +19,9 @@ import warnings
 import torch
 from torch import nn
 
+from model.contract import InputContract
+from model.registry import create_model
+
 log = logging.getLogger(__name__)
 
 ENV = "KOA_PRECISION"
@@ -85,3 +88,16 @@ def compiled(net: nn.Module, example: torch.Tensor, dtype: torch.dtype = torch.f
     if dtype == torch.float32:
         return frozen
     return CastGated(frozen, dtype) if gated else Cast(frozen, dtype)
+
+
+def served_models(
+    scripted: nn.Module, contract: InputContract, device: torch.device
+) -> tuple[nn.Module, nn.Module, torch.dtype]:
+    """What the worker builds from an exported model: (the float32 eager model, for explanations; the
+    model predictions run on, `compiled` in `serving_dtype`; that dtype)."""
+    eager = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
+    eager.load_state_dict(scripted.state_dict())
+    eager.to(device).eval()
+    dtype = serving_dtype(device)
+    example = torch.zeros(1, contract.channels, contract.input_size, contract.input_size, device=device)
+    return eager, compiled(eager, example, dtype), dtype

@@ -21,9 +21,8 @@ from client import KOAClientError
 from client.grpc_client import GrpcClient
 from client.rest import RestClient
 from client.schema import validate_answer, validate_error
-from model import create_model
 from model.checkpoint import load_torchscript
-from model.precision import compiled, serving_dtype
+from model.precision import served_models
 from ops import server as ts
 from tests.conftest import private_server
 from tests.imagebytes import encode, make_dicom, png_by_hand
@@ -148,11 +147,7 @@ def test_served_predictions_equal_in_process_evaluation(rest, knee_png, tmp_path
     cv2.imwrite(str(root / "2" / "noise.png"), rng.integers(0, 255, (150, 180), dtype=np.uint8))
     samples = scan(root)
     net, contract = load_torchscript(ROOT / "build" / "oamen.pt")
-    # The server predicts with a frozen trace in the format it picks on this machine (model.precision).
-    dtype = serving_dtype(torch.device("cpu"))
-    eager = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
-    eager.load_state_dict(net.state_dict())
-    net = compiled(eager, torch.zeros(1, contract.channels, contract.input_size, contract.input_size), dtype)
+    _, net, _ = served_models(net, contract, torch.device("cpu"))  # what the worker predicts with
     expected = answer_arrays(net, contract, prepare_files([s.path for s in samples], contract))
     for i, s in enumerate(samples):
         if expected["refused"] is not None and expected["refused"][i]:  # evaluation refuses it: so does the server

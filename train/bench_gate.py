@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import create_model
 from model.checkpoint import load_torchscript
 from model.decode import decode_image
 from model.localize import find_joints, load_serving_finder
-from model.precision import compiled, serving_dtype
+from model.precision import served_models
 from model.preprocess import prepare, to_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,10 +60,7 @@ def main(args: argparse.Namespace) -> dict:
     scripted, contract = load_torchscript(args.model)
     if not hasattr(scripted, "forward_with_gate"):
         raise SystemExit(f"{args.model} has no knee gate (export an OA-MEN with train.export)")
-    eager = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
-    eager.load_state_dict(scripted.state_dict())
-    dtype = serving_dtype(torch.device("cpu"))
-    net = compiled(eager, torch.zeros(1, contract.channels, contract.input_size, contract.input_size), dtype)
+    _, net, dtype = served_models(scripted, contract, torch.device("cpu"))
     finder = load_serving_finder(args.finder) if str(args.finder) else None
     files = sorted(args.images.glob("*.png"))[: args.batch]
     if len(files) < args.batch:

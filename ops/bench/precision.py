@@ -119,20 +119,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     cpu = torch.device("cpu")
     net, contract = model_from_checkpoint(args.weights)
     s = contract.input_size
-    x1, f1 = torch.zeros(1, contract.channels, s, s), None
-    nets = {name: compiled(net, x1, dtype) for name, dtype in FORMATS.items()}
+    nets = {name: compiled(net, torch.zeros(1, contract.channels, s, s), dtype) for name, dtype in FORMATS.items()}
     fnet, cfg = load_finder(args.finder)
     finders = {"eager": fnet, **{n: serving_finder(fnet, cfg.input_size, dtype=d) for n, d in FORMATS.items()}}
     runners: dict[str, tuple[Any, torch.Tensor]] = {}
     for b in (1, 8):
         x = torch.randn(b, contract.channels, s, s).contiguous(memory_format=torch.channels_last)
-        f1 = torch.randn(b, 1, cfg.input_size, cfg.input_size).contiguous(memory_format=torch.channels_last)
+        films = torch.randn(b, 1, cfg.input_size, cfg.input_size).contiguous(memory_format=torch.channels_last)
         if args.exported:
             runners[f"grader exported b{b}"] = (load_torchscript(args.exported)[0].forward_with_gate, x)
         for name, n in nets.items():
             runners[f"grader frozen {name} b{b}"] = (n.forward_with_gate, x)
         for name, f in finders.items():
-            runners[f"finder {'eager fp32' if name == 'eager' else 'frozen ' + name} b{b}"] = (f, f1)
+            runners[f"finder {'eager fp32' if name == 'eager' else 'frozen ' + name} b{b}"] = (f, films)
     result: dict[str, Any] = {
         "cpu": platform.processor() or platform.machine(),
         "native_bf16": native_bf16(cpu),

@@ -27,11 +27,10 @@ import torch
 
 from handler.memory import keep_freed_memory
 from handler.service import Predictor
-from model import create_model
 from model.checkpoint import load_torchscript
 from model.decode import decode_image
 from model.localize import find_joints, load_serving_finder
-from model.precision import compiled, serving_dtype
+from model.precision import served_models
 from model.preprocess import prepare, to_model_input
 from ops import server as ts
 from ops.load import drive, idle_latency
@@ -72,12 +71,8 @@ def load_predictor(model_path: Path, finder_path: Path = FINDER) -> Predictor:
     in-process and served run the same way."""
     keep_freed_memory()
     scripted, contract = load_torchscript(model_path)
-    eager = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
-    eager.load_state_dict(scripted.state_dict())
     cpu = torch.device("cpu")
-    # As `handler.koa_handler` does: predictions on a frozen trace in the format this CPU serves in.
-    example = torch.zeros(1, contract.channels, contract.input_size, contract.input_size)
-    fast = compiled(eager.eval(), example, serving_dtype(cpu))
+    eager, fast, _ = served_models(scripted, contract, cpu)  # as `handler.koa_handler` builds them
     return Predictor(fast, eager, contract, cpu, load_serving_finder(finder_path, cpu))
 
 
