@@ -130,6 +130,10 @@ def test_calibration_is_written_into_the_contract(trained: Path, calibrated: Pat
     assert post.decision in ("argmax", "cutpoints")
     report = json.loads((trained / "calibration.json").read_text())
     assert report["chosen"] in report["candidates"] and report["gate_fit_images"] == 30
+    cal = report["calibration"]
+    assert cal["fit_on"] in cal["fit_sets"] and cal["fit_sets"][cal["fit_on"]]["ece"] == min(
+        v["ece"] for v in cal["fit_sets"].values()
+    )
     config = json.loads((trained / "config.json").read_text())
     assert report["tune_fold"]["images"] == len(config["tune_files"]) > 0
     # the tune fold is held out of training: no tune file among the images it trained on

@@ -11,7 +11,10 @@ import pytest
 from model.contract import InputContract, PostprocessConfig
 from model.postprocess import calibrated_probabilities, decode_grades, expected_grade, finish, split_outputs
 from train.calibrate import (
+    FIT_SETS,
     choose_calibration,
+    choose_fit_set,
+    cross_fitted_val_ece,
     cross_validate_calibration,
     decision_score,
     fit_calibration,
@@ -142,3 +145,30 @@ def test_cross_validation_prefers_the_method_the_data_need() -> None:
     rigged = {m: dict(v) for m, v in cv.items()}
     rigged["temperature+bias"] |= {"cv_nll": cv["temperature"]["cv_nll"] + 1, "cv_ece": 0.0}
     assert choose_calibration(rigged) != "temperature+bias"
+
+
+def _at_temperature(logits: np.ndarray, t: float, seed: int) -> np.ndarray:
+    """Labels drawn from softmax(logits / t): logits that are right after dividing by t."""
+    rng = np.random.default_rng(seed)
+    p = calibrated_probabilities(logits, PostprocessConfig(temperature=t))
+    return np.array([rng.choice(5, p=row) for row in p])
+
+
+def test_cross_fitting_on_val_prefers_the_set_that_matches_val() -> None:
+    """A tune fold that wants T = 1 and a val split that wants T = 2: fitting on val wins, and each
+    val knee's figure comes from a fit that did not see it (so val alone is not perfect)."""
+    rng = np.random.default_rng(7)
+    lt, lv = rng.normal(0, 3, (800, 5)), rng.normal(0, 3, (1000, 5))
+    yt, yv = _at_temperature(lt, 1.0, 8), _at_temperature(lv, 2.0, 9)
+    gv = np.arange(len(yv)) // 2
+    fits = {s: cross_fitted_val_ece((lt, yt), (lv, yv, gv), "temperature", s, repeats=2) for s in FIT_SETS}
+    assert fits["tune"]["repeats"] == 1 and fits["val"]["repeats"] == 2
+    assert fits["val"]["ece"] < fits["tune+val"]["ece"] < fits["tune"]["ece"]
+    assert fits["val"]["nll"] < fits["tune"]["nll"]
+    assert fits["val"]["ece"] > 0.005  # out-of-fold: noisy, not in-sample perfect
+    assert choose_fit_set(fits) == "val"
+    # when the tune fold is as good, it is kept: val is read as little as possible
+    tied = {s: dict(fits["val"]) for s in FIT_SETS}
+    assert choose_fit_set(tied) == "tune"
+    with pytest.raises(ValueError, match="fit_on"):
+        cross_fitted_val_ece((lt, yt), (lv, yv, gv), "temperature", "train")
