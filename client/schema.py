@@ -4,7 +4,8 @@ docs/API.md documents it. Version 2 (``schema_version: 2``) added ``confidence``
 ``uncertain``; the grade may differ from the most probable grade, because the served model
 decodes grades ordinally (``model.postprocess``). Version 3 added the answer for a whole film:
 instead of one grade, ``knees``, one entry per knee joint found (its ``box``, ``side``, ``view``,
-``laterality``, and either the grade fields of version 2 or ``refused`` with the reason); a joint
+``laterality`` and, from a later version 3 server, ``laterality_source``, and either the grade
+fields of version 2 or ``refused`` with the reason); a joint
 crop's answer is unchanged. An answer without ``schema_version`` is a
 version 1 answer (the grade was then the most probable one) and still passes, so a newer
 client can read an older server. Refusals are errors, not answers (``ERROR_TYPES``).
@@ -89,6 +90,16 @@ def _check_film(answer: dict[str, Any], explain: bool) -> None:
             raise InvalidAnswer(f"{where}.side must be 'left' or 'right', got {knee.get('side')!r}")
         if knee.get("laterality") not in (None, "R", "L"):
             raise InvalidAnswer(f"{where}.laterality must be 'R', 'L' or null, got {knee.get('laterality')!r}")
+        # Added within version 3 (absent from older servers' answers): where the laterality came from.
+        if "laterality_source" in knee:
+            source = knee["laterality_source"]
+            if source not in (None, "dicom", "marker"):
+                raise InvalidAnswer(f"{where}.laterality_source must be 'dicom', 'marker' or null, got {source!r}")
+            if (source is None) != (knee.get("laterality") is None):
+                raise InvalidAnswer(
+                    f"{where}.laterality_source is {source!r} but laterality is {knee.get('laterality')!r}: "
+                    "both are null or neither"
+                )
         if "refused" in knee:
             refused = knee["refused"]
             if not isinstance(refused, dict) or refused.get("type") not in ERROR_TYPES:

@@ -36,6 +36,7 @@ from handler.explain import METHODS, attribute, heat_grid, overlay_png
 from model.contract import InputContract
 from model.decode import DecodeError, decode_image, dicom_laterality
 from model.localize import FinderConfig, Joint, Plan, crop_joint, find_joints, plan
+from model.markers import Marker, MarkerReader, assign, read_markers
 from model.postprocess import finish
 from model.preprocess import prepare, to_model_input
 
@@ -178,6 +179,8 @@ class Predictor:
         device: where the models live.
         finder: the knee-joint finder and its settings (`model.localize`); whole films are then cut
             into one crop per knee and answered per knee (``knees``).
+        markers: the burned-in R/L marker reader (`model.markers`); without it a knee's laterality
+            comes from the DICOM header only.
     """
 
     def __init__(
@@ -187,6 +190,7 @@ class Predictor:
         contract: InputContract,
         device: torch.device,
         finder: tuple[nn.Module, FinderConfig] | None = None,
+        markers: MarkerReader | None = None,
     ) -> None:
         self.scripted = scripted
         self.eager = eager
@@ -194,6 +198,7 @@ class Predictor:
         self.device = device
         # The knee-joint finder (model.localize): without it every image is graded as a joint crop.
         self.finder = finder
+        self.markers = markers
         # An OA-MEN export has a second method that also returns the knee gate's score.
         self.gated = hasattr(scripted, "forward_with_gate")
 
@@ -277,7 +282,8 @@ class Predictor:
                     units.append((i, None, prepare(gray, self.contract)))
                 else:
                     knees = [(i, k, prepare(crop_joint(gray, j), self.contract)) for k, j in enumerate(pl.joints)]
-                    films[i] = (pl, gray.shape, dicom_laterality(req.image))
+                    dicom = dicom_laterality(req.image)
+                    films[i] = (pl, gray.shape, dicom, self.read_markers(gray) if dicom is None else [])
                     units.extend(knees)
                 requests[i] = req
             except Exception as exc:
@@ -351,14 +357,28 @@ class Predictor:
             return [Plan("refuse", error="server_error", message="the knee-joint finder failed") for _ in grays]
         return [plan(joints, g.shape, cfg) for joints, g in zip(found, grays, strict=True)]
 
+    def read_markers(self, gray: np.ndarray) -> list[Marker]:
+        """The burned-in R/L markers the reader claims on a whole film; none without a reader, or when it fails."""
+        if self.markers is None:
+            return []
+        try:
+            return read_markers(self.markers, gray)
+        except Exception:  # a laterality is a nicety: the grades still go out
+            log.exception("the marker reader failed on a film of shape %s", gray.shape)
+            return []
+
     def film_answer(
-        self, film: tuple[Plan, tuple[int, int], str | None], bodies: dict[int, dict[str, Any]]
+        self, film: tuple[Plan, tuple[int, int], str | None, list[Marker]], bodies: dict[int, dict[str, Any]]
     ) -> tuple[Answer, dict[int, dict[str, Any]]]:
         """The answer for a whole film: one entry per knee found (graded, or refused with the reason),
         left to right; a 422 when no knee could be graded. ``bodies`` maps the plan's knee index to its
         answer (empty when the knee gate refused the crop). Also returns the graded entries by knee
-        index: an explanation added to one later is part of the answer."""
-        pl, (h, w), laterality = film
+        index: an explanation added to one later is part of the answer.
+
+        Laterality: the DICOM header's, for the only graded knee; without one, the burned-in markers'
+        for a graded knee that is the only knee found, or alone in the half of the film its marker is
+        in (`model.markers.assign`). ``laterality_source`` says which."""
+        pl, (h, w), laterality, markers = film
         entries: list[tuple[float, dict[str, Any]]] = []
         by_knee: dict[int, dict[str, Any]] = {}
         for k, joint in enumerate(pl.joints):
@@ -380,7 +400,12 @@ class Predictor:
         knees = [e for _, e in sorted(entries, key=lambda t: t[0])]
         graded = [e for e in knees if "kl_grade" in e]
         if len(graded) == 1 and laterality:
-            graded[0]["laterality"] = laterality
+            graded[0].update(laterality=laterality, laterality_source="dicom")
+        elif markers and graded:
+            centres = [(e["box"][0] + e["box"][2]) / 2 for e in knees]
+            for entry, letter in zip(knees, assign(markers, centres, w), strict=True):
+                if letter and "kl_grade" in entry:
+                    entry.update(laterality=letter, laterality_source="marker")
         if not graded:
             return (422, error_body(422, NOT_A_KNEE, "not_a_knee")), {}
         c = self.contract
@@ -398,6 +423,7 @@ class Predictor:
             "box": [round(v, 1) for v in joint.box],
             "side": joint.side(image_width),
             "laterality": None,
+            "laterality_source": None,
             "view": joint.view,
         }
         if refusal:
