@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "## From logits to the answer (fitted by `train.calibrate`, stored in the contract)",
         f"- **Calibration**: {cal_text}. The methods were compared by cross-validation inside the tune fold "
         f"({cal['cv']}; each fitted by negative log-likelihood on four fifths, measured on the fifth), and chosen "
-        f"by a rule fixed before measuring: {cal['rule']}. The validation split was not read:",
+        f"by a rule fixed before measuring: {cal['rule']}. The validation split was not read for this comparison:",
         "",
         "| calibration | tune-fold CV ECE (sd over repeats) | CV NLL | CV top-1 |",
         "|---|---|---|---|",
