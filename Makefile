@@ -15,6 +15,7 @@ NONKNEE ?= ../shared/data/nonknee
 TRAIN_ARGS ?= --epochs 40 --time-limit 95 --no-balance --patience 0 --lr 1e-3 --version 1.0.0
 WEIGHTS := weights/oamen.ckpt
 FINDER := weights/finder.pt
+MARKERS := weights/markers.pt
 FILMS ?= ../shared/data/legfilms
 EXPORT := build/oamen.pt
 ARCHIVE := model_store/oamen.mar
@@ -95,10 +96,11 @@ $(EXPORT): $(WEIGHTS) $(shell find model -name '*.py' 2>/dev/null) | $(STAMP)
 
 archive: $(ARCHIVE)  ## build model_store/oamen.mar (export first when the weights are newer)
 
-$(ARCHIVE): $(EXPORT) $(FINDER) $(SOURCES) | $(STAMP)
+$(ARCHIVE): $(EXPORT) $(FINDER) $(MARKERS) $(SOURCES) | $(STAMP)
 	rm -rf build/mar && mkdir -p build/mar model_store
 	cp -r model handler build/mar/
 	cp $(FINDER) build/mar/finder.pt  # the knee-joint finder: whole films are answered per knee
+	cp $(MARKERS) build/mar/markers.pt  # the burned-in R/L marker reader: a knee's laterality without a DICOM header
 	find build/mar -name __pycache__ -prune -exec rm -rf {} +
 	# the worker needs OA-MEN only: the lazily registered baselines stay out of the archive
 	rm -f $(patsubst %,build/mar/%.py,$(subst .,/,$(shell $(PY) -c "from model.registry import LAZY_MODULES; print(*LAZY_MODULES)"))) build/mar/model/_layers.py

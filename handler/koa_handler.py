@@ -28,6 +28,7 @@ from handler.memory import keep_freed_memory
 from handler.service import Answer, Predictor, error_body
 from model.checkpoint import load_torchscript
 from model.localize import load_serving_finder
+from model.markers import load_reader
 from model.precision import served_models
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 # KOA_EARLY_ANSWERS=0 answers every batch in one message, as TorchServe does by default (see `answer_early`).
 EARLY_ENV = "KOA_EARLY_ANSWERS"
 FINDER_WEIGHTS = "finder.pt"
+MARKER_WEIGHTS = "markers.pt"
 OFF = {"0", "false", "no", "off"}
 
 
@@ -67,7 +69,12 @@ class KOAHandler(BaseHandler):
         finder = load_serving_finder(os.path.join(props.get("model_dir"), FINDER_WEIGHTS), self.device)
         if finder is None:
             log.warning("no %s in the archive: whole films will be graded as if they were joint crops", FINDER_WEIGHTS)
-        self.predictor = Predictor(fast, eager, contract, self.device, finder)
+        # The burned-in R/L marker reader (model.markers): a whole film's knee gets its laterality from a
+        # marker when the DICOM header gives none. Without it laterality comes from the header alone.
+        markers = load_reader(os.path.join(props.get("model_dir"), MARKER_WEIGHTS))
+        if markers is None:
+            log.warning("no %s in the archive: laterality is read from DICOM headers only", MARKER_WEIGHTS)
+        self.predictor = Predictor(fast, eager, contract, self.device, finder, markers=markers)
         self.context = context
         self.gate = DrainGate()
         warm_s = self.warm_up(fast, contract, int(props.get("batch_size") or 1))

@@ -202,3 +202,19 @@ def test_the_schema_checks_the_laterality_source():
         with pytest.raises(InvalidAnswer, match="laterality"):
             validate_answer({**body, "knees": [{**knee, **bad}]})
     validate_answer({**body, "knees": [{k: v for k, v in knee.items() if k != "laterality_source"}]})  # older servers
+
+
+def test_the_shipped_reader_claims_no_marker_on_the_fixture_films(reader):
+    """The five credited fixture films (tests/fixtures/films) have no burned-in marker
+    (annotations/legfilm_markers.csv): the reader must not invent one on real bone, plates or text."""
+    root = Path(__file__).resolve().parent / "fixtures" / "films"
+    rows = {line.split(",")[0]: line.split(",")[3] for line in
+            (Path(__file__).resolve().parents[1] / "annotations" / "legfilm_markers.csv").read_text().splitlines()
+            if line.startswith("IMG")}  # fmt: skip
+    films = sorted(root.glob("*.jpg"))
+    assert len(films) == 5
+    for path in films:
+        name = path.name.split("_")[-1]
+        assert rows[name] == "", f"{name} is annotated with a marker: this test expects none"
+        gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        assert read_markers(reader, gray) == [], path.name
