@@ -79,7 +79,10 @@ def format_answer(name: str, answer: dict[str, Any]) -> str:
         for n, knee in enumerate(answer["knees"]):
             x0, y0, x1, y1 = (round(v) for v in knee.get("box", (0, 0, 0, 0)))
             where = f"knee {n + 1} ({knee.get('side')} of the image"
-            where += f", laterality {knee['laterality']})" if knee.get("laterality") else ")"
+            source = {"dicom": "DICOM header", "marker": "burned-in marker"}.get(knee.get("laterality_source") or "")
+            if knee.get("laterality"):
+                where += f", laterality {knee['laterality']}" + (f" from the {source}" if source else "")
+            where += ")"
             where += f" box [{x0}, {y0}, {x1}, {y1}]"
             if "refused" in knee:
                 lines.append(f"  {where}: not graded ({knee['refused'].get('type')}): {knee['refused'].get('message')}")

@@ -569,3 +569,20 @@ def test_cli_prints_confidence_the_flag_and_refusals(images, monkeypatch, capsys
     out, err = capsys.readouterr()
     assert "confidence" in out and "UNCERTAIN" in out
     assert "knee_b.png: not graded (not_a_knee): this image does not look like" in err
+
+
+def test_a_film_is_printed_per_knee_with_where_its_laterality_came_from() -> None:
+    from client.__main__ import format_answer
+
+    grades = {"kl_grade": 2, "label": "KL2: minimal", "confidence": 0.6, "uncertain": False,
+              "probabilities": [0.1, 0.1, 0.6, 0.1, 0.1], "oa_probability": 0.8}  # fmt: skip
+    film = {"knees": [
+        {"box": [10, 20, 90, 100], "side": "left", "laterality": "R", "laterality_source": "marker", "view": "ap",
+         **grades},
+        {"box": [200, 20, 280, 100], "side": "right", "laterality": None, "laterality_source": None, "view": "other",
+         "refused": {"type": "unsupported_view", "message": "a lateral view"}},
+    ]}  # fmt: skip
+    lines = format_answer("film.jpg", film).splitlines()
+    assert lines[0] == "film.jpg: whole film, 2 knee joint(s) found"
+    assert lines[1].startswith("  knee 1 (left of the image, laterality R from the burned-in marker) box [10, 20, 90")
+    assert lines[-1].startswith("  knee 2 (right of the image) box [200, 20, 280, 100]: not graded (unsupported_view)")
