@@ -4,7 +4,7 @@ finder on real whole films (tests/fixtures/films, annotated in annotations/legfi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import cv2
@@ -30,7 +30,7 @@ from model.localize import (
     to_source,
 )
 from train.annotate import read_boxes
-from train.fit_finder import Item, augment, film_split, targets
+from train.fit_finder import Hard, Item, augment, fade, film_split, paste_metal, targets
 
 ROOT = Path(__file__).resolve().parents[1]
 FILMS = ROOT / "tests" / "fixtures" / "films"
@@ -128,6 +128,57 @@ def test_augmentation_moves_the_joint_with_the_image():
         assert abs(xx - joints[0][0]) <= 3 and abs(y - joints[0][1]) <= 3
         checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("hard", [Hard(edge=1.0), Hard(faint=1.0), Hard(metal=1.0)])
+def test_hard_views_keep_the_joint_where_the_image_has_it(hard):
+    # the same view of the film with and without a dark spot at the joint centre (the darkest level,
+    # which histogram equalisation keeps apart): they differ where the augmented joint says it is
+    plain = np.full((500, 400), 40, np.uint8)
+    cv2.ellipse(plain, (200, 250), (150, 220), 0, 0, 360, 120, -1)
+    spot = plain.copy()
+    cv2.circle(spot, (120, 300), 6, 1, -1)
+    checked = 0
+    for seed in range(30):
+        item = Item("synthetic", spot, [(120.0, 300.0, 80.0, 0)], "film")
+        x, joints = augment(item, 256, np.random.default_rng(seed), hard)
+        x0, _ = augment(replace(item, gray=plain), 256, np.random.default_rng(seed), hard)
+        diff = cv2.GaussianBlur(np.abs(x - x0), (0, 0), 2)
+        if not joints or diff.max() < 0.2:  # no joint in the view, or metal over the spot
+            continue
+        y, xx = np.unravel_index(np.argmax(diff), x.shape)
+        assert abs(xx - joints[0][0]) <= 3 and abs(y - joints[0][1]) <= 3
+        checked += 1
+    assert checked >= 10
+
+
+def test_edge_views_put_the_joint_at_the_edge_of_the_window():
+    film = np.full((800, 400), 90, np.uint8)
+    item = Item("synthetic", film, [(200.0, 400.0, 80.0, 0)], "film")
+    rng = np.random.default_rng(2)
+    near = 0
+    for _ in range(40):
+        x, joints = augment(item, 256, rng, Hard(edge=1.0))
+        if not joints:
+            continue
+        content = np.argwhere(cv2.erode((x > -0.5).astype(np.uint8), np.ones((3, 3))) > 0)
+        (y0, x0), (y1, x1) = content.min(0), content.max(0)
+        jx, jy, jw, _ = joints[0]
+        near += min(jx - x0, x1 - jx, jy - y0, y1 - jy) < 0.6 * jw
+    assert near >= 20
+
+
+def test_synthetic_metal_is_saturated_and_near_the_joint():
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        film = np.full((600, 400), 60, np.uint8)
+        paste_metal(film, [(200.0, 300.0, 100.0, 0)], rng)
+        ys, xs = np.nonzero(film >= 200)
+        assert len(ys) > 20 and np.median(np.abs(ys - 300)) < 300 and np.median(np.abs(xs - 200)) < 200
+    film = np.full((300, 300), 60, np.uint8)
+    paste_metal(film, [], rng)  # a film without a joint gets metal too
+    assert (film >= 200).sum() > 0
+    assert fade(film, rng).shape == film.shape
 
 
 def test_the_film_split_is_fixed_by_name():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from model.localize import (
     FinderConfig,
     KneeFinder,
     finder_input,
+    load_finder,
     save_finder,
 )
 from train.annotate import read_boxes
@@ -48,6 +50,10 @@ def film_split(name: str) -> str:
     """A film's part, fixed by its name: a third ``test``, a sixth ``tune``, the rest ``train``."""
     h = int(hashlib.sha1(name.encode()).hexdigest(), 16)
     return "test" if h % 3 == 0 else "tune" if h % 6 == 1 else "train"
+
+
+# what the annotator noted on films of the kinds the finder found hard (#21): children, hardware, edges
+HARD_NOTES = ("child", "infant", "toddler", "hardware", "plate", "edge", "low contrast", "cast")
 
 
 def view_index(view: str) -> int:
@@ -99,11 +105,96 @@ def load_crops(koa: str | Path, split: str, n: int, seed: int) -> list[Item]:
     return out
 
 
+@dataclass(frozen=True)
+class Hard:
+    """Shares of views drawn as the kinds of film the finder found hard (#21): ``metal``, synthetic
+    orthopaedic metal (plates with screws, staples, rows of screw heads) pasted over the bone near a
+    joint, or anywhere on a film without one; ``edge``, a film's view framed so that one joint sits at
+    (or just beyond) the window's edge; ``faint``, washed-out films (fine detail and local contrast
+    reduced, uneven exposure). All default to none."""
+
+    metal: float = 0.0
+    edge: float = 0.0
+    faint: float = 0.0
+
+
+def paste_metal(window: np.ndarray, joints: list[tuple[float, float, float, int]], rng: np.random.Generator) -> None:
+    """Draw saturated metal into ``window`` (uint8, in place): a plate along the bone above or below a
+    joint with screws across it, a row of skin staples, or a row of screw heads; sized by the joint (or,
+    without one, by the window)."""
+    h, w = window.shape
+    if joints:
+        cx, cy, jw, _ = joints[int(rng.integers(len(joints)))]
+    else:
+        jw = min(h, w) * rng.uniform(0.1, 0.3)
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    level = int(rng.integers(225, 256))
+    for _ in range(int(rng.integers(1, 3))):
+        kind = rng.choice(["plate", "plate", "staples", "dots"])
+        side = rng.choice([-1.0, 1.0])  # femur (above) or tibia (below)
+        if kind == "plate":
+            length, thick = jw * rng.uniform(0.6, 2.2), jw * rng.uniform(0.07, 0.2)
+            px = cx + jw * rng.uniform(-0.5, 0.5)
+            near = jw * rng.uniform(-0.05, 0.3)  # the plate's joint end: at the joint line or a little off it
+            py = cy + side * (near + length / 2)
+            ang = np.deg2rad(rng.uniform(-20, 20))
+            d = np.array([np.sin(ang), np.cos(ang)])  # along the bone
+            n = np.array([d[1], -d[0]])  # across it
+            c = np.array([px, py])
+            box = np.array(
+                [c + a * d * length / 2 + b * n * thick / 2 for a, b in ((-1, -1), (-1, 1), (1, 1), (1, -1))]
+            )
+            cv2.fillPoly(window, [np.round(box * 16).astype(np.int32)], level, cv2.LINE_AA, shift=4)
+            if rng.random() < 0.5:  # a buttress: the plate widens at its joint end
+                e = c - side * d * length / 2
+                r = thick * rng.uniform(1.2, 2.5)
+                cv2.ellipse(window, (round(e[0]), round(e[1])), (max(1, round(r)), max(1, round(thick))),
+                            float(np.rad2deg(-ang)), 0, 360, level, -1, cv2.LINE_AA)  # fmt: skip
+            for t in np.linspace(-0.45, 0.45, int(rng.integers(2, 7))):  # screws across the bone
+                q = c + t * d * length
+                sl = jw * rng.uniform(0.3, 0.9)
+                a0, a1 = q - n * sl * rng.uniform(0.1, 0.9), q + n * sl
+                cv2.line(window, tuple(np.round(a0).astype(int)), tuple(np.round(a1).astype(int)), level,
+                         max(1, round(thick * rng.uniform(0.25, 0.5))), cv2.LINE_AA)  # fmt: skip
+        elif kind == "staples":
+            x0, y0 = cx + jw * rng.uniform(-0.8, 0.8), cy + jw * rng.uniform(-1.5, 1.5)
+            ang = rng.uniform(0, np.pi)
+            step, sz = jw * rng.uniform(0.08, 0.2), max(2, round(jw * rng.uniform(0.04, 0.1)))
+            for k in range(int(rng.integers(4, 14))):
+                x, y = x0 + k * step * np.sin(ang), y0 + k * step * np.cos(ang)
+                cv2.line(window, (round(x - sz), round(y)), (round(x + sz), round(y)), level, max(1, sz // 3))
+        else:  # screw heads end-on: a row of bright dots
+            x0, y0 = cx + jw * rng.uniform(-0.5, 0.5), cy + side * jw * rng.uniform(0.1, 1.2)
+            ang = rng.uniform(-0.4, 0.4)
+            step, r = jw * rng.uniform(0.1, 0.25), max(1, round(jw * rng.uniform(0.03, 0.08)))
+            for k in range(int(rng.integers(2, 7))):
+                x, y = x0 + k * step * np.sin(ang), y0 + side * k * step * np.cos(ang)
+                cv2.circle(window, (round(x), round(y)), r, level, -1, cv2.LINE_AA)
+
+
+def fade(window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A washed-out film: local contrast flattened toward a blurred copy, uneven exposure, blur."""
+    f = window.astype(np.float32)
+    k = rng.uniform(0.3, 0.7)
+    base = cv2.GaussianBlur(f, (0, 0), max(2.0, 0.08 * max(f.shape)))
+    f = base + k * (f - base)
+    h, w = f.shape
+    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ang = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(ang) * gx / w + np.sin(ang) * gy / h) * rng.uniform(0, 60)
+    f = f + ramp - ramp.mean()
+    if rng.random() < 0.5:
+        f = cv2.GaussianBlur(f, (0, 0), rng.uniform(0.8, 2.0))
+    return np.clip(f, 0, 255).astype(np.uint8)
+
+
 def augment(
-    item: Item, size: int, rng: np.random.Generator
+    item: Item, size: int, rng: np.random.Generator, hard: Hard = Hard()
 ) -> tuple[np.ndarray, list[tuple[float, float, float, int]]]:
     """A random window of the source (the whole film, or part of it as another clinic would frame
-    it), its brightness changed, then the finder's own input transform; flips and small turns."""
+    it, or, with ``hard.edge``, framed so a joint sits at its edge), its brightness changed (and, with
+    ``hard``, metal pasted or contrast washed out), then the finder's own input transform; flips and
+    small turns."""
     gray = item.gray
     h, w = gray.shape
     if item.kind == "crop":
@@ -116,9 +207,25 @@ def augment(
         ww, wh = w * rng.uniform(0.45, 1.0), h * rng.uniform(0.45, 1.0)
     x0 = rng.uniform(min(0.0, w - ww), max(0.0, w - ww))
     y0 = rng.uniform(min(0.0, h - wh), max(0.0, h - wh))
+    if item.kind == "film" and item.joints and rng.random() < hard.edge:
+        # one joint's centre at most half its width inside an edge of the window (or a little beyond it)
+        cx, cy, jw, _ = item.joints[int(rng.integers(len(item.joints)))]
+        ww, wh = max(ww, 1.5 * jw), max(wh, 1.5 * jw)
+        d = jw * rng.uniform(-0.1, 0.5)
+        edge = rng.choice(["top", "bottom", "left", "right"], p=[0.4, 0.3, 0.15, 0.15])
+        if edge in ("top", "bottom"):
+            y0 = cy - d if edge == "top" else cy + d - wh
+            x0 = cx - ww * rng.uniform(0.15, 0.85)
+        else:
+            x0 = cx - d if edge == "left" else cx + d - ww
+            y0 = cy - wh * rng.uniform(0.15, 0.85)
     iw, ih = max(8, round(ww)), max(8, round(wh))
     m = np.float32([[1, 0, -x0], [0, 1, -y0]])
     window = cv2.warpAffine(gray, m, (iw, ih), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    if rng.random() < hard.metal:
+        paste_metal(window, [(cx - x0, cy - y0, jw, v) for cx, cy, jw, v in item.joints], rng)
+    if rng.random() < hard.faint:
+        window = fade(window, rng)
     g = rng.uniform(0.7, 1.4)
     window = (np.power(window.astype(np.float32) / 255.0, g) * 255.0).astype(np.uint8)
     if rng.random() < 0.3:
@@ -184,7 +291,13 @@ def loss_fn(out: torch.Tensor, heat: torch.Tensor, reg: torch.Tensor) -> torch.T
 
 
 def augmented_features(
-    net: KneeFinder, items: list[Item], size: int, copies: int, rng: np.random.Generator, batch: int = 32
+    net: KneeFinder,
+    items: list[Item],
+    size: int,
+    copies: int,
+    rng: np.random.Generator,
+    batch: int = 32,
+    hard: Hard = Hard(),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``copies`` random views of every item through the finder's ImageNet layers, once.
 
@@ -196,7 +309,7 @@ def augmented_features(
     for i in tqdm(range(0, len(jobs), batch), desc="augment + frozen layers", dynamic_ncols=True):
         xs = []
         for item in jobs[i : i + batch]:
-            x, joints = augment(item, size, rng)
+            x, joints = augment(item, size, rng, hard)
             h, r = targets(joints, size)
             xs.append(x)
             heats.append(h)
@@ -214,14 +327,27 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--boxes", default="annotations/legfilms.csv")
     p.add_argument("--koa", default="../shared/data/koa")
     p.add_argument("--out", default="runs/finder")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--film-copies", type=int, default=8, help="random views of each training film")
+    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--film-copies", type=int, default=16, help="random views of each training film")
+    p.add_argument(
+        "--rare-copies",
+        type=int,
+        default=0,
+        help="extra views of each training film whose note names a rare kind (HARD_NOTES)",
+    )
+    p.add_argument("--metal", type=float, default=0.0, help="share of film views with synthetic metal (Hard)")
+    p.add_argument("--edge", type=float, default=0.0, help="share of film views with a joint at the edge (Hard)")
+    p.add_argument("--faint", type=float, default=0.0, help="share of film views washed out (Hard)")
     p.add_argument("--crops", type=int, default=600, help="dataset crops (one random view each)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--input-size", type=int, default=FinderConfig.input_size)
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="start from this finder file's trained part (fine-tuning)")
+    p.add_argument(
+        "--cache", default="cache", help="keep the frozen features of the views here (keyed by what drew them)"
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.manual_seed(a.seed)
@@ -234,9 +360,34 @@ def main(argv: list[str] | None = None) -> Path:
     for m in frozen:
         m.requires_grad_(False)
         m.eval()
-    parts = [augmented_features(net, films, a.input_size, a.film_copies, rng)]
-    parts.append(augmented_features(net, crops, a.input_size, 1, rng))
-    f8s, f16s, heats, regs = (torch.cat(t) for t in zip(*parts, strict=True))
+    hard = Hard(metal=a.metal, edge=a.edge, faint=a.faint)
+    rare = [f for f in films if any(k in f.note for k in HARD_NOTES)]
+    log.info("%d training films of a rare kind (%s), %d extra views each", len(rare), ", ".join(HARD_NOTES),
+             a.rare_copies)  # fmt: skip
+    # the views' frozen features, drawn once per setting: keyed by everything that draws them (the films,
+    # the crops, the counts, the hard shares, the seed, the input size and the augmentation's code)
+    key = hashlib.sha1(json.dumps([
+        [f.name for f in films], [c.name for c in crops], a.film_copies, a.rare_copies, a.input_size, a.seed,
+        [hard.metal, hard.edge, hard.faint], inspect.getsource(augment), inspect.getsource(paste_metal),
+        inspect.getsource(fade), inspect.getsource(targets),
+    ]).encode()).hexdigest()[:16]  # fmt: skip
+    cached = Path(a.cache) / f"finder-views-{key}.pt" if a.cache else None
+    if cached is not None and cached.is_file():
+        f8s, f16s, heats, regs = torch.load(cached, weights_only=True)
+        log.info("frozen features of %d views from %s", len(f8s), cached)
+    else:
+        parts = [augmented_features(net, films, a.input_size, a.film_copies, rng, hard=hard)]
+        if rare and a.rare_copies:
+            parts.append(augmented_features(net, rare, a.input_size, a.rare_copies, rng, hard=hard))
+        parts.append(augmented_features(net, crops, a.input_size, 1, rng))
+        f8s, f16s, heats, regs = (torch.cat(t) for t in zip(*parts, strict=True))
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save((f8s, f16s, heats, regs), cached)
+    if a.init:
+        start, _ = load_finder(a.init)
+        net.load_state_dict(start.state_dict())
+        log.info("trained part starts from %s", a.init)
     params = [q for q in net.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(f8s) / a.batch_size)
@@ -265,7 +416,9 @@ def main(argv: list[str] | None = None) -> Path:
     net.eval()
     cfg = replace(FinderConfig(), input_size=a.input_size, version=a.version)
     (out / "history.json").write_text(json.dumps(history, indent=2))
-    path = save_finder(out / "finder.pt", net, cfg, epochs=len(history))
+    keys = ("epochs", "lr", "film_copies", "rare_copies", "crops", "metal", "edge", "faint", "seed", "init")
+    trained = {k: getattr(a, k) for k in keys}
+    path = save_finder(out / "finder.pt", net, cfg, epochs=len(history), trained=json.dumps(trained))
     log.info("wrote %s", path)
     return path
 
