@@ -308,6 +308,27 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
         f"{result.get('nonknee', {}).get('n', 0)} non-knee radiographs (hand, hip, shoulder; never used "
         f"to train or tune the finder) it refuses {_pct(_refused(result.get('nonknee', {})))} on its own.",
     ]
+    hard = result.get("tune_hard")
+    if hard:
+        lines += [
+            "",
+            "## The kinds of film it found hard, on the tune films",
+            "",
+            "The tune films hold almost no knees with metal, cut by the film's edge or washed out, so each",
+            "tune film is also drawn that way (`python -m train.tune_finder`, fixed seed): synthetic plates,",
+            "screws and staples over the bone (two draws per film), the film cut so an AP joint sits 10-40% of",
+            "its width inside the top, bottom or side edge, and washed out. The finder trains on such views of",
+            "its train films (`train.fit_finder.Hard`); the metal and washed-out variants here come from the",
+            "same generators, so they measure the kind, not real hardware.",
+            "",
+            "| tune films | AP joints within a quarter width | films without an AP knee graded |",
+            "|---|---|---|",
+        ]
+        labels = {"tune": "as they are", "metal": "with synthetic metal", "edge": "a joint at the film's edge",
+                  "faint": "washed out"}  # fmt: skip
+        for key, label in labels.items():
+            if key in hard:
+                lines.append(f"| {label} | {hard[key]['ap_within_quarter']} | {hard[key]['not_ap_graded']} |")
     lines += [
         "",
         "![The test films: annotated joints green, found AP joints red, lateral/oblique blue]"
@@ -378,7 +399,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.min_joint_px:
         cfg = replace(cfg, min_joint_px=a.min_joint_px)
     if a.choose:
-        cfg, result["tune"] = choose_threshold(net, cfg, load_films(a.films, a.boxes, "tune"))
+        from train.tune_finder import SEED, hard_variants, measure_variants
+
+        tune = load_films(a.films, a.boxes, "tune")
+        cfg, result["tune"] = choose_threshold(net, cfg, tune)
+        result["tune_hard"] = {"seed": SEED, **measure_variants(net, cfg, {"tune": tune, **hard_variants(tune)})}
         state = torch.load(a.finder, map_location="cpu", weights_only=True)
         save_finder(a.finder, net, cfg, **{k: v for k, v in state.items() if k not in ("model", "config")})
         log.info("chose score threshold %.2f on the tune films; saved into %s", cfg.score_threshold, a.finder)
