@@ -218,6 +218,30 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def history_lines(history: list[dict[str, Any]]) -> list[str]:
+    """Earlier finders measured on the same test films: each finder read them once, but a later
+    finder's design may have been led by an earlier one's misses there, which the reader must know."""
+    if not history:
+        return []
+    lines = [
+        "",
+        "## Earlier finders on the same test films",
+        "",
+        "Each finder was measured once on the test films; the test films were read once per finder.",
+        "",
+        "| finder | threshold | AP joints within a quarter width | AP films graded | non-knee refused by the finder "
+        "alone | non-knee graded by the served path | what followed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for h in history:
+        lines.append(
+            f"| v{h['version']} ({h['source']}) | {h['score_threshold']} | "
+            f"{_pct(h['ap_joints_centre_within_quarter'])} of {h['ap_joints']} | {_pct(h['ap_films_graded'])} | "
+            f"{_pct(h['nonknee_refused_by_finder'])} | {_pct(h['nonknee_graded_served'])} | {h['note']} |"
+        )
+    return lines
+
+
 def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
     """docs/FILMS.md from the committed results (``docs/model/finder.json``, ``resolution.json``)."""
     t, cfg = result["test"], result["config"]
@@ -329,6 +353,7 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
         for key, label in labels.items():
             if key in hard:
                 lines.append(f"| {label} | {hard[key]['ap_within_quarter']} | {hard[key]['not_ap_graded']} |")
+    lines += history_lines(result.get("history", []))
     lines += [
         "",
         "![The test films: annotated joints green, found AP joints red, lateral/oblique blue]"
@@ -440,6 +465,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["served"]["nonknee"] = served_outcomes(served, files_nonknee)
         result["served"]["grader"] = {"weights": a.weights, "model_version": served.contract.model_version}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    if Path(a.out).is_file():  # earlier finders measured on the same test films stay on record
+        result["history"] = json.loads(Path(a.out).read_text()).get("history", [])
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     t = result["test"]
     log.info("test films %d: AP joints within a quarter width %.3f, AP films graded %.3f, answered %.3f, "
