@@ -92,3 +92,25 @@ def tiny_koa(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 assert cv2.imwrite(str(path), img)
     return root
+
+
+# The handler's tiny model (oamen_lite at 64 px, random weights): enough to test what the handler
+# does around a model without a real one.
+TINY_CONTRACT_ARGS = {"model_name": "oamen_lite", "input_size": 64, "model_version": "9.9.9"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A TorchScript export of an untrained oamen_lite with the tiny contract (`TINY_CONTRACT_ARGS`)."""
+    import torch
+
+    from model import create_model
+    from model.checkpoint import save_checkpoint
+    from model.contract import InputContract
+    from train.export import export
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("model")
+    contract = InputContract(**TINY_CONTRACT_ARGS)
+    ckpt = save_checkpoint(d / "m.ckpt", create_model("oamen_lite").eval(), contract)
+    return str(export(ckpt, d / "oamen.pt"))

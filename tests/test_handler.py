@@ -23,20 +23,12 @@ from handler.drain import BUSY_PREFIX, DRAIN_FILE, RETRY_AFTER_S, STATE_ENV, Dra
 from handler.koa_handler import EARLY_ENV, KOAHandler
 from handler.service import Predictor, RequestError, parse_request
 from model import create_model
-from model.checkpoint import load_torchscript, save_checkpoint
+from model.checkpoint import load_torchscript
 from model.contract import InputContract
 from model.decode import DecodeError
-from train.export import export
+from tests.conftest import TINY_CONTRACT_ARGS
 
-CONTRACT = InputContract(model_name="oamen_lite", input_size=64, model_version="9.9.9")
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("model")
-    ckpt = save_checkpoint(d / "m.ckpt", create_model("oamen_lite").eval(), CONTRACT)
-    return str(export(ckpt, d / "oamen.pt"))
+CONTRACT = InputContract(**TINY_CONTRACT_ARGS)  # the `exported` fixture's (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

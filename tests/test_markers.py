@@ -11,10 +11,10 @@ import torch
 
 from handler.service import Predictor
 from model import create_model
-from model.checkpoint import load_torchscript, save_checkpoint
+from model.checkpoint import load_torchscript
 from model.contract import InputContract
 from model.markers import Marker, MarkerConfig, assign, candidates, load_reader, patches, read_markers
-from train.export import export
+from tests.conftest import TINY_CONTRACT_ARGS
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "markers.pt"
 
@@ -105,15 +105,7 @@ def test_assign_two_knees_only_the_knee_in_the_markers_half():
 
 # --- the handler ---------------------------------------------------------------------------------
 
-CONTRACT = InputContract(model_name="oamen_lite", input_size=64, model_version="9.9.9")
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("model")
-    ckpt = save_checkpoint(d / "m.ckpt", create_model("oamen_lite").eval(), CONTRACT)
-    return str(export(ckpt, d / "oamen.pt"))
+CONTRACT = InputContract(**TINY_CONTRACT_ARGS)  # the `exported` fixture's (tests/conftest.py)
 
 
 def _predictor(exported: str, reader, monkeypatch, joints: list) -> Predictor:
