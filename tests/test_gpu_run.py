@@ -47,7 +47,8 @@ def test_the_request_path_benchmark_runs_on_a_cpu(knee_png: bytes, tmp_path: Pat
     n = torch.get_num_threads()
     args = bench_gpu.get_args_parser().parse_args(
         ["--images", str(images), "--batches", "1", "2", "--dtypes", "fp32", "--seconds", "0.01",
-         "--path-images", "4", "--workers", "1", "--json", str(tmp_path / "out.json")]
+         "--path-images", "4", "--workers", "2", "--drivers", "2", "--driver-batches", "2",
+         "--json", str(tmp_path / "out.json")]
     )  # fmt: skip
     result = bench_gpu.main(args)
     torch.set_num_threads(n)
@@ -57,6 +58,11 @@ def test_the_request_path_benchmark_runs_on_a_cpu(knee_png: bytes, tmp_path: Pat
     assert set(result["cpu_steps"]) == {"decode", "finder_input", "preprocess"}
     # Both real knee crops are taken as crops by the shipped finder and graded.
     assert [r["graded_as_crops"] for r in result["whole_path"]] == [1.0, 1.0]
+    # Two drivers at once, each with one of the two workers and its own models: both crops graded by each.
+    (multi,) = result["whole_path_drivers"]
+    assert (multi["drivers"], multi["batch"], multi["workers_per_driver"]) == (2, 2, [1, 1])
+    assert multi["graded_as_crops"] == 1.0 and multi["images_per_s"] > 0
+    assert len(multi["per_driver_images_per_s"]) == 2
     assert (tmp_path / "out.json").is_file()
 
 

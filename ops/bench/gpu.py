@@ -23,6 +23,11 @@ Measured, each in one run side by side:
    limits it (the CPU side's throughput on all workers against the models'). The workers hand
    over uint8 images and the GPU scales them (``to_model_input``'s arithmetic, and the finder's),
    a quarter of the bytes through the pipes that float32 would take.
+4. **The whole path from several processes** (``--drivers K``): the first GPU run found the one
+   process that unpickles the workers' output, runs the finder's decisions and drives the GPU to be
+   the limit (it waited for its workers 3% of the time). K such processes, each with its share of
+   the workers and its own models (as K TorchServe workers on one GPU would be), run at once after
+   a barrier; images/s of all together, at ``--driver-batches``.
 
 Random weights unless ``--checkpoint``: throughput does not depend on them.
 """
@@ -67,6 +72,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=1.0, help="minimum time per model measurement")
     p.add_argument("--path-images", type=int, default=8192, help="images per whole-path measurement")
     p.add_argument("--workers", type=int, default=0, help="CPU processes for decode + preprocess (0: all cores)")
+    p.add_argument(
+        "--drivers",
+        type=int,
+        default=0,
+        help="also run the whole path from this many processes at once, each with its own share of the "
+        "workers and its own models on the GPU (0: skip)",
+    )
+    p.add_argument("--driver-batches", type=int, nargs="+", default=[64, 256], help="batch sizes for --drivers")
     p.add_argument("--json", default=None)
     return p
 
@@ -240,15 +253,99 @@ def _pad(x: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([x, x[:1].expand(batch - x.shape[0], *x.shape[1:])])
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    workers = args.workers or os.cpu_count() or 1
-    blobs = load_blobs(args.images, args.max_images)
+def build(args: argparse.Namespace) -> tuple[InputContract, nn.Module, nn.Module | None, FinderConfig | None]:
+    """The grader (the checkpoint's, or random weights) and the finder, on the CPU."""
     if args.checkpoint:
         net, contract = model_from_checkpoint(args.checkpoint)
     else:
+        torch.manual_seed(0)
         contract = InputContract(model_name=args.model, input_size=args.input_size, mean=(0.5,), std=(0.5,))
         net = create_model(args.model, num_classes=contract.num_classes, in_chans=contract.channels)
     finder_net, cfg = load_finder(args.finder) if args.finder else (None, None)
+    return contract, net.eval(), finder_net, cfg
+
+
+def _runners(
+    grade_fn, finder_net: nn.Module | None, contract: InputContract, fsize: int, dtype: torch.dtype, batch: int,
+    device: torch.device,
+) -> tuple[dict[int, Runner], dict[int, Runner] | None]:  # fmt: skip
+    """The grader and the finder captured as CUDA graphs at one batch size and dtype (eager on a CPU)."""
+    shape = (batch, contract.channels, contract.input_size, contract.input_size)
+    grader = {batch: Runner(grade_fn, shape, dtype, device, True)}
+    finder = {batch: Runner(finder_net, (batch, 1, fsize, fsize), dtype, device, True)} if finder_net else None
+    return grader, finder
+
+
+def _driver(rank: int, args: argparse.Namespace, workers: int, conn, barrier) -> None:
+    """One of ``--drivers`` processes: its own decode workers, its own models on the device; runs the
+    whole path on command (dtype, batch, images) when every driver is ready, and sends the result."""
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    contract, net, finder_net, cfg = build(args)
+    fsize = cfg.input_size if cfg is not None else 256
+    blobs = load_blobs(args.images, args.max_images)
+    blobs = blobs[rank::args.drivers] or blobs
+    pool = mp.get_context("spawn").Pool(workers, _init_worker, (contract.to_json(), fsize))
+    try:
+        while (cmd := conn.recv()) is not None:
+            name, batch, n = cmd
+            m = cast(net, DTYPES[name], device)
+            fn = m.forward_with_gate if hasattr(m, "forward_with_gate") else m
+            f = cast(finder_net, DTYPES[name], device) if finder_net is not None else None
+            grader, finder = _runners(fn, f, contract, fsize, DTYPES[name], batch, device)
+            whole_path(pool, blobs, min(n, 2 * batch), batch, grader, finder, cfg, contract, device)  # warm
+            barrier.wait()
+            conn.send(whole_path(pool, blobs, n, batch, grader, finder, cfg, contract, device))
+    finally:
+        pool.close()
+        pool.join()
+
+
+def multi_driver_path(args: argparse.Namespace, workers: int) -> list[dict[str, Any]]:
+    """The whole path from ``args.drivers`` processes at once, the workers shared out between them:
+    the images/s of all of them together (all images over the slowest driver's time)."""
+    k = args.drivers
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(k)
+    pipes = [ctx.Pipe() for _ in range(k)]
+    share = [workers // k + (1 if r < workers % k else 0) for r in range(k)]
+    procs = [ctx.Process(target=_driver, args=(r, args, max(1, share[r]), pipes[r][1], barrier)) for r in range(k)]
+    for pr in procs:
+        pr.start()
+    rows = []
+    try:
+        for name in args.dtypes:
+            for b in args.driver_batches:
+                n = max(b, min(args.path_images, 64 * b) // k)
+                for parent, _ in pipes:
+                    parent.send((name, b, n))
+                results = [parent.recv() for parent, _ in pipes]
+                seconds = max(r["seconds"] for r in results)
+                row = {
+                    "dtype": name, "batch": b, "drivers": k, "workers_per_driver": share,
+                    "images_per_s": k * n / seconds, "seconds": seconds,
+                    "per_driver_images_per_s": [r["images_per_s"] for r in results],
+                    "waiting_for_cpu_share": [r["waiting_for_cpu_share"] for r in results],
+                    "graded_as_crops": sum(r["graded_as_crops"] for r in results) / k,
+                }  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        for parent, _ in pipes:
+            parent.send(None)
+        for pr in procs:
+            pr.join(timeout=60)
+            if pr.is_alive():
+                pr.terminate()
+    return rows
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    workers = args.workers or os.cpu_count() or 1
+    blobs = load_blobs(args.images, args.max_images)
+    contract, net, finder_net, cfg = build(args)
     fsize = cfg.input_size if cfg is not None else 256
     # Spawned, not forked: a fork of a process whose torch, OpenCV or gRPC threads hold a lock can hang
     # (it did inside the test suite), and a forked child must not touch CUDA either.
@@ -306,9 +403,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.dtypes:
         dtype = DTYPES[name]
         for b in args.batches:
-            shape = (b, contract.channels, contract.input_size, contract.input_size)
-            grader = {b: Runner(grade_fn_of[name], shape, dtype, device, True)}
-            finder = {b: Runner(finder_of[name], (b, 1, fsize, fsize), dtype, device, True)} if finder_of else None
+            grader, finder = _runners(grade_fn_of[name], finder_of.get(name), contract, fsize, dtype, b, device)
             count = min(args.path_images, max(64, 64 * b))
             row = {
                 "dtype": name,
@@ -320,6 +415,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     result["whole_path"] = paths
     pool.close()
     pool.join()
+    if args.drivers:
+        result["whole_path_drivers"] = multi_driver_path(args, workers)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
