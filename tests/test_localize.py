@@ -30,7 +30,7 @@ from model.localize import (
     to_source,
 )
 from train.annotate import read_boxes
-from train.fit_finder import Hard, Item, augment, fade, film_split, paste_metal, targets
+from train.fit_finder import Hard, Item, augment, fade, film_split, nonknee_split, paste_metal, targets
 
 ROOT = Path(__file__).resolve().parents[1]
 FILMS = ROOT / "tests" / "fixtures" / "films"
@@ -188,6 +188,41 @@ def test_the_film_split_is_fixed_by_name():
     assert [film_split(f"IMG{n:07d}.jpg") for n in (653, 2119, 13)] == ["test", "test", "train"]
 
 
+def test_the_nonknee_split_halves_the_radiographs_by_file_name():
+    parts = [nonknee_split(f"IMG{i:07d}.jpg") for i in range(400)]
+    assert set(parts) == {"fit", "heldout"}
+    assert 160 < parts.count("fit") < 240
+    # by the file's name, not its folder
+    assert nonknee_split("hand/IMG0000161.jpg") == nonknee_split("IMG0000161.jpg") == "heldout"
+    # pinned: the reported non-knee refusals are on the held-out half this split gives
+    assert [nonknee_split(f"IMG{n:07d}.jpg") for n in (35, 102, 161, 1)] == ["fit", "fit", "heldout", "heldout"]
+
+
+def test_the_threshold_moves_for_the_negatives_only_where_the_tune_films_lose_nothing(monkeypatch):
+    import train.eval_finder as ev
+
+    size = (200, 200)
+    ap = Item("ap", np.zeros(size, np.uint8), [(100.0, 100.0, 80.0, 0)], "film")
+    neg = Item("neg", np.zeros(size, np.uint8), [], "film")
+    scores = {"ap": 0.62, "neg": 0.45}  # the AP knee scores 0.62, the non-knee image 0.45
+
+    def fake_run(net, cfg, grays):
+        return [[joint(100, 100, 80)] for _ in grays], 0.0
+
+    calls = iter(["ap", "neg"])
+
+    def fake_run_named(net, cfg, grays):
+        name = next(calls)
+        found, t = fake_run(net, cfg, grays)
+        return [[replace(j, score=scores[name]) for j in js] for js in found], t
+
+    monkeypatch.setattr(ev, "run_finder", fake_run_named)
+    cfg, rows = ev.choose_threshold(None, FinderConfig(), [ap], [neg])
+    assert cfg.score_threshold > 0.45  # the negative is refused
+    assert cfg.score_threshold <= 0.62  # and the AP knee still graded
+    assert all("negatives_graded" in r for r in rows)
+
+
 # --- the shipped finder on real films it never trained on ---
 
 
@@ -293,3 +328,15 @@ def test_the_served_finder_answers_as_the_eager_one(shipped):
         assert np.allclose(ja.box, jb.box, atol=0.01) and abs(ja.score - jb.score) < 1e-4
     w = next(p for p in net.parameters() if p.ndim == 4 and min(p.shape[1:]) > 1)
     assert w.is_contiguous()  # the eager finder itself is left in its own memory format
+
+
+def test_a_finder_trained_on_non_knee_radiographs_is_measured_on_the_held_out_half_only():
+    from train.eval_finder import main
+
+    state = torch.load(SHIPPED, map_location="cpu", weights_only=True)
+    if not json.loads(state.get("trained") or "{}").get("nonknee"):
+        pytest.skip("the shipped finder did not train on non-knee radiographs")
+    with pytest.raises(SystemExit):
+        main(["--finder", str(SHIPPED), "--nonknee-part", "all", "--out", "/nonexistent/finder.json"])
+    measured = json.loads((ROOT / "docs" / "model" / "finder.json").read_text())
+    assert measured["nonknee"]["part"] == "heldout"

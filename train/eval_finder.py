@@ -8,8 +8,12 @@ and written into the finder file; the figures are then measured once on the ``te
 - per film, the decision `model.localize.plan` takes: films showing an AP/PA knee should be graded
   (or refused as ``resolution_too_low``), films without a knee and lateral-only films refused;
 - the dataset's val crops (should be recognised as crops) and, with ``--nonknee``, real non-knee
-  radiographs (the finder alone should find no joint there);
+  radiographs (the finder alone should find no joint there): all of them, or with
+  ``--nonknee-part heldout`` only the half that `train.fit_finder.nonknee_split` keeps out of
+  training and of the threshold's choice;
 - the finder's time per film on this machine.
+``--choose --nonknee-fit`` also uses the fit half of the non-knee radiographs to choose the threshold
+(`choose_threshold`).
 ``--sheet JPG`` draws the test films with the annotated (green) and found (red: AP, blue: other) boxes.
 """
 
@@ -33,7 +37,7 @@ from model.localize import FinderConfig, Joint, crop_joint, find_joints, load_fi
 from model.postprocess import finish
 from model.preprocess import prepare, to_model_input
 from train.data import scan
-from train.fit_finder import Item, load_films
+from train.fit_finder import Item, load_films, load_nonknee, nonknee_files
 
 log = logging.getLogger("train.eval_finder")
 
@@ -113,11 +117,19 @@ def film_report(items: list[Item], found: list[list[Joint]], cfg: FinderConfig) 
     }
 
 
-def choose_threshold(net, cfg: FinderConfig, items: list[Item]) -> tuple[FinderConfig, list[dict[str, Any]]]:
+def choose_threshold(
+    net, cfg: FinderConfig, items: list[Item], negatives: list[Item] | None = None
+) -> tuple[FinderConfig, list[dict[str, Any]]]:
     """The threshold with the most right decisions on ``items``: AP films graded or refused as too
-    small, other films refused (the median of the tied thresholds)."""
+    small, other films refused (the median of the tied thresholds).
+
+    With ``negatives`` (images without a knee, e.g. the fit half of the non-knee radiographs), that
+    threshold moves only where it costs nothing on ``items``: among the thresholds with as many right
+    decisions and as many AP joints within a quarter of their width as it, the one that grades the
+    fewest negatives (as a crop or a film), the nearest to it on a tie, then the lower."""
     low = replace(cfg, score_threshold=min(THRESHOLDS))
     found, _ = run_finder(net, low, [i.gray for i in items])
+    neg_found = run_finder(net, low, [i.gray for i in negatives])[0] if negatives else None
     rows = []
     for t in THRESHOLDS:
         c = replace(cfg, score_threshold=t)
@@ -128,11 +140,23 @@ def choose_threshold(net, cfg: FinderConfig, items: list[Item]) -> tuple[FinderC
         )
         rows.append({"threshold": t, "right": right, "films": len(items),
                      "ap_within_quarter": rep["ap_joints_centre_within_quarter"]})  # fmt: skip
+        if neg_found is not None:
+            rows[-1]["negatives"] = len(negatives)
+            rows[-1]["negatives_graded"] = sum(
+                plan([j for j in js if j.score >= t], i.gray.shape, c).kind in ("crop", "film")
+                for js, i in zip(neg_found, negatives, strict=True)
+            )
     # The middle of the thresholds with the most right decisions: a small tune set often ties over a
     # range, and its middle leaves room on both sides for films that score differently.
     most = max(r["right"] for r in rows)
     tied = [r["threshold"] for r in rows if r["right"] == most]
-    return replace(cfg, score_threshold=tied[len(tied) // 2]), rows
+    t0 = tied[len(tied) // 2]
+    if neg_found is not None:
+        base = next(r for r in rows if r["threshold"] == t0)
+        ap0 = base["ap_within_quarter"] or 0
+        free = [r for r in rows if r["right"] >= base["right"] and (r["ap_within_quarter"] or 0) >= ap0]
+        t0 = min(free, key=lambda r: (r["negatives_graded"], abs(r["threshold"] - t0), r["threshold"]))["threshold"]
+    return replace(cfg, score_threshold=t0), rows
 
 
 def sheet(items: list[Item], found: list[list[Joint]], path: Path, cols: int = 8, cell: int = 120) -> None:
@@ -310,7 +334,7 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
         names = {f"test_films_{k}": f"test films: {v}" for k, v in CATEGORIES.items()}
         names |= {
             "val_crops": "the dataset's val crops (the first, by grade and name)",
-            "nonknee": "non-knee radiographs (hand, hip, shoulder)",
+            "nonknee": nonknee_label(result, short=True),
         }
         for key, label in names.items():
             if key not in served:
@@ -329,8 +353,8 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
         "",
         "Beyond the films: of the dataset's val crops the finder takes "
         f"{_pct(result['val_crops'].get('crop'))} as crops (graded as before); of the "
-        f"{result.get('nonknee', {}).get('n', 0)} non-knee radiographs (hand, hip, shoulder; never used "
-        f"to train or tune the finder) it refuses {_pct(_refused(result.get('nonknee', {})))} on its own.",
+        f"{result.get('nonknee', {}).get('n', 0)} {nonknee_label(result)} it refuses "
+        f"{_pct(_refused(result.get('nonknee', {})))} on its own.",
     ]
     hard = result.get("tune_hard")
     if hard:
@@ -388,6 +412,32 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def nonknee_label(result: dict[str, Any], short: bool = False) -> str:
+    """Which non-knee radiographs the figures are on, and whether the finder saw them."""
+    heldout = result.get("nonknee", {}).get("part") == "heldout"
+    if short:
+        return "non-knee radiographs (hand, hip, shoulder)" + (": the held-out half only" if heldout else "")
+    if heldout:
+        return (
+            "held-out non-knee radiographs (hand, hip, shoulder: the half of `../shared/data/nonknee` that "
+            "`train.fit_finder.nonknee_split` keeps out; never used to train or tune the finder, while the "
+            "other half was trained on as films without a knee and helped choose the threshold)"
+        )
+    return "non-knee radiographs (hand, hip, shoulder; never used to train or tune the finder)"
+
+
+def nonknee_figures(net, cfg: FinderConfig, files: list[Path], weights: str | None) -> dict[str, Any]:
+    """On ``files``: the finder's own decisions (shares of crop, film, refuse) and, with the grader's
+    ``weights``, the whole served path's outcomes."""
+    grays = [cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in files]
+    plans = [plan(js, g.shape, cfg) for js, g in zip(run_finder(net, cfg, grays)[0], grays, strict=True)]
+    shares = {k: sum(pl.kind == k for pl in plans) / len(plans) for k in ("crop", "film", "refuse")}
+    out: dict[str, Any] = {"finder": {"n": len(plans), **shares}}
+    if weights:
+        out["served"] = served_outcomes(ServedPath(weights, (net, cfg)), files)
+    return out
+
+
 def _refused(shares: dict[str, Any]) -> float | None:
     return sum(v for k, v in shares.items() if k.startswith("refuse")) if shares else None
 
@@ -404,6 +454,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--koa", default="../shared/data/koa")
     p.add_argument("--nonknee", default="../shared/data/nonknee")
     p.add_argument("--choose", action="store_true", help="choose the score threshold on the tune films, save it")
+    p.add_argument(
+        "--nonknee-part",
+        choices=("all", "heldout"),
+        default=None,
+        help="which non-knee radiographs to measure (train.fit_finder.nonknee_split); by default the held-out "
+        "half for a finder trained on the fit half, else all",
+    )
+    p.add_argument(
+        "--nonknee-fit",
+        action="store_true",
+        help="with --choose: the fit half of --nonknee helps choose the threshold (choose_threshold's negatives); "
+        "the default for a finder trained on the fit half",
+    )
     p.add_argument("--min-joint-px", type=int, default=None, help="resolution floor (from train.resolution)")
     p.add_argument("--sheet", default=None, help="contact sheet of the test films (.jpg)")
     p.add_argument("--weights", default="weights/oamen.ckpt", help="the grader, for the whole served path")
@@ -420,6 +483,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_grad_enabled(False)
     net, cfg = load_finder(a.finder)
+    trained = torch.load(a.finder, map_location="cpu", weights_only=True).get("trained") or "{}"
+    if json.loads(trained).get("nonknee"):  # trained on the fit half: only the held-out half measures it
+        if a.nonknee_part == "all":
+            p.error("this finder trained on the fit half of the non-knee radiographs: use --nonknee-part heldout")
+        a.nonknee_part, a.nonknee_fit = "heldout", True
+    a.nonknee_part = a.nonknee_part or "all"
     result: dict[str, Any] = {"finder": a.finder}
     if a.min_joint_px:
         cfg = replace(cfg, min_joint_px=a.min_joint_px)
@@ -427,7 +496,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from train.tune_finder import SEED, hard_variants, measure_variants
 
         tune = load_films(a.films, a.boxes, "tune")
-        cfg, result["tune"] = choose_threshold(net, cfg, tune)
+        negatives = load_nonknee(a.nonknee, "fit") if a.nonknee_fit else None
+        cfg, result["tune"] = choose_threshold(net, cfg, tune, negatives)
         result["tune_hard"] = {"seed": SEED, **measure_variants(net, cfg, {"tune": tune, **hard_variants(tune)})}
         state = torch.load(a.finder, map_location="cpu", weights_only=True)
         save_finder(a.finder, net, cfg, **{k: v for k, v in state.items() if k not in ("model", "config")})
@@ -447,13 +517,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **{k: sum(pl.kind == k for pl in plans) / len(plans) for k in ("crop", "film", "refuse")},
     }
     if a.nonknee and Path(a.nonknee).is_dir():
-        files_nonknee = sorted(f for f in Path(a.nonknee).rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        files_nonknee = nonknee_files(a.nonknee, None if a.nonknee_part == "all" else a.nonknee_part)
         grays = [cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in files_nonknee]
         plans = [plan(js, g.shape, cfg) for js, g in zip(run_finder(net, cfg, grays)[0], grays, strict=True)]
         result["nonknee"] = {
             "n": len(plans),
             **{k: sum(pl.kind == k for pl in plans) / len(plans) for k in ("crop", "film", "refuse")},
         }
+        if a.nonknee_part != "all":
+            result["nonknee"]["part"] = a.nonknee_part
     if a.weights:
         served = ServedPath(a.weights, (net, cfg))
         by_cat: dict[str, list[Path]] = {}

@@ -7,7 +7,9 @@ Positives: the knee joints boxed in ``annotations/legfilms.csv`` (films of the `
 `film_split`) and crops of the dataset's train split, whose joint is where `model.localize` says
 the training crops put it. Negatives: the annotated films without a knee (ankles, shafts, feet)
 and the rest of every film. The ``tune`` films choose the score threshold; the ``test`` films are
-only measured (`train.eval_finder`). Never the non-knee radiographs: they measure refusals.
+only measured (`train.eval_finder`). The non-knee radiographs (hand, hip, shoulder) are split by
+name (`nonknee_split`): with ``--nonknee``, views of the ``fit`` half are negatives (no joint) and
+that half helps choose the threshold; the ``heldout`` half is only measured (refusals).
 """
 
 from __future__ import annotations
@@ -50,6 +52,31 @@ def film_split(name: str) -> str:
     """A film's part, fixed by its name: a third ``test``, a sixth ``tune``, the rest ``train``."""
     h = int(hashlib.sha1(name.encode()).hexdigest(), 16)
     return "test" if h % 3 == 0 else "tune" if h % 6 == 1 else "train"
+
+
+def nonknee_split(name: str) -> str:
+    """A non-knee radiograph's half, fixed by its file name (not its folder): ``fit`` (may be trained
+    on and used to choose the threshold) when the sha1 of the name is even, else ``heldout`` (only
+    measured)."""
+    h = int(hashlib.sha1(Path(name).name.encode()).hexdigest(), 16)
+    return "fit" if h % 2 == 0 else "heldout"
+
+
+def nonknee_files(folder: str | Path, part: str | None = None) -> list[Path]:
+    """The non-knee radiographs under ``folder`` (all, or one half of `nonknee_split`), sorted."""
+    files = sorted(f for f in Path(folder).rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return [f for f in files if part is None or nonknee_split(f.name) == part]
+
+
+def load_nonknee(folder: str | Path, part: str | None) -> list[Item]:
+    """Non-knee radiographs as films without a joint (all-zero heatmap targets)."""
+    items = []
+    for f in nonknee_files(folder, part):
+        gray = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
+        if gray is None:
+            raise FileNotFoundError(f)
+        items.append(Item(str(f.relative_to(folder)), gray, [], "film", "non-knee"))
+    return items
 
 
 # what the annotator noted on films of the kinds the finder found hard (#21): children, hardware, edges
@@ -338,6 +365,12 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--metal", type=float, default=0.0, help="share of film views with synthetic metal (Hard)")
     p.add_argument("--edge", type=float, default=0.0, help="share of film views with a joint at the edge (Hard)")
     p.add_argument("--faint", type=float, default=0.0, help="share of film views washed out (Hard)")
+    p.add_argument(
+        "--nonknee",
+        default=None,
+        help="folder of non-knee radiographs: views of its fit half (nonknee_split) are negatives",
+    )
+    p.add_argument("--nonknee-copies", type=int, default=8, help="random views of each fit-half non-knee radiograph")
     p.add_argument("--crops", type=int, default=600, help="dataset crops (one random view each)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -384,6 +417,23 @@ def main(argv: list[str] | None = None) -> Path:
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save((f8s, f16s, heats, regs), cached)
+    if a.nonknee:
+        # negatives: the fit half of the non-knee radiographs, drawn (and cached) apart from the views
+        # above so that those stay what they were without them
+        negatives = load_nonknee(a.nonknee, "fit")
+        log.info("%d fit-half non-knee radiographs as negatives, %d views each", len(negatives), a.nonknee_copies)
+        nkey = hashlib.sha1(json.dumps([
+            key, [f.name for f in negatives], a.nonknee_copies,
+        ]).encode()).hexdigest()[:16]  # fmt: skip
+        ncached = Path(a.cache) / f"finder-nonknee-views-{nkey}.pt" if a.cache else None
+        if ncached is not None and ncached.is_file():
+            neg = torch.load(ncached, weights_only=True)
+        else:
+            nrng = np.random.default_rng([a.seed, 1])
+            neg = augmented_features(net, negatives, a.input_size, a.nonknee_copies, nrng, hard=hard)
+            if ncached is not None:
+                torch.save(neg, ncached)
+        f8s, f16s, heats, regs = (torch.cat(t) for t in zip((f8s, f16s, heats, regs), neg, strict=True))
     if a.init:
         start, _ = load_finder(a.init)
         net.load_state_dict(start.state_dict())
@@ -417,6 +467,7 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = replace(FinderConfig(), input_size=a.input_size, version=a.version)
     (out / "history.json").write_text(json.dumps(history, indent=2))
     keys = ("epochs", "lr", "film_copies", "rare_copies", "crops", "metal", "edge", "faint", "seed", "init")
+    keys += ("nonknee", "nonknee_copies") if a.nonknee else ()
     trained = {k: getattr(a, k) for k in keys}
     path = save_finder(out / "finder.pt", net, cfg, epochs=len(history), trained=json.dumps(trained))
     log.info("wrote %s", path)

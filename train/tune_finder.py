@@ -9,6 +9,11 @@ a film without one), the film cut so a joint sits at its top, bottom or side edg
 washed out. Every finder is measured at the threshold `train.eval_finder.choose_threshold` picks for
 it on the real tune films. Figures: AP joints whose centre is within a quarter of their width, and
 films without an AP knee that would be graded.
+
+With ``--nonknee DIR`` each finder is also measured on the fit half of the non-knee radiographs
+(`train.fit_finder.nonknee_split`: the half that may be trained on and used to choose the threshold;
+never the held-out half), and that half joins the threshold's choice (`choose_threshold`'s
+negatives). ``--saved-threshold`` measures each finder at the threshold saved in its file instead.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from model.localize import FinderConfig, load_finder
+from model.localize import FinderConfig, load_finder, plan
 from train.eval_finder import choose_threshold, film_report, run_finder
-from train.fit_finder import Item, fade, load_films, paste_metal
+from train.fit_finder import Item, fade, load_films, load_nonknee, paste_metal
 
 SEED = 20261130
 
@@ -63,7 +68,7 @@ def edge_variants(item: Item, rng: np.random.Generator) -> list[Item]:
 def knee_free_windows(item: Item, rng: np.random.Generator, n: int = 4) -> list[Item]:
     """Up to ``n`` windows of the film (30-80% of each side) that no joint box touches: radiographs
     with bone but no knee, half of them with synthetic metal (a proxy for other body parts' films,
-    which the finder must refuse; the non-knee radiographs themselves stay unseen)."""
+    which the finder must refuse; the held-out half of the non-knee radiographs stays unseen)."""
     h, w = item.gray.shape
     out = []
     for k in range(n * 10):
@@ -110,10 +115,28 @@ def measure_variants(net, cfg: FinderConfig, sets: dict[str, list[Item]]) -> dic
     return out
 
 
-def measure(path: str, tune: list[Item], variants: dict[str, list[Item]]) -> dict[str, Any]:
+def refusals(net, cfg: FinderConfig, items: list[Item]) -> dict[str, Any]:
+    """On images without a knee: how many the finder alone refuses, and which it would grade."""
+    found, _ = run_finder(net, cfg, [i.gray for i in items])
+    kinds = [plan(js, i.gray.shape, cfg).kind for js, i in zip(found, items, strict=True)]
+    graded = [i.name for i, k in zip(items, kinds, strict=True) if k in ("crop", "film")]
+    return {"n": len(items), "refused": sum(k == "refuse" for k in kinds) / len(items), "graded": graded}
+
+
+def measure(
+    path: str,
+    tune: list[Item],
+    variants: dict[str, list[Item]],
+    negatives: list[Item] | None = None,
+    saved: bool = False,
+) -> dict[str, Any]:
     net, cfg = load_finder(path)
-    cfg, _ = choose_threshold(net, cfg, tune)
-    return {"finder": path, "threshold": cfg.score_threshold, **measure_variants(net, cfg, {"tune": tune, **variants})}
+    if not saved:
+        cfg, _ = choose_threshold(net, cfg, tune, negatives)
+    out = {"finder": path, "threshold": cfg.score_threshold, **measure_variants(net, cfg, {"tune": tune, **variants})}
+    if negatives:
+        out["nonknee_fit"] = refusals(net, cfg, negatives)
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -121,10 +144,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("finders", nargs="+")
     p.add_argument("--films", default="../shared/data/legfilms")
     p.add_argument("--boxes", default="annotations/legfilms.csv")
+    p.add_argument("--nonknee", default=None, help="non-knee radiographs: their fit half is measured and helps choose")
+    p.add_argument("--saved-threshold", action="store_true", help="measure at each finder's saved threshold")
     a = p.parse_args(argv)
     tune = load_films(a.films, a.boxes, "tune")
     variants = hard_variants(tune)
-    rows = [measure(f, tune, variants) for f in a.finders]
+    negatives = load_nonknee(a.nonknee, "fit") if a.nonknee else None
+    rows = [measure(f, tune, variants, negatives, a.saved_threshold) for f in a.finders]
     print(json.dumps(rows, indent=1))
     return rows
 
