@@ -48,14 +48,20 @@ def met(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
 
 
-def served_nonknee_refused() -> tuple[float, int] | None:
-    """The share of the non-knee radiographs the served path refuses (finder, then gate) and how many
-    it was measured on (`train.eval_finder`, docs/model/finder.json); None when not measured."""
+def served_nonknee_refused() -> tuple[float, str] | None:
+    """The share of the non-knee radiographs the served path refuses (finder, then gate) and what it
+    was measured on (`train.eval_finder`, docs/model/finder.json); None when not measured."""
     path = ROOT / "docs" / "model" / "finder.json"
     if not path.is_file():
         return None
-    r = json.loads(path.read_text()).get("served", {}).get("nonknee")
-    return (1.0 - r["graded_share"], r["n"]) if r else None
+    result = json.loads(path.read_text())
+    r = result.get("served", {}).get("nonknee")
+    if not r:
+        return None
+    part = result.get("nonknee", {}).get("part", "all")
+    half = {"heldout": "held-out"}.get(part, part)
+    what = f"{r['n']}" if part == "all" else f"the {r['n']} of the {half} half (the finder trained on the other)"
+    return 1.0 - r["graded_share"], what
 
 
 def film_knee_sentence(calib: dict, threshold: float) -> str:
@@ -157,7 +163,11 @@ def served_format(in_sample: bool = False) -> list[str]:
         f"({pct(a['kl1_recall'])}), flagged uncertain {pct(b['uncertain_share'])} "
         f"({pct(a['uncertain_share'])}). The ECE moves by 0.01 from rounding alone: on 826 knees that "
         "estimate is not settled to the second decimal"
-        + (" (and both are in-sample figures here: the calibration was fitted on val, see below)." if in_sample else "."),
+        + (
+            " (and both are in-sample figures here: the calibration was fitted on val, see below)."
+            if in_sample
+            else "."
+        ),
     ]
 
 
@@ -206,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if served_nk is None:
         verdict.append(f"non-knee radiographs refused {pct(nk)} (target >= 95%: {met(nk >= GATE_TARGETS['nonknee'])})")
     else:
-        refused, n = served_nk
+        refused, what = served_nk
         verdict.append(
-            f"non-knee radiographs refused {pct(refused)} of {n} by the served path, the knee-joint finder then "
+            f"non-knee radiographs refused {pct(refused)} of {what} by the served path, the knee-joint finder then "
             f"this gate (docs/FILMS.md; the gate alone: {pct(nk)}) (target >= 95%: "
             f"{met(refused >= GATE_TARGETS['nonknee'])})"
         )
