@@ -63,9 +63,8 @@ class KOAHandler(BaseHandler):
         eager, fast, self.dtype = served_models(scripted, contract, self.device)
         self.model = scripted
         # The knee-joint finder ships beside the model (make archive); without it every image is graded
-        # as a joint crop. It stays in float32: in bfloat16 it moved one film's box by 13% of the joint's
-        # width and changed 2 of the 259 non-knee radiographs' decisions (make bench-precision), and
-        # docs/FILMS.md measured float32.
+        # as a joint crop. It stays in float32: bfloat16 moves some of its boxes and changes a few
+        # decisions (make bench-precision, docs/BENCHMARKS.md), and docs/FILMS.md measured float32.
         finder = load_serving_finder(os.path.join(props.get("model_dir"), FINDER_WEIGHTS), self.device)
         if finder is None:
             log.warning("no %s in the archive: whole films will be graded as if they were joint crops", FINDER_WEIGHTS)
