@@ -113,3 +113,26 @@ def test_jit_seconds_reads_the_compiler_threads_of_a_java_process(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_the_tail_summary_counts_the_latest_named_model_at_its_setting() -> None:
+    from ops.bench.report import tail_report
+
+    def sweep(name, model, setting, ratios):
+        b, d = (int(v) for v in setting.split("x"))
+        proto = {"requests_per_s": 40.0, "p50_ms": 100.0, "p99_ms": 100.0 * ratios[0], "p99_over_p50": ratios[0]}
+        grpc = {**proto, "p99_ms": 100.0 * ratios[1], "p99_over_p50": ratios[1]}
+        row = {"run": 1, "batch": b, "delay_ms": d, "workers": 1, "capacity_rps": 50.0, "rest": proto, "grpc": grpc}
+        return {"sweep": name, **({"model": model} if model else {}), "config": {"settings": setting,
+                "duration": "180s"}, "rows": [row]}  # fmt: skip
+
+    sweeps = [
+        sweep("old", None, "8x10", (3.0, 3.0)),  # another model at the same setting: not counted
+        sweep("a", "m 1", "16x10", (1.5, 1.5)),  # the same model at another setting: not counted
+        sweep("b", "m 1", "8x10", (1.8, 2.3)),
+        sweep("c", "m 1", "8x10", (1.9, 1.7)),
+    ]
+    text = tail_report(sweeps)
+    assert "At the shipped setting (batch 8, 10 ms, one worker) with the shipped model (m 1)" in text
+    assert "held in 2 of 2 runs over REST and 1 of 2 over gRPC" in text
+    assert "| c | 1 | 8 | 10 | 1 | 180s | 50.0 | 40.0 | 100 / 190 | **1.9** |" in text

@@ -50,6 +50,14 @@ def shipped_setting(config: Path = ROOT / "config.properties") -> str:
     return f"{cfg['batchSize']}x{cfg['maxBatchDelay']}"
 
 
+def served_model(weights: Path = ROOT / "weights" / "oamen.ckpt") -> str:
+    """The grader `make archive` serves, as ``name version`` (the archive is built from these weights)."""
+    from model.checkpoint import load_checkpoint
+
+    c = load_checkpoint(weights)["contract"]
+    return f"{c.model_name} {c.model_version}"
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -173,7 +181,8 @@ def main(args: argparse.Namespace) -> int:
     write_result(args.json, {"config": config, "rows": rows, "table": md})
     if str(args.publish) not in ("", "."):  # the committed list of sweeps docs/BENCHMARKS.md is rendered from
         sweeps = json.loads(args.publish.read_text()) if args.publish.is_file() else []
-        sweeps.append({"sweep": f"{started}, make bench-tail", "config": config, "rows": rows})
+        model = served_model()
+        sweeps.append({"sweep": f"{started}, make bench-tail, {model}", "model": model, "config": config, "rows": rows})
         write_result(args.publish, sweeps)
         render_docs.main([])
     return 0
