@@ -251,7 +251,7 @@ def history_lines(history: list[dict[str, Any]]) -> list[str]:
         "",
         "## Earlier finders on the same test films",
         "",
-        "Each finder was measured once on the test films; the test films were read once per finder.",
+        "Each finder's threshold and settings were fixed on the tune films before its test figures were read.",
         "",
         "| finder | threshold | AP joints within a quarter width | AP films graded | non-knee refused by the finder "
         "alone | non-knee graded by the served path | what followed |",
@@ -377,6 +377,8 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
         for key, label in labels.items():
             if key in hard:
                 lines.append(f"| {label} | {hard[key]['ap_within_quarter']} | {hard[key]['not_ap_graded']} |")
+    if result.get("test_reads_note"):
+        lines += ["", f"How the test films were read for this finder: {result['test_reads_note']}"]
     lines += history_lines(result.get("history", []))
     lines += [
         "",
@@ -538,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["served"]["grader"] = {"weights": a.weights, "model_version": served.contract.model_version}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     if Path(a.out).is_file():  # earlier finders measured on the same test films stay on record
-        result["history"] = json.loads(Path(a.out).read_text()).get("history", [])
+        result["history"] = json.loads(Path(a.out).read_text()).get("history", [])  # (a new note is for a new run)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     t = result["test"]
     log.info("test films %d: AP joints within a quarter width %.3f, AP films graded %.3f, answered %.3f, "
