@@ -483,13 +483,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Path(a.doc).write_text(render_doc(result, json.loads(Path(a.resolution).read_text())))
         return result
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    torch.set_grad_enabled(False)
-    net, cfg = load_finder(a.finder)
     trained = torch.load(a.finder, map_location="cpu", weights_only=True).get("trained") or "{}"
     if json.loads(trained).get("nonknee"):  # trained on the fit half: only the held-out half measures it
         if a.nonknee_part == "all":
             p.error("this finder trained on the fit half of the non-knee radiographs: use --nonknee-part heldout")
         a.nonknee_part, a.nonknee_fit = "heldout", True
+    torch.set_grad_enabled(False)  # a command: nothing below trains (checked arguments first: tests call main)
+    net, cfg = load_finder(a.finder)
     a.nonknee_part = a.nonknee_part or "all"
     result: dict[str, Any] = {"finder": a.finder}
     if a.min_joint_px:
