@@ -235,12 +235,9 @@ def cross_validate_calibration(
     """
     from train.metrics import expected_calibration_error
 
-    uniq = np.unique(groups)
     out: dict[str, dict[str, list[float]]] = {m: {"ece": [], "nll": [], "accuracy": []} for m in CALIBRATIONS}
     for r in range(repeats):
-        order = np.random.default_rng(seed + r).permutation(uniq)
-        fold_of = {g: i % folds for i, g in enumerate(order)}
-        fid = np.array([fold_of[g] for g in groups])
+        fid = patient_folds(groups, folds, seed + r)
         for m in CALIBRATIONS:
             p = np.zeros_like(logits, dtype=np.float64)
             for f in range(folds):
@@ -271,6 +268,22 @@ def choose_calibration(cv: dict[str, dict[str, float]]) -> str:
 FIT_SETS = ("tune", "tune+val", "val")
 
 
+def patient_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """(N,) the fold of each knee: patients dealt round-robin into ``folds`` in a seeded random order,
+    so both knees of a patient fall in one fold."""
+    order = np.random.default_rng(seed).permutation(np.unique(groups))
+    fold_of = {g: i % folds for i, g in enumerate(order)}
+    return np.array([fold_of[g] for g in groups])
+
+
+def fit_set_data(
+    fit_on: str, tune: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (logits, labels) a calibration is fitted on for ``fit_on`` (one of `FIT_SETS`)."""
+    parts = [part for name, part in (("tune", tune), ("val", val)) if name in fit_on.split("+")]
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
 def cross_fitted_val_ece(
     tune: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -299,14 +312,10 @@ def cross_fitted_val_ece(
         if fit_on == "tune":
             p[:] = calibrated_probabilities(lv, fit_calibration(lt, yt, method))
         else:
-            order = np.random.default_rng(seed + r).permutation(np.unique(gv))
-            fold_of = {g: i % folds for i, g in enumerate(order)}
-            fid = np.array([fold_of[g] for g in gv])
+            fid = patient_folds(gv, folds, seed + r)
             for f in range(folds):
                 fit, held = fid != f, fid == f
-                x, y = lv[fit], yv[fit]
-                if fit_on == "tune+val":
-                    x, y = np.concatenate([lt, x]), np.concatenate([yt, y])
+                x, y = fit_set_data(fit_on, (lt, yt), (lv[fit], yv[fit]))
                 p[held] = calibrated_probabilities(lv[held], fit_calibration(x, y, method))
         eces.append(expected_calibration_error(yv, p))
         nlls.append(_nll(p, yv))
@@ -473,9 +482,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for s in FIT_SETS
     }
     fit_on = choose_fit_set(fit_sets) if args.fit_on == "auto" else args.fit_on
-    fit_x = {"tune": l_tune, "val": l_val, "tune+val": np.concatenate([l_tune, l_val])}[fit_on]
-    fit_y = {"tune": y_tune, "val": y_val, "tune+val": np.concatenate([y_tune, y_val])}[fit_on]
-    fitted = fit_calibration(fit_x, fit_y, calibration)
+    fitted = fit_calibration(*fit_set_data(fit_on, (l_tune, y_tune), (l_val, y_val)), calibration)
     t_plain, bias = fitted.temperature, fitted.class_bias
     t_flip = fit_temperature(0.5 * (l_tune + l_tune_flip), y_tune)  # mirror averaging (off by default): tune fold
 
