@@ -63,9 +63,10 @@ class KOAHandler(BaseHandler):
         eager, fast, self.dtype = served_models(scripted, contract, self.device)
         self.model = scripted
         # The knee-joint finder ships beside the model (make archive); without it every image is graded
-        # as a joint crop. It stays in float32: bfloat16 moves some of its boxes and changes a few
-        # decisions (make bench-precision, docs/BENCHMARKS.md), and docs/FILMS.md measured float32.
-        finder = load_serving_finder(os.path.join(props.get("model_dir"), FINDER_WEIGHTS), self.device)
+        # as a joint crop. It runs in the grader's number format: in float32 it took more of the request
+        # path than the grader, and bfloat16 changes few of its decisions (docs/BENCHMARKS.md, number
+        # format); docs/FILMS.md measures it in the format served (train.eval_finder --precision).
+        finder = load_serving_finder(os.path.join(props.get("model_dir"), FINDER_WEIGHTS), self.device, self.dtype)
         if finder is None:
             log.warning("no %s in the archive: whole films will be graded as if they were joint crops", FINDER_WEIGHTS)
         # The burned-in R/L marker reader (model.markers): a whole film's knee gets its laterality from a

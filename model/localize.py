@@ -235,7 +235,8 @@ def serving_finder(
 def load_serving_finder(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, FinderConfig] | None:
-    """The server's finder from its weights file (`serving_finder`), or None when there is none."""
+    """The server's finder from its weights file (`serving_finder`) in ``dtype`` (the handler passes the
+    grader's serving dtype, `model.precision.serving_dtype`), or None when there is none."""
     if not Path(path).is_file():
         return None
     net, cfg = load_finder(path)

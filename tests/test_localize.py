@@ -341,3 +341,98 @@ def test_a_finder_trained_on_non_knee_radiographs_is_measured_on_the_held_out_ha
     assert torch.is_grad_enabled()  # the refusal leaves the process as it found it (later tests train)
     measured = json.loads((ROOT / "docs" / "model" / "finder.json").read_text())
     assert measured["nonknee"]["part"] == "heldout"
+
+
+# --- the number format: the finder is served, and measured, in the grader's ---
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_handler_serves_the_finder_in_the_graders_number_format(
+    shipped, exported, tmp_path, monkeypatch, precision
+):
+    """KOA_PRECISION picks the grader's format (model.precision) and the finder follows it: float32 gives the
+    eager finder's maps, bfloat16 other maps (rounded) but the same decisions on the fixture films."""
+    import shutil
+
+    from ts.context import Context
+
+    from handler.drain import STATE_ENV
+    from handler.koa_handler import FINDER_WEIGHTS, KOAHandler
+    from model.precision import DTYPES
+
+    monkeypatch.delenv(STATE_ENV, raising=False)
+    monkeypatch.setenv("KOA_PRECISION", precision)
+    shutil.copy(exported, tmp_path / "oamen.pt")
+    shutil.copy(SHIPPED, tmp_path / FINDER_WEIGHTS)
+    manifest = {"model": {"modelName": "oamen", "serializedFile": "oamen.pt", "handler": "koa_handler.py"}}
+    handler = KOAHandler()
+    handler.initialize(Context("oamen", str(tmp_path), manifest, 1, None, "0.12.0"))
+    assert handler.dtype == DTYPES[precision]
+    served, cfg = handler.predictor.finder
+    net, _ = shipped
+    grays = [gray(p) for p in sorted(FILMS.glob("*.jpg"))]
+    x = torch.from_numpy(np.stack([finder_input(g, cfg.input_size)[0] for g in grays]))[:, None]
+    with torch.inference_mode():
+        same_maps = torch.allclose(served(x.contiguous(memory_format=torch.channels_last)), net(x), atol=1e-4)
+    assert same_maps == (precision == "fp32")
+    key = lambda p: (p.kind, p.error, [j.view for j in p.joints])  # noqa: E731
+    for g, a, b in zip(grays, find_joints(served, cfg, grays), find_joints(net, cfg, grays), strict=True):
+        assert key(plan(a, g.shape, cfg)) == key(plan(b, g.shape, cfg))
+        assert all(np.allclose(ja.box, jb.box, atol=0.1 * jb.width) for ja, jb in zip(a, b, strict=True))
+
+
+@pytest.fixture()
+def film_dir(tmp_path: Path) -> dict[str, str]:
+    """The fixture films as a leg-film folder with their annotations, and one val crop as the dataset."""
+    films, crops = tmp_path / "films", tmp_path / "koa" / "val" / "2"
+    films.mkdir()
+    crops.mkdir(parents=True)
+    rows = ["file,width,height,view,x0,y0,x1,y1,marker,note"]
+    csv_lines = (ROOT / "annotations" / "legfilms.csv").read_text().splitlines()
+    for path in sorted(FILMS.glob("*.jpg")):
+        name = path.name.split("_")[-1]
+        (films / name).write_bytes(path.read_bytes())
+        rows += [line for line in csv_lines if line.startswith(f"{name},")]
+    (tmp_path / "boxes.csv").write_text("\n".join(rows) + "\n")
+    (crops / "knee.png").write_bytes((ROOT / "tests" / "fixtures" / "knee_kl2.png").read_bytes())
+    return {"films": str(films), "boxes": str(tmp_path / "boxes.csv"), "koa": str(tmp_path / "koa")}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eval_finder_measures_the_finder_in_the_precision_it_records(film_dir, tmp_path, monkeypatch, precision):
+    import train.eval_finder as ev
+    from model.precision import DTYPES
+
+    built = []
+
+    def spy(net, size, device="cpu", dtype=torch.float32):
+        built.append(dtype)
+        return serving_finder(net, size, device, dtype)
+
+    monkeypatch.setattr(ev, "serving_finder", spy)
+    out = tmp_path / "finder.json"
+    args = ["--films", film_dir["films"], "--boxes", film_dir["boxes"], "--koa", film_dir["koa"]]
+    args += ["--nonknee", str(tmp_path / "none"), "--weights", "", "--precision", precision, "--out", str(out)]
+    result = ev.main(args)
+    assert torch.is_grad_enabled()  # main leaves the process as it found it (later tests train)
+    assert built == [DTYPES[precision]]
+    assert result["precision"] == json.loads(out.read_text())["precision"] == precision
+    assert result["test"]["ap_joints_centre_within_quarter"] == 1.0  # the fixture films, in either format
+    resolution = json.loads((ROOT / "docs" / "model" / "resolution.json").read_text())
+    assert f"in {ev.FORMAT_NAMES[precision]} (`--precision`" in ev.render_doc(result, resolution)
+
+
+@pytest.mark.parametrize(("env", "expected"), [("fp32", "fp32"), ("bf16", "bf16")])
+def test_eval_finder_served_precision_is_what_the_server_picks(monkeypatch, env, expected):
+    from train.eval_finder import measured_precision
+
+    monkeypatch.setenv("KOA_PRECISION", env)
+    assert measured_precision("served")[0] == expected
+    monkeypatch.setenv("KOA_PRECISION", "fp32")
+    assert measured_precision("bf16") == ("bf16", torch.bfloat16)  # an explicit format is not overridden
+
+
+def test_the_committed_finder_figures_say_their_number_format():
+    measured = json.loads((ROOT / "docs" / "model" / "finder.json").read_text())
+    assert measured["precision"] in ("fp32", "bf16")
+    assert all("precision" in h for h in measured["history"] if h["version"] == measured["config"]["version"])

@@ -12,6 +12,11 @@ and written into the finder file; the figures are then measured once on the ``te
   ``--nonknee-part heldout`` only the half that `train.fit_finder.nonknee_split` keeps out of
   training and of the threshold's choice;
 - the finder's time per film on this machine.
+All of these are measured with the finder as the server runs it (`model.localize.serving_finder`: traced,
+frozen) in the number format of ``--precision`` (default: the one the server picks on this machine,
+`model.precision.serving_dtype`), and the served path's grader in that format too; the threshold is
+chosen, and the tune films measured, on the float32 eager finder, so the threshold saved in the finder
+file does not depend on the machine that chose it.
 ``--choose --nonknee-fit`` also uses the fit half of the non-knee radiographs to choose the threshold
 (`choose_threshold`).
 ``--sheet JPG`` draws the test films with the annotated (green) and found (red: AP, blue: other) boxes.
@@ -20,6 +25,7 @@ and written into the finder file; the figures are then measured once on the ``te
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -33,8 +39,18 @@ import torch
 
 from model.checkpoint import model_from_checkpoint
 from model.decode import decode_image
-from model.localize import FinderConfig, Joint, crop_joint, find_joints, load_finder, plan, save_finder
+from model.localize import (
+    FinderConfig,
+    Joint,
+    crop_joint,
+    find_joints,
+    load_finder,
+    plan,
+    save_finder,
+    serving_finder,
+)
 from model.postprocess import finish
+from model.precision import DTYPES, compiled, serving_dtype
 from model.preprocess import prepare, to_model_input
 from train.data import scan
 from train.fit_finder import Item, load_films, load_nonknee, nonknee_files
@@ -43,10 +59,22 @@ log = logging.getLogger("train.eval_finder")
 
 THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
 BATCH = 16
+PRECISIONS = ("served", *DTYPES)  # "served": what model.precision.serving_dtype picks on this machine
+FORMAT_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def measured_precision(choice: str) -> tuple[str, torch.dtype]:
+    """``--precision`` -> (its name in `model.precision.DTYPES`, the dtype); ``served`` is what the server
+    would pick on this machine's CPU (``$KOA_PRECISION`` included)."""
+    if choice not in PRECISIONS:
+        raise ValueError(f"precision {choice!r}: choose one of {', '.join(PRECISIONS)}")
+    dtype = serving_dtype(torch.device("cpu")) if choice == "served" else DTYPES[choice]
+    return next(k for k, d in DTYPES.items() if d == dtype), dtype
 
 
 def run_finder(net, cfg: FinderConfig, grays: list[np.ndarray]) -> tuple[list[list[Joint]], float]:
-    """Joints per image with ``cfg``, and the median seconds per image at batch 1."""
+    """Joints per image with ``cfg``, and the median seconds per image at batch 1 (letterbox, ``net`` in
+    whatever form and format it is given, peaks: `find_joints`)."""
     out, times = [], []
     for g in grays:
         t0 = time.perf_counter()
@@ -194,11 +222,18 @@ def decisions(net, cfg: FinderConfig, grays: list[np.ndarray]) -> dict[str, Any]
 
 class ServedPath:
     """What the server does with one image's bytes, from `model/` alone (as `handler.service`):
-    decode, find the joints, decide, cut each knee, preprocess, grade with the knee gate."""
+    decode, find the joints, decide, cut each knee, preprocess, grade with the knee gate.
 
-    def __init__(self, weights: str, finder: tuple[torch.nn.Module, FinderConfig]) -> None:
-        self.net, self.contract = model_from_checkpoint(weights)
-        self.net.eval()
+    The grader runs as the server runs it (`model.precision.compiled`) in ``dtype``; ``finder`` is
+    given in the form and format to measure (the server's: `model.localize.serving_finder` in the same
+    dtype)."""
+
+    def __init__(
+        self, weights: str, finder: tuple[torch.nn.Module, FinderConfig], dtype: torch.dtype = torch.float32
+    ) -> None:
+        net, self.contract = model_from_checkpoint(weights)
+        c = self.contract
+        self.net = compiled(net.eval(), torch.zeros(1, c.channels, c.input_size, c.input_size), dtype)
         self.finder = finder
 
     def __call__(self, data: bytes) -> tuple[str, int, float]:
@@ -243,23 +278,24 @@ def _pct(x: float | None) -> str:
 
 
 def history_lines(history: list[dict[str, Any]]) -> list[str]:
-    """Earlier finders measured on the same test films: each finder read them once, but a later
-    finder's design may have been led by an earlier one's misses there, which the reader must know."""
+    """Earlier reads of the same test films (earlier finders, or this one in another number format): a
+    later finder's design may have been led by an earlier one's misses there, which the reader must
+    know. An entry without ``precision`` was measured on the float32 eager finder, as all were then."""
     if not history:
         return []
     lines = [
         "",
-        "## Earlier finders on the same test films",
+        "## Earlier reads of the same test films",
         "",
         "Each finder's threshold and settings were fixed on the tune films before its test figures were read.",
         "",
-        "| finder | threshold | AP joints within a quarter width | AP films graded | non-knee refused by the finder "
-        "alone | non-knee graded by the served path | what followed |",
+        "| finder, number format | threshold | AP joints within a quarter width | AP films graded | non-knee refused "
+        "by the finder alone | non-knee graded by the served path | what followed |",
         "|---|---|---|---|---|---|---|",
     ]
     for h in history:
         lines.append(
-            f"| v{h['version']} ({h['source']}) | {h['score_threshold']} | "
+            f"| v{h['version']}, {FORMAT_NAMES[h.get('precision', 'fp32')]} ({h['source']}) | {h['score_threshold']} | "
             f"{_pct(h['ap_joints_centre_within_quarter'])} of {h['ap_joints']} | {_pct(h['ap_films_graded'])} | "
             f"{_pct(h['nonknee_refused_by_finder'])} | {_pct(h['nonknee_graded_served'])} | {h['note']} |"
         )
@@ -291,6 +327,8 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
         f"an image is a crop already when its AP joint spans at least {cfg['crop_min_share']:.0%} of its width,",
         f"resolution floor {cfg['min_joint_px']} px of joint width (below).",
         "",
+        format_line(result),
+        "",
         f"## Localisation on the {t['films']} test films",
         "",
         "| figure | value |",
@@ -302,7 +340,8 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
         f"| median found width / annotated width | {t['ap_width_ratio_median']:.3f} |",
         f"| lateral/oblique joints annotated | {t['other_joints']} |",
         f"| lateral/oblique joints found as such | {t['other_joints_found_as_other']} |",
-        f"| finder time per film (median, batch 1) | {1000 * t['finder_seconds_per_film_median']:.0f} ms |",
+        f"| finder time per film (median, batch 1, {measured_format(result)}) | "
+        f"{1000 * t['finder_seconds_per_film_median']:.0f} ms |",
         "",
         "## What each kind of test film gets",
         "",
@@ -326,7 +365,7 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
             f"## The whole served path (finder, crops, grader v{served['grader']['model_version']} with its knee gate)",
             "",
             "Decode, find, cut, preprocess, grade, on this machine's 2 cores, batch 1 (`train.eval_finder.ServedPath`,",
-            "the steps of `handler.service` from `model/`).",
+            f"the steps of `handler.service` from `model/`), finder and grader in {measured_format(result)}.",
             "",
             "| images | n | graded | refused: not_a_knee | unsupported_view | resolution_too_low | median s | max s |",
             "|---|---|---|---|---|---|---|---|",
@@ -414,6 +453,23 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def measured_format(result: dict[str, Any]) -> str:
+    """The number format of the measured finder: results from before ``precision`` were float32 eager."""
+    return FORMAT_NAMES[result["precision"]] if "precision" in result else "float32 eager"
+
+
+def format_line(result: dict[str, Any]) -> str:
+    """Which form and number format of the finder the figures below are of."""
+    if "precision" not in result:
+        return "Number format: every figure was measured on the float32 eager finder."
+    return (
+        f"Number format: the test films, val crops and non-knee radiographs were measured with the finder as "
+        f"the server runs it (traced and frozen), in {measured_format(result)} (`--precision`, `model.precision`), "
+        "and the served path's grader in the same format; the threshold was chosen, and the tune films "
+        "measured, on the float32 eager finder."
+    )
+
+
 def nonknee_label(result: dict[str, Any], short: bool = False) -> str:
     """Which non-knee radiographs the figures are on, and whether the finder saw them."""
     heldout = result.get("nonknee", {}).get("part") == "heldout"
@@ -448,50 +504,12 @@ OUTCOMES = ("graded", "resolution_too_low", "unsupported_view", "not_a_knee")
 CATEGORIES = {"ap": "an AP/PA knee", "other_only": "only lateral/oblique knees", "no_knee": "no knee joint"}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--finder", default="weights/finder.pt")
-    p.add_argument("--films", default="../shared/data/legfilms")
-    p.add_argument("--boxes", default="annotations/legfilms.csv")
-    p.add_argument("--koa", default="../shared/data/koa")
-    p.add_argument("--nonknee", default="../shared/data/nonknee")
-    p.add_argument("--choose", action="store_true", help="choose the score threshold on the tune films, save it")
-    p.add_argument(
-        "--nonknee-part",
-        choices=("all", "heldout"),
-        default=None,
-        help="which non-knee radiographs to measure (train.fit_finder.nonknee_split); by default the held-out "
-        "half for a finder trained on the fit half, else all",
-    )
-    p.add_argument(
-        "--nonknee-fit",
-        action="store_true",
-        help="with --choose: the fit half of --nonknee helps choose the threshold (choose_threshold's negatives); "
-        "the default for a finder trained on the fit half",
-    )
-    p.add_argument("--min-joint-px", type=int, default=None, help="resolution floor (from train.resolution)")
-    p.add_argument("--sheet", default=None, help="contact sheet of the test films (.jpg)")
-    p.add_argument("--weights", default="weights/oamen.ckpt", help="the grader, for the whole served path")
-    p.add_argument("--served-val", type=int, default=200, help="val crops sent through the whole served path")
-    p.add_argument("--out", default="docs/model/finder.json")
-    p.add_argument("--resolution", default="docs/model/resolution.json", help="train.resolution's result")
-    p.add_argument("--doc", default="docs/FILMS.md")
-    p.add_argument("--render-doc", action="store_true", help="only write --doc from --out and --resolution")
-    a = p.parse_args(argv)
-    if a.render_doc:
-        result = json.loads(Path(a.out).read_text())
-        Path(a.doc).write_text(render_doc(result, json.loads(Path(a.resolution).read_text())))
-        return result
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    trained = torch.load(a.finder, map_location="cpu", weights_only=True).get("trained") or "{}"
-    if json.loads(trained).get("nonknee"):  # trained on the fit half: only the held-out half measures it
-        if a.nonknee_part == "all":
-            p.error("this finder trained on the fit half of the non-knee radiographs: use --nonknee-part heldout")
-        a.nonknee_part, a.nonknee_fit = "heldout", True
-    torch.set_grad_enabled(False)  # a command: nothing below trains (checked arguments first: tests call main)
+def measure(a: argparse.Namespace) -> dict[str, Any]:
+    """The figures `main` writes (without ``history``), from its parsed arguments; with ``a.choose`` the
+    threshold is chosen on the tune films first and saved into the finder file."""
     net, cfg = load_finder(a.finder)
-    a.nonknee_part = a.nonknee_part or "all"
-    result: dict[str, Any] = {"finder": a.finder}
+    precision, dtype = measured_precision(a.precision)
+    result: dict[str, Any] = {"finder": a.finder, "precision": precision}
     if a.min_joint_px:
         cfg = replace(cfg, min_joint_px=a.min_joint_px)
     if a.choose:
@@ -502,9 +520,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg, result["tune"] = choose_threshold(net, cfg, tune, negatives)
         result["tune_hard"] = {"seed": SEED, **measure_variants(net, cfg, {"tune": tune, **hard_variants(tune)})}
         state = torch.load(a.finder, map_location="cpu", weights_only=True)
-        save_finder(a.finder, net, cfg, **{k: v for k, v in state.items() if k not in ("model", "config")})
-        log.info("chose score threshold %.2f on the tune films; saved into %s", cfg.score_threshold, a.finder)
+        changed = FinderConfig.from_dict(json.loads(state["config"])) != cfg
+        if changed:  # an unchanged finder file keeps its bytes (torch.save would not)
+            save_finder(a.finder, net, cfg, **{k: v for k, v in state.items() if k not in ("model", "config")})
+        log.info("chose score threshold %.2f on the tune films; %s %s", cfg.score_threshold,
+                 "saved into" if changed else "already in", a.finder)  # fmt: skip
     result["config"] = cfg.__dict__
+    log.info("measuring the finder as the server runs it, in %s", FORMAT_NAMES[precision])
+    net = serving_finder(net, cfg.input_size, dtype=dtype)
     test = load_films(a.films, a.boxes, "test")
     found, per_film_s = run_finder(net, cfg, [i.gray for i in test])
     result["test"] = film_report(test, found, cfg)
@@ -529,7 +552,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if a.nonknee_part != "all":
             result["nonknee"]["part"] = a.nonknee_part
     if a.weights:
-        served = ServedPath(a.weights, (net, cfg))
+        grader_sha = hashlib.sha256(Path(a.weights).read_bytes()).hexdigest()  # the file may be replaced later
+        served = ServedPath(a.weights, (net, cfg), dtype)
         by_cat: dict[str, list[Path]] = {}
         for item in test:
             by_cat.setdefault(film_category(item), []).append(Path(a.films) / item.name)
@@ -537,9 +561,66 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["served"]["val_crops"] = served_outcomes(served, [s.path for s in val[: a.served_val]])
         if a.nonknee and Path(a.nonknee).is_dir():
             result["served"]["nonknee"] = served_outcomes(served, files_nonknee)
-        result["served"]["grader"] = {"weights": a.weights, "model_version": served.contract.model_version}
+        result["served"]["grader"] = {
+            "weights": a.weights,
+            "sha256": grader_sha,
+            "model_version": served.contract.model_version,
+        }
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--finder", default="weights/finder.pt")
+    p.add_argument("--films", default="../shared/data/legfilms")
+    p.add_argument("--boxes", default="annotations/legfilms.csv")
+    p.add_argument("--koa", default="../shared/data/koa")
+    p.add_argument("--nonknee", default="../shared/data/nonknee")
+    p.add_argument("--choose", action="store_true", help="choose the score threshold on the tune films, save it")
+    p.add_argument(
+        "--nonknee-part",
+        choices=("all", "heldout"),
+        default=None,
+        help="which non-knee radiographs to measure (train.fit_finder.nonknee_split); by default the held-out "
+        "half for a finder trained on the fit half, else all",
+    )
+    p.add_argument(
+        "--nonknee-fit",
+        action="store_true",
+        help="with --choose: the fit half of --nonknee helps choose the threshold (choose_threshold's negatives); "
+        "the default for a finder trained on the fit half",
+    )
+    p.add_argument("--min-joint-px", type=int, default=None, help="resolution floor (from train.resolution)")
+    p.add_argument("--sheet", default=None, help="contact sheet of the test films (.jpg)")
+    p.add_argument("--weights", default="weights/oamen.ckpt", help="the grader, for the whole served path")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="served",
+        help="number format of the measured finder (and of the served path's grader): served (default) is what "
+        "the server picks on this machine (model.precision.serving_dtype, $KOA_PRECISION)",
+    )
+    p.add_argument("--served-val", type=int, default=200, help="val crops sent through the whole served path")
+    p.add_argument("--out", default="docs/model/finder.json")
+    p.add_argument("--resolution", default="docs/model/resolution.json", help="train.resolution's result")
+    p.add_argument("--doc", default="docs/FILMS.md")
+    p.add_argument("--render-doc", action="store_true", help="only write --doc from --out and --resolution")
+    a = p.parse_args(argv)
+    if a.render_doc:
+        result = json.loads(Path(a.out).read_text())
+        Path(a.doc).write_text(render_doc(result, json.loads(Path(a.resolution).read_text())))
+        return result
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    trained = torch.load(a.finder, map_location="cpu", weights_only=True).get("trained") or "{}"
+    if json.loads(trained).get("nonknee"):  # trained on the fit half: only the held-out half measures it
+        if a.nonknee_part == "all":
+            p.error("this finder trained on the fit half of the non-knee radiographs: use --nonknee-part heldout")
+        a.nonknee_part, a.nonknee_fit = "heldout", True
+    a.nonknee_part = a.nonknee_part or "all"
+    with torch.no_grad():  # nothing in it trains; the caller's grad mode comes back (tests call main)
+        result = measure(a)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    if Path(a.out).is_file():  # earlier finders measured on the same test films stay on record
+    if Path(a.out).is_file():  # earlier reads of the same test films stay on record
         result["history"] = json.loads(Path(a.out).read_text()).get("history", [])  # (a new note is for a new run)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     t = result["test"]
