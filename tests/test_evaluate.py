@@ -96,6 +96,8 @@ def calibrated(trained: Path) -> Path:
             "0.8",
             "--films",
             "",
+            "--version",
+            "0.2.0",
         ]  # fmt: skip
     )
     n = torch.get_num_threads()
@@ -128,12 +130,16 @@ def test_calibration_is_written_into_the_contract(trained: Path, calibrated: Pat
     assert post.gate == "mahalanobis" and post.gate_threshold > 0 and post.temperature > 0
     assert 0 < post.uncertain_below < 1
     assert post.decision in ("argmax", "cutpoints")
+    assert c.model_version == "0.2.0"  # --version: a new calibration is a new version of the answer
     report = json.loads((trained / "calibration.json").read_text())
     assert report["chosen"] in report["candidates"] and report["gate_fit_images"] == 30
     cal = report["calibration"]
     assert cal["fit_on"] in cal["fit_sets"] and cal["fit_sets"][cal["fit_on"]]["ece"] == min(
         v["ece"] for v in cal["fit_sets"].values()
     )
+    # both ways of reading an image were calibrated; the chosen one is the contract's
+    assert cal["views"] == ("the image and its mirror, averaged" if post.flip_tta else "the image")
+    assert cal["other_views"]["views"] != cal["views"] and cal["other_views"]["fit_on"] in cal["fit_sets"]
     config = json.loads((trained / "config.json").read_text())
     assert report["tune_fold"]["images"] == len(config["tune_files"]) > 0
     # the tune fold is held out of training: no tune file among the images it trained on

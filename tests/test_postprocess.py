@@ -20,6 +20,7 @@ from train.calibrate import (
     fit_calibration,
     fit_cutpoints,
     fit_temperature,
+    view_probabilities,
 )
 
 
@@ -172,3 +173,32 @@ def test_cross_fitting_on_val_prefers_the_set_that_matches_val() -> None:
     assert choose_fit_set(tied) == "tune"
     with pytest.raises(ValueError, match="fit_on"):
         cross_fitted_val_ece((lt, yt), (lv, yv, gv), "temperature", "train")
+
+
+def test_mirror_averaging_is_calibrated_as_it_is_served() -> None:
+    """(N, 2, K) logits (an image and its mirror): each view calibrated, then averaged, exactly as
+    `finish` answers with flip_tta; a temperature is fitted for the average, and the cross-fitting
+    on val takes the same shape."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, (3000, 5))
+    mirror = logits + rng.normal(0, 1.0, logits.shape)  # the mirror disagrees a little
+    labels = np.array([rng.choice(5, p=row) for row in calibrated_probabilities(logits, PostprocessConfig())])
+    views = np.stack([logits, mirror], 1) * 2.5  # both views too confident
+    t = fit_temperature(views, labels)
+    cfg = PostprocessConfig(temperature=t, flip_tta=True)
+    served = finish(views[:, 0], cfg, 5, views[:, 1])["probabilities"]
+    np.testing.assert_allclose(view_probabilities(views, cfg), served)
+    # the fitted temperature is the best for the averaged answer, not for either view alone
+
+    def served_nll(temperature: float) -> float:
+        c = PostprocessConfig(temperature=temperature, flip_tta=True)
+        q = finish(views[:, 0], c, 5, views[:, 1])["probabilities"]
+        return float(-np.log(q[np.arange(len(labels)), labels]).mean())
+
+    assert served_nll(t) < min(served_nll(t * 1.1), served_nll(t / 1.1))
+    assert abs(t - fit_temperature(views[:, 0], labels)) > 0.05
+    # two identical views are one view
+    assert fit_temperature(np.stack([logits, logits], 1), labels) == pytest.approx(fit_temperature(logits, labels))
+    fits = cross_fitted_val_ece((views[:1500], labels[:1500]), (views[1500:], labels[1500:], np.arange(1500)),
+                                "temperature+bias", "tune+val", repeats=1)  # fmt: skip
+    assert 0.0 < fits["ece"] < 0.05

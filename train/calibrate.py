@@ -2,8 +2,8 @@
 
 ``python -m train.calibrate --run runs/oamen_pt --out weights/oamen.ckpt``
 
-Everything is fitted on data the weights never trained on, and nothing on the validation split
-except the one threshold the issue asks to choose there (the uncertain flag's coverage):
+Everything is fitted on data the weights never trained on. The validation split is read for two
+things only: where the calibration is fitted (below), and the uncertain flag's threshold:
 
 - **calibration** (`model.postprocess`): none, temperature scaling, or temperature with a bias per
   class, compared by patient-grouped 5-fold cross-validation inside the tune fold (the
@@ -18,10 +18,12 @@ except the one threshold the issue asks to choose there (the uncertain flag's co
   the cross-fitted figure is the one to quote;
 - **decision**: the argmax, or cut-points on the expected grade fitted on the tune fold to
   maximise the mean of top-1 accuracy and quadratic kappa; the better on the tune fold is kept;
-- **flip averaging** (the image and its mirror): measured on the tune fold both ways; with
-  ``--flip auto`` kept when it gains more than 0.005 of the score there. The default is ``off``:
-  it runs the model twice per image, which halves the served throughput, and the project's
-  served-speed target (docs/BENCHMARKS.md) has no room for that on a CPU;
+- **flip averaging** (the image and its mirror, left and right knees mirroring each other): every
+  step above is done for both ways of reading an image (the mirrored one calibrated as it is served:
+  each view calibrated, then averaged, `view_probabilities`), and the decoding of each measured on
+  the tune fold. With ``--flip auto`` (the default) mirror averaging is kept when it gains more than
+  0.005 of the score there. It runs the grader twice per image: what that costs the served
+  throughput is measured by `train.bench_gate` and ``make bench`` (docs/BENCHMARKS.md);
 - **knee gate** (`model.gate`): for each of the model's gate layers, class means and a shared,
   shrunk covariance of the pooled features of training knees; each layer's distance standardised on
   the tune fold's knees; the refusal threshold is the ``--gate-quantile`` of the tune fold's knee
@@ -45,6 +47,7 @@ import argparse
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flip",
         choices=("off", "on", "auto"),
-        default="off",
+        default="auto",
         help="mirror averaging: off (one forward pass per image), on, or auto (when it gains on the tune fold)",
     )
     p.add_argument(
@@ -98,6 +101,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--version",
+        default=None,
+        help="model_version of the calibrated weights (default: the checkpoint's); the calibration and the "
+        "decoding are part of the answer, so a new one on the same weights is a new version",
+    )
     return p
 
 
@@ -163,18 +172,28 @@ def head_logits(net: torch.nn.Module, features: np.ndarray) -> np.ndarray:
     return net.forward_head(torch.from_numpy(features)).float().numpy()
 
 
+def view_probabilities(logits: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    """(N, K) logits, or (N, V, K) logits of V views of each knee (the image and its mirror) ->
+    (N, K) probabilities: each view calibrated, then the views averaged, as `model.postprocess.finish`
+    averages a mirrored image's. Every fit below takes either shape, so mirror averaging is
+    calibrated as it is served."""
+    x = np.asarray(logits)
+    if x.ndim == 2:
+        return calibrated_probabilities(x, cfg)
+    return np.mean([calibrated_probabilities(x[:, v], cfg) for v in range(x.shape[1])], axis=0)
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising the mean negative log-likelihood (grid on log T, then refined)."""
+    """The temperature minimising the mean negative log-likelihood (grid on log T, then refined);
+    ``logits`` (N, K) or (N, V, K) (`view_probabilities`)."""
 
     def nll(t: float) -> float:
-        p = calibrated_probabilities(logits, PostprocessConfig(temperature=t))
-        return float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None)).mean())
+        return _nll(view_probabilities(logits, PostprocessConfig(temperature=t)), labels)
 
     grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))
     best = min(grid, key=nll)
     fine = best * np.exp(np.linspace(-0.03, 0.03, 31))
     return float(min(fine, key=nll))
-
 
 
 def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -192,21 +211,16 @@ def fit_temperature_and_bias(logits: np.ndarray, labels: np.ndarray) -> tuple[fl
     from scipy.optimize import minimize
 
     x = np.asarray(logits, dtype=np.float64)
-    k = x.shape[1]
+    k = x.shape[-1]
 
     def loss(a: np.ndarray) -> float:
-        return _nll(_softmax(x / np.exp(a[0]) + a[1:]), labels)
+        cfg = PostprocessConfig(temperature=float(np.exp(a[0])), class_bias=tuple(float(b) for b in a[1:]))
+        return _nll(view_probabilities(x, cfg), labels)
 
     a0 = np.r_[np.log(fit_temperature(x, labels)), np.zeros(k)]
     a = minimize(loss, a0, method="L-BFGS-B").x
     bias = a[1:] - a[1:].mean()
     return float(np.exp(a[0])), tuple(float(b) for b in bias)
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 CALIBRATIONS = ("none", "temperature", "temperature+bias")
@@ -239,10 +253,10 @@ def cross_validate_calibration(
     for r in range(repeats):
         fid = patient_folds(groups, folds, seed + r)
         for m in CALIBRATIONS:
-            p = np.zeros_like(logits, dtype=np.float64)
+            p = np.zeros((len(logits), logits.shape[-1]))
             for f in range(folds):
                 fit, held = fid != f, fid == f
-                p[held] = calibrated_probabilities(logits[held], fit_calibration(logits[fit], labels[fit], m))
+                p[held] = view_probabilities(logits[held], fit_calibration(logits[fit], labels[fit], m))
             out[m]["ece"].append(expected_calibration_error(labels, p))
             out[m]["nll"].append(_nll(p, labels))
             out[m]["accuracy"].append(float((p.argmax(1) == labels).mean()))
@@ -264,6 +278,7 @@ def choose_calibration(cv: dict[str, dict[str, float]]) -> str:
     ref = cv["temperature"]["cv_nll"]
     ok = [m for m in cv if m == "temperature" or cv[m]["cv_nll"] <= ref]
     return min(ok, key=lambda m: cv[m]["cv_ece"])
+
 
 FIT_SETS = ("tune", "tune+val", "val")
 
@@ -308,15 +323,15 @@ def cross_fitted_val_ece(
     (lt, yt), (lv, yv, gv) = tune, val
     eces, nlls = [], []
     for r in range(1 if fit_on == "tune" else repeats):
-        p = np.zeros_like(lv, dtype=np.float64)
+        p = np.zeros((len(lv), lv.shape[-1]))
         if fit_on == "tune":
-            p[:] = calibrated_probabilities(lv, fit_calibration(lt, yt, method))
+            p[:] = view_probabilities(lv, fit_calibration(lt, yt, method))
         else:
             fid = patient_folds(gv, folds, seed + r)
             for f in range(folds):
                 fit, held = fid != f, fid == f
                 x, y = fit_set_data(fit_on, (lt, yt), (lv[fit], yv[fit]))
-                p[held] = calibrated_probabilities(lv[held], fit_calibration(x, y, method))
+                p[held] = view_probabilities(lv[held], fit_calibration(x, y, method))
         eces.append(expected_calibration_error(yv, p))
         nlls.append(_nll(p, yv))
     return {
@@ -465,46 +480,41 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "tune-mirrored", x_tune, lambda: [pooled_features(net, x_tune, contract, True, args.batch_size)]
     )[0]
 
-    # 1. calibration: the methods compared by cross-validation inside the tune fold, the chosen one
-    #    fitted on all of it; then the decoding, without and with flip averaging (which softens: fit T for each)
+    # 1. calibration, for each way of reading an image (once, or averaged with its mirror, which
+    #    softens the probabilities, so each is calibrated on its own): the methods compared by
+    #    cross-validation inside the tune fold; where to fit the chosen one measured on val by
+    #    cross-fitting (val's logits, read here for that only), then fitted on that set. Then the
+    #    decoding of each, chosen on the tune fold.
     l_tune = head_logits(net, f_tune)
     l_tune_flip = head_logits(net, f_tune_flip)
     groups = np.array([parse_patient(s.path) or str(s.path) for s in tune])
-    calibration_cv = cross_validate_calibration(l_tune, y_tune, groups, seed=args.seed)
-    calibration = choose_calibration(calibration_cv)
-    #    where to fit it: measured on val by cross-fitting (val's logits, read here for that only)
     f_val, _ = cached("val", x_val)
+    f_val_flip = features.get(
+        "val-mirrored", x_val, lambda: [pooled_features(net, x_val, contract, True, args.batch_size)]
+    )[0]
     l_val = head_logits(net, f_val)
     y_val = np.array([s.grade for s in val])
     g_val = np.array([parse_patient(s.path) or str(s.path) for s in val])
-    fit_sets = {
-        s: cross_fitted_val_ece((l_tune, y_tune), (l_val, y_val, g_val), calibration, s, seed=args.seed)
-        for s in FIT_SETS
+    views = {  # (N, K) logits, or (N, 2, K) for the image and its mirror (view_probabilities)
+        False: (l_tune, l_val),
+        True: (np.stack([l_tune, l_tune_flip], 1), np.stack([l_val, head_logits(net, f_val_flip)], 1)),
     }
-    fit_on = choose_fit_set(fit_sets) if args.fit_on == "auto" else args.fit_on
-    fitted = fit_calibration(*fit_set_data(fit_on, (l_tune, y_tune), (l_val, y_val)), calibration)
-    t_plain, bias = fitted.temperature, fitted.class_bias
-    t_flip = fit_temperature(0.5 * (l_tune + l_tune_flip), y_tune)  # mirror averaging (off by default): tune fold
-
-    def probs_of(logits: np.ndarray, logits_flip: np.ndarray | None, t: float) -> np.ndarray:
-        cfg = PostprocessConfig(temperature=t, class_bias=() if logits_flip is not None else bias)
-        p = calibrated_probabilities(logits, cfg)
-        if logits_flip is not None:
-            p = 0.5 * (p + calibrated_probabilities(logits_flip, cfg))
-        return p
-
+    fits: dict[bool, dict[str, Any]] = {}
     candidates: dict[str, dict[str, Any]] = {}
-    for flip in (False, True):
-        p = probs_of(l_tune, l_tune_flip if flip else None, t_flip if flip else t_plain)
+    for flip, (lt, lv) in views.items():
+        calibration_cv = cross_validate_calibration(lt, y_tune, groups, seed=args.seed)
+        calibration = choose_calibration(calibration_cv)
+        fit_sets = {
+            s: cross_fitted_val_ece((lt, y_tune), (lv, y_val, g_val), calibration, s, seed=args.seed) for s in FIT_SETS
+        }
+        fit_on = choose_fit_set(fit_sets) if args.fit_on == "auto" else args.fit_on
+        fitted = fit_calibration(*fit_set_data(fit_on, (lt, y_tune), (lv, y_val)), calibration)
+        fits[flip] = {"cv": calibration_cv, "method": calibration, "fit_sets": fit_sets, "fit_on": fit_on,
+                      "config": fitted}  # fmt: skip
+        p = view_probabilities(lt, fitted)
         cuts = fit_cutpoints(p, y_tune)
         for decision in ("argmax", "cutpoints"):
-            cfg = PostprocessConfig(
-                temperature=t_flip if flip else t_plain,
-                class_bias=() if flip else bias,
-                decision=decision,
-                cutpoints=cuts if decision == "cutpoints" else (),
-                flip_tta=flip,
-            )
+            cfg = replace(fitted, decision=decision, cutpoints=cuts if decision == "cutpoints" else (), flip_tta=flip)
             g = decode_grades(p, cfg)
             candidates[f"{decision}{'+flip' if flip else ''}"] = {
                 "config": cfg,
@@ -541,10 +551,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     # 3. the uncertain flag, chosen on val for the stated coverage
-    l_val_flip = None
-    if post.flip_tta:
-        l_val_flip = head_logits(net, pooled_features(net, x_val, contract, True, args.batch_size))
-    p_val = probs_of(l_val, l_val_flip, post.temperature)
+    fit = fits[post.flip_tta]
+    p_val = view_probabilities(views[post.flip_tta][1], post)
     g_val = decode_grades(p_val, post)
     conf_val = p_val[np.arange(len(g_val)), g_val]
     uncertain_below = float(np.quantile(conf_val, 1.0 - args.coverage))
@@ -559,7 +567,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         gate="mahalanobis",
         gate_threshold=round(threshold, 3),
     )
-    calibrated = contract.replace(postprocess=post.__dict__)
+    calibrated = contract.replace(postprocess=post.__dict__, model_version=args.version or contract.model_version)
     state = load_checkpoint(ckpt)
     extra = {k2: v for k2, v in state.items() if k2 in ("epoch", "metrics", "config")}
     out = save_checkpoint(args.out, net.to(memory_format=torch.contiguous_format), calibrated, **extra)
@@ -579,22 +587,29 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         },
         "flip": args.flip,
         "coverage": args.coverage,
-        "temperature_plain": t_plain,
-        "temperature_flip": t_flip,
+        "temperature_plain": fits[False]["config"].temperature,
+        "temperature_flip": fits[True]["config"].temperature,
         "candidates": {
             n: {kk: vv for kk, vv in c.items() if kk != "config"} | {"cutpoints": list(c["config"].cutpoints)}
             for n, c in candidates.items()
         },
         "chosen": next(n for n, c in candidates.items() if c is chosen),
         "calibration": {
-            "chosen": calibration,
+            "views": "the image and its mirror, averaged" if post.flip_tta else "the image",
+            "chosen": fit["method"],
             "rule": "lowest cross-validated ECE among the methods whose cross-validated NLL is no worse "
             "than temperature scaling's",
             "cv": "patient-grouped 5-fold inside the tune fold, 10 repeats",
-            "methods": calibration_cv,
-            "fit_on": fit_on,
+            "methods": fit["cv"],
+            "fit_on": fit["fit_on"],
             "fit_on_rule": "lowest mean cross-fitted val ECE" if args.fit_on == "auto" else "given (--fit-on)",
-            "fit_sets": fit_sets,
+            "fit_sets": fit["fit_sets"],
+            "other_views": {  # the same, for the way of reading the image that was not chosen
+                "views": "the image" if post.flip_tta else "the image and its mirror, averaged",
+                "chosen": fits[not post.flip_tta]["method"],
+                "fit_on": fits[not post.flip_tta]["fit_on"],
+                "fit_sets": fits[not post.flip_tta]["fit_sets"],
+            },
             "fit_sets_cv": "val split into 5 patient-grouped folds, each predicted by the calibration fitted on "
             "the other folds (and the tune fold where part of the set), 10 repeats",
         },
