@@ -55,13 +55,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def model_from_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, InputContract]:
-    """Rebuild the registered architecture named by the contract and load its weights (eval mode)."""
-    state = load_checkpoint(path, map_location)
-    contract: InputContract = state["contract"]
-    net = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
+def load_weights(net: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """Load a checkpoint's weights (`load_checkpoint`'s dict, read from ``path``) into ``net``, built for
+    its contract. Checkpoints from before the knee gate existed load with an unfitted gate (it refuses
+    nothing until `train.calibrate` fits it); anything else missing or unexpected is an error."""
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
     if "knee_gate.means" in weights:  # the single-layer gate of oamen_pt 1.0.0 and before
         if bool(weights["knee_gate.fitted"]):
@@ -71,12 +68,21 @@ def model_from_checkpoint(
             )
         weights = {k: v for k, v in weights.items() if not k.startswith("knee_gate.")}
     missing, unexpected = net.load_state_dict(weights, strict=False)
-    # Checkpoints from before the knee gate existed load with an unfitted gate (refuses nothing).
     missing = [k for k in missing if not k.startswith("knee_gate.")]
     if missing or unexpected:
         raise RuntimeError(
-            f"{path} does not fit {contract.model_name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{path} does not fit {type(net).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+def model_from_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, InputContract]:
+    """Rebuild the registered architecture named by the contract and load its weights (eval mode)."""
+    state = load_checkpoint(path, map_location)
+    contract: InputContract = state["contract"]
+    net = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
+    load_weights(net, state, path)
     return net.to(map_location).eval(), contract
 
 

@@ -214,3 +214,26 @@ def test_ddp_two_cpu_processes(tiny_koa: Path, tmp_path: Path) -> None:
     assert [r["train_images"] for r in _history(out)] == [24]
     _, contract = model_from_checkpoint(out / "best.pt")
     assert contract.input_size == 32
+
+
+# --------------------------------------------------------------------------- --init and --ema
+def test_init_fine_tunes_a_finished_run_and_ema_is_what_is_saved(tiny_koa: Path, tmp_path: Path) -> None:
+    """--init starts from a finished run's weights (and refuses another input contract); with --ema
+    the averaged weights are validated and saved, and last.pt carries them for --resume."""
+    first = tmp_path / "first"
+    _run(*_args(tiny_koa, first, "--epochs", "1"))
+    start = load_checkpoint(first / "best.pt")["model"]
+    second = tmp_path / "second"
+    _run(*_args(tiny_koa, second, "--epochs", "1", "--init", str(first / "best.pt"), "--ema", "0.9", "--lr", "0"))
+    # lr 0: the weights never move, so the average of them is them (BatchNorm statistics still do)
+    saved = load_checkpoint(second / "best.pt")["model"]
+    conv = next(k for k, v in start.items() if v.ndim == 4)
+    torch.testing.assert_close(saved[conv], start[conv])
+    assert "ema" in load_checkpoint(second / "last.pt")
+    # with a learning rate the average lags the trained weights
+    third = tmp_path / "third"
+    _run(*_args(tiny_koa, third, "--epochs", "1", "--init", str(first / "best.pt"), "--ema", "0.9"))
+    last = load_checkpoint(third / "last.pt")
+    assert not torch.equal(load_checkpoint(third / "best.pt")["model"][conv], last["model"][conv])
+    with pytest.raises(SystemExit, match="input_size"):
+        _run(*_args(tiny_koa, tmp_path / "x", "--epochs", "1", "--init", str(first / "best.pt"), "--input-size", "40"))

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import create_model, list_models
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from model.contract import InputContract
 from model.registry import has_pretrained
 from train.data import (
@@ -122,7 +122,30 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue from OUT/last.pt: same time budget (the clock goes on from where it stopped) and schedule",
     )
+    p.add_argument(
+        "--init",
+        default=None,
+        help="start from this checkpoint's weights (same model and input contract) with a fresh schedule: "
+        "to fine-tune a finished run further",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="keep an exponential moving average of the weights (and BatchNorm statistics) with this decay per "
+        "step, e.g. 0.998; it is what is validated and saved (0: off)",
+    )
     return p
+
+
+def init_weights(net: nn.Module, path: str, contract: InputContract) -> None:
+    """Load a checkpoint's weights into ``net`` for `--init`; refuses another model or input contract."""
+    state = load_checkpoint(path)
+    mine, other = contract.to_dict(), state["contract"].to_dict()
+    differ = [k for k in ("model_name", "input_size", "channels", "mean", "std", "preprocess") if mine[k] != other[k]]
+    if differ:
+        raise SystemExit(f"--init {path}: its {', '.join(differ)} differ from this run's; train from scratch instead")
+    load_weights(net, state, path)  # a finished run's gate is fitted again by train.calibrate
 
 
 def ordinal_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float, weight: float) -> torch.Tensor:
@@ -246,8 +269,10 @@ def train_one_epoch(
     epoch: int,
     show: bool,
     deadline: float | None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss and accuracy (of this process)."""
+    """One pass over ``loader``; returns mean loss and accuracy (of this process). ``ema`` (`--ema`)
+    is updated after every step."""
     model.train()
     total, correct, loss_sum = 0, 0, 0.0
     mem = torch.channels_last
@@ -268,6 +293,8 @@ def train_one_epoch(
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
         n = y.numel()
         total += n
         loss_sum += loss.item() * n
@@ -380,6 +407,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     val_dl = DataLoader(val_ds, 64, shuffle=False, num_workers=args.workers, pin_memory=pin)
 
     net = build_model(args.model, contract, pretrained)
+    if args.init:
+        init_weights(net, args.init, contract)
     # channels_last on the CPU too: 1.5-2x the images per second for these depthwise and
     # residual convolutions (`make bench-model`).
     net = net.to(device=device, memory_format=torch.channels_last)
@@ -394,6 +423,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
     )
     steps_per_epoch = len(train_dl)
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True
+        )
+        if args.ema > 0
+        else None
+    )
+    kept = net if ema is None else ema.module  # what is validated and saved
     # The time-based annealing reads each process's clock; under DDP that would give the ranks
     # slightly different learning rates and drifting replicas, so there it is step-based only.
     budget_s = args.time_limit * 60 if world == 1 else 0.0
@@ -422,6 +459,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
         start_epoch = int(state["epoch"]) + 1
         history = json.loads(state["history"])
         best_qwk = float(state["best_qwk"])
@@ -457,9 +496,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.monotonic()
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        stats = train_one_epoch(model, train_dl, optimizer, scheduler, device, args, epoch, show, deadline)
+        stats = train_one_epoch(model, train_dl, optimizer, scheduler, device, args, epoch, show, deadline, ema)
         if show:
-            m = evaluate(net, val_dl, device, contract.class_names, show)
+            m = evaluate(kept, val_dl, device, contract.class_names, show)
             row = {
                 "epoch": epoch,
                 **stats,
@@ -477,7 +516,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 best_qwk, best_metrics, stale = m["qwk"], m, 0
                 save_checkpoint(
                     out / "best.pt",
-                    net,
+                    kept,
                     contract,
                     epoch=epoch,
                     metrics=json.dumps(m),
@@ -493,6 +532,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     epoch=epoch,
                     optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(),
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
                     history=json.dumps(history),
                     best_qwk=best_qwk,
                     stale=stale,
