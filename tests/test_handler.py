@@ -544,6 +544,7 @@ def _film_predictor(exported: str, monkeypatch, joints_by_width: dict[int, list]
 
     pred = _predictor_with(exported, **post) if post else _predictor_with(exported)
     pred.finder = (None, FinderConfig(min_joint_px=40))
+
     def seen(net, cfg, grays, device):
         return [joints_by_width.get(g.shape[1], []) for g in grays]
 
@@ -640,3 +641,28 @@ def test_a_finder_failure_is_a_server_error_not_a_refusal(exported, monkeypatch)
     monkeypatch.setattr("handler.service.find_joints", broken)
     [(status, body)] = pred.handle([{"body": png((300, 400), seed=3)}], [{}])
     assert status == 500 and body["error"]["type"] == "server_error"
+
+
+def test_mirror_averaging_in_one_pass_answers_as_evaluation_does(exported):
+    """flip_tta: the handler runs each batch and its mirror in one pass; its answers equal the image's and
+    its mirror's separate outputs put through `finish` (train.evaluate's way), and the knee gate's scores
+    are the images' as sent."""
+    from model.decode import decode_image
+    from model.postprocess import finish
+    from model.preprocess import prepare, to_model_input
+
+    flip = _predictor_with(exported, flip_tta=True, temperature=1.3, gate="mahalanobis", gate_threshold=1e30)
+    rows = [{"body": png(seed=s)} for s in range(3)]
+    answers = [b for _, b in flip.handle(rows, [{}] * 3)]
+    batch = torch.from_numpy(
+        np.stack([to_model_input(prepare(decode_image(r["body"]), flip.contract), flip.contract) for r in rows])
+    ).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = flip.scripted.forward_with_gate(batch).numpy()
+        mirrored = flip.scripted.forward_with_gate(torch.flip(batch, dims=[3])).numpy()
+    expected = finish(out, flip.contract.postprocess, flip.contract.num_classes, mirrored)
+    np.testing.assert_allclose([a["probabilities"] for a in answers], expected["probabilities"], atol=2e-4)
+    assert [a["kl_grade"] for a in answers] == expected["grades"].tolist()
+    arrays = flip.outputs(batch)
+    np.testing.assert_allclose(arrays["gate_scores"], out[:, -1], rtol=1e-4)
+    assert arrays["gate_scores"].shape == (3,) and arrays["probabilities"].shape == (3, 5)  # the mirrors dropped

@@ -72,8 +72,8 @@ def load_predictor(model_path: Path, finder_path: Path = FINDER) -> Predictor:
     keep_freed_memory()
     scripted, contract = load_torchscript(model_path)
     cpu = torch.device("cpu")
-    eager, fast, _ = served_models(scripted, contract, cpu)  # as `handler.koa_handler` builds them
-    return Predictor(fast, eager, contract, cpu, load_serving_finder(finder_path, cpu))
+    eager, fast, dtype = served_models(scripted, contract, cpu)  # as `handler.koa_handler` builds them
+    return Predictor(fast, eager, contract, cpu, load_serving_finder(finder_path, cpu, dtype))
 
 
 def pipeline_rate(pred: Predictor, images: list[bytes], batch: int, seconds: float) -> float:
