@@ -168,8 +168,10 @@ def mirror_line(on: bool, flag: str) -> str:
         return (
             f"- **Mirror averaging** (the image and its left-right mirror, each calibrated, then averaged): on "
             f"(`train.calibrate --flip {flag}`: kept when it gains more than 0.005 of the tune-fold score, rows "
-            "`+flip`). It runs the grader on each image and on its mirror, in one batch." + cost + " The served throughput with it is in "
-            "docs/BENCHMARKS.md (`make bench`); the knee-joint finder runs in bfloat16 to leave room for it."
+            "`+flip`). It runs the grader on each image and on its mirror, in one batch."
+            + cost
+            + " The served throughput with it is in docs/BENCHMARKS.md (`make bench`); the knee-joint finder runs in "
+            "bfloat16 to leave room for it."
         )
     return (
         f"- **Mirror averaging** (the image and its left-right mirror): off (`train.calibrate --flip {flag}`). On "
