@@ -97,12 +97,12 @@ def test_fit_writes_outputs_then_resumes(tiny_koa: Path, tmp_path: Path, monkeyp
     assert last["epoch"] == 1
     real, calls = fit.train_one_epoch, []
 
-    def spy(model, loader, optimizer, scheduler, device, args, epoch, show, deadline):
+    def spy(model, loader, optimizer, scheduler, device, args, epoch, show, deadline, ema=None):
         calls.append(epoch)
         for k, v in model.state_dict().items():
             assert torch.equal(v, last["model"][k]), f"{k} was not restored from last.pt"
         assert scheduler.last_epoch == 2 * config["steps_per_epoch"]
-        return real(model, loader, optimizer, scheduler, device, args, epoch, show, deadline)
+        return real(model, loader, optimizer, scheduler, device, args, epoch, show, deadline, ema)
 
     monkeypatch.setattr(fit, "train_one_epoch", spy)
     _run(*_args(tiny_koa, out, "--epochs", "3", "--cache-dir", str(cache), "--resume"))
