@@ -1,0 +1,121 @@
+"""How far averaging the models we have would go: an upper bound for the served architecture.
+
+    python scripts/ensemble_probe.py --out docs/model/ensembles.json \
+        ship=weights/oamen.ckpt gpu224=reports/gpu2/oamen_pt_224_fp16.pt ...
+
+Each NAME=CHECKPOINT is read on val and on the tune fold of `runs/oamen_pt` (its config lists the
+fold), plain and mirrored. Every combination of models, with and without the mirror, is then
+decoded as `train.calibrate` would serve it: a temperature per model and view fitted on the tune
+fold, the calibrated views averaged, the ordinal cut-points (or argmax) chosen on the tune fold;
+val only measures. "passes" is the number of network runs per knee (the served model makes 2).
+The logits are kept in --work, so a second call only decodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.postprocess import expected_grade  # noqa: E402
+from train.calibrate import fit_cutpoints, fit_temperature  # noqa: E402
+from train.metrics import quadratic_weighted_kappa, roc_auc_ovr  # noqa: E402
+
+
+def logits(name: str, path: str, work: Path, data: str, tune_files: set[str]) -> dict[str, np.ndarray]:
+    cached = work / f"{name}.npz"
+    if cached.is_file():
+        return dict(np.load(cached))
+    import torch
+
+    from model.checkpoint import model_from_checkpoint
+    from train.data import prepare_all, scan
+    from train.evaluate import model_outputs
+
+    net, contract = model_from_checkpoint(path)
+    net = net.float().to(memory_format=torch.channels_last)
+    samples = scan(data)
+    splits = {
+        "val": [s for s in samples if s.split == "val"],
+        "tune": [s for s in samples if str(s.path) in tune_files],
+    }
+    out = {}
+    for split, chosen in splits.items():
+        images = prepare_all(chosen, contract, str(ROOT / "cache"), desc=split)
+        k = contract.num_classes
+        out[split] = model_outputs(net, images, contract)[:, :k]
+        out[f"{split}_flip"] = model_outputs(net, images, contract, True)[:, :k]
+        out[f"{split}_y"] = np.array([s.grade for s in chosen])
+    np.savez(cached, **out)
+    return out
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def probabilities(models: dict, combo: tuple[str, ...], split: str, flip: bool) -> np.ndarray:
+    views = []
+    for name in combo:
+        for suffix in ("", "_flip") if flip else ("",):
+            t = fit_temperature(models[name][f"tune{suffix}"], models[name]["tune_y"])
+            views.append(softmax(models[name][f"{split}{suffix}"] / t))
+    return np.mean(views, 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("models", nargs="+", help="NAME=CHECKPOINT")
+    p.add_argument("--data", default="../shared/data/koa")
+    p.add_argument("--run", default="runs/oamen_pt", help="the run whose config.json lists the tune fold")
+    p.add_argument("--work", type=Path, default=Path("reports/ensemble_probe"))
+    p.add_argument("--out", type=Path, default=Path("docs/model/ensembles.json"))
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    tune_files = set(json.loads((Path(args.run) / "config.json").read_text())["tune_files"])
+    specs = dict(m.split("=", 1) for m in args.models)
+    models = {n: logits(n, path, args.work, args.data, tune_files) for n, path in specs.items()}
+    first = models[next(iter(models))]
+    y_val, y_tune = first["val_y"], first["tune_y"]
+    k = first["val"].shape[1]
+    rows = []
+    for r in range(1, len(models) + 1):
+        for combo in itertools.combinations(models, r):
+            for flip in (False, True):
+                tune, val = probabilities(models, combo, "tune", flip), probabilities(models, combo, "val", flip)
+                cuts = np.array(fit_cutpoints(tune, y_tune))
+                for rule, grades in (
+                    ("argmax", val.argmax(1)),
+                    ("cut-points", np.searchsorted(cuts, expected_grade(val), side="right")),
+                ):
+                    rows.append(
+                        {
+                            "models": list(combo),
+                            "mirror": flip,
+                            "passes": len(combo) * (2 if flip else 1),
+                            "rule": rule,
+                            "val_top1": round(float((grades == y_val).mean()), 4),
+                            "val_qwk": round(quadratic_weighted_kappa(y_val, grades, k), 4),
+                            "val_macro_auc": round(float(np.mean(roc_auc_ovr(y_val, val))), 4),
+                            "val_kl1_recall": round(float((grades[y_val == 1] == 1).mean()), 4),
+                        }
+                    )
+    best = {key: max(rows, key=lambda row: row[key]) for key in ("val_top1", "val_qwk", "val_macro_auc")}
+    result = {"models": specs, "n_val": int(len(y_val)), "n_tune": int(len(y_tune)), "best_by": best, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for key, row in best.items():
+        print(f"best {key}: {row}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
