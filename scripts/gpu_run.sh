@@ -14,6 +14,9 @@
 #
 #   Prepare here:  python -m ops.stage_gpu_data --out /tmp/koa_stage && mkdir -p gpu_stage \
 #                    && tar -czf gpu_stage/koa.tgz -C /tmp/koa_stage .   (train less the tune fold, val; 54 MiB)
+#                  python -m ops.stage_gpu_data --travel gpu_stage   (what the run sends, against the 64 MiB limit:
+#                    with the shipped grader it is about 92 MiB, so move weights/oamen.ckpt out of the checkout
+#                    for the run, which does not read it, and back afterwards)
 #   Run there:     OUT=... bash scripts/gpu_run.sh                 (device tool, carry gpu_stage)
 #   CPU check:     OUT=/tmp/gpu_out DATA=/tmp/tiny QUICK=1 BUDGET_S=400 bash scripts/gpu_run.sh
 #   Back here:     cat X_fp16.pt.part* > X_fp16.pt; train.evaluate / train.calibrate read it as float32

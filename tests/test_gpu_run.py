@@ -68,3 +68,30 @@ def test_the_request_path_benchmark_runs_on_a_cpu(knee_png: bytes, tmp_path: Pat
 
 def test_the_gpu_script_parses() -> None:
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_run.sh")]).returncode == 0
+
+
+def test_the_travel_check_counts_what_a_device_run_sends(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / ".gitignore").write_text("ignored/\n")
+    (repo / "kept.bin").write_bytes(b"k" * 1000)
+    (repo / "aside.bin").write_bytes(b"a" * 5000)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    (repo / "new.txt").write_bytes(b"n" * 300)  # untracked, not ignored: travels
+    (repo / "ignored").mkdir()
+    (repo / "ignored" / "big.bin").write_bytes(b"i" * 7000)  # ignored: stays unless carried
+    base = len("ignored/\n")
+    total, tracked = stage.travel_size(repo, [])
+    assert total == base + 1000 + 5000 + 300
+    assert [f for _, f in tracked] == ["aside.bin", "kept.bin", ".gitignore"]
+    assert stage.travel_size(repo, [Path("ignored")])[0] == total + 7000
+    (repo / "aside.bin").unlink()  # a tracked file moved out of the checkout does not travel
+    assert stage.travel_size(repo, [])[0] == total - 5000
+    # Over the limit, the report names the largest tracked files and fails.
+    (repo / "ignored" / "big.bin").write_bytes(b"i" * (stage.TRAVEL_LIMIT + 1))
+    assert stage.report_travel(repo, [Path("ignored")]) == 1
+    assert "kept.bin" in capsys.readouterr().out
+    assert stage.report_travel(repo, []) == 0
