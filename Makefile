@@ -123,7 +123,8 @@ token: $(STAMP)  ## print the inference key of the running server
 renew-token: $(STAMP)  ## replace the inference key of the running server (keys expire after 60 min)
 	@$(PY) -m ops.server renew --workdir $(SERVE_DIR)
 
-proto: $(PROTO_STAMP)  ## generate the gRPC stubs from the proto inside TorchServe's jar
+proto: $(STAMP)  ## regenerate the committed gRPC stubs (client/_proto) from the proto inside TorchServe's jar
+	$(PY) -m client.gen_proto
 
 $(PROTO_STAMP): | $(STAMP)
 	$(PY) -m client.gen_proto

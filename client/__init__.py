@@ -1,8 +1,8 @@
 """KOA-Serve client: grade knee radiographs on a running KOA-Serve TorchServe over REST or gRPC.
 
 A hospital integrator installs this package alone: it needs ``requests`` (REST) and, for gRPC,
-``grpcio`` + ``protobuf`` plus the stubs made by ``python -m client.gen_proto``. It never imports
-the model, training or handler code.
+``grpcio`` + ``protobuf`` and the committed stubs in ``client/_proto`` (``make proto`` regenerates
+them). It never imports the model, training or handler code.
 
     from client import RestClient, load_token
     answer = RestClient(token=load_token(key_file="logs/serve/key_file.json")).predict(png_bytes)

@@ -1,7 +1,7 @@
 """gRPC client of KOA-Serve: TorchServe's ``InferenceAPIsService`` (Ping, Predictions).
 
-The stubs come from ``python -m client.gen_proto`` (TorchServe's own proto, generated into
-``client/_proto``). The request's ``input`` map carries the same fields as a REST form:
+The stubs in ``client/_proto`` come from ``python -m client.gen_proto`` (TorchServe's own proto;
+committed, so a client-only install has them). The request's ``input`` map carries the same fields as a REST form:
 ``data`` (image bytes) and, when asked, ``explain``, ``target`` and ``method``; gRPC has no explain
 call, so ``explain=b"true"`` asks for one.
 

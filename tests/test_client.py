@@ -63,6 +63,22 @@ def stubs() -> Any:
     return inference_pb2, inference_pb2_grpc
 
 
+def test_the_committed_stubs_are_what_the_installed_torchserve_generates(tmp_path: Path) -> None:
+    from client import gen_proto
+
+    try:
+        fresh = gen_proto.generate(tmp_path / "_proto")
+    except RuntimeError as exc:
+        skip_or_fail(f"no TorchServe jar here: {exc}")
+    committed = ROOT / "client" / "_proto"
+    names = sorted(p.relative_to(fresh) for p in fresh.rglob("*.py"))
+    assert names == sorted(p.relative_to(committed) for p in committed.rglob("*.py")), "make proto, then commit"
+    for name in names:
+        assert (fresh / name).read_text() == (committed / name).read_text(), f"{name} is stale: make proto, commit"
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "client/_proto"], capture_output=True, text=True)
+    assert tracked.returncode != 0 or len(tracked.stdout.split()) == len(names), "git add client/_proto"
+
+
 def test_gen_proto_writes_importable_package(tmp_path: Path) -> None:
     from client import gen_proto
 

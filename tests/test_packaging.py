@@ -8,6 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # Import name -> distribution name in pyproject.toml, for the client's third-party imports.
 DISTRIBUTION = {"requests": "requests", "urllib3": "urllib3", "grpc": "grpcio", "google": "protobuf"}
@@ -41,3 +43,25 @@ def test_every_package_is_in_the_wheel() -> None:
     for name in ("client", "model", "train", "handler", "loadtest"):
         assert (ROOT / name / "__init__.py").is_file()
         assert name in include and f"{name}.*" in include
+
+
+def test_a_wheel_built_from_a_clean_clone_carries_the_grpc_stubs(tmp_path: Path) -> None:
+    """`pip install .` from a fresh checkout gives a client that speaks gRPC too: no `make proto` needed."""
+    import subprocess
+    import zipfile
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-local", str(ROOT), str(clone)], check=True)
+    # What is committed (HEAD), not the working tree: ignored stubs here would hide their absence there.
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
+        cwd=clone, capture_output=True, text=True,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("koa_serve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"client/_proto/inference_pb2.py", "client/_proto/inference_pb2_grpc.py",
+            "client/_proto/google/rpc/status_pb2.py"} <= names  # fmt: skip
+    assert not any(n.startswith(("weights/", "tests/")) for n in names)
