@@ -85,14 +85,24 @@ class KOAClientError(Exception):
         return f"{self.status} {self.kind}: {self.message}" if self.kind else f"{self.status}: {self.message}"
 
 
-def load_token(token: str | None = None, key_file: str | os.PathLike[str] | None = None) -> str:
+def load_token(
+    token: str | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+    wait_s: float = 0.0,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
     """The inference key to send as ``Authorization: Bearer <key>``.
 
     Precedence: ``token`` > the ``KOA_TOKEN`` environment variable > ``key_file``'s
-    ``["inference"]["key"]`` (the ``key_file.json`` TorchServe writes where it starts).
+    ``["inference"]["key"]`` (the ``key_file.json`` TorchServe writes where it starts). A server
+    that is restarting has no key file for a few seconds (TorchServe removes it when it stops and
+    writes a new one when it starts): with ``wait_s`` the file is read again until it has a key or
+    ``wait_s`` seconds are up.
 
     Raises:
-        RuntimeError: no token anywhere, or an unreadable / malformed key file.
+        RuntimeError: no token anywhere, or an unreadable / malformed key file (after ``wait_s``).
     """
     if token:
         return token
@@ -104,7 +114,18 @@ def load_token(token: str | None = None, key_file: str | os.PathLike[str] | None
             f"no inference token: pass one (--token), set {TOKEN_ENV}, or point to the server's key_file.json "
             "(--key-file logs/serve/key_file.json; `make token` prints it)"
         )
-    return read_key_file(key_file)
+    deadline = clock() + max(0.0, wait_s)
+    while True:
+        try:
+            return read_key_file(key_file)
+        except RuntimeError as exc:
+            left = deadline - clock()
+            if left <= 0:
+                if wait_s > 0:
+                    raise RuntimeError(f"{exc} (waited {wait_s:g} s for it)") from None
+                raise
+            log.info("%s; reading it again", exc)
+            sleep(min(0.5, left))
 
 
 def read_key_file(key_file: str | os.PathLike[str]) -> str:

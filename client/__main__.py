@@ -53,7 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="keep sending a request for this many seconds while the server is unreachable or answers 503 "
-        "(e.g. during a restart); with --key-file a refused key is re-read from the file. Default 0: fail at once",
+        "(e.g. during a restart); with --key-file a missing key file is waited for and a refused key is re-read "
+        "from it. Default 0: fail at once",
     )
     tls = pr.add_argument_group("TLS (https:// URL or grpcs:// target)")
     tls.add_argument("--ca-file", type=Path, default=None, help="PEM CA bundle to trust instead of the system's")
@@ -160,10 +161,12 @@ LOCAL_KEY_FILE = Path("logs/serve/key_file.json")
 
 
 def local_key_file(args: argparse.Namespace) -> Path | None:
-    """The key file of the server `make serve` started, when no token was given and it is there."""
-    if args.token or os.environ.get(TOKEN_ENV) or args.key_file is not None or not LOCAL_KEY_FILE.is_file():
+    """The key file of the server `make serve` started, when no token was given and it is there (or,
+    with ``--retry-s``, when its folder is: a restarting server writes its new key file there)."""
+    if args.token or os.environ.get(TOKEN_ENV) or args.key_file is not None:
         return None
-    return LOCAL_KEY_FILE
+    there = LOCAL_KEY_FILE.is_file() or (args.retry_s > 0 and LOCAL_KEY_FILE.parent.is_dir())
+    return LOCAL_KEY_FILE if there else None
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -174,7 +177,7 @@ def predict(args: argparse.Namespace) -> int:
         )
         args.key_file = found
     try:
-        token = load_token(args.token, args.key_file)
+        token = load_token(args.token, args.key_file, wait_s=args.retry_s)
         client = make_client(args, token)
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

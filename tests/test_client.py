@@ -602,3 +602,47 @@ def test_a_film_is_printed_per_knee_with_where_its_laterality_came_from() -> Non
     assert lines[0] == "film.jpg: whole film, 2 knee joint(s) found"
     assert lines[1].startswith("  knee 1 (left of the image, laterality R from the burned-in marker) box [10, 20, 90")
     assert lines[-1].startswith("  knee 2 (right of the image) box [200, 20, 280, 100]: not graded (unsupported_view)")
+
+
+def test_load_token_waits_for_the_key_file_of_a_restarting_server(tmp_path: Path) -> None:
+    keys = tmp_path / "key_file.json"
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:  # the server writes its key file 2 s into the wait
+        slept.append(s)
+        now[0] += s
+        if now[0] >= 2.0 and not keys.exists():
+            keys.write_text(json.dumps({"inference": {"key": "new-key"}}))
+
+    assert load_token(key_file=keys, wait_s=10, sleep=sleep, clock=lambda: now[0]) == "new-key"
+    assert 2.0 <= now[0] < 3.0 and max(slept) <= 0.5
+    keys.unlink()
+    now[0], slept[:] = 0.0, []
+    with pytest.raises(RuntimeError, match=r"not found.*waited 1 s"):
+        load_token(key_file=keys, wait_s=1, sleep=lambda s: slept.append(s) or now.__setitem__(0, now[0] + s),
+                   clock=lambda: now[0])  # fmt: skip
+    assert sum(slept) == pytest.approx(1.0)
+    with pytest.raises(RuntimeError, match="not found") as info:  # without a wait: at once
+        load_token(key_file=keys)
+    assert "waited" not in str(info.value)
+
+
+def test_cli_with_retry_waits_for_the_local_servers_new_key(images, monkeypatch, capsys, tmp_path) -> None:
+    from client.__main__ import main
+
+    good, _ = images
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KOA_TOKEN", raising=False)
+    keys = tmp_path / "logs" / "serve" / "key_file.json"
+    keys.parent.mkdir(parents=True)  # the server of `make serve` is restarting: its key file is gone
+    made = _patch_client(monkeypatch, FakeClient({good.read_bytes(): ANSWER}))
+    assert main(["predict", str(good)]) == 2  # no --retry-s: fails at once, as before
+    assert "no inference token" in capsys.readouterr().err
+    writer = threading.Timer(0.6, lambda: keys.write_text(json.dumps({"inference": {"key": "after-restart"}})))
+    writer.start()
+    try:
+        assert main(["predict", str(good), "--retry-s", "10"]) == 0
+    finally:
+        writer.cancel()
+    assert made[-1][1] == "after-restart"
