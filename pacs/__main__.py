@@ -69,22 +69,36 @@ def demo(args: argparse.Namespace) -> int:
     if args.laterality:
         ds.ImageLaterality = args.laterality
     uid = str(ds.SOPInstanceUID)
-    status = pacs.send([ds], orthanc.dicom_port)[0]
+    try:
+        status = pacs.send([ds], orthanc.dicom_port)[0]
+    except pacs.PacsError as exc:
+        raise pacs.PacsError(f"{exc}: is the PACS running? (`make pacs`)") from None
     if status != 0:
         raise pacs.PacsError(f"Orthanc answered the C-STORE with status 0x{status:04X}")
     print(f"sent {args.image} as SOP Instance {uid} (study {ds.StudyInstanceUID}); waiting for the report...")
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        sr = orthanc.instance(result_uid("sr", uid))
-        if sr is not None:
-            print(content_tree(sr))
-            heatmap = orthanc.lookup(result_uid("sc", uid, "0"))
-            print(f"heatmap (secondary capture): {'stored in the study' if heatmap else 'none'}")
-            return 0
-        for record in read_audit(args.workdir / "audit.jsonl"):
-            if record.get("sop_instance_uid") == uid and record["event"] in ("skipped", "failed"):
-                print(f"no report: {record['event']}: {record.get('reason')}")
+        # The gateway writes its audit line once the SR and every heatmap are stored: wait for that,
+        # not for the SR alone, or a heatmap stored a moment after it would be reported missing.
+        record = next(
+            (r for r in read_audit(args.workdir / "audit.jsonl") if r.get("sop_instance_uid") == uid
+             and r["event"] in ("result", "refused", "skipped", "failed")),
+            None,
+        )  # fmt: skip
+        if record is not None and record["event"] in ("skipped", "failed"):
+            print(f"no report: {record['event']}: {record.get('reason')}")
+            return 1
+        if record is not None:
+            sr = orthanc.instance(result_uid("sr", uid))
+            if sr is None:
+                print(f"the gateway reported {record['event']}, but Orthanc has no SR for it: see audit.jsonl")
                 return 1
+            print(content_tree(sr))
+            wanted = record.get("sc_sop_instance_uids") or []
+            stored = sum(1 for sc in wanted if orthanc.lookup(sc))
+            print(f"heatmaps (secondary capture): {stored} of {len(wanted)} stored in the study" if wanted
+                  else "heatmap (secondary capture): none (nothing was graded)")  # fmt: skip
+            return 0 if stored == len(wanted) else 1
         time.sleep(0.5)
     print(f"no report within {args.timeout:.0f} s: see {args.workdir / 'gateway.log'} and audit.jsonl")
     return 1

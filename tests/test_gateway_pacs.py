@@ -238,6 +238,7 @@ def test_pacs_demo_prints_the_reports_content_tree(site):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Imaging Measurement Report" in out.stdout and "UNVERIFIED" in out.stdout
     assert "Kellgren-Lawrence grade" in out.stdout or "not analysed" in out.stdout
+    assert "heatmaps (secondary capture): 1 of 1 stored in the study" in out.stdout, out.stdout
 
 
 def test_a_gateway_killed_mid_study_resumes_its_spool_and_torchserve_down_loses_nothing(site, torchserve, knee):
