@@ -185,6 +185,38 @@ def test_logs_keep_one_access_line_per_request_and_no_per_request_debug(server, 
     assert len(set(stamped)) == len(stamped), "ts_log.log repeats records (logger additivity)"
 
 
+def test_logs_roll_over_into_numbered_archives_and_old_ones_go(archive, tmp_path, knee_png):
+    """log4j2.xml's rolling, with its size trigger at 2 KB and its archive limit at 3 (instead of 100 MB
+    and 30): every roll-over of a day gets its own archive, and the oldest beyond the limit are
+    deleted, other days' too (TorchServe's own pattern overwrote a day's archive, and deleted none)."""
+    import os
+    import re
+
+    text = ts.LOG_CONFIG.read_text()
+    assert text.count('size="100 MB"') == 5 and text.count('<DefaultRolloverStrategy max="30"/>') == 5
+    small = tmp_path / "log4j2.xml"
+    small.write_text(text.replace('size="100 MB"', 'size="2 KB"').replace('max="30"', 'max="3"'))
+    workdir = tmp_path / "ts"
+    logs = workdir / "logs"
+    logs.mkdir(parents=True)
+    old = logs / "ts_log.2026-01-01.1.log.gz"  # an archive from an earlier day
+    old.write_bytes(b"old")
+    os.utime(old, (time.time() - 40 * 86400,) * 2)
+    with private_server(archive, workdir, log_config=small) as srv:
+        client = RestClient(srv.inference_url, token=srv.keys()["inference"])
+        for _ in range(30):
+            client.predict(knee_png)
+    archives = sorted(p.name for p in logs.glob("*.gz"))
+    pattern = re.compile(r"(\w+)\.\d{4}-\d{2}-\d{2}\.(\d+)\.log\.gz")
+    assert all(pattern.fullmatch(a) for a in archives), archives
+    per_log: dict[str, list[int]] = {}
+    for a in archives:
+        name, n = pattern.fullmatch(a).groups()
+        per_log.setdefault(name, []).append(int(n))
+    assert max(len(v) for v in per_log.values()) == 3, per_log  # rolled more than 3 times, 3 kept
+    assert len(per_log.get("ts_log", [])) == 3 and not old.exists(), archives
+
+
 def test_nothing_is_left_running_after_stop(archive, tmp_path):
     srv = start_server(archive, tmp_path)
     pid = ts.server_pid(tmp_path)
