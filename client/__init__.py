@@ -50,6 +50,11 @@ RETRY_STATUSES = frozenset({503})
 # they expire after 60 minutes, so a client that knows the key file re-reads it once and tries again.
 KEY_ERRORS = frozenset({"InvalidKeyException", "UNAUTHENTICATED", "PERMISSION_DENIED"})
 MAX_BACKOFF_S = 2.0
+# Said with a refused key. TorchServe's keys expire; a cluster's token does not, but is rotated.
+KEY_HINT = (
+    "(the token is missing, wrong or expired: re-read key_file.json, which every restart and token rotation "
+    "replaces; TorchServe's own keys also expire after 60 min)"
+)
 # Status of a TLS failure the clients diagnose themselves (nginx's "SSL Certificate Error"): outside
 # RETRY_STATUSES, because an untrusted or refused certificate stays so however often it is sent.
 TLS_STATUS = 495
@@ -250,7 +255,7 @@ def error_from_answer(status: int, body: bytes | str) -> KOAClientError:
             kind = err.get("type")
             message = str(err["message"])
             if kind == "InvalidKeyException":
-                message += " (the token is missing, wrong or expired: keys expire after 60 min, re-read key_file.json)"
+                message += f" {KEY_HINT}"
             return KOAClientError(code if isinstance(code, int) else status, message, kind)
     return KOAClientError(status, text.strip()[:2000] or "(empty answer)")
 

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from client import (
+    KEY_HINT,
     KOAClientError,
     _check_options,
     _env_token,
@@ -91,7 +92,7 @@ def rpc_error(exc: grpc.RpcError) -> KOAClientError:
     if "ModelNotFoundException" in details:  # TorchServe sends INTERNAL for an unknown model name
         status = 404
     elif name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-        details += " (the token is missing, wrong or expired: keys expire after 60 min, re-read key_file.json)"
+        details += f" {KEY_HINT}"
     return KOAClientError(status, f"gRPC {name}: {details}", name)
 
 

@@ -62,7 +62,7 @@ def attribute(net: nn.Module, x: torch.Tensor, target: int, method: str = "gradc
 def heat_grid(heat: np.ndarray, size: int = 16) -> list[list[float]]:
     """The heat map averaged onto a ``size`` x ``size`` grid (row-major, values in [0, 1])."""
     small = cv2.resize(heat, (size, size), interpolation=cv2.INTER_AREA)
-    return np.round(small, 3).tolist()
+    return np.round(small.astype(np.float64), 3).tolist()  # float64: 0.481, not float32's 0.48100000619888306
 
 
 def overlay_png(prepared: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> bytes:

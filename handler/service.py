@@ -122,7 +122,12 @@ def parse_request(row: dict[str, Any], headers: dict[str, Any], contract: InputC
     options: dict[str, Any] = {k: row[k] for k in ("explain", "target", "method") if k in row}
     field = next((k for k in IMAGE_FIELDS if k in row), None)
     if field is None:
-        raise RequestError(f"no image found: expected one of the fields {list(IMAGE_FIELDS)}, got {sorted(row)}")
+        got = [str(k)[:24] for k in sorted(row)[:5]]  # a mis-typed body arrives as one long junk field name
+        raise RequestError(
+            f"no image found: expected one of the fields {list(IMAGE_FIELDS)}, got {got}; a raw body "
+            "needs a Content-Type such as image/png, image/jpeg or application/dicom (curl --data-binary sends "
+            "application/x-www-form-urlencoded, which TorchServe splits into fields)"
+        )
     value = row[field]
     if isinstance(value, dict):  # a JSON body, already parsed by TorchServe
         options = {**{k: value[k] for k in ("explain", "target", "method") if k in value}, **options}

@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  REST    http://127.0.0.1:{front.rest_port}/predictions/{ts.MODEL_NAME}")
             print(f"  gRPC    127.0.0.1:{front.grpc_port}")
             print(f"  health  http://127.0.0.1:{front.health_port}/ready (no token)")
-            print(f"  token   {Path(args.workdir) / KEY_FILE} (--key-file), or: {Path(__file__).name} token")
+            print(f"  token   {Path(args.workdir) / KEY_FILE} (--key-file), or: python -m ops.cluster token")
         elif args.command == "stop":
             t0 = time.monotonic()
             print("stopped" if stop(args.workdir) else "not running", f"({time.monotonic() - t0:.1f} s)")

@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  REST explain     {s.inference_url}/explanations/{MODEL_NAME}")
             print(f"  gRPC inference   127.0.0.1:{s.grpc_port}")
             print(f"  management       {s.management_url}   metrics {s.metrics_url}/metrics")
-            print("  token            `make token` (keys expire after 60 min; see README 'Tokens')")
+            print("  token            `make token` (keys expire after 60 min; see docs/OPERATIONS.md, Tokens)")
         elif args.command == "stop":
             print("stopped" if stop(args.workdir) else "not running")
         elif args.command == "token":

@@ -70,6 +70,7 @@ def test_json_with_base64_image():
     [
         ({}, "empty request"),
         ({"foo": b"x"}, "no image found"),
+        ({"\ufffdPNG\r\n\x1a\n" + "x" * 500: b""}, "needs a Content-Type"),  # curl's default form type
         ({"body": {"image": "not base64!!"}}, "not valid base64"),
         ({"body": {"picture": "AAAA"}}, "base64 string"),
         ({"body": "some text"}, "arrived as text"),
@@ -131,6 +132,8 @@ def test_each_request_is_explained_on_its_own(predictor):
     for body in (first, ig):
         grid = np.array(body["explanation"]["grid"])
         assert grid.shape == (16, 16) and grid.min() >= 0 and grid.max() <= 1
+        # Rounded as written on the wire: 0.481, never float32's 0.48100000619888306.
+        assert all(len(repr(v)) <= 5 for row in body["explanation"]["grid"] for v in row), body["explanation"]["grid"]
         overlay = cv2.imdecode(np.frombuffer(base64.b64decode(body["explanation"]["overlay_png"]), np.uint8), 1)
         assert overlay.shape == (64, 64, 3)
 

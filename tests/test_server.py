@@ -185,6 +185,24 @@ def test_logs_keep_one_access_line_per_request_and_no_per_request_debug(server, 
     assert len(set(stamped)) == len(stamped), "ts_log.log repeats records (logger additivity)"
 
 
+def test_the_docs_example_answer_is_what_the_served_model_says(rest, knee_png):
+    """README's tour and API.md show the answer for tests/fixtures/knee_kl2.png: a new model makes them stale."""
+    import json
+    import re
+
+    answer = rest.predict(knee_png)
+    for doc in (ROOT / "README.md", ROOT / "docs" / "API.md"):
+        block = re.search(r"```json\n(\{\n  \"schema_version\".*?)\n```", doc.read_text(), re.S).group(1)
+        shown = json.loads(re.sub(r',\n  "explanation": \{.*?\n  \}', "", block, flags=re.S))
+        assert shown.keys() == answer.keys(), (doc.name, shown.keys() ^ answer.keys())
+        assert (shown["kl_grade"], shown["uncertain"], shown["model"]) == (
+            answer["kl_grade"], answer["uncertain"], answer["model"]
+        ), doc.name
+        # bfloat16 and the batch a request lands in move the last digits, not the third
+        assert np.allclose(shown["probabilities"], answer["probabilities"], atol=0.005), (doc.name, answer)
+        assert abs(shown["oa_probability"] - answer["oa_probability"]) < 0.005, doc.name
+
+
 def test_logs_roll_over_into_numbered_archives_and_old_ones_go(archive, tmp_path, knee_png):
     """log4j2.xml's rolling, with its size trigger at 2 KB and its archive limit at 3 (instead of 100 MB
     and 30): every roll-over of a day gets its own archive, and the oldest beyond the limit are
