@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client.rest import RestClient
 from handler.koa_handler import EARLY_ENV
 from ops import server as ts
 from ops.load import Sender, leg, schedule
@@ -158,6 +159,8 @@ def main(args: argparse.Namespace) -> int:
             for mode, early in MODES.items():
                 servers[mode] = start(args.model_store, Path(tmp) / mode, early, args.threads)
             senders = {mode: Sender(srv, image, args.method) for mode, srv in servers.items()}
+            first = next(iter(servers.values()))
+            served = RestClient(first.inference_url, token=first.keys()["inference"]).predict(image)["model"]
             explain_s = {mode: warm_up(s) for mode, s in senders.items()}
             rate = args.rate or args.load / (args.explain_share * statistics.fmean(explain_s.values()))
             plan = schedule(rate, args.seconds, args.explain_share, args.seed)
@@ -186,6 +189,7 @@ def main(args: argparse.Namespace) -> int:
             f"({EARLY_ENV}=0); after: plain predictions answered before the batch's explanations"
         ),
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+        "model": f"{served['name']} {served['version']}",
         "explain_s_at_batch_1": {k: round(v, 3) for k, v in explain_s.items()},
         "rate_rps": round(rate, 3),
         "requests_per_leg": len(plan),

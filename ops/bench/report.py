@@ -61,8 +61,8 @@ def sweep_report(result: dict[str, Any]) -> str:
         f"same {m['cores']} cores, as in CI. These machines are shared and noisy: read the ratios, not the absolute "
         "figures.",
         "",
-        "No GPU was available to the session that measured this: the GPU section of the load-test issue "
-        "(mixed precision, channels_last, the handler through a mock context) is not measured yet.",
+        "These are CPU figures. The GPU ones (an H200 on 2026-11-30: the model alone and the request path, "
+        "float32 and bfloat16, channels_last, CUDA graphs) are in [RESULTS.md](RESULTS.md).",
         "",
         "## In-process (no server)",
         "",
@@ -238,11 +238,12 @@ def explain_report(d: dict[str, Any]) -> str:
     ]
     c = d["config"]
     return (
-        f"`make bench-explain` (`python -m ops.bench explain`, result `docs/results/bench_explain.json`): open-loop "
+        f"`make bench-explain` (`python -m ops.bench explain`, result `docs/results/bench_explain.json`), serving "
+        f"{d.get('model', 'a model it did not record (oamen_lite, two releases back)')}: open-loop "
         f"REST load at {d['rate_rps']:.2f} requests/s, {100 * c['explain_share']:.0f}% of them asking for "
         f"{c['method'].upper()}, {c['rounds']} rounds of before (a batch answered at once) and after (plain "
         f"predictions answered before the batch's explanations) legs of {c['seconds']:.0f} s. Run beside: "
-        f"{c.get('note', 'nothing')}.\n\n" + "\n".join(rows) + "\n"
+        f"{c.get('note') or 'nothing'}.\n\n" + "\n".join(rows) + "\n"
     )
 
 
