@@ -12,7 +12,7 @@ NONKNEE ?= ../shared/data/nonknee
 # The recipe of the shipped weights (docs/MODEL_CARD.md): OA-MEN with the ImageNet-initialised
 # EfficientNet-Lite0 branch, 95 CPU minutes, learning rate annealed by elapsed time (a run cut
 # short continues with `make train TRAIN_ARGS="... --resume"`). On a GPU: make train TRAIN_ARGS="--epochs 30"
-TRAIN_ARGS ?= --epochs 40 --time-limit 95 --no-balance --patience 0 --lr 1e-3 --version 1.0.0
+TRAIN_ARGS ?= --epochs 40 --time-limit 95 --no-balance --patience 0 --lr 1e-3
 WEIGHTS := weights/oamen.ckpt
 FINDER := weights/finder.pt
 MARKERS := weights/markers.pt
@@ -78,8 +78,10 @@ calibrate: $(STAMP)  ## fit temperature, decoding, knee gate and uncertain flag 
 	$(PY) -m train.calibrate --run $(RUN) --out $(RUN)/calibrated.ckpt
 
 # promote: the run's calibrated checkpoint becomes the shipped weights, measured and documented.
-promote: $(STAMP)  ## calibrate RUN, copy it to weights/, evaluate it into docs/model/ and regenerate the model card
-	$(PY) -m train.calibrate --run $(RUN) --out $(RUN)/calibrated.ckpt
+# VERSION is the version the shipped weights will carry: a new one for new weights or a new calibration.
+promote: $(STAMP)  ## calibrate RUN as VERSION=x.y.z, copy it to weights/, evaluate it into docs/model/ and regenerate the model card
+	$(if $(VERSION),,$(error make promote needs VERSION=x.y.z, newer than the shipped model's (docs/MODEL_CARD.md)))
+	$(PY) -m train.calibrate --run $(RUN) --out $(RUN)/calibrated.ckpt --version $(VERSION)
 	cp $(RUN)/calibrated.ckpt $(WEIGHTS)
 	cp $(RUN)/calibration.json docs/model/calibration.json
 	cp $(RUN)/history.json $(RUN)/curves.png docs/model/
