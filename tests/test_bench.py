@@ -136,3 +136,10 @@ def test_the_tail_summary_counts_the_latest_named_model_at_its_setting() -> None
     assert "At the shipped setting (batch 8, 10 ms, one worker) with the shipped model (m 1)" in text
     assert "held in 2 of 2 runs over REST and 1 of 2 over gRPC" in text
     assert "| c | 1 | 8 | 10 | 1 | 180s | 50.0 | 40.0 | 100 / 190 | **1.9** |" in text
+
+
+def test_the_bench_command_lists_its_benchmarks_on_help(capsys) -> None:
+    from ops.bench.__main__ import main
+
+    assert main(["--help"]) == 0 and "sweep" in capsys.readouterr().out
+    assert main([]) == 2 and "usage" in capsys.readouterr().err

@@ -13,6 +13,9 @@ from ops.bench import SUBCOMMANDS
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
     if not argv or argv[0] not in SUBCOMMANDS:
         given = repr(argv[0]) if argv else "nothing"
         print(f"usage: python -m ops.bench {{{','.join(SUBCOMMANDS)}}} [options]; got {given}", file=sys.stderr)
