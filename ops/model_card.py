@@ -324,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{c.preprocess.gaussian_ksize}x{c.preprocess.gaussian_ksize} sigma {c.preprocess.gaussian_sigma}, "
         f"Laplacian edges added back (`out = img - {c.preprocess.laplacian_weight} x lap(img)`, 4-neighbour kernel "
         f"[[0,1,0],[1,-4,1],[0,1,0]]), {c.preprocess.equalization} histogram equalisation, normalisation mean "
-        f"{c.mean} std {c.std} (inputs in [-1, 1], as the ImageNet weights expect). The Laplacian changed in this "
-        "release (it was OpenCV's twice-as-strong diagonal kernel): weights trained before it do not match it.",
+        f"{c.mean} std {c.std} (inputs in [-1, 1], as the ImageNet weights expect). The Laplacian changed before "
+        "oamen_pt 1.0.0 (it was OpenCV's aperture-3 kernel `[[2,0,2],[0,-8,0],[2,0,2]]`): weights trained "
+        "before it do not match it.",
         "",
         "![training curves](model/curves.png)",
         "",
@@ -402,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *comparison_rows(m, c, prev, ece_target),
         "",
-        "Only these two models were trained under this project's CPU budget. The ablations (EfficientNet-Lite0 "
+        "These two are the models this card compares; the CPU fine-tune of these weights and OA-MEN with the "
+        "larger EfficientNet-Lite2 branch were trained too, and did not beat them "
+        "([TRAINING.md](TRAINING.md)). The ablations (EfficientNet-Lite0 "
         "alone, OA-MEN without the fusion) and the paper's baselines were compared once on a GPU under one "
         "protocol, at about 100 s of training each ([RESULTS.md](RESULTS.md)). None of them beats this model "
         "clearly on val, and the ImageNet-initialised ones beat the from-scratch baselines.",
@@ -467,13 +470,15 @@ def main(argv: list[str] | None = None) -> int:
         "The served model refuses with HTTP 422 `not_a_knee`.",
         "",
         "## What the model does not do",
-        "- It grades one knee-joint crop. Whole films (both knees, the full leg, the ankle) are not localised: "
-        "crop to one knee first. The gate refuses many of them, not all.",
+        "- The figures on this card are for knee-joint crops. Whole films (both knees, the full leg) are "
+        "searched for their knee joints by a separate finder and each AP knee is graded on its own; its "
+        "figures are in [FILMS.md](FILMS.md).",
         '- KL1 ("doubtful") remains the hardest grade; readers disagree on it too. Read `oa_probability` '
         "(P(KL >= 2)) and the `uncertain` flag beside the grade.",
         f"- KL4 has only {per['KL4']['support']} validation knees: its per-grade figures are uncertain.",
         "- One cohort (OAI) at 224 px; other projections, implants, children and other scanners are out of "
-        "distribution. A lateral or skyline view is not graded meaningfully.",
+        "distribution. Lateral views found on a film are refused (`unsupported_view`); a lateral or skyline "
+        "crop sent on its own is not graded meaningfully.",
         "- Grad-CAM on a stride-8 map is coarse: it shows regions, not structures.",
         "",
         "## Files",

@@ -424,7 +424,7 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
         "![The test films: annotated joints green, found AP joints red, lateral/oblique blue]"
         "(model/finder_test_films.jpg)",
         "",
-        "## The resolution floor",
+        f"## The resolution floor (grader v{resolution.get('model_version', '?')})",
         "",
         "How small may a joint be? Each val crop shrunk so that its joint spans W pixels, then served as",
         "usual (`python -m train.resolution`). The floor is the smallest W whose QWK stays within",
@@ -445,8 +445,9 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
         "",
         "- Trained on 134 films of one public trauma dataset (mostly young patients); knees of other",
         "  hospitals' films, children with open growth plates and knees with hardware are few.",
-        "- Laterality comes from the DICOM header only, for a film with one graded knee; burned-in R/L",
-        "  markers are not read. `side` says where the knee is in the image.",
+        "- Laterality comes from the DICOM header (for a film with one graded knee), else from a burned-in",
+        "  R/L marker read by `weights/markers.pt` ([API.md](API.md)); without either it is null. `side`",
+        "  says where the knee is in the image.",
         "- A knee whose joint is cut by the film's edge is cut out with black beyond the edge.",
         "",
     ]
