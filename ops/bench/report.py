@@ -239,7 +239,7 @@ def explain_report(d: dict[str, Any]) -> str:
     c = d["config"]
     return (
         f"`make bench-explain` (`python -m ops.bench explain`, result `docs/results/bench_explain.json`), serving "
-        f"{d.get('model', 'a model it did not record (oamen_lite, two releases back)')}: open-loop "
+        f"{d.get('model', 'a model it did not record')}: open-loop "
         f"REST load at {d['rate_rps']:.2f} requests/s, {100 * c['explain_share']:.0f}% of them asking for "
         f"{c['method'].upper()}, {c['rounds']} rounds of before (a batch answered at once) and after (plain "
         f"predictions answered before the batch's explanations) legs of {c['seconds']:.0f} s. Run beside: "
