@@ -247,8 +247,12 @@ class ServedPath:
             return p.error or "not_a_knee", 0, time.perf_counter() - t0
         crops = [image] if p.kind == "crop" else [crop_joint(image, j) for j in p.joints]
         x = torch.from_numpy(np.stack([to_model_input(prepare(g, c), c) for g in crops]))
+        n = len(crops)
+        if c.postprocess.flip_tta:  # the images and their mirrors in one pass, as handler.service does
+            x = torch.cat([x, torch.flip(x, dims=[3])])
         out = self.net.forward_with_gate(x.contiguous(memory_format=torch.channels_last)).float().numpy()
-        refused = finish(out, c.postprocess, c.num_classes)["refused"]
+        flipped = out[n:] if c.postprocess.flip_tta else None
+        refused = finish(out[:n], c.postprocess, c.num_classes, flipped)["refused"]
         graded = len(crops) - int(refused.sum()) if refused is not None else len(crops)
         return (p.kind if graded else "not_a_knee"), graded, time.perf_counter() - t0
 
