@@ -13,7 +13,7 @@ from model.checkpoint import model_from_checkpoint, save_checkpoint
 from model.contract import InputContract
 from model.gate import KneeGate, MahalanobisScore
 from model.registry import create_model
-from train.calibrate import fit_gate, fit_knee_gate
+from train.knee_gate import fit_gate, fit_knee_gate
 
 
 def test_a_layer_scores_the_distance_to_the_nearest_class() -> None:

@@ -53,18 +53,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
 from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model.contract import InputContract, PostprocessConfig
-from model.decode import decode_image
-from model.localize import Joint, crop_joint
 from model.postprocess import calibrated_probabilities, decode_grades, expected_grade
-from model.preprocess import as_float_image, prepare, to_model_input
-from train.annotate import read_boxes
+from model.preprocess import to_model_input
 from train.data import Sample, parse_patient, prepare_all, scan
-from train.fit_finder import film_split
+from train.knee_gate import fit_knee_gate, gate_features, gate_scores, tune_film_knees
 from train.metrics import quadratic_weighted_kappa
 
 log = logging.getLogger("train.calibrate")
@@ -123,21 +119,6 @@ def pooled_features(
         x = torch.from_numpy(np.stack([to_model_input(np.ascontiguousarray(im), contract) for im in chunk]))
         out.append(net.forward_features(x.contiguous(memory_format=torch.channels_last)).float().numpy())
     return np.concatenate(out)
-
-
-@torch.inference_mode()
-def gate_features(
-    net: torch.nn.Module, images: np.ndarray, contract: InputContract, batch_size: int = 32
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(N, S, S) prepared uint8 images -> (N, D) pooled features and the gate's L (N, D_l) layers."""
-    pooled, layers = [], []
-    for i in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
-        chunk = images[i : i + batch_size]
-        x = torch.from_numpy(np.stack([to_model_input(np.ascontiguousarray(im), contract) for im in chunk]))
-        f, taps = net.forward_gate_features(x.contiguous(memory_format=torch.channels_last))
-        pooled.append(f.float().numpy())
-        layers.append([t.float().numpy() for t in taps])
-    return np.concatenate(pooled), [np.concatenate(col) for col in zip(*layers, strict=True)]
 
 
 class FeatureCache:
@@ -377,60 +358,6 @@ def fit_cutpoints(probs: np.ndarray, labels: np.ndarray, rounds: int = 3) -> tup
                     best, best_s = c, s
             cuts[j] = best
     return tuple(round(float(c), 4) for c in cuts)
-
-
-def fit_gate(features: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class means (K, D) and the shared precision (D, D) of class-centred features (Ledoit-Wolf shrinkage)."""
-    means = np.stack([features[labels == c].mean(0) for c in range(k)])
-    centred = features - means[labels]
-    cov = LedoitWolf(assume_centered=True).fit(centred)
-    return means.astype(np.float32), cov.precision_.astype(np.float32)
-
-
-@torch.inference_mode()
-def layer_scores(net: torch.nn.Module, layers: list[np.ndarray]) -> np.ndarray:
-    """(N, L) each gate layer's raw squared Mahalanobis distance."""
-    return net.knee_gate.layer_scores([torch.from_numpy(f) for f in layers]).numpy()
-
-
-@torch.inference_mode()
-def gate_scores(net: torch.nn.Module, layers: list[np.ndarray]) -> np.ndarray:
-    """(N,) the gate's score: the largest standardised layer score."""
-    return net.knee_gate([torch.from_numpy(f) for f in layers]).numpy()
-
-
-def fit_knee_gate(
-    net: torch.nn.Module, fit_layers: list[np.ndarray], fit_labels: np.ndarray, ref_layers: list[np.ndarray], k: int
-) -> np.ndarray:
-    """Fit every gate layer on training knees, standardise each on the reference knees; returns
-    the reference knees' (N,) gate scores.
-
-    Each layer's class means and shrunk covariance come from ``fit_layers`` (knees the weights
-    trained on); its location and scale are the mean and standard deviation of its scores on
-    ``ref_layers`` (knees the weights never trained on: the tune fold), which the trained-on knees
-    would understate.
-    """
-    for i, f in enumerate(fit_layers):
-        means, precision = fit_gate(f, fit_labels, k)
-        net.knee_gate.set_statistics(i, torch.from_numpy(means), torch.from_numpy(precision))
-    raw = layer_scores(net, ref_layers)
-    net.knee_gate.set_standardisation(torch.from_numpy(raw.mean(0)).float(), torch.from_numpy(raw.std(0)).float())
-    return gate_scores(net, ref_layers)
-
-
-def tune_film_knees(films: str | None, boxes: str | None, contract) -> np.ndarray:
-    """The prepared AP knees of the ``tune`` leg films, cut as the server cuts them (none without the films)."""
-    if not films or not boxes or not Path(films).is_dir() or not Path(boxes).is_file():
-        return np.zeros((0, contract.input_size, contract.input_size), np.uint8)
-    out = []
-    for name, rows in sorted(read_boxes(boxes).items()):
-        if film_split(name) != "tune":
-            continue
-        gray = as_float_image(decode_image((Path(films) / name).read_bytes()))
-        for r in rows:
-            if r["view"] == "ap" and r["box"]:
-                out.append(prepare(crop_joint(gray, Joint(tuple(r["box"]), "ap", 1.0)), contract))
-    return np.stack(out) if out else np.zeros((0, contract.input_size, contract.input_size), np.uint8)
 
 
 def samples_from_files(files: list[str], root_samples: list[Sample]) -> list[Sample]:
