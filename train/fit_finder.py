@@ -42,8 +42,10 @@ from model.localize import (
     load_finder,
     save_finder,
 )
+from train import framings as framings_module
 from train.annotate import read_boxes
 from train.data import scan
+from train.framings import random_photometric, random_window
 
 log = logging.getLogger("train.fit_finder")
 
@@ -132,6 +134,20 @@ def load_crops(koa: str | Path, split: str, n: int, seed: int) -> list[Item]:
     return out
 
 
+def load_pairs(crops: list[Item]) -> list[Item]:
+    """Both knees side by side, as some sites send them: consecutive crops in pairs, the second
+    mirrored (a left knee beside a right), a small gap between."""
+    out = []
+    for a, b in zip(crops[0::2], crops[1::2], strict=False):
+        h, w = a.gray.shape
+        if b.gray.shape != (h, w):
+            continue
+        gray = np.hstack([a.gray, np.zeros((h, w // 10), a.gray.dtype), b.gray[:, ::-1]])
+        cx, cy, jw, v = crop_joint_of(a.gray)
+        out.append(Item(f"{a.name}+{b.name}", gray, [(cx, cy, jw, v), (cx + w + w // 10, cy, jw, v)], "pair"))
+    return out
+
+
 @dataclass(frozen=True)
 class Hard:
     """Shares of views drawn as the kinds of film the finder found hard (#21): ``metal``, synthetic
@@ -216,15 +232,22 @@ def fade(window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def augment(
-    item: Item, size: int, rng: np.random.Generator, hard: Hard = Hard()
+    item: Item, size: int, rng: np.random.Generator, hard: Hard = Hard(), framings: float = 0.0
 ) -> tuple[np.ndarray, list[tuple[float, float, float, int]]]:
     """A random window of the source (the whole film, or part of it as another clinic would frame
     it, or, with ``hard.edge``, framed so a joint sits at its edge), its brightness changed (and, with
     ``hard``, metal pasted or contrast washed out), then the finder's own input transform; flips and
-    small turns."""
+    small turns. A ``framings`` share of a crop's views are framed as other sites frame knees
+    (`train.framings`)."""
     gray = item.gray
     h, w = gray.shape
-    if item.kind == "crop":
+    other_site = item.kind == "crop" and rng.random() < framings
+    if other_site:
+        # another site's framing of the knee (train.framings): a wide band, magnified or not, a tighter
+        # or looser crop, off-centre
+        win = random_window(h, w, rng)
+        ww, wh = win.width, win.height
+    elif item.kind == "crop":
         # the crop a little zoomed in or out, shifted (tighter and wider framings than ours)
         z = rng.uniform(0.8, 1.5)
         ww, wh = w * z, h * z * rng.uniform(0.75, 1.1)
@@ -234,6 +257,8 @@ def augment(
         ww, wh = w * rng.uniform(0.45, 1.0), h * rng.uniform(0.45, 1.0)
     x0 = rng.uniform(min(0.0, w - ww), max(0.0, w - ww))
     y0 = rng.uniform(min(0.0, h - wh), max(0.0, h - wh))
+    if other_site:
+        x0, y0 = win.x0, win.y0
     if item.kind == "film" and item.joints and rng.random() < hard.edge:
         # one joint's centre at most half its width inside an edge of the window (or a little beyond it)
         cx, cy, jw, _ = item.joints[int(rng.integers(len(item.joints)))]
@@ -253,6 +278,8 @@ def augment(
         paste_metal(window, [(cx - x0, cy - y0, jw, v) for cx, cy, jw, v in item.joints], rng)
     if rng.random() < hard.faint:
         window = fade(window, rng)
+    if other_site:  # and another detector's look
+        window = (random_photometric(window.astype(np.float32) / 255.0, rng) * 255.0).astype(np.uint8)
     g = rng.uniform(0.7, 1.4)
     window = (np.power(window.astype(np.float32) / 255.0, g) * 255.0).astype(np.uint8)
     if rng.random() < 0.3:
@@ -325,6 +352,7 @@ def augmented_features(
     rng: np.random.Generator,
     batch: int = 32,
     hard: Hard = Hard(),
+    framings: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``copies`` random views of every item through the finder's ImageNet layers, once.
 
@@ -336,7 +364,7 @@ def augmented_features(
     for i in tqdm(range(0, len(jobs), batch), desc="augment + frozen layers", dynamic_ncols=True):
         xs = []
         for item in jobs[i : i + batch]:
-            x, joints = augment(item, size, rng, hard)
+            x, joints = augment(item, size, rng, hard, framings)
             h, r = targets(joints, size)
             xs.append(x)
             heats.append(h)
@@ -372,6 +400,13 @@ def main(argv: list[str] | None = None) -> Path:
     )
     p.add_argument("--nonknee-copies", type=int, default=8, help="random views of each fit-half non-knee radiograph")
     p.add_argument("--crops", type=int, default=600, help="dataset crops (one random view each)")
+    p.add_argument(
+        "--framings",
+        type=float,
+        default=0.0,
+        help="share of the crops' views framed as other sites frame knees (train.framings); with it, "
+        "as many extra views of the crops again, and --crops // 4 pairs of knees side by side",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--input-size", type=int, default=FinderConfig.input_size)
@@ -403,7 +438,8 @@ def main(argv: list[str] | None = None) -> Path:
         [f.name for f in films], [c.name for c in crops], a.film_copies, a.rare_copies, a.input_size, a.seed,
         [hard.metal, hard.edge, hard.faint], inspect.getsource(augment), inspect.getsource(paste_metal),
         inspect.getsource(fade), inspect.getsource(targets),
-    ]).encode()).hexdigest()[:16]  # fmt: skip
+    ] + ([a.framings, inspect.getsource(framings_module), inspect.getsource(load_pairs)] if a.framings else [])
+    ).encode()).hexdigest()[:16]  # fmt: skip
     cached = Path(a.cache) / f"finder-views-{key}.pt" if a.cache else None
     if cached is not None and cached.is_file():
         f8s, f16s, heats, regs = torch.load(cached, weights_only=True)
@@ -413,6 +449,12 @@ def main(argv: list[str] | None = None) -> Path:
         if rare and a.rare_copies:
             parts.append(augmented_features(net, rare, a.input_size, a.rare_copies, rng, hard=hard))
         parts.append(augmented_features(net, crops, a.input_size, 1, rng))
+        if a.framings:
+            # other sites' framings of the same knees, and pairs of knees side by side
+            frng = np.random.default_rng([a.seed, 2])
+            parts.append(augmented_features(net, crops, a.input_size, 1, frng, framings=a.framings))
+            pairs = load_pairs(crops[: a.crops // 2])
+            parts.append(augmented_features(net, pairs, a.input_size, 1, frng, framings=a.framings))
         f8s, f16s, heats, regs = (torch.cat(t) for t in zip(*parts, strict=True))
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -466,7 +508,7 @@ def main(argv: list[str] | None = None) -> Path:
     net.eval()
     cfg = replace(FinderConfig(), input_size=a.input_size, version=a.version)
     (out / "history.json").write_text(json.dumps(history, indent=2))
-    keys = ("epochs", "lr", "film_copies", "rare_copies", "crops", "metal", "edge", "faint", "seed", "init")
+    keys = ("epochs", "lr", "film_copies", "rare_copies", "crops", "framings", "metal", "edge", "faint", "seed", "init")
     keys += ("nonknee", "nonknee_copies") if a.nonknee else ()
     trained = {k: getattr(a, k) for k in keys}
     path = save_finder(out / "finder.pt", net, cfg, epochs=len(history), trained=json.dumps(trained))
