@@ -1,0 +1,144 @@
+"""Refit the knee gate of a calibrated grader on its knees as other sites frame them.
+
+``python -m train.refit_gate --checkpoint weights/oamen.ckpt --out runs/gate/oamen.ckpt --version 1.2.0``
+
+The gate (`model.gate`) was fitted on the dataset's crops alone, so it refuses every knee sent as a
+wide band around the joint (the letterbox's black bars are far from any training crop): two thirds
+of another hospital's knee crops were refused as not a knee (docs/FILMS.md). This refits it as
+`train.calibrate` does, on the same training knees and the same tune fold (read from the
+checkpoint's run config), each joined by one framed copy (`train.framings.random_framing`); the
+threshold is the largest tune-fold score, plain or framed, or of a tune leg film's knee. Nothing
+else in the calibration changes. Writes the checkpoint and ``gate.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from model.contract import InputContract
+from model.decode import decode_image
+from model.preprocess import as_float_image, prepare
+from train.data import Sample, scan
+from train.framings import random_framing
+from train.knee_gate import fit_knee_gate, gate_features, gate_scores, tune_film_knees
+
+log = logging.getLogger("train.refit_gate")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default="weights/oamen.ckpt", help="a calibrated OA-MEN checkpoint")
+    p.add_argument("--data", default=None, help="dataset root (default: the run's)")
+    p.add_argument("--out", required=True, help="where to write the checkpoint with the refitted gate")
+    p.add_argument("--framed-share", type=float, default=1.0, help="framed copies per knee, as a share of the knees")
+    p.add_argument("--max-gate-fit", type=int, default=3000, help="training knees used to fit the gate (calibrate's)")
+    p.add_argument("--films", default="../shared/data/legfilms", help="leg films whose tune AP knees must pass")
+    p.add_argument("--boxes", default="annotations/legfilms.csv", help="the knee boxes of --films")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="calibrate's seed: the same training knees")
+    p.add_argument("--version", required=True, help="model_version of the new weights (a new gate is a new version)")
+    return p
+
+
+def framed_images(
+    samples: list[Sample], contract: InputContract, share: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which of ``samples`` (a ``share`` of them) and their (N', S, S) prepared framed copies (one
+    random framing each)."""
+    rng = np.random.default_rng([seed, 7])
+    n = len(samples)
+    chosen = np.sort(rng.choice(n, round(share * n), replace=False)) if share < 1 else np.arange(n)
+    out = []
+    for i in tqdm(chosen, desc="framings", leave=False, dynamic_ncols=True):
+        image = as_float_image(decode_image(samples[i].path.read_bytes(), max_pixels=contract.max_pixels))
+        out.append(prepare(random_framing(image, rng), contract))
+    return chosen, np.stack(out)
+
+
+def plain_images(samples: list[Sample], contract: InputContract) -> np.ndarray:
+    out = []
+    for s in tqdm(samples, desc="prepare", leave=False, dynamic_ncols=True):
+        out.append(prepare(as_float_image(decode_image(s.path.read_bytes(), max_pixels=contract.max_pixels)), contract))
+    return np.stack(out)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    state = load_checkpoint(args.checkpoint)
+    config = json.loads(state["config"]) if isinstance(state.get("config"), str) else state.get("config") or {}
+    if "tune_files" not in config:
+        raise ValueError(f"{args.checkpoint} carries no run config with its tune fold: refit the gate of a trained run")
+    net, contract = model_from_checkpoint(args.checkpoint)
+    net = net.eval().to(memory_format=torch.channels_last)
+    if not hasattr(net, "knee_gate"):
+        raise ValueError(f"{contract.model_name} has no knee gate")
+    k = contract.num_classes
+    samples = scan(args.data or config["data"], k)
+    by_path = {str(s.path): s for s in samples}
+    missing = [f for f in config["tune_files"] if f not in by_path]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} tune files are not under the dataset, e.g. {missing[0]}: pass --data")
+    tune = [by_path[f] for f in config["tune_files"]]
+    tune_set = set(config["tune_files"])
+    # the same training knees as train.calibrate draws
+    fit_pool = [s for s in samples if s.split == "train" and str(s.path) not in tune_set]
+    rng = np.random.default_rng(args.seed)
+    gate_fit = [fit_pool[i] for i in sorted(rng.choice(len(fit_pool), min(args.max_gate_fit, len(fit_pool)), False))]
+    log.info("%d training knees and %d tune knees, each set joined by framed copies", len(gate_fit), len(tune))
+
+    def layers(images: np.ndarray) -> list[np.ndarray]:
+        return gate_features(net, images, contract, args.batch_size)[1]
+
+    framed_idx, framed = framed_images(gate_fit, contract, args.framed_share, args.seed)
+    fit_plain, fit_framed = layers(plain_images(gate_fit, contract)), layers(framed)
+    tune_plain = layers(plain_images(tune, contract))
+    tune_framed = layers(framed_images(tune, contract, args.framed_share, args.seed + 1)[1])
+    labels = np.array([s.grade for s in gate_fit])
+    fit_layers = [np.concatenate([a, b]) for a, b in zip(fit_plain, fit_framed, strict=True)]
+    ref_layers = [np.concatenate([a, b]) for a, b in zip(tune_plain, tune_framed, strict=True)]
+    s_ref = fit_knee_gate(net, fit_layers, np.concatenate([labels, labels[framed_idx]]), ref_layers, k)
+    n_plain = len(tune)
+    film_knees = tune_film_knees(args.films, args.boxes, contract)
+    s_films = gate_scores(net, layers(film_knees)) if len(film_knees) else np.zeros(0)
+    threshold = float(max(s_ref.max(), s_films.max() if len(s_films) else 0.0))
+    post = contract.postprocess.__dict__ | {"gate_threshold": round(threshold, 3)}
+    new = contract.replace(postprocess=post, model_version=args.version)
+    extra = {key: v for key, v in state.items() if key in ("epoch", "metrics", "config")}
+    out = save_checkpoint(args.out, net.to(memory_format=torch.contiguous_format), new, **extra)
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "out": str(out),
+        "version": args.version,
+        "gate_fit": {"knees": len(gate_fit), "framed_copies": len(framed_idx)},
+        "tune": {"knees": n_plain, "framed_copies": len(s_ref) - n_plain},
+        "threshold": threshold,
+        "threshold_from": "tune films" if len(s_films) and s_films.max() >= s_ref.max() else "tune fold",
+        "tune_scores": {
+            "plain_p50": float(np.median(s_ref[:n_plain])),
+            "plain_max": float(s_ref[:n_plain].max()),
+            "framed_p50": float(np.median(s_ref[n_plain:])),
+            "framed_max": float(s_ref[n_plain:].max()),
+        },
+        "tune_film_knees": {"knees": len(s_films), "max_score": float(s_films.max()) if len(s_films) else None},
+        "gate": {
+            "layers": list(net.cfg.gate_layers),
+            "loc": net.knee_gate.loc.tolist(),
+            "scale": net.knee_gate.scale.tolist(),
+        },
+    }
+    (Path(out).parent / "gate.json").write_text(json.dumps(report, indent=2))
+    log.info("gate threshold %.3f (%s); wrote %s", threshold, report["threshold_from"], out)
+    return report
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
