@@ -30,7 +30,18 @@ from model.localize import (
     to_source,
 )
 from train.annotate import read_boxes
-from train.fit_finder import Hard, Item, augment, fade, film_split, nonknee_split, paste_metal, targets
+from train.fit_finder import (
+    Hard,
+    Item,
+    augment,
+    crop_joint_of,
+    fade,
+    film_split,
+    load_pairs,
+    nonknee_split,
+    paste_metal,
+    targets,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FILMS = ROOT / "tests" / "fixtures" / "films"
@@ -128,6 +139,38 @@ def test_augmentation_moves_the_joint_with_the_image():
         assert abs(xx - joints[0][0]) <= 3 and abs(y - joints[0][1]) <= 3
         checked += 1
     assert checked >= 10
+
+
+def test_other_sites_framings_keep_the_joint_where_the_image_has_it():
+    # a crop with a bright spot at its joint centre, framed as other sites frame knees (bands,
+    # magnified, off-centre, another look): the spot ends where the augmented joint says it is
+    crop = np.full((224, 224), 60, np.uint8)
+    cx, cy, jw, v = crop_joint_of(crop)
+    cv2.circle(crop, (round(cx), round(cy)), 5, 255, -1)
+    item = Item("synthetic", crop, [(cx, cy, jw, v)], "crop")
+    rng = np.random.default_rng(1)
+    checked, wide = 0, 0
+    for _ in range(40):
+        x, joints = augment(item, 256, rng, framings=1.0)
+        if not joints:
+            continue
+        blurred = cv2.GaussianBlur(x, (0, 0), 2)
+        y, xx = np.unravel_index(np.argmax(blurred), x.shape)
+        assert abs(xx - joints[0][0]) <= 6 and abs(y - joints[0][1]) <= 6  # the spot grows when magnified
+        checked += 1
+        wide += joints[0][2] > 0.9 * 256  # a magnified joint spans (almost) the whole input
+    assert checked >= 20 and wide >= 1
+
+
+def test_pairs_of_knees_side_by_side_carry_both_joints():
+    crops = [Item(f"k{i}", np.full((224, 224), 30 * (i + 1), np.uint8), [crop_joint_of(np.zeros((224, 224)))], "crop")
+             for i in range(5)]  # fmt: skip
+    pairs = load_pairs(crops)
+    assert len(pairs) == 2 and pairs[0].kind == "pair"
+    p = pairs[0]
+    assert p.gray.shape == (224, 2 * 224 + 22)
+    (x0, y0, w0, _), (x1, y1, w1, _) = p.joints
+    assert x0 == pytest.approx(112) and x1 == pytest.approx(224 + 22 + 112) and y0 == y1 and w0 == w1
 
 
 @pytest.mark.parametrize("hard", [Hard(edge=1.0), Hard(faint=1.0), Hard(metal=1.0)])

@@ -37,23 +37,19 @@ import cv2
 import numpy as np
 import torch
 
-from model.checkpoint import model_from_checkpoint
-from model.decode import decode_image
 from model.localize import (
     FinderConfig,
     Joint,
-    crop_joint,
     find_joints,
     load_finder,
     plan,
     save_finder,
     serving_finder,
 )
-from model.postprocess import finish
-from model.precision import DTYPES, compiled, serving_dtype
-from model.preprocess import prepare, to_model_input
+from model.precision import DTYPES, serving_dtype
 from train.data import scan
 from train.fit_finder import Item, load_films, load_nonknee, nonknee_files
+from train.served_path import ServedPath, served_outcomes
 
 log = logging.getLogger("train.eval_finder")
 
@@ -218,63 +214,6 @@ def decisions(net, cfg: FinderConfig, grays: list[np.ndarray]) -> dict[str, Any]
         key = pl.kind if pl.kind != "refuse" else f"refuse_{pl.error}"
         out[key] = out.get(key, 0) + 1 / len(plans)
     return out
-
-
-class ServedPath:
-    """What the server does with one image's bytes, from `model/` alone (as `handler.service`):
-    decode, find the joints, decide, cut each knee, preprocess, grade with the knee gate.
-
-    The grader runs as the server runs it (`model.precision.compiled`) in ``dtype``; ``finder`` is
-    given in the form and format to measure (the server's: `model.localize.serving_finder` in the same
-    dtype)."""
-
-    def __init__(
-        self, weights: str, finder: tuple[torch.nn.Module, FinderConfig], dtype: torch.dtype = torch.float32
-    ) -> None:
-        net, self.contract = model_from_checkpoint(weights)
-        c = self.contract
-        self.net = compiled(net.eval(), torch.zeros(1, c.channels, c.input_size, c.input_size), dtype)
-        self.finder = finder
-
-    def __call__(self, data: bytes) -> tuple[str, int, float]:
-        """(outcome, knees graded, seconds): outcome ``crop`` or ``film`` when graded, else the refusal."""
-        t0 = time.perf_counter()
-        c = self.contract
-        image = decode_image(data, max_pixels=c.max_pixels, knee_only=True)
-        net, cfg = self.finder
-        p = plan(find_joints(net, cfg, [image])[0], image.shape, cfg)
-        if p.kind == "refuse":
-            return p.error or "not_a_knee", 0, time.perf_counter() - t0
-        crops = [image] if p.kind == "crop" else [crop_joint(image, j) for j in p.joints]
-        x = torch.from_numpy(np.stack([to_model_input(prepare(g, c), c) for g in crops]))
-        n = len(crops)
-        if c.postprocess.flip_tta:  # the images and their mirrors in one pass, as handler.service does
-            x = torch.cat([x, torch.flip(x, dims=[3])])
-        out = self.net.forward_with_gate(x.contiguous(memory_format=torch.channels_last)).float().numpy()
-        flipped = out[n:] if c.postprocess.flip_tta else None
-        refused = finish(out[:n], c.postprocess, c.num_classes, flipped)["refused"]
-        graded = len(crops) - int(refused.sum()) if refused is not None else len(crops)
-        return (p.kind if graded else "not_a_knee"), graded, time.perf_counter() - t0
-
-
-@torch.inference_mode()
-def served_outcomes(path: ServedPath, files: list[Path]) -> dict[str, Any]:
-    """The share of each outcome over ``files`` and the median and worst seconds per image."""
-    path(files[0].read_bytes())  # warm up
-    counts: dict[str, int] = {}
-    times = []
-    for f in files:
-        outcome, _, seconds = path(f.read_bytes())
-        counts[outcome] = counts.get(outcome, 0) + 1
-        times.append(seconds)
-    n = len(files)
-    return {
-        "n": n,
-        "outcomes": counts,
-        "graded_share": (counts.get("crop", 0) + counts.get("film", 0)) / n,
-        "seconds_median": float(np.median(times)),
-        "seconds_max": float(np.max(times)),
-    }
 
 
 def _pct(x: float | None) -> str:
