@@ -49,6 +49,7 @@ from model.localize import (
 from model.precision import DTYPES, serving_dtype
 from train.data import scan
 from train.fit_finder import Item, load_films, load_nonknee, nonknee_files
+from train.framings_report import framings_section
 from train.served_path import ServedPath, served_outcomes
 
 log = logging.getLogger("train.eval_finder")
@@ -245,7 +246,7 @@ def history_lines(history: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
+def render_doc(result: dict[str, Any], resolution: dict[str, Any], framings: dict[str, Any] | None = None) -> str:
     """docs/FILMS.md from the committed results (``docs/model/finder.json``, ``resolution.json``)."""
     t, cfg = result["test"], result["config"]
     cats = t["outcomes"]
@@ -327,6 +328,7 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any]) -> str:
                 f"{o.get('unsupported_view', 0)} | {o.get('resolution_too_low', 0)} | {r['seconds_median']:.3f} | "
                 f"{r['seconds_max']:.3f} |"
             )
+    lines += framings_section(framings or {})
     missed = [o for o in t["per_film"] if o["category"] == "ap" and o["outcome"] != "graded"]
     if missed:
         lines += ["", "AP films not graded, with what the annotator noted:", ""]
@@ -548,11 +550,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="docs/model/finder.json")
     p.add_argument("--resolution", default="docs/model/resolution.json", help="train.resolution's result")
     p.add_argument("--doc", default="docs/FILMS.md")
+    p.add_argument("--framings", default="docs/model/framings_served.json", help="train.eval_framings's result")
     p.add_argument("--render-doc", action="store_true", help="only write --doc from --out and --resolution")
     a = p.parse_args(argv)
     if a.render_doc:
         result = json.loads(Path(a.out).read_text())
-        Path(a.doc).write_text(render_doc(result, json.loads(Path(a.resolution).read_text())))
+        framings = json.loads(Path(a.framings).read_text()) if Path(a.framings).is_file() else None
+        Path(a.doc).write_text(render_doc(result, json.loads(Path(a.resolution).read_text()), framings))
         return result
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     trained = torch.load(a.finder, map_location="cpu", weights_only=True).get("trained") or "{}"
