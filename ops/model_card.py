@@ -79,6 +79,23 @@ def film_knee_sentence(calib: dict, threshold: float) -> str:
     )
 
 
+def gate_refit_sentence(refit: dict | None) -> str:
+    """What `train.refit_gate` changed, when the shipped gate was refitted on framed knees."""
+    if not refit:
+        return ""
+    t = refit["tune_scores"]
+    return (
+        f" In {refit['version']} the gate was refitted (`python -m train.refit_gate`, docs/model/gate_refit.json) on "
+        f"the same {refit['gate_fit']['knees']} training knees joined by {refit['gate_fit']['framed_copies']} copies "
+        "framed as other sites frame knees (`train.framings`: wide bands around the joint, magnified or not, "
+        "tighter and looser crops, off-centre, another contrast, gamma, sharpness, noise or bit depth), and "
+        f"standardised on the tune fold with as many framed copies: its tune knees score {t['plain_p50']:.2f} "
+        f"(median; largest {t['plain_max']:.2f}), their framed copies {t['framed_p50']:.2f} (largest "
+        f"{t['framed_max']:.2f}), and it refuses above {refit['threshold']:.3f} (the largest of these and of the "
+        "tune leg films' knees). The weights, the calibration and the decoding are 1.1.0's."
+    )
+
+
 def comparison_rows(m: dict, c, prev: dict, ece: float | None = None) -> list[str]:
     """The previous model beside this one; ``ece``: this model's ECE to show (default val's own)."""
     rows = [
@@ -211,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", type=Path, default=ROOT / "docs" / "model" / "calibration.json")
     p.add_argument("--history", type=Path, default=ROOT / "docs" / "model" / "history.json")
     p.add_argument("--gate-study", type=Path, default=ROOT / "docs" / "model" / "gate_study.json")
+    p.add_argument("--gate-refit", type=Path, default=ROOT / "docs" / "model" / "gate_refit.json")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "MODEL_CARD.md")
     args = p.parse_args(argv)
 
@@ -223,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     gate = json.loads((args.eval / "gate.json").read_text())
     calib = json.loads(args.calibration.read_text())
     study = json.loads(args.gate_study.read_text())
+    refit = json.loads(args.gate_refit.read_text()) if args.gate_refit.is_file() else None
+    if refit and refit["version"] != c.model_version:
+        refit = None  # a refit of another release than the shipped one
     history = json.loads(args.history.read_text())
     prev = json.loads(PREVIOUS.read_text())
     net, _ = model_from_checkpoint(args.weights)
@@ -370,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         f"The {calib['gate_quantile']} quantile of the tune fold's {calib['tune_fold']['images']} knee scores "
         f"(the largest) is {calib.get('gate_threshold_dataset_knees', post.gate_threshold):.3f}: a threshold placed "
         f"this way on one half of the tune fold refuses {pct(g['tune_knees_refused_split_half'])} of the other half. "
-        + film_knee_sentence(calib, post.gate_threshold),
+        + film_knee_sentence(calib, post.gate_threshold)
+        + gate_refit_sentence(refit),
         "",
         "How the layers and their combination were chosen (`python -m train.gate_study`, "
         "`docs/model/gate_study.json`): every candidate below was thresholded at its largest tune-fold knee score "
@@ -395,9 +417,15 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Single-layer rows name the layer (`trunk_c2`-`trunk_c5` the ResNet trunk's stages, `fused` the fused map, "
         "`lite_b0`-`lite_b6` the branch's stages, `lite_head` its pooled output, `pooled` the head's input, which "
-        "the previous release's gate read). The chosen gate, like most candidates, refuses knees letterboxed into a "
-        "wide band (the last column; the zoomed and gamma framings pass): crop such images to the joint first. It "
-        "also lets most upside-down knees through.",
+        "the previous release's gate read). "
+        + (
+            "As fitted then, the chosen gate, like most candidates, refused knees letterboxed into a wide band (the "
+            "last column): the refit above lets them through (docs/FILMS.md, knees framed as other sites frame them)."
+            if refit
+            else "The chosen gate, like most candidates, refuses knees letterboxed into a wide band (the last "
+            "column; the zoomed and gamma framings pass): crop such images to the joint first."
+        )
+        + " It also lets most upside-down knees through.",
         "",
         "## Validation figures (measured with `make evaluate` on the committed weights)",
         "",
