@@ -25,7 +25,7 @@ SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
 PROTO_STAMP := client/_proto/inference_pb2.py
 
-.PHONY: help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-precision bench-model train evaluate finder evaluate-finder promote-finder calibrate promote export compare archive serve stop restart token renew-token predict explain proto clean loadtest
+.PHONY: help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-precision bench-model train evaluate finder evaluate-finder promote-finder calibrate promote refit-gate evaluate-framings export compare archive serve stop restart token renew-token predict explain proto clean loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -88,6 +88,25 @@ promote: $(STAMP)  ## calibrate RUN as VERSION=x.y.z, copy it to weights/, evalu
 	$(PY) -m train.evaluate --checkpoint $(WEIGHTS) --data $(DATA) --split val --out docs/model/eval-val \
 		--framing --nonknee $(NONKNEE)
 	$(PY) -m ops.model_card
+
+# refit-gate: the shipped grader's knee gate refitted on knees framed as other sites frame them (train.framings),
+# measured and documented; the weights, calibration and decoding stay. VERSION as for promote.
+refit-gate: $(STAMP)  ## refit the shipped knee gate on other sites' framings as VERSION=x.y.z, evaluate, regenerate docs
+	$(if $(VERSION),,$(error make refit-gate needs VERSION=x.y.z, newer than the shipped model's (docs/MODEL_CARD.md)))
+	$(PY) -m train.refit_gate --checkpoint $(WEIGHTS) --data $(DATA) --out runs/gate/oamen.ckpt --version $(VERSION)
+	cp runs/gate/oamen.ckpt $(WEIGHTS)
+	cp runs/gate/gate.json docs/model/gate_refit.json
+	$(PY) -m train.evaluate --checkpoint $(WEIGHTS) --data $(DATA) --split val --out docs/model/eval-val \
+		--framing --nonknee $(NONKNEE)
+	$(PY) -m ops.model_card
+
+# the served path (finder, knee gate, grader) on knees framed as other sites frame them, and on SITE_DATA's
+# labelled knees (checked only): kept under LABEL beside earlier runs, rendered into docs/FILMS.md
+SITE_DATA ?= ../shared/data/site2
+evaluate-framings: $(STAMP)  ## refusals and grades of framed val knees, SITE_DATA and non-knee films, as served -> docs/FILMS.md
+	$(PY) -m train.eval_framings --label "$(or $(LABEL),finder and grader as shipped)" --koa $(DATA) --site $(SITE_DATA) \
+		--nonknee $(NONKNEE) --out docs/model/framings_served.json
+	$(PY) -m train.eval_finder --render-doc
 
 export: $(EXPORT)  ## TorchScript export of the committed weights
 
