@@ -222,7 +222,12 @@ def _frontend(name: str, port: int, front: DoorFront, files: DoorFiles, workdir:
             "    http-request set-var(txn.model) path,field(3,/)"
             " if { var(txn.endpoint) -m reg ^(predictions|explanations)$ }",
         ]
-    lines += ["    http-request set-var(txn.endpoint) str(other) unless { var(txn.endpoint) -m found }"]
+    lines += [
+        "    http-request set-var(txn.endpoint) str(other) unless { var(txn.endpoint) -m found }",
+        # Read the body (up to one buffer) before any refusal: a client still sending its image when the door
+        # answers and closes would see the connection reset instead of the refusal's reason.
+        "    http-request wait-for-body time 5s",
+    ]
     # 2. The certificate: present, trusted, valid, not revoked.
     lines += [
         # An ACL holds one fetch: a valid certificate is three (sent, no error on it, none on its CAs).
