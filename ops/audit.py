@@ -101,12 +101,28 @@ class ChainWriter:
         self.max_bytes, self.keep, self.fsync = max_bytes, keep, fsync
         self._lock = threading.Lock()
         self.seq, self.prev = 0, GENESIS
+        self._set_aside_unchained()
         for f in reversed(trail_files(self.path)):
             last = _last_line(f)
             if last is not None:
                 self.seq, self.prev = json.loads(last)["seq"] + 1, line_hash(last)
                 break
         self._repair_torn_tail()
+
+    def _set_aside_unchained(self) -> None:
+        """A log written before it was chained (the gateway's, from an older version) is renamed
+        ``<name>.unchained-<UTC time>`` and kept; the chain starts in a new file."""
+        if not self.path.is_file():
+            return
+        last = _last_line(self.path)
+        try:
+            chained = last is None or "seq" in json.loads(last)
+        except ValueError:
+            chained = True  # a torn line: repaired below, reported by verify
+        if not chained:
+            aside = self.path.with_name(f"{self.path.name}.unchained-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+            os.replace(self.path, aside)
+            log.warning("%s was not a chained trail: kept as %s; a new chain starts", self.path, aside)
 
     def _repair_torn_tail(self) -> None:
         """A crash in the middle of a write leaves a line without its newline: end it, so that the next

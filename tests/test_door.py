@@ -376,6 +376,25 @@ def test_a_client_over_its_rate_is_refused_while_another_is_served(secure: Door,
 
 @pytest.mark.server
 @pytest.mark.slow
+def test_the_load_test_speaks_the_secure_mode(secure: Door, tmp_path: Path) -> None:
+    door.client_add("locust", secure.files, secure.certs, secure.workdir, door.ClientPolicy(per_minute=100_000))
+    cert, key = secure.creds("locust")
+    out = tmp_path / "reports"
+    cmd = [sys.executable, "-m", "loadtest.run", "--host", secure.rest,
+           "--grpc-target", f"grpcs://127.0.0.1:{secure.front.grpc_port}", "--ca", str(secure.certs / "ca.crt"),
+           "--cert", cert, "--key", key, "--users", "2", "--rate", "2", "--duration", "4s", "--warmup", "1",
+           "--loglevel", "WARNING", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=door.ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / "latest" / "summary.json").read_text())
+    for protocol in ("rest", "grpc"):
+        assert summary[protocol]["requests"] > 0 and summary[protocol]["failures"] == 0, summary[protocol]
+    served = {x["protocol"] for x in secure.trail() if x["client"] == "locust" and x["status"] == 200}
+    assert served == {"rest", "grpc"}
+
+
+@pytest.mark.server
+@pytest.mark.slow
 def test_the_audit_trail_of_the_battery_verifies_and_breaks_when_a_line_is_edited(secure: Door) -> None:
     trail = secure.workdir / "audit.jsonl"
     records = secure.trail()
@@ -393,3 +412,19 @@ def test_the_audit_trail_of_the_battery_verifies_and_breaks_when_a_line_is_edite
         [sys.executable, "-m", "ops.audit", "verify", str(copy)], capture_output=True, text=True, cwd=door.ROOT
     )
     assert done.returncode == 1 and "BROKEN" in done.stderr
+
+
+def test_the_gateway_audit_joins_the_chain_and_an_unchained_log_is_set_aside(tmp_path: Path) -> None:
+    from gateway.audit import AuditLog, read_audit
+
+    path = tmp_path / "audit.jsonl"
+    path.write_text('{"time": "2026-01-01T00:00:00.000+00:00", "event": "received"}\n')  # an older gateway's log
+    log = AuditLog(path)
+    log.write("received", sop_instance_uid="1.2.3", calling_ae="PACS")
+    log.write("result", sop_instance_uid="1.2.3", kl_grade=2)
+    assert [r["event"] for r in read_audit(path)] == ["received", "result"]
+    assert audit.verify(path).ok
+    assert len(list(tmp_path.glob("audit.jsonl.unchained-*"))) == 1
+    text = path.read_text().replace('"kl_grade":2', '"kl_grade":3')
+    path.write_text(text)
+    assert not audit.verify(path).ok
