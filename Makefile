@@ -165,9 +165,15 @@ clean:  ## remove build outputs (keeps .venv)
 # and the DICOM gateway (KOASERVE@127.0.0.1:11112) beside the TorchServe of `make serve`, which is started when
 # it is not running. Their data (storage, spool, audit.jsonl, logs) stays in pacs/data/.
 .PHONY: pacs pacs-stop pacs-credentials pacs-demo
-pacs: archive  ## Orthanc + the DICOM gateway beside make serve's TorchServe (started if needed); returns when they answer
+pacs: archive  ## Orthanc + the DICOM gateway beside make serve's TorchServe (started if needed); returns when they answer (TLS=1: DICOM TLS, grading through the door)
+ifneq ($(filter 1 yes true,$(TLS)),)
+	@$(DOOR) status >/dev/null || $(DOOR) start --replicas 1
+	@test -f $(CERTS)/clients/koaserve-gateway.crt || $(DOOR) client-add koaserve-gateway
+	$(PY) -m pacs start --tls --certs $(CERTS) --ts-url https://127.0.0.1:8443
+else
 	@$(PY) -m ops.server status --workdir $(SERVE_DIR) >/dev/null || $(PY) -m ops.server start --workdir $(SERVE_DIR)
 	$(PY) -m pacs start --key-file $(SERVE_DIR)/key_file.json
+endif
 
 pacs-stop: $(STAMP)  ## stop the gateway and Orthanc; returns when both are gone (TorchServe keeps running)
 	$(PY) -m pacs stop
@@ -175,8 +181,8 @@ pacs-stop: $(STAMP)  ## stop the gateway and Orthanc; returns when both are gone
 pacs-credentials: $(STAMP)  ## print Orthanc's REST user:password (made at the first make pacs)
 	@$(PY) -m pacs credentials
 
-pacs-demo: $(STAMP)  ## send IMAGE=... to Orthanc as a DX study; print the SR the gateway stores back
-	$(PY) -m pacs demo $(IMAGE)
+pacs-demo: $(STAMP)  ## send IMAGE=... to Orthanc as a DX study; print the SR the gateway stores back (TLS=1: over DICOM TLS)
+	$(PY) -m pacs demo $(IMAGE) $(if $(filter 1 yes true,$(TLS)),--tls --certs $(CERTS))
 
 # Load test (python -m loadtest.run): USERS, RATE, DURATION (per protocol), PROTOCOLS, EXPLAIN_SHARE, USER_RATE and
 # IMAGES pass through when set (defaults in loadtest/run.py: 4 users, 2/s, 30s, rest,grpc); START=1 always

@@ -157,7 +157,7 @@ def init(d: Path = DEFAULT_DIR, hosts: tuple[str, ...] = ("localhost", "127.0.0.
     (d / "ca" / "index.txt").write_text("")
     (d / "ca" / "serial").write_text(os.urandom(8).hex().upper() + "\n")
     (d / "ca" / "crlnumber").write_text("1000\n")
-    san = ",".join(f"IP:{h}" if re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]+:[0-9a-fA-F:]*", h) else f"DNS:{h}" for h in hosts)
+    san = _san(hosts)
     cfg = CA_CONFIG.format(warning=WARNING, dir=d, client_days=CLIENT_DAYS, crl_days=CRL_DAYS, san=san)
     _config(d).write_text(cfg)
     (d / "README").write_text(
@@ -256,6 +256,36 @@ def add_client(
     _sign(d, csr, cert, "client_ext", days=days, not_before=not_before, not_after=not_after)
     csr.unlink()
     return ClientCert(name, cert, key)
+
+
+def add_peer(name: str, d: Path = DEFAULT_DIR, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> ClientCert:
+    """A certificate for a DICOM peer (Orthanc, the gateway): it both accepts TLS (serverAuth, for ``hosts``)
+    and opens it (clientAuth), as each side of DICOM TLS does both. Written as ``<d>/peers/<name>.crt``/``.key``
+    (reissued when called again)."""
+    d = _check(d, name)
+    (d / "peers").mkdir(exist_ok=True)
+    cert, key = d / "peers" / f"{name}.crt", d / "peers" / f"{name}.key"
+    _new_key(key)
+    csr = d / "ca" / f"peer-{name}.csr"
+    _openssl("req", "-new", "-key", key, "-out", csr, "-subj", f"/O={ORG}/CN={name}")
+    ext = d / "ca" / f"peer-{name}.ext"
+    ext.write_text(
+        "[ peer_ext ]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage = serverAuth,clientAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n"
+        f"subjectAltName = {_san(hosts)}\n"
+    )
+    _openssl(
+        "ca", "-batch", "-notext", "-config", _config(d), "-extfile", ext, "-extensions", "peer_ext",
+        "-days", str(CLIENT_DAYS), "-in", csr, "-out", cert,
+    )  # fmt: skip
+    _mark(cert)
+    csr.unlink()
+    ext.unlink()
+    return ClientCert(name, cert, key)
+
+
+def _san(hosts: tuple[str, ...]) -> str:
+    return ",".join(f"IP:{h}" if re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]+:[0-9a-fA-F:]*", h) else f"DNS:{h}" for h in hosts)
 
 
 def revoke_client(name: str, d: Path = DEFAULT_DIR) -> Path:

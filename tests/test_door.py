@@ -395,6 +395,42 @@ def test_the_load_test_speaks_the_secure_mode(secure: Door, tmp_path: Path) -> N
 
 @pytest.mark.server
 @pytest.mark.slow
+def test_a_study_goes_pacs_to_gateway_to_door_and_back_over_tls_all_the_way(secure: Door, tmp_path: Path) -> None:
+    import cv2
+
+    import pacs
+    from gateway.report import result_uid
+
+    try:
+        pacs.find_orthanc()
+    except pacs.PacsError as exc:
+        skip_or_fail(str(exc))
+    door.client_add("koaserve-gateway", secure.files, secure.certs, secure.workdir)
+    tls = pacs.pacs_tls(secure.certs)
+    clients = secure.certs / "clients"
+    creds = (secure.certs / "ca.crt", clients / "koaserve-gateway.crt", clients / "koaserve-gateway.key")
+    http_port, dicom_port, gateway_port = free_ports(3)
+    workdir = tmp_path / "pacs"
+    orthanc = pacs.start_orthanc(workdir, http_port, dicom_port, gateway_port, tls=tls)
+    try:
+        pacs.start_gateway(workdir, gateway_port, secure.rest, None, dicom_port, tls=tls, door=creds)
+        knee = cv2.imread(str(door.ROOT / "tests" / "fixtures" / "knee_kl2.png"), cv2.IMREAD_GRAYSCALE)
+        ds = pacs.radiograph(knee, ImageLaterality="R")
+        assert pacs.send([ds], dicom_port, tls_args=tls.modality_args()) == [0]
+        deadline = time.monotonic() + 240
+        while not orthanc.lookup(result_uid("sr", ds.SOPInstanceUID)):
+            assert time.monotonic() < deadline, "no report stored back over DICOM TLS"
+            time.sleep(0.5)
+    finally:
+        pacs.stop_gateway(workdir)
+        pacs.stop_orthanc(workdir)
+    graded = [x for x in secure.trail() if x["client"] == "koaserve-gateway" and x["status"] == 200]
+    assert graded and graded[-1]["grade"] in range(5)
+    assert audit.verify(workdir / "audit.jsonl").ok
+
+
+@pytest.mark.server
+@pytest.mark.slow
 def test_the_audit_trail_of_the_battery_verifies_and_breaks_when_a_line_is_edited(secure: Door) -> None:
     trail = secure.workdir / "audit.jsonl"
     records = secure.trail()

@@ -30,7 +30,7 @@ from typing import Any
 import requests
 
 from ops import door, pki
-from ops.procs import free_ports
+from ops.procs import free_ports, read_pid
 from ops.results import DATA_IMAGES, DOC_RESULTS, ROOT, write_result
 
 RAMP_S = 3.0
@@ -107,6 +107,31 @@ def saturate(url: str, images: list[bytes], clients: int, seconds: float, **sess
     return {"rps": ok[0] / wall, "ok": ok[0], "failures": failed[0], "p50_ms": pct(0.5), "p95_ms": pct(0.95)}
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes (threads included)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def door_pids(workdir: Path) -> list[int]:
+    """HAProxy and the audit receiver of the door running from ``workdir``."""
+    return [p for p in (read_pid(workdir / "haproxy.pid"), read_pid(workdir / "audit-receiver.pid")) if p]
+
+
+def replica_pids(replica_workdir: Path) -> list[int]:
+    """TorchServe's Java frontend and its workers."""
+    java = door.ts.server_pid(replica_workdir)
+    return [java, *door.ts.descendants(java)] if java else []
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     images = request_images(args.images)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -140,14 +165,25 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for k in range(args.rounds):
                 for label in order if k % 2 == 0 else order[::-1]:
                     url, session = paths[label]
+                    procs = {"door": door_pids(workdir), "torchserve": replica_pids(Path(replica["workdir"]))}
+                    before = {name: cpu_seconds(pids) for name, pids in procs.items()}
                     r = saturate(url, images, args.clients, args.seconds, **session)
-                    runs.append({"round": k + 1, "path": label, **r})
+                    # CPU per request (whole run, ramp included): what the door adds whatever else the machine runs.
+                    sent = max(1, r["ok"] + r["failures"])
+                    cpu = {f"cpu_ms_per_request_{n}": round(1000 * (cpu_seconds(p) - before[n]) / sent, 2)
+                           for n, p in procs.items()}  # fmt: skip
+                    runs.append({"round": k + 1, "path": label, **r, **cpu})
                     print(f"round {k + 1}, {label}: {r['rps']:.2f} req/s, p50 {r['p50_ms']} ms", flush=True)
             dropped = door.dropped_logs(workdir)
         finally:
             door.stop(workdir)
     med = {p: statistics.median(r["rps"] for r in runs if r["path"] == p) for p in ("plain", "door")}
     cost = 1 - med["door"] / med["plain"] if med["plain"] else None
+    # The door's CPU per request against TorchServe's: its share of the CPU a request costs at saturation.
+    door_runs = [r for r in runs if r["path"] == "door"]
+    door_ms = statistics.median(r["cpu_ms_per_request_door"] for r in door_runs)
+    ts_ms = statistics.median(r["cpu_ms_per_request_torchserve"] for r in runs)
+    cpu_share = door_ms / (door_ms + ts_ms) if door_ms + ts_ms > 0 else None
     result = {
         "started": started,
         "config": {"rounds": args.rounds, "seconds": args.seconds, "clients": args.clients, "images": len(images)},
@@ -155,6 +191,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "median_rps": {k: round(v, 3) for k, v in med.items()},
         "door_cost": None if cost is None else round(cost, 4),
+        "cpu_ms_per_request": {"door": door_ms, "torchserve": ts_ms},
+        "door_cpu_share": None if cpu_share is None else round(cpu_share, 4),
         "audit_lines_dropped": dropped,
         "limit": 0.10,
     }
@@ -167,14 +205,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def door_report(result: dict[str, Any]) -> str:
     """The Markdown of docs/SECURITY.md's measured cost (rendered by `ops.render_docs` from bench_door.json)."""
     c = result["config"]
-    rows = ["| round | path | req/s | p50 ms | p95 ms | failures |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| round | path | req/s | p50 ms | p95 ms | failures | CPU ms/request: door | TorchServe |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["runs"]:
         rows.append(
-            f"| {r['round']} | {r['path']} | {r['rps']:.2f} | {r['p50_ms']} | {r['p95_ms']} | {r['failures']} |"
+            f"| {r['round']} | {r['path']} | {r['rps']:.2f} | {r['p50_ms']} | {r['p95_ms']} | {r['failures']} "
+            f"| {r.get('cpu_ms_per_request_door', '')} | {r.get('cpu_ms_per_request_torchserve', '')} |"
         )
     med, cost = result["median_rps"], result["door_cost"]
     verdict = "within" if cost is not None and cost <= result["limit"] else "OVER"
     m = result["machine"]
+    cpu = result.get("cpu_ms_per_request", {})
     return (
         f"Measured {result['started']} by `make bench-door` ({c['rounds']} rounds, {c['clients']} closed-loop REST "
         f"clients for {c['seconds']:.0f} s per path, one replica, {c['images']} request images; "
@@ -185,4 +228,13 @@ def door_report(result: dict[str, Any]) -> str:
         + f"\n\nMedian: plain {med['plain']:.2f} req/s, door {med['door']:.2f} req/s: the door costs "
         f"**{100 * cost:.1f}%** of served throughput, {verdict} the {100 * result['limit']:.0f}% limit; "
         f"audit lines dropped: {result['audit_lines_dropped']}.\n"
+        + (
+            f"\nCPU per request (medians): the door (HAProxy + audit receiver) {cpu['door']} ms,"
+            f" TorchServe {cpu['torchserve']} ms: the door's share of a request's CPU is "
+            f"**{100 * result['door_cpu_share']:.1f}%**, the throughput it can cost when the CPU is the bottleneck, "
+            "whatever else shares the machine (the client's own TLS work is left out: it runs elsewhere in a "
+            "deployment).\n"
+            if result.get("door_cpu_share") is not None
+            else ""
+        )
     )
