@@ -277,11 +277,18 @@ def test_a_valid_client_is_graded_over_rest_and_grpc_and_named_in_the_audit(secu
     with GrpcClient(f"grpcs://127.0.0.1:{secure.front.grpc_port}", **tls) as g:
         grpc_answer = g.predict(knee_png)
     assert grpc_answer["kl_grade"] == answer["kl_grade"]
+    # The command line, as an integrator would run it: no token, the certificate is the credential.
+    ca = str(secure.certs / "ca.crt")
+    for proto in ([], ["--grpc", "--grpc-target", f"grpcs://127.0.0.1:{secure.front.grpc_port}"]):
+        cmd = [sys.executable, "-m", "client", "predict", str(door.ROOT / "tests" / "fixtures" / "knee_kl2.png"),
+               "--url", secure.rest, "--ca", ca, "--cert", cert, "--key", key, "--json", *proto]  # fmt: skip
+        done = subprocess.run(cmd, cwd=door.ROOT, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0 and '"kl_grade"' in done.stdout, done.stdout + done.stderr
     # A caller's own Authorization header is dropped: the door sends the replica's key itself.
     r = secure.post(f"/predictions/{MODEL}", knee_png, (cert, key), headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 200, r.text
     served = [x for x in secure.trail() if x["client"] == "ris" and x["status"] == 200]
-    assert {x["protocol"] for x in served} == {"rest", "grpc"}
+    assert {x["protocol"] for x in served} == {"rest", "grpc"} and len(served) >= 5
     for x in served:
         assert x["grade"] == answer["kl_grade"] and x["endpoint"] == "predictions" and x["refusal"] is None
         assert x["request_id"] and x["tls"] in ("TLSv1.2", "TLSv1.3") and isinstance(x["latency_ms"], int)

@@ -219,18 +219,20 @@ def door_report(result: dict[str, Any]) -> str:
     m = result["machine"]
     cpu = result.get("cpu_ms_per_request", {})
     return (
-        f"Measured {result['started']} by `make bench-door` ({c['rounds']} rounds, {c['clients']} closed-loop REST "
+        f"Measured {result['started']} by `make bench-door` (results/bench_door.json; {c['rounds']} rounds, "
+        f"{c['clients']} closed-loop REST "
         f"clients for {c['seconds']:.0f} s per path, one replica, {c['images']} request images; "
         f"{m['cpus']} CPUs, load average {m['loadavg_before'][0]} before the run"
         + (f"; {m['note']}" if m.get("note") else "")
         + "):\n\n"
         + "\n".join(rows)
-        + f"\n\nMedian: plain {med['plain']:.2f} req/s, door {med['door']:.2f} req/s: the door costs "
-        f"**{100 * cost:.1f}%** of served throughput, {verdict} the {100 * result['limit']:.0f}% limit; "
+        + f"\n\nMedian: plain {med['plain']:.2f} req/s, door {med['door']:.2f} req/s: through the door "
+        f"{100 * (1 - cost):.1f}% of plain (a cost of {100 * cost:.1f}%; negative: within this machine's noise), "
+        f"{verdict} the {100 * result['limit']:.0f}% limit; "
         f"audit lines dropped: {result['audit_lines_dropped']}.\n"
         + (
             f"\nCPU per request (medians): the door (HAProxy + audit receiver) {cpu['door']} ms,"
-            f" TorchServe {cpu['torchserve']} ms: the door's share of a request's CPU is "
+            f" TorchServe {cpu['torchserve']:.0f} ms: the door's share of a request's CPU is "
             f"**{100 * result['door_cpu_share']:.1f}%**, the throughput it can cost when the CPU is the bottleneck, "
             "whatever else shares the machine (the client's own TLS work is left out: it runs elsewhere in a "
             "deployment).\n"
