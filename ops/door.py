@@ -1,6 +1,6 @@
 """The secure front door: HAProxy terminating mutual TLS in front of TorchServe, one identity per calling system.
 
-``python -m ops.door start|stop|status|client-add|client-revoke|reload-crl|config [options]``
+``python -m ops.door start|stop|status|reload|client-add|client-revoke|reload-crl|config [options]``
 (``make serve TLS=1``, ``make cluster N=2 TLS=1``, ``make client-add NAME=x``, ``make client-revoke NAME=x``).
 
 What the door does, in the order HAProxy applies it to every request (docs/SECURITY.md has the threat model):
@@ -585,6 +585,15 @@ def stop(workdir: Path = DEFAULT_WORKDIR) -> bool:
     return was
 
 
+def reload(workdir: Path = DEFAULT_WORKDIR) -> int:
+    """Restart the door without losing a request: a new HAProxy on the same configuration takes over
+    (``-sf``) and the old one finishes the requests it holds. It re-reads the certificate, CA, CRL and
+    maps from their files (a new server certificate, say). The rate counters start again. Returns the new pid."""
+    if not running(workdir):
+        raise DoorError(f"no door is running from {workdir}")
+    return cluster.reload_balancer(Path(workdir))
+
+
 def dropped_logs(workdir: Path) -> int:
     """Log lines HAProxy could not send to the audit receiver since it started (``show info``: DroppedLogs)."""
     for ln in runtime(workdir, "show info").splitlines():
@@ -629,7 +638,7 @@ def client_revoke(name: str, files: DoorFiles, certs: Path = pki.DEFAULT_DIR, wo
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "command", choices=("start", "stop", "status", "client-add", "client-revoke", "reload-crl", "config")
+        "command", choices=("start", "stop", "status", "reload", "client-add", "client-revoke", "reload-crl", "config")
     )
     p.add_argument("name", nargs="?", help="client-add / client-revoke: the calling system's name (its CN)")
     p.add_argument("--replicas", "-n", type=int, default=1)
@@ -681,6 +690,8 @@ def main(args: argparse.Namespace) -> int:
             )
         elif args.command == "config":
             print(door_config([cluster.Replica("r0", "", 8080, 7070)], front, files, args.workdir), end="")
+        elif args.command == "reload":
+            print(f"the door reloaded (HAProxy pid {reload(args.workdir)})")
         elif args.command == "reload-crl":
             print(reload_crl(args.workdir))
         else:

@@ -10,6 +10,7 @@ archive, on free ports. Each refusal is checked for its status, its JSON reason 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import shutil
 import socket
@@ -434,6 +435,21 @@ def test_a_study_goes_pacs_to_gateway_to_door_and_back_over_tls_all_the_way(secu
     graded = [x for x in secure.trail() if x["client"] == "koaserve-gateway" and x["status"] == 200]
     assert graded and graded[-1]["grade"] in range(5)
     assert audit.verify(workdir / "audit.jsonl").ok
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_restart_of_the_door_loses_no_accepted_request(secure: Door, knee_png: bytes) -> None:
+    cert = secure.creds("ris")
+    with cf.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(secure.post, f"/predictions/{MODEL}", knee_png, cert) for _ in range(4)]
+        time.sleep(0.5)  # accepted, and being graded (one replica on two busy cores: seconds each)
+        old = door.read_pid(secure.workdir / "haproxy.pid")
+        new = door.reload(secure.workdir)
+        after = secure.post(f"/predictions/{MODEL}", knee_png, cert)  # served by the new process
+        codes = [f.result().status_code for f in futures]
+    assert new != old and codes == [200] * 4 and after.status_code == 200, codes
+    assert audit.verify(secure.workdir / "audit.jsonl").ok
 
 
 @pytest.mark.server
