@@ -304,7 +304,8 @@ def door_config(
         # 64 KiB buffers (a knee image is read whole before a refusal, see _frontend): 1024 connections at most.
         "    maxconn 1024",
         f"    lua-load {LUA}",
-        f"    stats socket {wd / 'haproxy.sock'} mode 600 level admin",
+        # expose-fd: a reload takes the listening sockets over (-x), so connections queued on them are not lost.
+        f"    stats socket {wd / 'haproxy.sock'} mode 600 level admin expose-fd listeners",
         "    ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets",
         f"    ssl-default-bind-ciphers {CIPHERS_TLS12}",
         f"    ssl-default-bind-ciphersuites {CIPHERSUITES_TLS13}",
@@ -586,12 +587,24 @@ def stop(workdir: Path = DEFAULT_WORKDIR) -> bool:
 
 
 def reload(workdir: Path = DEFAULT_WORKDIR) -> int:
-    """Restart the door without losing a request: a new HAProxy on the same configuration takes over
-    (``-sf``) and the old one finishes the requests it holds. It re-reads the certificate, CA, CRL and
-    maps from their files (a new server certificate, say). The rate counters start again. Returns the new pid."""
-    if not running(workdir):
+    """Restart the door without losing a request: a new HAProxy on the same configuration takes the
+    listening sockets over from the old one (``-x``: connections waiting in their queue stay there) and
+    the old one finishes the requests it holds (``-sf``). It re-reads the certificate, CA, CRL and maps
+    from their files (a new server certificate, say). The rate counters start again. Returns the new pid."""
+    workdir = Path(workdir).resolve()
+    old = read_pid(workdir / "haproxy.pid")
+    if not is_alive(old):
         raise DoorError(f"no door is running from {workdir}")
-    return cluster.reload_balancer(Path(workdir))
+    cfg = workdir / "haproxy.cfg"
+    cluster.check_config(cfg)
+    cmd = [cluster.haproxy_binary(), "-D", "-f", str(cfg), "-p", str(workdir / "haproxy.pid")]
+    cmd += ["-x", str(workdir / "haproxy.sock"), "-sf", str(old)]
+    with open(workdir / "haproxy.log", "a") as sink:
+        proc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT)
+    pid = read_pid(workdir / "haproxy.pid")
+    if proc.returncode != 0 or pid == old or not is_alive(pid):
+        raise DoorError(f"the door's reload failed ({proc.returncode}); see {workdir / 'haproxy.log'}")
+    return pid  # type: ignore[return-value]
 
 
 def dropped_logs(workdir: Path) -> int:
