@@ -182,6 +182,9 @@ def verify(path: str | os.PathLike[str]) -> Verdict:
     if not files:
         return Verdict(ok=False, problem=f"no audit trail at {path}")
     seq, prev = None, None
+    head = path.with_name(path.name + ".head")
+    h = json.loads(head.read_text()) if head.is_file() else None
+    at_head = None  # the hash of the line the head names, met on the way
     for f in files:
         for n, raw in enumerate(f.read_bytes().split(b"\n")[:-1], 1):
             where = f"{f.name} line {n}"
@@ -205,19 +208,22 @@ def verify(path: str | os.PathLike[str]) -> Verdict:
                         False, v.lines, v.files, f"{where} (seq {rec['seq']}): the line before it was changed", v.anchor
                     )
             seq, prev = rec["seq"], line_hash(raw)
+            if h is not None and seq == h["seq"]:
+                at_head = prev
             v.lines += 1
         tail = f.read_bytes()
         if tail and not tail.endswith(b"\n"):
             return Verdict(False, v.lines, v.files, f"{f.name}: its last line is torn (no newline)", v.anchor)
-    head = path.with_name(path.name + ".head")
-    if head.is_file():
-        h = json.loads(head.read_text())
-        if h["seq"] != seq or h["hash"] != prev:
+    if h is not None:
+        # The head may lag the file by the line being written (a live writer appends, then updates the
+        # head): it must name a line that is there, with that line's hash; a head past the end means
+        # lines were removed from the end.
+        if seq is None or h["seq"] > seq or (at_head is not None and at_head != h["hash"]):
             return Verdict(
                 False,
                 v.lines,
                 v.files,
-                f"the trail ends at seq {seq} but its head says {h['seq']}: lines removed",
+                f"the trail ends at seq {seq} but its head names seq {h['seq']}: lines removed or rewritten",
                 v.anchor,
             )
     return v

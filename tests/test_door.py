@@ -132,6 +132,11 @@ def test_audit_chain_verifies_and_detects_an_edit_a_removal_and_a_truncation(tmp
 
     trail.write_bytes(good)
     assert audit.verify(trail).ok
+    head = trail.with_name("audit.jsonl.head")
+    kept = head.read_text()
+    w.append({"client": "ris", "status": 200})
+    head.write_text(kept)  # verified while a writer is between its line and its head: not a removal
+    assert audit.verify(trail).ok
 
 
 def test_audit_rotation_keeps_one_chain_and_a_restarted_writer_continues_it(tmp_path: Path) -> None:
