@@ -129,11 +129,11 @@ $(ARCHIVE): $(EXPORT) $(FINDER) $(MARKERS) $(SOURCES) | $(STAMP)
 		--handler handler/koa_handler.py --extra-files build/mar --export-path model_store --force
 	@echo "built $@"
 
-serve: archive  ## start TorchServe in the background; returns when the model answers
-	$(PY) -m ops.server start --workdir $(SERVE_DIR)
+serve: archive  ## start TorchServe in the background; returns when the model answers (TLS=1: behind the secure door)
+	$(if $(filter 1 yes true,$(TLS)),$(DOOR) start --replicas 1,$(PY) -m ops.server start --workdir $(SERVE_DIR))
 
-stop: $(STAMP)  ## stop TorchServe and wait until its processes are gone
-	$(PY) -m ops.server stop --workdir $(SERVE_DIR)
+stop: $(STAMP)  ## stop TorchServe and wait until its processes are gone (TLS=1: the door and its replicas)
+	$(if $(filter 1 yes true,$(TLS)),$(DOOR) stop,$(PY) -m ops.server stop --workdir $(SERVE_DIR))
 
 restart: archive  ## stop, then start again (new keys: clients re-read key_file.json; see docs/RELIABILITY.md)
 	$(PY) -m ops.server restart --workdir $(SERVE_DIR)
@@ -184,9 +184,15 @@ clean:  ## remove build outputs (keeps .venv)
 # and the DICOM gateway (KOASERVE@127.0.0.1:11112) beside the TorchServe of `make serve`, which is started when
 # it is not running. Their data (storage, spool, audit.jsonl, logs) stays in pacs/data/.
 .PHONY: pacs pacs-stop pacs-credentials pacs-demo
-pacs: archive  ## Orthanc + the DICOM gateway beside make serve's TorchServe (started if needed); returns when they answer
+pacs: archive  ## Orthanc + the DICOM gateway beside make serve's TorchServe (started if needed); returns when they answer (TLS=1: DICOM TLS, grading through the door)
+ifneq ($(filter 1 yes true,$(TLS)),)
+	@$(DOOR) status >/dev/null || $(DOOR) start --replicas 1
+	@test -f $(CERTS)/clients/koaserve-gateway.crt || $(DOOR) client-add koaserve-gateway
+	$(PY) -m pacs start --tls --certs $(CERTS) --ts-url https://127.0.0.1:8443
+else
 	@$(PY) -m ops.server status --workdir $(SERVE_DIR) >/dev/null || $(PY) -m ops.server start --workdir $(SERVE_DIR)
 	$(PY) -m pacs start --key-file $(SERVE_DIR)/key_file.json
+endif
 
 pacs-stop: $(STAMP)  ## stop the gateway and Orthanc; returns when both are gone (TorchServe keeps running)
 	$(PY) -m pacs stop
@@ -194,8 +200,8 @@ pacs-stop: $(STAMP)  ## stop the gateway and Orthanc; returns when both are gone
 pacs-credentials: $(STAMP)  ## print Orthanc's REST user:password (made at the first make pacs)
 	@$(PY) -m pacs credentials
 
-pacs-demo: $(STAMP)  ## send IMAGE=... to Orthanc as a DX study; print the SR the gateway stores back
-	$(PY) -m pacs demo $(IMAGE)
+pacs-demo: $(STAMP)  ## send IMAGE=... to Orthanc as a DX study; print the SR the gateway stores back (TLS=1: over DICOM TLS)
+	$(PY) -m pacs demo $(IMAGE) $(if $(filter 1 yes true,$(TLS)),--tls --certs $(CERTS))
 
 # Load test (python -m loadtest.run): USERS, RATE, DURATION (per protocol), PROTOCOLS, EXPLAIN_SHARE, USER_RATE and
 # IMAGES pass through when set (defaults in loadtest/run.py: 4 users, 2/s, 30s, rest,grpc); START=1 always
@@ -210,11 +216,41 @@ loadtest: archive $(PROTO_STAMP)  ## Locust, headless, REST then gRPC -> reports
 # docs/DEPLOY.md): N replicas (default 2) on free loopback ports, the balancer on 127.0.0.1:8180 (REST)
 # and 7170 (gRPC); the token is in logs/cluster/key_file.json (--key-file, KOA_KEY_FILE).
 .PHONY: cluster cluster-stop drill-replicas
-cluster: archive $(PROTO_STAMP)  ## N TorchServe replicas (N=2) behind HAProxy; returns when a request passes
-	$(PY) -m ops.cluster start --replicas $(or $(N),2)
+cluster: archive $(PROTO_STAMP)  ## N TorchServe replicas (N=2) behind HAProxy; returns when a request passes (TLS=1: the secure door)
+	$(if $(filter 1 yes true,$(TLS)),$(DOOR) start --replicas $(or $(N),2),$(PY) -m ops.cluster start --replicas $(or $(N),2))
 
-cluster-stop: $(STAMP)  ## stop the cluster's HAProxy and replicas; returns when all are gone
-	$(PY) -m ops.cluster stop
+cluster-stop: $(STAMP)  ## stop the cluster's HAProxy and replicas; returns when all are gone (TLS=1: the door)
+	$(if $(filter 1 yes true,$(TLS)),$(DOOR) stop,$(PY) -m ops.cluster stop)
 
 drill-replicas: archive $(PROTO_STAMP)  ## throughput with 1 and N replicas, then kill one under load -> reports/drills/replicas.json (~10 min)
 	$(PY) -m ops.drills.replicas --replicas $(or $(N),2) --configs 1,1x1,$(or $(N),2) --rounds 2
+
+# The secure front door (ops/door.py, docs/SECURITY.md): `make serve TLS=1` / `make cluster N=2 TLS=1` put HAProxy
+# with mutual TLS in front (REST https://127.0.0.1:8443, gRPC 127.0.0.1:7443), one client certificate per calling
+# system, an audit trail in logs/door/audit.jsonl. The files are the operator's: DOOR_CERT (certificate + key, PEM),
+# DOOR_CA (the CA of the client certificates), DOOR_CRL, DOOR_POLICY (who may call what); the defaults are the
+# development ones `make certs` writes in certs/ (never for production).
+CERTS ?= certs
+DOOR_CERT ?= $(CERTS)/server.pem
+DOOR_CA ?= $(CERTS)/ca.crt
+DOOR_CRL ?= $(CERTS)/crl.pem
+DOOR_POLICY ?= $(CERTS)/clients.json
+DOOR_DIR ?= logs/door
+DOOR = $(PY) -m ops.door --workdir $(DOOR_DIR) --certs $(CERTS) --cert $(DOOR_CERT) --ca $(DOOR_CA) --crl $(DOOR_CRL) --policy $(DOOR_POLICY)
+.PHONY: certs client-add client-revoke audit-verify bench-door
+certs: $(STAMP)  ## a development CA, the door's certificate for localhost/127.0.0.1 and a CRL in certs/ (dev/test only)
+	$(PY) -m ops.pki init --dir $(CERTS)
+
+client-add: $(STAMP)  ## NAME=<system>: its client certificate (certs/clients/) and its place in the door's policy (ENDPOINTS, PER_MINUTE)
+	$(if $(NAME),,$(error make client-add needs NAME=<calling system>))
+	$(DOOR) client-add $(NAME) $(if $(ENDPOINTS),--endpoints $(ENDPOINTS)) $(if $(PER_MINUTE),--per-minute $(PER_MINUTE))
+
+client-revoke: $(STAMP)  ## NAME=<system>: revoke its certificate; a running door loads the new CRL without dropping others
+	$(if $(NAME),,$(error make client-revoke needs NAME=<calling system>))
+	$(DOOR) client-revoke $(NAME)
+
+audit-verify: $(STAMP)  ## check the hash chain of the door's audit trail (logs/door/audit.jsonl)
+	$(PY) -m ops.audit verify $(DOOR_DIR)/audit.jsonl
+
+bench-door: archive  ## throughput at saturation, plain HTTP against the TLS door, side by side -> docs/results/bench_door.json (~4 min)
+	$(PY) -m ops.bench door

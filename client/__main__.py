@@ -57,10 +57,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "from it. Default 0: fail at once",
     )
     tls = pr.add_argument_group("TLS (https:// URL or grpcs:// target)")
-    tls.add_argument("--ca-file", type=Path, default=None, help="PEM CA bundle to trust instead of the system's")
-    tls.add_argument("--cert-file", type=Path, default=None, help="PEM client certificate, for mutual TLS")
     tls.add_argument(
-        "--cert-key-file", type=Path, default=None, help="PEM key of --cert-file (default: in the same file)"
+        "--ca-file", "--ca", type=Path, default=None, help="PEM CA bundle to trust instead of the system's"
+    )
+    tls.add_argument(
+        "--cert-file", "--cert", type=Path, default=None, help="PEM client certificate, for mutual TLS (no token then)"
+    )
+    tls.add_argument(
+        "--cert-key-file", "--key", type=Path, default=None, help="PEM key of --cert-file (default: in the same file)"
     )
     pr.add_argument("--overlay-dir", type=Path, default=Path("reports/explain"), help="where overlay PNGs go")
     pr.add_argument("--json", action="store_true", help="print the raw JSON answers")
@@ -163,7 +167,7 @@ LOCAL_KEY_FILE = Path("logs/serve/key_file.json")
 def local_key_file(args: argparse.Namespace) -> Path | None:
     """The key file of the server `make serve` started, when no token was given and it is there (or,
     with ``--retry-s``, when its folder is: a restarting server writes its new key file there)."""
-    if args.token or os.environ.get(TOKEN_ENV) or args.key_file is not None:
+    if args.token or os.environ.get(TOKEN_ENV) or args.key_file is not None or args.cert_file is not None:
         return None
     there = LOCAL_KEY_FILE.is_file() or (args.retry_s > 0 and LOCAL_KEY_FILE.parent.is_dir())
     return LOCAL_KEY_FILE if there else None
@@ -177,7 +181,10 @@ def predict(args: argparse.Namespace) -> int:
         )
         args.key_file = found
     try:
-        token = load_token(args.token, args.key_file, wait_s=args.retry_s)
+        # Behind KOA-Serve's front door (make serve TLS=1) the client certificate is the credential: the door
+        # holds TorchServe's key, so a caller with a certificate and no token sends none.
+        door = args.cert_file is not None and not (args.token or os.environ.get(TOKEN_ENV) or args.key_file)
+        token = "" if door else load_token(args.token, args.key_file, wait_s=args.retry_s)
         client = make_client(args, token)
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

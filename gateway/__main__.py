@@ -57,6 +57,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer")
     serve.add_argument("--max-backoff", type=float, default=30.0, help="longest pause between retries (s)")
     serve.add_argument("--log-level", default="INFO")
+    door = serve.add_argument_group("KOA-Serve behind its front door (--ts-url https://...)")
+    door.add_argument("--ts-ca", type=Path, default=None, help="the CA of the door's certificate")
+    door.add_argument("--ts-cert", type=Path, default=None, help="the gateway's client certificate for the door")
+    door.add_argument("--ts-key", type=Path, default=None, help="its key")
+    tls = serve.add_argument_group("DICOM over TLS, both ways (all three, or none for plain DICOM)")
+    tls.add_argument("--dicom-tls-cert", type=Path, default=None, help="the gateway's certificate (PEM)")
+    tls.add_argument("--dicom-tls-key", type=Path, default=None, help="its key (PEM)")
+    tls.add_argument("--dicom-tls-ca", type=Path, default=None, help="the CA that signs the PACS's certificate")
     tree = sub.add_parser("tree", help="print the content tree of an SR file")
     tree.add_argument("file", type=Path)
     requeue = sub.add_parser("requeue", help="move failed/ instances back into the queue")
@@ -78,11 +86,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"{Spool(args.spool).requeue_failed()} instance(s) queued again")
         return 0
     from gateway.service import Gateway, GatewayConfig
+    from gateway.tls import DicomTLS
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("pynetdicom", "highdicom"):  # one line per association / per copied module otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     pacs_ae, pacs_host, pacs_port = parse_address(args.pacs)
+    tls_files = (args.dicom_tls_cert, args.dicom_tls_key, args.dicom_tls_ca)
+    if any(tls_files) and not all(tls_files):
+        print("error: DICOM TLS needs --dicom-tls-cert, --dicom-tls-key and --dicom-tls-ca together", file=sys.stderr)
+        return 2
+    dicom_tls = DicomTLS(*map(str, tls_files)) if all(tls_files) else None
     allowed = () if args.allow_any else tuple(args.allow or ["ORTHANC"])
     gateway = Gateway(
         GatewayConfig(
@@ -100,6 +114,10 @@ def main(args: argparse.Namespace) -> int:
             pacs_port=pacs_port,
             timeout=args.timeout,
             max_backoff_s=args.max_backoff,
+            dicom_tls=dicom_tls,
+            ts_ca_file=args.ts_ca,
+            ts_cert_file=args.ts_cert,
+            ts_cert_key_file=args.ts_key,
         )
     )
     for sig in (signal.SIGTERM, signal.SIGINT):

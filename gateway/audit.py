@@ -1,6 +1,8 @@
 """The gateway's audit log: one JSON object per line, appended and fsynced, never rewritten.
 
-Each line has ``time`` (UTC, ISO 8601), ``event`` and the UIDs of the instance concerned. Events:
+Each line has ``time`` (UTC, ISO 8601), ``event`` and the UIDs of the instance concerned, and the
+``seq``/``prev`` hash chain of the front door's audit trail (`ops.audit`): ``python -m ops.audit verify
+pacs/data/audit.jsonl`` shows that no line was edited or removed. Events:
 
     received   an instance was spooled and its C-STORE acknowledged (calling AE)
     duplicate  an instance already done arrived again: acknowledged, not graded again
@@ -19,31 +21,27 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from ops.audit import ChainWriter
 
 __all__ = ["AuditLog", "read_audit"]
 
 
 class AuditLog:
-    """Append-only JSON-lines file, safe to write from several threads."""
+    """Append-only, hash-chained JSON-lines file (`ops.audit.ChainWriter`), safe to write from several threads."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._chain = ChainWriter(self.path)
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
-        """Append one line ``{"time", "event", **fields}`` and sync it to disk; returns the record."""
+        """Append one line ``{"seq", "time", "event", **fields, "prev"}`` and sync it to disk; returns the record."""
         record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": event, **fields}
-        line = json.dumps(record, default=str) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        return record
+        # JSON-safe first (UIDs, paths), as the gateway always wrote them.
+        return self._chain.append(json.loads(json.dumps(record, default=str)))
 
 
 def read_audit(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

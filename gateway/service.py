@@ -62,6 +62,7 @@ from gateway.report import (
 )
 from gateway.screen import is_valid_uid, screen
 from gateway.spool import Spool
+from gateway.tls import DicomTLS
 
 __all__ = ["GatewayConfig", "Gateway", "Transient", "StoreRejected", "DEFAULT_AE", "DEFAULT_PORT"]
 
@@ -130,6 +131,9 @@ class GatewayConfig:
             restarting before the gateway's own backoff takes over.
         max_backoff_s: the longest pause between two attempts at a queued instance.
         server_error_attempts: 5xx answers on one image before it is moved to ``failed/``.
+        dicom_tls: DICOM over TLS both ways (`gateway.tls.DicomTLS`); None: plain DICOM (development).
+        ts_ca_file, ts_cert_file, ts_cert_key_file: grading through KOA-Serve's front door (an https://
+            ``ts_url``): the door's CA and the gateway's own client certificate (it needs no key then).
     """
 
     spool: Path
@@ -149,6 +153,10 @@ class GatewayConfig:
     retry_s: float = 10.0
     max_backoff_s: float = 30.0
     server_error_attempts: int = 5
+    dicom_tls: DicomTLS | None = None
+    ts_ca_file: Path | None = None
+    ts_cert_file: Path | None = None
+    ts_cert_key_file: Path | None = None
 
     def audit_path(self) -> Path:
         return self.audit if self.audit is not None else Path(self.spool).parent / "audit.jsonl"
@@ -168,6 +176,9 @@ class Gateway:
             timeout=config.timeout,
             key_file=config.key_file,
             retry_s=config.retry_s,
+            ca_file=config.ts_ca_file,
+            cert_file=config.ts_cert_file,
+            cert_key_file=config.ts_cert_key_file,
         )
         self.stopping = threading.Event()
         self._wake = threading.Event()
@@ -211,8 +222,12 @@ class Gateway:
         if queued:
             log.info("resuming %d spooled instance(s) from %s", queued, self.spool.incoming)
         ae = self._scp()
+        tls = self.config.dicom_tls
         self._server = ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self.on_store)]
+            (self.config.host, self.config.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self.on_store)],
+            ssl_context=tls.server_context() if tls else None,
         )
         self._worker = threading.Thread(target=self._run, name="gateway-worker", daemon=True)
         self._worker.start()
@@ -430,7 +445,11 @@ class Gateway:
         ae = AE(ae_title=self.config.ae_title)
         for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(self.config.pacs_host, self.config.pacs_port, ae_title=self.config.pacs_ae)
+        tls = self.config.dicom_tls
+        tls_args = (tls.client_context(), self.config.pacs_host) if tls else None
+        assoc = ae.associate(
+            self.config.pacs_host, self.config.pacs_port, ae_title=self.config.pacs_ae, tls_args=tls_args
+        )
         if not assoc.is_established:
             where = f"{self.config.pacs_ae}@{self.config.pacs_host}:{self.config.pacs_port}"
             raise Transient(f"no association with the PACS {where} (down, or it does not know {ae.ae_title})")

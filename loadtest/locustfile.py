@@ -56,6 +56,11 @@ MODEL = os.environ.get("KOA_MODEL", "oamen")
 TIMEOUT = float(os.environ.get("KOA_TIMEOUT", "120"))
 GRPC_TARGET = os.environ.get("KOA_GRPC_TARGET", "127.0.0.1:7070")
 DEFAULT_KEY_FILE = ROOT / "logs" / "serve" / "key_file.json"
+# Behind the secure front door (make serve TLS=1): https:// host, grpcs:// target, the door's CA and this
+# load generator's client certificate; the certificate is the credential, so no token is read.
+CA_FILE = os.environ.get("KOA_CA_FILE") or None
+CERT_FILE = os.environ.get("KOA_CERT_FILE") or None
+CERT_KEY_FILE = os.environ.get("KOA_CERT_KEY_FILE") or None
 # KOA_USER_RATE > 0: open loop, each user paced at that many requests/s (to load at a chosen
 # fraction of saturation); 0: closed loop, each user sends as soon as it has an answer.
 USER_RATE = float(os.environ.get("KOA_USER_RATE", "0") or 0)
@@ -119,7 +124,12 @@ class RestUser(HttpUser):
     wait_time = WAIT
 
     def on_start(self) -> None:
-        self.client.headers["Authorization"] = f"Bearer {_Setup.token}"
+        if CA_FILE or CERT_FILE:
+            self.client.trust_env = False  # REQUESTS_CA_BUNDLE would otherwise replace the CA given here
+            self.client.verify = CA_FILE or True
+            self.client.cert = (CERT_FILE, CERT_KEY_FILE) if CERT_KEY_FILE else CERT_FILE
+        if _Setup.token:
+            self.client.headers["Authorization"] = f"Bearer {_Setup.token}"
 
     @task
     def predict(self) -> None:
@@ -151,7 +161,8 @@ class GrpcUser(User):
     wait_time = WAIT
 
     def on_start(self) -> None:
-        self.grpc = GrpcClient(GRPC_TARGET, token=_Setup.token, model=MODEL, timeout=TIMEOUT)
+        tls = {"ca_file": CA_FILE, "cert_file": CERT_FILE, "cert_key_file": CERT_KEY_FILE}
+        self.grpc = GrpcClient(GRPC_TARGET, token=_Setup.token or None, model=MODEL, timeout=TIMEOUT, **tls)
 
     def on_stop(self) -> None:
         self.grpc.close()
@@ -210,7 +221,8 @@ def _setup(environment: Any, **_: Any) -> None:
             check_loopback(environment.host)
         check_loopback(GRPC_TARGET)
         key_file = os.environ.get("KOA_KEY_FILE") or DEFAULT_KEY_FILE
-        _Setup.token = load_token(key_file=key_file)
+        door = CERT_FILE is not None and not os.environ.get("KOA_TOKEN")
+        _Setup.token = "" if door else load_token(key_file=key_file)
         _Setup.images = load_images(os.environ.get("KOA_IMAGES") or ROOT / "tests" / "fixtures")
         _Setup.explain_share = explain_share()
     except (ValueError, RuntimeError) as exc:

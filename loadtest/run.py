@@ -63,6 +63,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-target", default=None, help="gRPC host:port of a running server (with --host)")
     p.add_argument("--key-file", type=Path, default=None, help="key_file.json (default: --workdir's)")
     p.add_argument("--token", default=None, help="inference key (default: KOA_TOKEN with --host, else the key file)")
+    tls = p.add_argument_group("TLS: the secure front door (--host https://..., --grpc-target grpcs://...)")
+    tls.add_argument("--ca", type=Path, default=None, help="PEM CA that signed the door's certificate")
+    tls.add_argument("--cert", type=Path, default=None, help="this load generator's client certificate (no token then)")
+    tls.add_argument("--key", type=Path, default=None, help="the key of --cert (default: in the same file)")
     p.add_argument("--explain-share", type=float, default=0.0, help="share of requests that ask for an explanation")
     p.add_argument(
         "--user-rate",
@@ -202,6 +206,9 @@ def locust_env(protocol: str, target: dict[str, Any], args: argparse.Namespace) 
         KOA_USER_RATE=str(args.user_rate),
         KOA_IMAGES=str(args.images.resolve()),
     )
+    for name, path in (("KOA_CA_FILE", args.ca), ("KOA_CERT_FILE", args.cert), ("KOA_CERT_KEY_FILE", args.key)):
+        if path is not None:
+            env[name] = str(Path(path).resolve())
     # The key of the server under test wins over a KOA_TOKEN left in the shell, except when the
     # caller named the server (--host) and so may hold its key in KOA_TOKEN.
     if args.token:
@@ -224,16 +231,20 @@ def warm_up(target: dict[str, Any], args: argparse.Namespace, protocols: list[st
 
     env = locust_env("rest", target, args)
     try:
-        token = env.get("KOA_TOKEN") or json.loads(Path(env["KOA_KEY_FILE"]).read_text())["inference"]["key"]
+        if args.cert is not None and not env.get("KOA_TOKEN"):
+            token = ""  # behind the door: the certificate is the credential
+        else:
+            token = env.get("KOA_TOKEN") or json.loads(Path(env["KOA_KEY_FILE"]).read_text())["inference"]["key"]
         image = load_images(args.images)[0].data
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         log.warning("no warm-up (%s): Locust will report the problem", exc)
         return
+    tls = {"ca_file": args.ca, "cert_file": args.cert, "cert_key_file": args.key}
     for protocol in protocols:
         if protocol == "rest":
-            client: Any = RestClient(target["host"], token=token, timeout=120)
+            client: Any = RestClient(target["host"], token=token or None, timeout=120, **tls)
         else:
-            client = GrpcClient(target["grpc_target"], token=token, timeout=120)
+            client = GrpcClient(target["grpc_target"], token=token or None, timeout=120, **tls)
         try:
             for i in range(args.warmup):
                 client.predict(image, explain=args.explain_share > 0 and i == 0)

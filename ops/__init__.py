@@ -5,6 +5,8 @@
   request images, the drivers, every answer checked against `client.schema`.
 - `ops.bench`: the benchmarks, one command (``python -m ops.bench serve|sweep|tail|logging|malloc|explain``).
 - `ops.cluster`: N replicas behind HAProxy on one machine (``make cluster``).
+- `ops.door`: the secure front door, mutual TLS with one identity per calling system (``make serve TLS=1``);
+  `ops.pki` its development certificates (``make certs``), `ops.audit` its hash-chained audit trail.
 - `ops.drills`: fault drills (a worker killed, a restart, a replica killed) and the soak.
 - `ops.results`: where results go (docs/results/ holds the committed ones); `ops.render_docs` renders the
   docs' measured figures from them, `ops.model_card` the model card.

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ops.bench.door import door_report
 from ops.bench.report import (
     explain_report,
     gate_report,
@@ -91,6 +92,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
         "make loadtest USERS=32 DURATION=300s; cp reports/loadtest/latest/summary.json docs/results/loadtest.json",
         loadtest_report,
     ),
+    "bench_door": _or_not_kept("bench_door.json", "the cost of the TLS door", "make bench-door", door_report),
     "bench_malloc": _or_not_kept("bench_malloc.json", "the malloc comparison", "make bench-malloc", malloc_report),
     "bench_logging": _or_not_kept("bench_logging.json", "the logging comparison", "make bench-logging", logging_report),
     "kill_worker": _or_not_kept(

@@ -25,6 +25,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ import requests
 from pydicom import Dataset, FileMetaDataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from gateway.tls import DicomTLS
 from ops.procs import free_ports, is_alive, read_pid
 
 __all__ = [
@@ -47,6 +49,8 @@ __all__ = [
     "Orthanc",
     "GatewayProcess",
     "credentials",
+    "PacsTLS",
+    "pacs_tls",
     "render_config",
     "start_orthanc",
     "stop_orthanc",
@@ -109,8 +113,46 @@ def credentials(workdir: Path = DEFAULT_WORKDIR) -> tuple[str, str]:
     return USER, password
 
 
-def render_config(workdir: Path, http_port: int, dicom_port: int, gateway_port: int) -> Path:
-    """pacs/orthanc.json with this folder's storage, these ports, the routing script and the credentials."""
+@dataclass(frozen=True)
+class PacsTLS:
+    """DICOM over TLS between Orthanc, the gateway and the test modality: each its certificate, one CA."""
+
+    ca: Path
+    orthanc: tuple[Path, Path]  # (certificate, key)
+    gateway: tuple[Path, Path]
+    modality: tuple[Path, Path]
+
+    def gateway_tls(self) -> DicomTLS:
+        return DicomTLS(str(self.gateway[0]), str(self.gateway[1]), str(self.ca))
+
+    def modality_args(self, host: str = "127.0.0.1") -> tuple[ssl.SSLContext, str]:
+        """pynetdicom's ``tls_args`` for the test modality sending to Orthanc (`send`)."""
+        tls = DicomTLS(str(self.modality[0]), str(self.modality[1]), str(self.ca))
+        return tls.client_context(), host
+
+
+def pacs_tls(certs: Path) -> PacsTLS:
+    """Development certificates for DICOM TLS from the CA of ``make certs`` (made when missing): ``orthanc``,
+    ``koaserve-gateway`` and ``modality`` in ``<certs>/peers/`` (development and tests only)."""
+    from ops import pki
+
+    certs = pki.init(Path(certs))
+    pairs = {}
+    for name in ("orthanc", "koaserve-gateway", "modality"):
+        cert, key = certs / "peers" / f"{name}.crt", certs / "peers" / f"{name}.key"
+        if not (cert.is_file() and key.is_file()):  # kept once issued: a running Orthanc holds them
+            issued = pki.add_peer(name, certs)
+            cert, key = issued.cert, issued.key
+        pairs[name] = (cert, key)
+    return PacsTLS(certs / "ca.crt", pairs["orthanc"], pairs["koaserve-gateway"], pairs["modality"])
+
+
+def render_config(
+    workdir: Path, http_port: int, dicom_port: int, gateway_port: int, tls: PacsTLS | None = None
+) -> Path:
+    """pacs/orthanc.json with this folder's storage, these ports, the routing script and the credentials;
+    with ``tls``, Orthanc's DICOM port speaks TLS only, asks every peer for its certificate and routes to
+    the gateway over TLS."""
     workdir = Path(workdir).resolve()
     config = json.loads(CONFIG.read_text())
     user, password = credentials(workdir)
@@ -120,6 +162,16 @@ def render_config(workdir: Path, http_port: int, dicom_port: int, gateway_port: 
     config["DicomPort"] = dicom_port
     config["RegisteredUsers"] = {user: password}
     config["DicomModalities"][GATEWAY_MODALITY]["Port"] = gateway_port
+    if tls is not None:
+        config.update(
+            DicomTlsEnabled=True,
+            DicomTlsCertificate=str(tls.orthanc[0]),
+            DicomTlsPrivateKey=str(tls.orthanc[1]),
+            DicomTlsTrustedCertificates=str(tls.ca),
+            DicomTlsRemoteCertificateRequired=True,
+        )
+        for modality in config["DicomModalities"].values():
+            modality["UseDicomTls"] = True
     path = workdir / "orthanc.json"
     _write_private(path, json.dumps(config, indent=2))
     return path
@@ -235,6 +287,7 @@ def start_orthanc(
     dicom_port: int = 4242,
     gateway_port: int = 11112,
     timeout: float = 60.0,
+    tls: PacsTLS | None = None,
 ) -> Orthanc:
     """Start Orthanc with the project's configuration and return once its REST API answers.
 
@@ -243,7 +296,7 @@ def start_orthanc(
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)  # patient images: the owner only
-    config = render_config(workdir, http_port, dicom_port, gateway_port)
+    config = render_config(workdir, http_port, dicom_port, gateway_port, tls)
     pid = _spawn(workdir, "orthanc", [find_orthanc(), str(config)], workdir)
     _save_state(workdir, http_port=http_port, dicom_port=dicom_port, gateway_port=gateway_port)
     orthanc = Orthanc(workdir, f"http://127.0.0.1:{http_port}", dicom_port)
@@ -291,6 +344,8 @@ def start_gateway(
     allow: Iterable[str] = ("ORTHANC",),
     max_backoff_s: float = 5.0,
     timeout: float = 60.0,
+    tls: PacsTLS | None = None,
+    door: tuple[Path, Path, Path] | None = None,
 ) -> GatewayProcess:
     """Start ``python -m gateway serve`` in the background; return once it accepts connections.
 
@@ -310,6 +365,11 @@ def start_gateway(
     ]  # fmt: skip
     if key_file is not None:
         cmd += ["--key-file", str(Path(key_file).resolve())]
+    if tls is not None:
+        cmd += ["--dicom-tls-cert", str(tls.gateway[0]), "--dicom-tls-key", str(tls.gateway[1])]
+        cmd += ["--dicom-tls-ca", str(tls.ca)]
+    if door is not None:  # (CA, certificate, key): grading through the front door (ops/door.py)
+        cmd += ["--ts-ca", str(door[0]), "--ts-cert", str(door[1]), "--ts-key", str(door[2])]
     for ae in allow:
         cmd += ["--allow", ae]
     pid = _spawn(workdir, "gateway", cmd, ROOT)
@@ -355,6 +415,7 @@ def send(
     host: str = "127.0.0.1",
     called_ae: str = "ORTHANC",
     calling_ae: str = MODALITY_AE,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
 ) -> list[int]:
     """C-STORE ``datasets`` (datasets, Part 10 bytes or files) over one association, as a modality would.
 
@@ -378,7 +439,7 @@ def send(
         ae.add_requested_context(
             sop_class, list(dict.fromkeys([syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
         )
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
         raise PacsError(f"no association with {called_ae}@{host}:{port} as {calling_ae}")
     try:

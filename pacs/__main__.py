@@ -19,6 +19,8 @@ from ops.procs import is_alive, read_pid
 
 __all__ = ["get_args_parser", "main"]
 
+DOOR_CLIENT = "koaserve-gateway"  # the gateway's identity at the front door (make pacs TLS=1)
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pacs", description=__doc__.split("\n")[0])
@@ -32,6 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", type=Path, default=pacs.ROOT / "logs" / "serve" / "key_file.json")
     p.add_argument("--laterality", choices=("R", "L"), default=None, help="demo: the knee's side, for a PNG/JPEG")
     p.add_argument("--timeout", type=float, default=300.0, help="demo: seconds to wait for the report")
+    p.add_argument("--tls", action="store_true", help="DICOM over TLS both ways (start; demo sends over TLS too)")
+    p.add_argument("--certs", type=Path, default=pacs.ROOT / "certs", help="--tls: the CA of `make certs`")
     return p
 
 
@@ -43,11 +47,20 @@ def _orthanc(workdir: Path) -> pacs.Orthanc:
 
 
 def start(args: argparse.Namespace) -> None:
-    orthanc = pacs.start_orthanc(args.workdir, args.http_port, args.dicom_port, args.gateway_port)
+    tls = pacs.pacs_tls(args.certs) if args.tls else None
+    door, key_file = None, args.key_file
+    if args.ts_url.startswith("https://"):  # grading through the front door: the gateway's own certificate
+        clients = args.certs / "clients"
+        door = (args.certs / "ca.crt", clients / f"{DOOR_CLIENT}.crt", clients / f"{DOOR_CLIENT}.key")
+        if not all(f.is_file() for f in door):
+            raise pacs.PacsError(f"no door certificate for the gateway: make client-add NAME={DOOR_CLIENT}")
+        key_file = None
+    orthanc = pacs.start_orthanc(args.workdir, args.http_port, args.dicom_port, args.gateway_port, tls=tls)
     try:
         pacs.start_gateway(
-            args.workdir, args.gateway_port, args.ts_url, args.key_file, args.dicom_port, max_backoff_s=30.0
-        )
+            args.workdir, args.gateway_port, args.ts_url, key_file, args.dicom_port, max_backoff_s=30.0, tls=tls,
+            door=door,
+        )  # fmt: skip
     except pacs.PacsError:
         pacs.stop_orthanc(args.workdir)
         raise
@@ -56,6 +69,8 @@ def start(args: argparse.Namespace) -> None:
     print(f"Orthanc   DICOM ORTHANC@127.0.0.1:{args.dicom_port}   REST {orthanc.http_url} (user {user}; ", end="")
     print("`make pacs-credentials` prints user:password)")
     print(f"gateway   DICOM KOASERVE@127.0.0.1:{args.gateway_port} -> KOA-Serve {args.ts_url}")
+    if tls is not None:
+        print(f"DICOM TLS both ways; certificates in {args.certs}/peers (development only), CA {tls.ca}")
     print(f"data      {args.workdir} (storage, spool, audit.jsonl, logs)")
     if resent:
         print(f"resubmitted {resent} routing job(s) that failed while the gateway was down")
@@ -70,7 +85,8 @@ def demo(args: argparse.Namespace) -> int:
         ds.ImageLaterality = args.laterality
     uid = str(ds.SOPInstanceUID)
     try:
-        status = pacs.send([ds], orthanc.dicom_port)[0]
+        tls_args = pacs.pacs_tls(args.certs).modality_args() if args.tls else None
+        status = pacs.send([ds], orthanc.dicom_port, tls_args=tls_args)[0]
     except pacs.PacsError as exc:
         raise pacs.PacsError(f"{exc}: is the PACS running? (`make pacs`)") from None
     if status != 0:

@@ -155,6 +155,16 @@ def test_runner_validates_the_open_loop_rate() -> None:
     )
 
 
+def test_runner_passes_the_door_credentials_to_locust(tmp_path: Path) -> None:
+    flags = ["--host", "https://127.0.0.1:8443", "--ca", "ca.crt", "--cert", "c.crt", "--key", "c.key"]
+    args = loadtest_run.get_args_parser().parse_args(flags)
+    env = loadtest_run.locust_env(
+        "rest", {"grpc_target": "grpcs://127.0.0.1:7443", "started": False, "key_file": "k"}, args
+    )
+    assert env["KOA_CA_FILE"].endswith("ca.crt") and env["KOA_CERT_FILE"].endswith("c.crt")
+    assert env["KOA_CERT_KEY_FILE"].endswith("c.key") and env["KOA_GRPC_TARGET"] == "grpcs://127.0.0.1:7443"
+
+
 def test_images_are_read_once_from_the_folder(tmp_path: Path) -> None:
     assert [i.name for i in load_images(ROOT / "tests" / "fixtures")] == ["knee_kl2.png", "knee_kl2_prepared.png"]
     with pytest.raises(RuntimeError, match="no .png"):

@@ -1,4 +1,4 @@
-"""``python -m ops.bench serve|sweep|tail|logging|malloc|explain|gpu|precision [options]``: run one benchmark.
+"""``python -m ops.bench serve|sweep|tail|logging|malloc|explain|gpu|precision|door [options]``: run one benchmark.
 
 ``python -m ops.bench SUBCOMMAND --help`` lists that benchmark's options.
 """

@@ -1,0 +1,242 @@
+"""What the secure front door costs: served throughput at saturation, plain HTTP against mutual TLS through the door.
+
+``python -m ops.bench door [--rounds 2] [--seconds 20] [--clients 16]`` (``make bench-door``)
+
+One TorchServe replica (the archive, the shipped batching) behind the door of `ops.door`, with a development PKI
+made for the run in a temporary folder. Each round measures both paths one after the other (the order
+alternates between rounds), on the same replica, with ``--clients`` closed-loop REST clients for ``--seconds``
+after a 3 s ramp, each client on its own keep-alive connection:
+
+- ``plain``: straight to TorchServe's REST port over plain HTTP with its inference key (what `make serve` offers);
+- ``door``: HTTPS with a client certificate to the door, which checks it, applies the policy and the rate limit
+  (set far above the load), writes the audit line and forwards to the same replica.
+
+The cost is 1 - door / plain, from the medians over rounds. Prints a table; writes docs/results/bench_door.json
+(``--json``). A benchmark, not a test: on a shared machine the figures move with whatever else runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from ops import door, pki
+from ops.procs import free_ports, read_pid
+from ops.results import DATA_IMAGES, DOC_RESULTS, ROOT, write_result
+
+RAMP_S = 3.0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--images", type=Path, default=DATA_IMAGES, help="PNG folder (default: the val split)")
+    p.add_argument("--store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--json", type=Path, default=DOC_RESULTS / "bench_door.json")
+    p.add_argument("--note", default="", help="what else the machine was doing (goes into the result)")
+    return p
+
+
+def request_images(folder: Path, limit: int = 64) -> list[bytes]:
+    """Up to ``limit`` PNG bodies from ``folder`` (recursively); the test fixtures when it is not there."""
+    paths = sorted(Path(folder).rglob("*.png"))[:limit] if Path(folder).is_dir() else []
+    if not paths:
+        paths = sorted((ROOT / "tests" / "fixtures").glob("knee_*.png"))
+    if not paths:
+        raise RuntimeError(f"no PNG request images in {folder} nor in tests/fixtures")
+    return [p.read_bytes() for p in paths]
+
+
+def saturate(url: str, images: list[bytes], clients: int, seconds: float, **session: Any) -> dict[str, Any]:
+    """``clients`` closed-loop clients POSTing ``images`` to ``url`` for ``seconds`` after the ramp."""
+    stop = threading.Event()
+    counted = threading.Event()
+    lock = threading.Lock()
+    ok, failed, latencies = [0], [0], []
+
+    def user(k: int) -> None:
+        s = requests.Session()
+        s.trust_env = False  # REQUESTS_CA_BUNDLE would override the CA given here
+        s.headers.update(session.get("headers", {}))
+        s.verify = session.get("verify", True)
+        s.cert = session.get("cert")
+        i = k
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                r = s.post(url, data=images[i % len(images)], headers={"Content-Type": "image/png"}, timeout=120)
+                good = r.status_code == 200 and "kl_grade" in r.text
+            except requests.RequestException:
+                good = False
+            if counted.is_set() and not stop.is_set():
+                with lock:
+                    if good:
+                        ok[0] += 1
+                        latencies.append((time.perf_counter() - t0) * 1000)
+                    else:
+                        failed[0] += 1
+            i += clients
+        s.close()
+
+    with cf.ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(user, k) for k in range(clients)]
+        time.sleep(RAMP_S)
+        counted.set()
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        stop.set()
+        wall = time.perf_counter() - t0
+        for f in futures:
+            f.result()
+    latencies.sort()
+
+    def pct(q: float) -> float | None:
+        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1) if latencies else None
+
+    return {"rps": ok[0] / wall, "ok": ok[0], "failures": failed[0], "p50_ms": pct(0.5), "p95_ms": pct(0.95)}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes (threads included)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def door_pids(workdir: Path) -> list[int]:
+    """HAProxy and the audit receiver of the door running from ``workdir``."""
+    return [p for p in (read_pid(workdir / "haproxy.pid"), read_pid(workdir / "audit-receiver.pid")) if p]
+
+
+def replica_pids(replica_workdir: Path) -> list[int]:
+    """TorchServe's Java frontend and its workers."""
+    java = door.ts.server_pid(replica_workdir)
+    return [java, *door.ts.descendants(java)] if java else []
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    images = request_images(args.images)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load = os.getloadavg()
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="koa-door-bench-") as tmp:
+        base = Path(tmp)
+        certs = pki.init(base / "certs")
+        files = door.DoorFiles(
+            str(certs / "server.pem"), str(certs / "ca.crt"), str(certs / "crl.pem"), str(certs / "clients.json")
+        )
+        client = door.client_add("bench", files, certs, policy=door.ClientPolicy(per_minute=1_000_000))
+        assert client is not None
+        front = door.DoorFront(*free_ports(3))
+        workdir = base / "door"
+        try:
+            state = door.start(1, workdir, front, files, model_store=args.store)
+            replica = state["replicas"][0]
+            token = door.ts.read_keys(Path(replica["workdir"]))["inference"]
+            paths = {
+                "plain": (
+                    f"http://127.0.0.1:{replica['rest_port']}/predictions/{door.ts.MODEL_NAME}",
+                    {"headers": {"Authorization": f"Bearer {token}"}},
+                ),
+                "door": (
+                    f"https://127.0.0.1:{front.rest_port}/predictions/{door.ts.MODEL_NAME}",
+                    {"verify": str(certs / "ca.crt"), "cert": (str(client.cert), str(client.key))},
+                ),
+            }
+            order = ["plain", "door"]
+            for k in range(args.rounds):
+                for label in order if k % 2 == 0 else order[::-1]:
+                    url, session = paths[label]
+                    procs = {"door": door_pids(workdir), "torchserve": replica_pids(Path(replica["workdir"]))}
+                    before = {name: cpu_seconds(pids) for name, pids in procs.items()}
+                    r = saturate(url, images, args.clients, args.seconds, **session)
+                    # CPU per request (whole run, ramp included): what the door adds whatever else the machine runs.
+                    sent = max(1, r["ok"] + r["failures"])
+                    cpu = {f"cpu_ms_per_request_{n}": round(1000 * (cpu_seconds(p) - before[n]) / sent, 2)
+                           for n, p in procs.items()}  # fmt: skip
+                    runs.append({"round": k + 1, "path": label, **r, **cpu})
+                    print(f"round {k + 1}, {label}: {r['rps']:.2f} req/s, p50 {r['p50_ms']} ms", flush=True)
+            dropped = door.dropped_logs(workdir)
+        finally:
+            door.stop(workdir)
+    med = {p: statistics.median(r["rps"] for r in runs if r["path"] == p) for p in ("plain", "door")}
+    cost = 1 - med["door"] / med["plain"] if med["plain"] else None
+    # The door's CPU per request against TorchServe's: its share of the CPU a request costs at saturation.
+    door_runs = [r for r in runs if r["path"] == "door"]
+    door_ms = statistics.median(r["cpu_ms_per_request_door"] for r in door_runs)
+    ts_ms = statistics.median(r["cpu_ms_per_request_torchserve"] for r in runs)
+    cpu_share = door_ms / (door_ms + ts_ms) if door_ms + ts_ms > 0 else None
+    result = {
+        "started": started,
+        "config": {"rounds": args.rounds, "seconds": args.seconds, "clients": args.clients, "images": len(images)},
+        "machine": {"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load], "note": args.note},
+        "runs": runs,
+        "median_rps": {k: round(v, 3) for k, v in med.items()},
+        "door_cost": None if cost is None else round(cost, 4),
+        "cpu_ms_per_request": {"door": door_ms, "torchserve": ts_ms},
+        "door_cpu_share": None if cpu_share is None else round(cpu_share, 4),
+        "audit_lines_dropped": dropped,
+        "limit": 0.10,
+    }
+    print(f"| path | median req/s |\n|---|---|\n| plain | {med['plain']:.2f} |\n| door (mTLS) | {med['door']:.2f} |")
+    print(f"door cost: {100 * cost:.1f}% of served throughput (limit 10%)" if cost is not None else "no plain figure")
+    write_result(args.json, result)
+    return result
+
+
+def door_report(result: dict[str, Any]) -> str:
+    """The Markdown of docs/SECURITY.md's measured cost (rendered by `ops.render_docs` from bench_door.json)."""
+    c = result["config"]
+    rows = [
+        "| round | path | req/s | p50 ms | p95 ms | failures | CPU ms/request: door | TorchServe |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        rows.append(
+            f"| {r['round']} | {r['path']} | {r['rps']:.2f} | {r['p50_ms']} | {r['p95_ms']} | {r['failures']} "
+            f"| {r.get('cpu_ms_per_request_door', '')} | {r.get('cpu_ms_per_request_torchserve', '')} |"
+        )
+    med, cost = result["median_rps"], result["door_cost"]
+    verdict = "within" if cost is not None and cost <= result["limit"] else "OVER"
+    m = result["machine"]
+    cpu = result.get("cpu_ms_per_request", {})
+    return (
+        f"Measured {result['started']} by `make bench-door` (results/bench_door.json; {c['rounds']} rounds, "
+        f"{c['clients']} closed-loop REST "
+        f"clients for {c['seconds']:.0f} s per path, one replica, {c['images']} request images; "
+        f"{m['cpus']} CPUs, load average {m['loadavg_before'][0]} before the run"
+        + (f"; {m['note']}" if m.get("note") else "")
+        + "):\n\n"
+        + "\n".join(rows)
+        + f"\n\nMedian: plain {med['plain']:.2f} req/s, door {med['door']:.2f} req/s: through the door "
+        f"{100 * (1 - cost):.1f}% of plain (a cost of {100 * cost:.1f}%; negative: within this machine's noise), "
+        f"{verdict} the {100 * result['limit']:.0f}% limit; "
+        f"audit lines dropped: {result['audit_lines_dropped']}.\n"
+        + (
+            f"\nCPU per request (medians): the door (HAProxy + audit receiver) {cpu['door']} ms,"
+            f" TorchServe {cpu['torchserve']:.0f} ms: the door's share of a request's CPU is "
+            f"**{100 * result['door_cpu_share']:.1f}%**, the throughput it can cost when the CPU is the bottleneck, "
+            "whatever else shares the machine (the client's own TLS work is left out: it runs elsewhere in a "
+            "deployment).\n"
+            if result.get("door_cpu_share") is not None
+            else ""
+        )
+    )
