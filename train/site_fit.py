@@ -1,0 +1,283 @@
+"""Site calibration: what can be refitted to one hospital without touching the weights, chosen by cross-fitting.
+
+A site profile changes only how the model's logits become an answer (`model.postprocess`):
+temperature, a bias per class, and the ordinal cut-points on the expected grade; or, without labels,
+the class bias that corrects for the site's grade mix by EM (Saerens, Latinne and Decaestecker 2002,
+"Adjusting the outputs of a classifier to new a priori probabilities"). Each way of fitting is a
+`Method`; `cross_fit` measures every method on knees its fit did not see (repeated stratified K-fold
+of the labelled sample), and `choose` keeps the shipped decoding unless a method beats it there by
+more than the noise. The rule is stated before the figures are read (`choose`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+
+from model.contract import PostprocessConfig
+from model.postprocess import calibrated_probabilities, decode_grades, expected_grade
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "choose",
+    "cross_fit",
+    "em_prior_bias",
+    "fit",
+    "probabilities",
+    "score",
+]
+
+
+def probabilities(logits: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    """(N, V, K) logits of V views (the image, its mirror) -> (N, K): each view calibrated, then averaged,
+    as the server does (`model.postprocess.finish`)."""
+    x = np.asarray(logits, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[:, None]
+    return np.mean([calibrated_probabilities(x[:, v], cfg) for v in range(x.shape[1])], axis=0)
+
+
+def qwk(labels: np.ndarray, grades: np.ndarray, k: int) -> float:
+    """Quadratic weighted kappa without input checks (`train.metrics.quadratic_weighted_kappa` checks
+    them): the cut-point search calls it tens of thousands of times."""
+    cm = np.bincount(labels * k + grades, minlength=k * k).reshape(k, k).astype(np.float64)
+    n = cm.sum()
+    i = np.arange(k)
+    w = (i[:, None] - i[None, :]) ** 2 / (k - 1) ** 2
+    expected = np.outer(cm.sum(1), cm.sum(0)) / n
+    den = (w * expected).sum()
+    return 1.0 - (w * cm).sum() / den if den > 0 else 0.0
+
+
+def score(labels: np.ndarray, grades: np.ndarray, k: int) -> float:
+    """What cut-points are fitted to and methods chosen by: the mean of top-1 accuracy and quadratic kappa
+    (the same rule as `train.calibrate.decision_score`)."""
+    return 0.5 * (float((grades == labels).mean()) + qwk(labels, grades, k))
+
+
+def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
+def fit_temperature_bias(
+    logits: np.ndarray, labels: np.ndarray, base: PostprocessConfig, bias: bool, ridge: float = 0.05
+) -> PostprocessConfig:
+    """Temperature (and, with ``bias``, K centred class biases) by negative log-likelihood, starting from
+    ``base``. A small ridge on the change keeps a fit on 50 knees from swinging on a grade it saw twice."""
+    k = np.asarray(logits).shape[-1]
+    b0 = np.asarray(base.class_bias or (0.0,) * k, dtype=np.float64)
+    t0 = np.log(base.temperature)
+
+    def cfg_of(a: np.ndarray) -> PostprocessConfig:
+        b = b0 + (a[1:] - a[1:].mean() if bias else 0.0)
+        return dataclasses.replace(base, temperature=float(np.exp(a[0])), class_bias=tuple(float(v) for v in b))
+
+    def loss(a: np.ndarray) -> float:
+        change = (a[0] - t0) ** 2 + (np.sum(a[1:] ** 2) if bias else 0.0)
+        return _nll(probabilities(logits, cfg_of(a)), labels) + ridge * change
+
+    a = minimize(loss, np.r_[t0, np.zeros(k if bias else 0)], method="L-BFGS-B").x
+    cfg = cfg_of(a)
+    return dataclasses.replace(
+        cfg, temperature=round(cfg.temperature, 4), class_bias=tuple(round(b, 4) for b in cfg.class_bias)
+    )
+
+
+def fit_cutpoints(
+    probs: np.ndarray, labels: np.ndarray, start: tuple[float, ...] = (), rounds: int = 3
+) -> tuple[float, ...]:
+    """K-1 increasing cut-points on the expected grade maximising `score` (coordinate search from ``start``,
+    the shipped cut-points when there are any, so that ties keep them)."""
+    k = probs.shape[1]
+    e = expected_grade(probs)
+    cuts = np.asarray(start if len(start) == k - 1 else np.arange(k - 1) + 0.5, dtype=np.float64)
+
+    def s(c: np.ndarray) -> float:
+        return score(labels, np.searchsorted(c, e, side="right"), k)
+
+    for _ in range(rounds):
+        for j in range(k - 1):
+            lo = cuts[j - 1] + 1e-3 if j > 0 else 0.0
+            hi = cuts[j + 1] - 1e-3 if j < k - 2 else float(k - 1)
+            best, best_s = cuts[j], s(cuts)
+            for c in np.linspace(lo, hi, 81):
+                trial = cuts.copy()
+                trial[j] = c
+                t = s(trial)
+                if t > best_s + 1e-9:
+                    best, best_s = c, t
+            cuts[j] = best
+    return tuple(round(float(c), 4) for c in cuts)
+
+
+def em_prior_bias(
+    logits: np.ndarray, cfg: PostprocessConfig, train_prior: np.ndarray, iters: int = 100, tol: float = 1e-6
+) -> tuple[float, ...]:
+    """Label-free: the class bias that moves the model's priors to the site's, estimated by EM on the
+    site's unlabelled images (Saerens et al. 2002). Adding ``log(site / train)`` to the logits is Bayes'
+    rule for a change of priors; the returned bias is the contract's plus that, centred."""
+    p0 = probabilities(logits, cfg)
+    train = np.asarray(train_prior, dtype=np.float64)
+    train = train / train.sum()
+    prior = train.copy()
+    for _ in range(iters):
+        w = p0 * (prior / train)
+        w /= w.sum(axis=1, keepdims=True)
+        new = w.mean(axis=0)
+        if np.abs(new - prior).max() < tol:
+            prior = new
+            break
+        prior = new
+    shift = np.log(np.clip(prior, 1e-4, None) / train)  # added to logits / T + b: Bayes for new priors
+    base = np.asarray(cfg.class_bias or (0.0,) * len(train))
+    b = base + shift
+    return tuple(round(float(v - b.mean()), 4) for v in b)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of fitting a site calibration: which of temperature, class bias and cut-points it refits,
+    and whether it reads the labels at all."""
+
+    name: str
+    temperature: bool = False
+    bias: bool = False
+    cutpoints: bool = False
+    em_prior: bool = False
+    description: str = ""
+
+    @property
+    def labelled(self) -> bool:
+        return self.temperature or self.bias or self.cutpoints
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("shipped", description="the shipped calibration and decoding, unchanged"),
+        Method("cutpoints", cutpoints=True, description="the ordinal cut-points refitted"),
+        Method("temperature+cutpoints", temperature=True, cutpoints=True,
+               description="temperature, then the cut-points, refitted"),
+        Method("bias+cutpoints", temperature=True, bias=True, cutpoints=True,
+               description="temperature and a bias per class (NLL), then the cut-points, refitted"),
+        Method("bias", temperature=True, bias=True,
+               description="temperature and a bias per class (NLL) refitted; the shipped cut-points kept"),
+        Method("em-prior", em_prior=True,
+               description="label-free: class bias from the site's grade mix estimated by EM (Saerens et al. 2002)"),
+        Method("em-prior+cutpoints", em_prior=True, cutpoints=True,
+               description="EM prior correction on the site's images, then the cut-points refitted"),
+    )
+}  # fmt: skip
+
+
+def fit(
+    method: Method,
+    base: PostprocessConfig,
+    logits: np.ndarray,
+    labels: np.ndarray | None,
+    train_prior: np.ndarray | None = None,
+    unlabelled: np.ndarray | None = None,
+) -> PostprocessConfig:
+    """The shipped ``base`` with what ``method`` refits fitted on (``logits`` (N, V, K), ``labels``).
+
+    ``unlabelled`` are the site's images the EM prior correction reads (default: ``logits``);
+    ``train_prior`` the training split's grade mix it corrects from.
+    """
+    cfg = base
+    if method.em_prior:
+        if train_prior is None:
+            raise ValueError("the EM prior correction needs the training split's grade mix (train_prior)")
+        cfg = dataclasses.replace(
+            cfg, class_bias=em_prior_bias(logits if unlabelled is None else unlabelled, cfg, train_prior)
+        )
+    if method.temperature or method.bias:
+        cfg = fit_temperature_bias(logits, labels, cfg, bias=method.bias)
+    if method.cutpoints:
+        cuts = fit_cutpoints(probabilities(logits, cfg), labels, base.cutpoints)
+        cfg = dataclasses.replace(cfg, decision="cutpoints", cutpoints=cuts)
+    return cfg
+
+
+def stratified_folds(labels: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """(N,) fold of each knee: each grade dealt round-robin in a random order, so every fold holds each
+    grade in about the sample's share."""
+    fold = np.zeros(len(labels), dtype=np.int64)
+    offset = 0
+    for g in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == g))
+        fold[idx] = (np.arange(len(idx)) + offset) % folds
+        offset += len(idx)
+    return fold
+
+
+Evaluator = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]
+
+
+def held_out_figures(labels: np.ndarray, probs: np.ndarray, grades: np.ndarray, k: int) -> dict[str, float]:
+    """Top-1, QWK, MAE, NLL and the selection score of held-out answers."""
+    return {
+        "accuracy": float((grades == labels).mean()),
+        "qwk": qwk(labels, grades, k),
+        "mae": float(np.abs(grades - labels).mean()),
+        "nll": _nll(probs, labels),
+        "score": score(labels, grades, k),
+    }
+
+
+def cross_fit(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    base: PostprocessConfig,
+    methods: list[str],
+    *,
+    train_prior: np.ndarray | None = None,
+    folds: int = 5,
+    repeats: int = 10,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Each method fitted on K-1 folds of the labelled sample and measured on the K-th, over ``repeats``
+    random stratified splits. Returns per method the mean and sd (over repeats) of each held-out figure.
+    The label-free methods read the held-out fold's own images (not its labels), as a site would."""
+    k = logits.shape[-1]
+    out: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    rng = np.random.default_rng(seed)
+    for _ in range(repeats):
+        fid = stratified_folds(labels, folds, rng)
+        for name in methods:
+            m = METHODS[name]
+            probs = np.zeros((len(labels), k))
+            grades = np.zeros(len(labels), dtype=np.int64)
+            for f in range(folds):
+                tr, te = fid != f, fid == f
+                cfg = fit(m, base, logits[tr], labels[tr], train_prior, unlabelled=logits[te] if m.em_prior else None)
+                probs[te] = probabilities(logits[te], cfg)
+                grades[te] = decode_grades(probs[te], cfg)
+            for key, v in held_out_figures(labels, probs, grades, k).items():
+                out[name].setdefault(key, []).append(v)
+    return {
+        m: {
+            **{key: float(np.mean(v)) for key, v in figs.items()},
+            **{f"{key}_sd": float(np.std(v)) for key, v in figs.items()},
+        }
+        for m, figs in out.items()
+    }
+
+
+def choose(cv: dict[str, dict[str, float]], margin_sd: float = 1.0) -> str:
+    """The rule, stated before measuring: the method with the best cross-fitted `score`, if it beats the
+    shipped decoding's by more than ``margin_sd`` of its spread over repeats and its NLL is no worse than
+    the shipped one's by more than 0.05; else ``shipped`` (keep the default)."""
+    ship = cv["shipped"]
+    best = max(cv, key=lambda m: cv[m]["score"])
+    if best == "shipped":
+        return "shipped"
+    gain = cv[best]["score"] - ship["score"]
+    noise = margin_sd * max(cv[best]["score_sd"], ship["score_sd"], 1e-3)
+    if gain > noise and cv[best]["nll"] <= ship["nll"] + 0.05:
+        return best
+    return "shipped"
