@@ -110,7 +110,8 @@ $(ARCHIVE): $(EXPORT) $(FINDER) $(MARKERS) $(SOURCES) | $(STAMP)
 		--handler handler/koa_handler.py --extra-files build/mar --export-path model_store --force
 	@echo "built $@"
 
-serve: archive  ## start TorchServe in the background; returns when the model answers
+serve: archive  ## start TorchServe in the background (SITE=name[,name] adds site profiles); returns when it answers
+	$(if $(SITE),export KOA_SITE_PROFILES="$$($(PY) -m ops.sites check $(SITE) --weights $(WEIGHTS))" || exit 1;) \
 	$(PY) -m ops.server start --workdir $(SERVE_DIR)
 
 stop: $(STAMP)  ## stop TorchServe and wait until its processes are gone
@@ -199,3 +200,15 @@ cluster-stop: $(STAMP)  ## stop the cluster's HAProxy and replicas; returns when
 
 drill-replicas: archive $(PROTO_STAMP)  ## throughput with 1 and N replicas, then kill one under load -> reports/drills/replicas.json (~10 min)
 	$(PY) -m ops.drills.replicas --replicas $(or $(N),2) --configs 1,1x1,$(or $(N),2) --rounds 2
+
+# Site acceptance and calibration (docs/SITES.md): a hospital's own knees through the served path ->
+# sites/SITE/report.md, report.json, figures and, when it beats the default, profile.json (make serve SITE=...).
+.PHONY: site-check site-study
+site-check: $(STAMP)  ## check SITE=name on DATA=<grade>/<image> folder or file,grade CSV (or plain images) -> sites/SITE/
+	$(if $(and $(SITE),$(filter command line environment,$(origin DATA))),,$(error make site-check needs SITE=name and DATA=folder-or-csv))
+	$(PY) -m train.site_check --site $(SITE) --data $(DATA) --weights $(WEIGHTS) --finder $(FINDER)
+
+SITE_DATA ?= ../shared/data/site2
+site-study: $(STAMP)  ## cross-fitted site calibration on SITE_DATA (50, 100, all knees, label-free) and val -> docs/results/site_calibration.json, sites/reference.json (~20 min)
+	$(PY) -m train.site_study --site-data $(SITE_DATA) --val $(DATA) --weights $(WEIGHTS) --finder $(FINDER)
+	$(PY) -m ops.render_docs

@@ -56,6 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pacs", default="ORTHANC@127.0.0.1:4242", help="where results go: AE@HOST:PORT")
     serve.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer")
     serve.add_argument("--max-backoff", type=float, default=30.0, help="longest pause between retries (s)")
+    serve.add_argument(
+        "--site", action="append", default=[], metavar="SENDER=NAME",
+        help="images from this sending AE title or InstitutionName are answered by site profile NAME (docs/SITES.md)",
+    )  # fmt: skip
     serve.add_argument("--log-level", default="INFO")
     tree = sub.add_parser("tree", help="print the content tree of an SR file")
     tree.add_argument("file", type=Path)
@@ -100,6 +104,7 @@ def main(args: argparse.Namespace) -> int:
             pacs_port=pacs_port,
             timeout=args.timeout,
             max_backoff_s=args.max_backoff,
+            sites=dict(pair.split("=", 1) for pair in args.site if "=" in pair),
         )
     )
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,9 @@ class GatewayConfig:
             restarting before the gateway's own backoff takes over.
         max_backoff_s: the longest pause between two attempts at a queued instance.
         server_error_attempts: 5xx answers on one image before it is moved to ``failed/``.
+        sites: which site profile answers an image (docs/SITES.md): a sending AE title or an
+            InstitutionName (as in the header, matched without case) -> the site's name; an image of no
+            listed sender gets the server's default calibration.
     """
 
     spool: Path
@@ -149,6 +152,7 @@ class GatewayConfig:
     retry_s: float = 10.0
     max_backoff_s: float = 30.0
     server_error_attempts: int = 5
+    sites: dict[str, str] = field(default_factory=dict)
 
     def audit_path(self) -> Path:
         return self.audit if self.audit is not None else Path(self.spool).parent / "audit.jsonl"
@@ -381,6 +385,25 @@ class Gateway:
         return "failed"
 
     # --- the model server ----------------------------------------------------------------------
+    def site_of(self, data: bytes) -> str | None:
+        """The site profile for an instance: by its sender's AE title (the file meta's, as received), else its
+        InstitutionName, through ``config.sites``; None (the default calibration) when neither is listed."""
+        if not self.config.sites:
+            return None
+        sites = {k.strip().lower(): v for k, v in self.config.sites.items()}
+        try:
+            header = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        except (InvalidDicomError, ValueError, EOFError, OSError):
+            return None
+        meta = getattr(header, "file_meta", None)
+        for key in (
+            str(getattr(meta, "SourceApplicationEntityTitle", "") or ""),
+            str(header.get("InstitutionName", "")),
+        ):
+            if key.strip() and key.strip().lower() in sites:
+                return sites[key.strip().lower()]
+        return None
+
     def _ask(self, data: bytes) -> dict[str, Any] | Refusal:
         """The server's answer with its explanation, or its refusal of the image.
 
@@ -389,7 +412,7 @@ class Gateway:
             ServerFailure: a 5xx other than 503/504, or an answer that breaks the schema.
         """
         try:
-            answer = self.client.predict(data, explain=True)
+            answer = self.client.predict(data, explain=True, site=self.site_of(data))
         except KOAClientError as exc:
             if 400 <= exc.status < 500 and exc.kind in REFUSAL_KINDS:
                 return Refusal(exc.kind or "bad_request", exc.message)

@@ -191,3 +191,33 @@ def test_bad_samples_are_reported_by_name(tmp_path: Path) -> None:
     s = read_sample(csv)
     assert s.grades == [0]
     assert any("missing.png" in w for w in s.warnings) and any("'9'" in w for w in s.warnings)
+
+
+# --- the DICOM gateway's mapping ------------------------------------------------------------------------------
+
+
+def test_gateway_maps_sender_and_institution_to_a_site(tmp_path: Path) -> None:
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from gateway.service import Gateway, GatewayConfig
+
+    def dicom(institution: str, sender: str) -> bytes:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.SourceApplicationEntityTitle = sender
+        ds.InstitutionName = institution
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        return buf.getvalue()
+
+    gw = Gateway(GatewayConfig(spool=tmp_path / "spool", sites={"NORTHPACS": "north", "South General": "south"}))
+    assert gw.site_of(dicom("Elsewhere", "NORTHPACS")) == "north"
+    assert gw.site_of(dicom("south general", "OTHER")) == "south"
+    assert gw.site_of(dicom("Elsewhere", "OTHER")) is None
+    assert gw.site_of(b"not dicom") is None
