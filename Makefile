@@ -192,7 +192,8 @@ loadtest: archive $(PROTO_STAMP)  ## Locust, headless, REST then gRPC -> reports
 # docs/DEPLOY.md): N replicas (default 2) on free loopback ports, the balancer on 127.0.0.1:8180 (REST)
 # and 7170 (gRPC); the token is in logs/cluster/key_file.json (--key-file, KOA_KEY_FILE).
 .PHONY: cluster cluster-stop drill-replicas
-cluster: archive $(PROTO_STAMP)  ## N TorchServe replicas (N=2) behind HAProxy; returns when a request passes
+cluster: archive $(PROTO_STAMP)  ## N TorchServe replicas (N=2, SITE=name[,name] adds site profiles) behind HAProxy; returns when a request passes
+	$(if $(SITE),export KOA_SITE_PROFILES="$$($(PY) -m ops.sites check $(SITE) --weights $(WEIGHTS))" || exit 1;) \
 	$(PY) -m ops.cluster start --replicas $(or $(N),2)
 
 cluster-stop: $(STAMP)  ## stop the cluster's HAProxy and replicas; returns when all are gone
