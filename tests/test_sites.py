@@ -221,3 +221,34 @@ def test_gateway_maps_sender_and_institution_to_a_site(tmp_path: Path) -> None:
     assert gw.site_of(dicom("south general", "OTHER")) == "south"
     assert gw.site_of(dicom("Elsewhere", "OTHER")) is None
     assert gw.site_of(b"not dicom") is None
+
+
+# --- the site check end to end, on the shipped weights ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_site_check_reports_bad_input_and_writes_whole_or_nothing(tmp_path: Path, knee_png: bytes) -> None:
+    from train import site_check
+
+    data = tmp_path / "data"
+    for g in (0, 2):
+        (data / str(g)).mkdir(parents=True)
+        (data / str(g) / "knee.png").write_bytes(knee_png)
+    (data / "2" / "broken.png").write_bytes(b"\x89PNG not really")
+    (data / "3").mkdir()
+    out = tmp_path / "sites"
+    args = site_check.get_args_parser().parse_args(
+        ["--site", "trial", "--data", str(data), "--out", str(out), "--no-progress", "--thresholds", "none"]
+    )
+    assert site_check.main(args) == 0
+    report = json.loads((out / "trial" / "report.json").read_text())
+    outcomes = {Path(k["file"]).as_posix(): k["outcome"] for k in report["per_knee"]}
+    assert outcomes["2/broken.png"] == "invalid_image"
+    assert any("grade 1, 3, 4" in w for w in report["sample"]["warnings"])
+    assert report["decision"]["decision"] in ("no-go", "cannot tell")  # 3 knees decide nothing
+    assert not (out / "trial" / "profile.json").exists()  # too few knees to fit a calibration on
+    assert "Decision" in (out / "trial" / "report.md").read_text()
+    before = sorted(p.name for p in out.iterdir())
+    bad = site_check.get_args_parser().parse_args(["--site", "other", "--data", str(tmp_path / "none"), "--out", str(out)])
+    assert site_check.main(bad) == 2  # a clear error, and nothing written
+    assert sorted(p.name for p in out.iterdir()) == before
