@@ -249,6 +249,53 @@ def test_site_check_reports_bad_input_and_writes_whole_or_nothing(tmp_path: Path
     assert not (out / "trial" / "profile.json").exists()  # too few knees to fit a calibration on
     assert "Decision" in (out / "trial" / "report.md").read_text()
     before = sorted(p.name for p in out.iterdir())
-    bad = site_check.get_args_parser().parse_args(["--site", "other", "--data", str(tmp_path / "none"), "--out", str(out)])
+    bad = site_check.get_args_parser().parse_args(
+        ["--site", "other", "--data", str(tmp_path / "none"), "--out", str(out)]
+    )
     assert site_check.main(bad) == 2  # a clear error, and nothing written
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_the_bootstraps_fast_figures_are_the_library_ones() -> None:
+    from train.metrics import expected_calibration_error, quadratic_weighted_kappa, roc_auc_ovr
+    from train.site_report import auc_ovr, ece
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 5, 120)
+    p = rng.dirichlet(np.ones(5), 120).round(2)  # rounded: ties, which count one half
+    p = p / p.sum(1, keepdims=True)
+    g = p.argmax(1)
+    assert np.allclose(auc_ovr(y, p), roc_auc_ovr(y, p))
+    assert ece(y, p) == pytest.approx(expected_calibration_error(y, p))
+    assert site_fit.qwk(y, g, 5) == pytest.approx(quadratic_weighted_kappa(y, g, 5))
+
+
+# --- the TorchServe entry point: profiles load at start, a bad one stops the worker ---------------------------
+
+
+def test_the_worker_loads_profiles_at_start_and_refuses_a_bad_one(exported, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from ts.context import Context, RequestProcessor
+
+    from handler.drain import STATE_ENV
+    from handler.koa_handler import KOAHandler
+
+    monkeypatch.delenv(STATE_ENV, raising=False)
+    _, contract = load_torchscript(exported)
+    shutil.copy(exported, tmp_path / "oamen.pt")
+    manifest = {"model": {"modelName": "oamen", "serializedFile": "oamen.pt", "handler": "koa_handler.py"}}
+    good = tmp_path / "north.json"
+    good.write_text(profile("north", contract).to_json())
+    monkeypatch.setenv(ENV, str(good))
+    ctx = Context("oamen", str(tmp_path), manifest, 1, None, "0.12.0")
+    handler = KOAHandler()
+    handler.initialize(ctx)
+    ctx.request_processor = [RequestProcessor({"x-koa-site": "north"})]
+    (out,) = handler.handle([{"body": png(4)}], ctx)
+    assert json.loads(out)["model"]["profile"] == {"name": "north", "version": "1"}
+    stale = tmp_path / "stale.json"
+    stale.write_text(profile("south", contract.replace(model_version="0.0.0-old")).to_json())
+    monkeypatch.setenv(ENV, f"{good}:{stale}")
+    with pytest.raises(ProfileError, match="south.*re-run the site check"):
+        KOAHandler().initialize(Context("oamen", str(tmp_path), manifest, 1, None, "0.12.0"))

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import rankdata
 
-from train.metrics import expected_calibration_error, quadratic_weighted_kappa, roc_auc_ovr
+from train.site_fit import qwk
 
 __all__ = ["Thresholds", "bootstrap", "decide", "figures", "unlabelled_figures"]
 
@@ -46,6 +47,31 @@ class Thresholds:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def auc_ovr(y: np.ndarray, p: np.ndarray) -> list[float | None]:
+    """Per-class one-vs-rest AUC, ties counted one half: `train.metrics.roc_auc_ovr` without its input checks
+    and sklearn's overhead (the bootstrap calls it a thousand times; tests/test_sites.py compares them)."""
+    out: list[float | None] = []
+    for c in range(p.shape[1]):
+        pos = y == c
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if not n_pos or not n_neg:
+            out.append(None)
+            continue
+        r = rankdata(p[:, c])
+        out.append(float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)))
+    return out
+
+
+def ece(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE over 15 equal-width bins: `train.metrics.expected_calibration_error`, without its checks."""
+    conf = p.max(axis=1)
+    hit = (p.argmax(axis=1) == y).astype(np.float64)
+    b = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    count = np.bincount(b, minlength=n_bins)
+    gap = np.abs(np.bincount(b, hit, n_bins) - np.bincount(b, conf, n_bins))
+    return float(gap.sum() / max(count.sum(), 1))
+
+
 def _recall(y: np.ndarray, g: np.ndarray, grade: int) -> float | None:
     m = y == grade
     return float((g[m] == grade).mean()) if m.any() else None
@@ -53,14 +79,14 @@ def _recall(y: np.ndarray, g: np.ndarray, grade: int) -> float | None:
 
 def point_figures(y: np.ndarray, p: np.ndarray, g: np.ndarray, unc: np.ndarray) -> dict[str, Any]:
     """The site's figures on one set of answers (labels ``y``, probabilities ``p``, grades ``g``, flags ``unc``)."""
-    aucs = [a for a in roc_auc_ovr(y, p) if a is not None] if len(np.unique(y)) > 1 else []
+    aucs = [a for a in auc_ovr(y, p) if a is not None]
     ok = ~unc
     return {
         "top1": float((g == y).mean()),
-        "qwk": quadratic_weighted_kappa(y, g, K) if len(y) > 1 else None,
+        "qwk": qwk(y, g, K) if len(y) > 1 else None,
         "mae": float(np.abs(g - y).mean()),
         "macro_auc": float(np.mean(aucs)) if aucs else None,
-        "ece": expected_calibration_error(y, p),
+        "ece": ece(y, p),
         "uncertain_share": float(unc.mean()),
         "top1_not_flagged": float((g[ok] == y[ok]).mean()) if ok.any() else None,
         **{f"recall_kl{k}": _recall(y, g, k) for k in range(K)},
