@@ -2,11 +2,11 @@
 
 A profile is fitted outside the server (`train.site_check`) on that hospital's own labelled knees
 and changes only how logits become an answer (`model.postprocess`): the temperature, the class
-bias and the decoding (argmax or ordinal cut-points). The weights, the knee gate, mirror averaging
-and the uncertain threshold stay the model's. It is versioned, checksummed and names the model
-(name and version) it was fitted for; `load_profile` refuses one whose checksum does not match or
-that belongs to another model, so a server never answers with a calibration fitted for other
-weights. docs/SITES.md says how a hospital gets one.
+bias, the decoding (argmax or ordinal cut-points) and the uncertain flag's threshold, which a new
+temperature moves. The weights, the knee gate and mirror averaging stay the model's. It is versioned,
+checksummed and names the model (name and version) it was fitted for; `load_profile` refuses one
+whose checksum does not match or that belongs to another model, so a server never answers with a
+calibration fitted for other weights. docs/SITES.md says how a hospital gets one.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 from model.contract import InputContract, PostprocessConfig
 
 __all__ = [
+    "FITTED_FIELDS",
     "PROFILE_FORMAT",
     "ProfileError",
     "SiteProfile",
@@ -31,7 +32,7 @@ __all__ = [
 
 PROFILE_FORMAT = 1
 # What a profile may change of the contract's postprocess section; everything else stays the model's.
-FITTED_FIELDS = ("temperature", "class_bias", "decision", "cutpoints")
+FITTED_FIELDS = ("temperature", "class_bias", "decision", "cutpoints", "uncertain_below")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 

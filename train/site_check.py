@@ -32,7 +32,7 @@ import numpy as np
 
 from model.contract import PostprocessConfig
 from model.postprocess import confidences, decode_grades, uncertain
-from model.profile import ProfileError, SiteProfile, load_profile
+from model.profile import FITTED_FIELDS, ProfileError, SiteProfile, load_profile
 from train import site_fit
 from train.metrics import reliability_bins
 from train.plots import plot_confusion_matrix, plot_reliability
@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--finder", default="weights/finder.pt", help="the knee-joint finder (default: the shipped one)")
     p.add_argument("--out", default=str(SITES), help="where sites/NAME/ is written")
     p.add_argument("--thresholds", default=str(SITES / "acceptance.json"), help="the decision's thresholds")
-    p.add_argument("--reference", default=str(REFERENCE), help="training's reference (make site-reference)")
+    p.add_argument("--reference", default=str(REFERENCE), help="training's reference (make site-study writes it)")
     p.add_argument("--methods", default=",".join(site_fit.METHODS), help="site calibrations to compare")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=4, help="repeats of the cross-fitting (more: slower, steadier)")
@@ -153,12 +153,17 @@ def calibrate(
         "knees": len(idx),
         "index": idx,
         "cv": cv,
-        "rule": site_fit.choose.__doc__.split("The rule, stated before measuring: ")[1].strip(),
+        "rule": rule_text(),
         "chosen": chosen,
         "config": cfg,
         "oof": (labels, p, g, u),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def rule_text() -> str:
+    """The choice rule, as `train.site_fit.choose` states it."""
+    return " ".join(site_fit.choose.__doc__.split("The rule, stated before measuring: ")[1].split())
 
 
 def next_version(folder: Path) -> str:
@@ -245,10 +250,8 @@ def build_report(
             "descriptions": {m: site_fit.METHODS[m].description for m in cal["cv"]},
             "rule": cal["rule"],
             "chosen": cal["chosen"],
-            "postprocess": {f: getattr(cfg, f) for f in ("temperature", "class_bias", "decision", "cutpoints")},
-            "shipped_postprocess": {
-                f: getattr(base, f) for f in ("temperature", "class_bias", "decision", "cutpoints")
-            },
+            "postprocess": {f: getattr(cfg, f) for f in FITTED_FIELDS},
+            "shipped_postprocess": {f: getattr(base, f) for f in FITTED_FIELDS},
         }
         if cal["chosen"] != "shipped" and on_answered.any():
             ya = labels[on_answered]
@@ -357,7 +360,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         ]
     else:
         lines.append(
-            "Not reported: no reference for these weights (`make site-reference` writes sites/reference.json)."
+            "Not reported: no reference for these weights (`make site-study` writes sites/reference.json for the "
+            "weights on main)."
         )
     if r.get("served") is None and not s["labelled"]:
         a = r.get("answered")

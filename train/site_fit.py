@@ -19,7 +19,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from model.contract import PostprocessConfig
-from model.postprocess import calibrated_probabilities, decode_grades, expected_grade
+from model.postprocess import calibrated_probabilities, confidences, decode_grades, expected_grade
 
 __all__ = [
     "METHODS",
@@ -74,7 +74,9 @@ def fit_temperature_bias(
     t0 = np.log(base.temperature)
 
     def cfg_of(a: np.ndarray) -> PostprocessConfig:
-        b = b0 + (a[1:] - a[1:].mean() if bias else 0.0)
+        if not bias:
+            return dataclasses.replace(base, temperature=float(np.exp(a[0])))
+        b = b0 + a[1:] - a[1:].mean()
         return dataclasses.replace(base, temperature=float(np.exp(a[0])), class_bias=tuple(float(v) for v in b))
 
     def loss(a: np.ndarray) -> float:
@@ -142,7 +144,8 @@ def em_prior_bias(
 @dataclass(frozen=True)
 class Method:
     """One way of fitting a site calibration: which of temperature, class bias and cut-points it refits,
-    and whether it reads the labels at all."""
+    and whether it reads the labels at all. Any method that changes the calibration also moves the
+    uncertain flag's threshold so that it flags the share of the sample the shipped one does (`fit`)."""
 
     name: str
     temperature: bool = False
@@ -200,6 +203,14 @@ def fit(
     if method.cutpoints:
         cuts = fit_cutpoints(probabilities(logits, cfg), labels, base.cutpoints)
         cfg = dataclasses.replace(cfg, decision="cutpoints", cutpoints=cuts)
+    if cfg != base and base.uncertain_below > 0:
+        # The flag's threshold is a confidence, which a new temperature or decoding moves: keep the share the
+        # shipped flag marks on these knees, so that a profile neither floods nor silences the flag.
+        p0 = probabilities(logits, base)
+        share = float((confidences(p0, decode_grades(p0, base)) < base.uncertain_below).mean())
+        p = probabilities(logits, cfg)
+        conf = confidences(p, decode_grades(p, cfg))
+        cfg = dataclasses.replace(cfg, uncertain_below=round(float(np.quantile(conf, share)), 4) if share else 0.0)
     return cfg
 
 
