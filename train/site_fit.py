@@ -90,6 +90,23 @@ def fit_temperature_bias(
     )
 
 
+def _scores(labels: np.ndarray, e: np.ndarray, cuts: np.ndarray, k: int) -> np.ndarray:
+    """`score` of each row of ``cuts`` (C, K-1) on the expected grades ``e``, in one pass (the cut-point searches
+    try thousands of candidates)."""
+    g = (e[None, :] >= cuts[:, :, None]).sum(axis=1)  # (C, N) grades, as searchsorted(side="right")
+    c = len(cuts)
+    idx = (np.arange(c)[:, None] * k * k + labels[None, :] * k + g).ravel()
+    cm = np.bincount(idx, minlength=c * k * k).reshape(c, k, k).astype(np.float64)
+    i = np.arange(k)
+    w = (i[:, None] - i[None, :]) ** 2 / (k - 1) ** 2
+    n = len(labels)
+    expected = cm.sum(2)[:, :, None] * cm.sum(1)[:, None, :] / n
+    den = (w * expected).sum(axis=(1, 2))
+    kappa = np.where(den > 0, 1.0 - (w * cm).sum(axis=(1, 2)) / np.where(den > 0, den, 1.0), 0.0)
+    acc = np.trace(cm, axis1=1, axis2=2) / n
+    return 0.5 * (acc + kappa)
+
+
 def fit_cutpoints(
     probs: np.ndarray, labels: np.ndarray, start: tuple[float, ...] = (), rounds: int = 3
 ) -> tuple[float, ...]:
@@ -97,24 +114,34 @@ def fit_cutpoints(
     the shipped cut-points when there are any, so that ties keep them)."""
     k = probs.shape[1]
     e = expected_grade(probs)
+    y = np.asarray(labels, dtype=np.int64)
     cuts = np.asarray(start if len(start) == k - 1 else np.arange(k - 1) + 0.5, dtype=np.float64)
-
-    def s(c: np.ndarray) -> float:
-        return score(labels, np.searchsorted(c, e, side="right"), k)
-
     for _ in range(rounds):
         for j in range(k - 1):
             lo = cuts[j - 1] + 1e-3 if j > 0 else 0.0
             hi = cuts[j + 1] - 1e-3 if j < k - 2 else float(k - 1)
-            best, best_s = cuts[j], s(cuts)
-            for c in np.linspace(lo, hi, 81):
-                trial = cuts.copy()
-                trial[j] = c
-                t = s(trial)
-                if t > best_s + 1e-9:
-                    best, best_s = c, t
-            cuts[j] = best
+            trials = np.repeat(cuts[None], 82, axis=0)
+            trials[1:, j] = np.linspace(lo, hi, 81)  # row 0: the current cut, which a tie keeps
+            s = _scores(y, e, trials, k)
+            best = int(np.argmax(s)) if s.max() > s[0] + 1e-9 else 0
+            cuts = trials[best].copy()
     return tuple(round(float(c), 4) for c in cuts)
+
+
+def fit_cutpoints_shift(
+    probs: np.ndarray, labels: np.ndarray, start: tuple[float, ...], scales: int = 21, shifts: int = 61
+) -> tuple[float, ...]:
+    """The shipped cut-points moved as a whole, ``a + b * start``: two numbers instead of K-1, which a sample of
+    50 knees can pin down (a grid over shift ``a`` in [-1.5, 1.5] and scale ``b`` in [0.6, 1.6])."""
+    k = probs.shape[1]
+    e = expected_grade(probs)
+    y = np.asarray(labels, dtype=np.int64)
+    base = np.asarray(start if len(start) == k - 1 else np.arange(k - 1) + 0.5, dtype=np.float64)
+    a, b = np.meshgrid(np.linspace(-1.5, 1.5, shifts), np.linspace(0.6, 1.6, scales))
+    trials = np.vstack([base[None], a.ravel()[:, None] + b.ravel()[:, None] * base[None]])
+    s = _scores(y, e, trials, k)
+    best = int(np.argmax(s)) if s.max() > s[0] + 1e-9 else 0
+    return tuple(round(float(c), 4) for c in trials[best])
 
 
 def em_prior_bias(
@@ -152,6 +179,7 @@ class Method:
     bias: bool = False
     cutpoints: bool = False
     em_prior: bool = False
+    shift: bool = False  # the cut-points moved as a whole (`fit_cutpoints_shift`) rather than one by one
     description: str = ""
 
     @property
@@ -164,6 +192,8 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("shipped", description="the shipped calibration and decoding, unchanged"),
         Method("cutpoints", cutpoints=True, description="the ordinal cut-points refitted"),
+        Method("cutpoints-shift", cutpoints=True, shift=True,
+               description="the shipped cut-points shifted and scaled as a whole (two numbers)"),
         Method("temperature+cutpoints", temperature=True, cutpoints=True,
                description="temperature, then the cut-points, refitted"),
         Method("bias+cutpoints", temperature=True, bias=True, cutpoints=True,
@@ -201,7 +231,8 @@ def fit(
     if method.temperature or method.bias:
         cfg = fit_temperature_bias(logits, labels, cfg, bias=method.bias)
     if method.cutpoints:
-        cuts = fit_cutpoints(probabilities(logits, cfg), labels, base.cutpoints)
+        fitter = fit_cutpoints_shift if method.shift else fit_cutpoints
+        cuts = fitter(probabilities(logits, cfg), labels, base.cutpoints)
         cfg = dataclasses.replace(cfg, decision="cutpoints", cutpoints=cuts)
     if cfg != base and base.uncertain_below > 0:
         # The flag's threshold is a confidence, which a new temperature or decoding moves: keep the share the
