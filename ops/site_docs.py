@@ -58,12 +58,12 @@ def site_calibration_report(r: dict[str, Any]) -> str:
         "",
         "Every method, cross-fitted on all labelled knees:",
         "",
-        "| method | what it refits | top-1 | QWK | MAE | NLL |",
-        "|---|---|---|---|---|---|",
+        "| method | what it refits | top-1 | QWK | MAE | NLL | score gain over shipped, 5th percentile |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m, f in cv["methods"].items():
         lines.append(f"| {m} | {r['methods'][m]} | {100 * f['accuracy']:.1f}% | {f['qwk']:.3f} | {f['mae']:.3f} | "
-                     f"{f['nll']:.3f} |")  # fmt: skip
+                     f"{f['nll']:.3f} | {f.get('gain_low', 0.0):+.3f} |")  # fmt: skip
     v = r["val"]["from_100"]
     lines += [
         "",
