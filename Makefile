@@ -111,7 +111,7 @@ $(ARCHIVE): $(EXPORT) $(FINDER) $(MARKERS) $(SOURCES) | $(STAMP)
 	@echo "built $@"
 
 serve: archive  ## start TorchServe in the background (SITE=name[,name] adds site profiles); returns when it answers
-	$(if $(SITE),export KOA_SITE_PROFILES="$$($(PY) -m ops.sites check $(SITE) --weights $(WEIGHTS))" || exit 1;) \
+	$(if $(SITE),KOA_SITE_PROFILES="$$($(PY) -m ops.sites check $(SITE) --weights $(WEIGHTS))" || exit 1; export KOA_SITE_PROFILES;) \
 	$(PY) -m ops.server start --workdir $(SERVE_DIR)
 
 stop: $(STAMP)  ## stop TorchServe and wait until its processes are gone
@@ -193,7 +193,7 @@ loadtest: archive $(PROTO_STAMP)  ## Locust, headless, REST then gRPC -> reports
 # and 7170 (gRPC); the token is in logs/cluster/key_file.json (--key-file, KOA_KEY_FILE).
 .PHONY: cluster cluster-stop drill-replicas
 cluster: archive $(PROTO_STAMP)  ## N TorchServe replicas (N=2, SITE=name[,name] adds site profiles) behind HAProxy; returns when a request passes
-	$(if $(SITE),export KOA_SITE_PROFILES="$$($(PY) -m ops.sites check $(SITE) --weights $(WEIGHTS))" || exit 1;) \
+	$(if $(SITE),KOA_SITE_PROFILES="$$($(PY) -m ops.sites check $(SITE) --weights $(WEIGHTS))" || exit 1; export KOA_SITE_PROFILES;) \
 	$(PY) -m ops.cluster start --replicas $(or $(N),2)
 
 cluster-stop: $(STAMP)  ## stop the cluster's HAProxy and replicas; returns when all are gone

@@ -248,6 +248,13 @@ def test_site_check_reports_bad_input_and_writes_whole_or_nothing(tmp_path: Path
     assert report["decision"]["decision"] in ("no-go", "cannot tell")  # 3 knees decide nothing
     assert not (out / "trial" / "profile.json").exists()  # too few knees to fit a calibration on
     assert "Decision" in (out / "trial" / "report.md").read_text()
+    plain = tmp_path / "plain"  # no grades: what can be known, and that accuracy cannot
+    plain.mkdir()
+    (plain / "knee.png").write_bytes(knee_png)
+    args.site, args.data = "unlabelled", str(plain)
+    assert site_check.main(args) == 0
+    text = (out / "unlabelled" / "report.md").read_text()
+    assert "Accuracy cannot be known" in text and "cannot tell" in text
     before = sorted(p.name for p in out.iterdir())
     bad = site_check.get_args_parser().parse_args(
         ["--site", "other", "--data", str(tmp_path / "none"), "--out", str(out)]
