@@ -37,6 +37,9 @@ def site_calibration_report(r: dict[str, Any]) -> str:
         f"(refused: {', '.join(f'{k} {v}' for k, v in s['refusals'].items()) or 'none'}); the model graded all "
         f"{s['graded']}, which is what a calibration is fitted on. Every figure is of knees the fit did not see.",
         "",
+        "Result: [results/site_calibration.json](results/site_calibration.json) (`make site-study`, "
+        "`train.site_study`).",
+        "",
         "| calibration | fitted on | top-1, all graded | QWK | MAE | top-1, answered today | QWK |",
         "|---|---|---|---|---|---|---|",
     ]
