@@ -197,8 +197,10 @@ def build_report(
     base = c.postprocess
     t = Thresholds.load(args.thresholds)
     reference = json.loads(Path(args.reference).read_text()) if Path(args.reference).is_file() else None
-    if reference and (reference["model"]["version"], reference["model"]["name"]) != (c.model_version, c.model_name):
-        log.warning("the reference %s is for another model: distance from training not reported", args.reference)
+    # The knee gate's scores belong to one set of weights (a refitted gate keeps the version): match the file.
+    if reference and reference["model"].get("weights_sha256") != sha256(path.weights):
+        log.warning("the reference %s is for other weights: distance from training not reported (make site-study "
+                    "writes it for these)", args.reference)  # fmt: skip
         reference = None
     prior = np.asarray(reference["train_grade_mix"]) if reference else None
     answered = np.array([r.answered for r in records])
