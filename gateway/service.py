@@ -45,6 +45,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
 from client import KOAClientError
@@ -158,6 +159,14 @@ class GatewayConfig:
         return self.audit if self.audit is not None else Path(self.spool).parent / "audit.jsonl"
 
 
+def with_sender(event: evt.Event, calling: str) -> bytes:
+    """The received instance as a DICOM file whose meta names its sender (SourceApplicationEntityTitle, the
+    calling AE title), so that the site mapping (`Gateway.site_of`) can read it from the spool."""
+    meta = event.file_meta
+    meta.SourceApplicationEntityTitle = str(calling).strip()[:16]
+    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), event.request.DataSet.getvalue()))
+
+
 class Gateway:
     """The running gateway: `start`, then `stop` (or `serve_forever` until a signal sets `stopping`)."""
 
@@ -198,7 +207,7 @@ class Gateway:
             log.warning("refused an instance with an invalid SOP Instance UID %r from %s", uid[:80], calling)
             return STATUS_CANNOT_UNDERSTAND
         try:
-            if not self.spool.put(uid, event.encoded_dataset(include_meta=True)):
+            if not self.spool.put(uid, with_sender(event, calling)):
                 self.audit.write("duplicate", sop_instance_uid=uid, calling_aet=calling)
                 return STATUS_SUCCESS
         except OSError:
