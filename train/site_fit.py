@@ -29,6 +29,7 @@ __all__ = [
     "em_prior_bias",
     "fit",
     "probabilities",
+    "rule_text",
     "score",
 ]
 
@@ -333,3 +334,8 @@ def choose(cv: dict[str, dict[str, float]]) -> str:
     ship = cv["shipped"]
     ok = [m for m in cv if m != "shipped" and cv[m].get("gain_low", 0.0) > 0 and cv[m]["nll"] <= ship["nll"] + 0.05]
     return max(ok, key=lambda m: cv[m]["score"]) if ok else "shipped"
+
+
+def rule_text() -> str:
+    """The choice rule, as `choose` states it (quoted in reports and docs)."""
+    return " ".join(choose.__doc__.split("The rule, stated before measuring: ")[1].split())

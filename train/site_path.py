@@ -15,6 +15,7 @@ accepts more of that site's framing (it re-runs against the weights on main, one
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,11 @@ from model.preprocess import prepare, to_model_input
 log = logging.getLogger(__name__)
 
 ANSWERED = ("crop", "film")
+
+
+def sha256(path: str | Path) -> str:
+    """The first 16 hex digits of a file's SHA-256: which weights a check or a reference was made with."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 @dataclass

@@ -35,8 +35,7 @@ import numpy as np
 
 from model.postprocess import decode_grades
 from train import site_fit
-from train.site_check import rule_text, sha256
-from train.site_path import KneeRecord, ServedSitePath
+from train.site_path import KneeRecord, ServedSitePath, sha256
 from train.site_sample import read_sample
 
 log = logging.getLogger("train.site_study")
@@ -189,7 +188,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "refusals": dict(Counter(f"{r.outcome} ({r.refused_by})" for r in site_records if not r.answered)),
         },
         "methods": {m.name: m.description for m in site_fit.METHODS.values()},
-        "rule": rule_text(),
+        "rule": site_fit.rule_text(),
     }
     cv = site_fit.cross_fit(logits, labels, base, list(site_fit.METHODS), train_prior=prior, repeats=args.repeats,
                             seed=args.seed)  # fmt: skip
