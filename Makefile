@@ -129,7 +129,8 @@ $(ARCHIVE): $(EXPORT) $(FINDER) $(MARKERS) $(SOURCES) | $(STAMP)
 		--handler handler/koa_handler.py --extra-files build/mar --export-path model_store --force
 	@echo "built $@"
 
-serve: archive  ## start TorchServe in the background; returns when the model answers (TLS=1: behind the secure door)
+serve: archive  ## start TorchServe in the background; returns when the model answers (SITE=name[,name] adds site profiles; TLS=1: behind the secure door)
+	$(if $(SITE),KOA_SITE_PROFILES="$$($(PY) -m ops.sites check $(SITE) --weights $(WEIGHTS))" || exit 1; export KOA_SITE_PROFILES;) \
 	$(if $(filter 1 yes true,$(TLS)),$(DOOR) start --replicas 1,$(PY) -m ops.server start --workdir $(SERVE_DIR))
 
 stop: $(STAMP)  ## stop TorchServe and wait until its processes are gone (TLS=1: the door and its replicas)
@@ -216,7 +217,8 @@ loadtest: archive $(PROTO_STAMP)  ## Locust, headless, REST then gRPC -> reports
 # docs/DEPLOY.md): N replicas (default 2) on free loopback ports, the balancer on 127.0.0.1:8180 (REST)
 # and 7170 (gRPC); the token is in logs/cluster/key_file.json (--key-file, KOA_KEY_FILE).
 .PHONY: cluster cluster-stop drill-replicas
-cluster: archive $(PROTO_STAMP)  ## N TorchServe replicas (N=2) behind HAProxy; returns when a request passes (TLS=1: the secure door)
+cluster: archive $(PROTO_STAMP)  ## N TorchServe replicas (N=2) behind HAProxy; returns when a request passes (SITE=name[,name] adds site profiles; TLS=1: the secure door)
+	$(if $(SITE),KOA_SITE_PROFILES="$$($(PY) -m ops.sites check $(SITE) --weights $(WEIGHTS))" || exit 1; export KOA_SITE_PROFILES;) \
 	$(if $(filter 1 yes true,$(TLS)),$(DOOR) start --replicas $(or $(N),2),$(PY) -m ops.cluster start --replicas $(or $(N),2))
 
 cluster-stop: $(STAMP)  ## stop the cluster's HAProxy and replicas; returns when all are gone (TLS=1: the door)
@@ -254,3 +256,14 @@ audit-verify: $(STAMP)  ## check the hash chain of the door's audit trail (logs/
 
 bench-door: archive  ## throughput at saturation, plain HTTP against the TLS door, side by side -> docs/results/bench_door.json (~4 min)
 	$(PY) -m ops.bench door
+
+# Site acceptance and calibration (docs/SITES.md): a hospital's own knees through the served path ->
+# sites/SITE/report.md, report.json, figures and, when it beats the default, profile.json (make serve SITE=...).
+.PHONY: site-check site-study
+site-check: $(STAMP)  ## check SITE=name on DATA=<grade>/<image> folder or file,grade CSV (or plain images) -> sites/SITE/
+	$(if $(and $(SITE),$(filter command line environment,$(origin DATA))),,$(error make site-check needs SITE=name and DATA=folder-or-csv))
+	$(PY) -m train.site_check --site $(SITE) --data $(DATA) --weights $(WEIGHTS) --finder $(FINDER)
+
+site-study: $(STAMP)  ## cross-fitted site calibration on SITE_DATA (50, 100, all knees, label-free) and val -> docs/results/site_calibration.json, sites/reference.json (~20 min)
+	$(PY) -m train.site_study --site-data $(SITE_DATA) --val $(DATA) --weights $(WEIGHTS) --finder $(FINDER)
+	$(PY) -m ops.render_docs

@@ -47,6 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     auth.add_argument("--token", default=None, help=f"inference key (default: ${TOKEN_ENV}, then --key-file)")
     auth.add_argument("--key-file", type=Path, default=None, help="TorchServe's key_file.json")
     pr.add_argument("--model", default="oamen")
+    pr.add_argument("--site", default=None, help="the site profile to answer with (docs/SITES.md)")
     pr.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     pr.add_argument(
         "--retry-s",
@@ -203,7 +204,8 @@ def predict(args: argparse.Namespace) -> int:
             failed += 1
             continue
         try:
-            answer = client.predict(data, explain=explain, target=target, method=args.method)
+            site = {"site": args.site} if args.site else {}  # only when asked: fakes and older clients lack it
+            answer = client.predict(data, explain=explain, target=target, method=args.method, **site)
         except KOAClientError as exc:
             if exc.kind in TLS_KINDS:  # the same for every image: say it once and stop
                 print(f"error: {exc.message}", file=sys.stderr)

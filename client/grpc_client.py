@@ -220,9 +220,16 @@ class GrpcClient:
         self.close()
 
     def request(
-        self, image: bytes, *, explain: bool = False, target: int | str | None = None, method: str | None = None
+        self,
+        image: bytes,
+        *,
+        explain: bool = False,
+        target: int | str | None = None,
+        method: str | None = None,
+        site: str | None = None,
     ) -> Any:
-        """The ``PredictionsRequest`` that `predict` sends (useful to Locust users that time the call)."""
+        """The ``PredictionsRequest`` that `predict` sends (useful to Locust users that time the call); ``site``
+        travels as the ``site`` input, which picks the site profile as REST's ``X-KOA-Site`` header does."""
         _check_options(image, target, method)
         inputs = {"data": bytes(image)}
         if explain:
@@ -231,10 +238,18 @@ class GrpcClient:
             inputs["target"] = str(target).encode()
         if method is not None:
             inputs["method"] = method.encode()
+        if site:
+            inputs["site"] = site.encode()
         return self._pb2.PredictionsRequest(model_name=self.model, input=inputs)
 
     def predict(
-        self, image: bytes, *, explain: bool = False, target: int | str | None = None, method: str | None = None
+        self,
+        image: bytes,
+        *,
+        explain: bool = False,
+        target: int | str | None = None,
+        method: str | None = None,
+        site: str | None = None,
     ) -> dict[str, Any]:
         """Grade one image (PNG, JPEG or DICOM bytes); explain it when asked.
 
@@ -243,7 +258,7 @@ class GrpcClient:
         Raises:
             KOAClientError: a gRPC error, or the handler's error body.
         """
-        req = self.request(image, explain=explain, target=target, method=method)
+        req = self.request(image, explain=explain, target=target, method=method, site=site)
         return call_with_retry(lambda: self._predict_once(req), self.retry_s, self._refresh_key)
 
     def _predict_once(self, req: Any) -> dict[str, Any]:

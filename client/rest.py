@@ -227,7 +227,13 @@ class RestClient:
         )
 
     def predict(
-        self, image: bytes, *, explain: bool = False, target: int | str | None = None, method: str | None = None
+        self,
+        image: bytes,
+        *,
+        explain: bool = False,
+        target: int | str | None = None,
+        method: str | None = None,
+        site: str | None = None,
     ) -> dict[str, Any]:
         """Grade one image (PNG, JPEG or DICOM bytes); explain it when asked.
 
@@ -236,6 +242,8 @@ class RestClient:
             explain: add ``explanation`` (attribution grid and overlay PNG) to the answer.
             target: grade (0-4) or class name to explain; default: the predicted grade.
             method: ``gradcam`` (default on the server) or ``ig`` (Integrated Gradients).
+            site: the hospital whose site profile should answer (the ``X-KOA-Site`` header, docs/SITES.md);
+                the answer's ``model.profile`` says which calibration did.
 
         Returns:
             The server's answer: ``kl_grade``, ``class_name``, ``label``, ``probabilities`` (5),
@@ -247,14 +255,16 @@ class RestClient:
         _check_options(image, target, method)
         path = f"/{'explanations' if explain else 'predictions'}/{self.model}"
         ctype = sniff_content_type(bytes(image[:132]))
+        site_header = {"X-KOA-Site": site} if site else {}
         if target is None and method is None:
-            return self._send("POST", path, data=bytes(image), headers={"Content-Type": ctype})
+            return self._send("POST", path, data=bytes(image), headers={"Content-Type": ctype, **site_header})
         fields = {"explain": "true" if explain else "false"}
         if target is not None:
             fields["target"] = str(target)
         if method is not None:
             fields["method"] = method
-        return self._send("POST", path, files={"data": ("image", bytes(image), ctype)}, data=fields)
+        files = {"data": ("image", bytes(image), ctype)}
+        return self._send("POST", path, files=files, data=fields, **({"headers": site_header} if site else {}))
 
     def ping(self) -> dict[str, Any]:
         """TorchServe's health answer, e.g. ``{"status": "Healthy"}`` (needs the token too)."""

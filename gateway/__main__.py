@@ -56,6 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pacs", default="ORTHANC@127.0.0.1:4242", help="where results go: AE@HOST:PORT")
     serve.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer")
     serve.add_argument("--max-backoff", type=float, default=30.0, help="longest pause between retries (s)")
+    serve.add_argument(
+        "--site", action="append", default=[], metavar="SENDER=NAME",
+        help="images from this sending AE title or InstitutionName are answered by site profile NAME (docs/SITES.md)",
+    )  # fmt: skip
     serve.add_argument("--log-level", default="INFO")
     door = serve.add_argument_group("KOA-Serve behind its front door (--ts-url https://...)")
     door.add_argument("--ts-ca", type=Path, default=None, help="the CA of the door's certificate")
@@ -118,6 +122,7 @@ def main(args: argparse.Namespace) -> int:
             ts_ca_file=args.ts_ca,
             ts_cert_file=args.ts_cert,
             ts_cert_key_file=args.ts_key,
+            sites=dict(pair.split("=", 1) for pair in args.site if "=" in pair),
         )
     )
     for sig in (signal.SIGTERM, signal.SIGINT):

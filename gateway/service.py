@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
 from client import KOAClientError
@@ -134,6 +135,9 @@ class GatewayConfig:
         dicom_tls: DICOM over TLS both ways (`gateway.tls.DicomTLS`); None: plain DICOM (development).
         ts_ca_file, ts_cert_file, ts_cert_key_file: grading through KOA-Serve's front door (an https://
             ``ts_url``): the door's CA and the gateway's own client certificate (it needs no key then).
+        sites: which site profile answers an image (docs/SITES.md): a sending AE title or an
+            InstitutionName (as in the header, matched without case) -> the site's name; an image of no
+            listed sender gets the server's default calibration.
     """
 
     spool: Path
@@ -157,9 +161,18 @@ class GatewayConfig:
     ts_ca_file: Path | None = None
     ts_cert_file: Path | None = None
     ts_cert_key_file: Path | None = None
+    sites: dict[str, str] = field(default_factory=dict)
 
     def audit_path(self) -> Path:
         return self.audit if self.audit is not None else Path(self.spool).parent / "audit.jsonl"
+
+
+def with_sender(event: evt.Event, calling: str) -> bytes:
+    """The received instance as a DICOM file whose meta names its sender (SourceApplicationEntityTitle, the
+    calling AE title), so that the site mapping (`Gateway.site_of`) can read it from the spool."""
+    meta = event.file_meta
+    meta.SourceApplicationEntityTitle = str(calling).strip()[:16]
+    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), event.request.DataSet.getvalue()))
 
 
 class Gateway:
@@ -205,7 +218,7 @@ class Gateway:
             log.warning("refused an instance with an invalid SOP Instance UID %r from %s", uid[:80], calling)
             return STATUS_CANNOT_UNDERSTAND
         try:
-            if not self.spool.put(uid, event.encoded_dataset(include_meta=True)):
+            if not self.spool.put(uid, with_sender(event, calling)):
                 self.audit.write("duplicate", sop_instance_uid=uid, calling_aet=calling)
                 return STATUS_SUCCESS
         except OSError:
@@ -396,6 +409,25 @@ class Gateway:
         return "failed"
 
     # --- the model server ----------------------------------------------------------------------
+    def site_of(self, data: bytes) -> str | None:
+        """The site profile for an instance: by its sender's AE title (the file meta's, as received), else its
+        InstitutionName, through ``config.sites``; None (the default calibration) when neither is listed."""
+        if not self.config.sites:
+            return None
+        sites = {k.strip().lower(): v for k, v in self.config.sites.items()}
+        try:
+            header = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        except (InvalidDicomError, ValueError, EOFError, OSError):
+            return None
+        meta = getattr(header, "file_meta", None)
+        for key in (
+            str(getattr(meta, "SourceApplicationEntityTitle", "") or ""),
+            str(header.get("InstitutionName", "")),
+        ):
+            if key.strip() and key.strip().lower() in sites:
+                return sites[key.strip().lower()]
+        return None
+
     def _ask(self, data: bytes) -> dict[str, Any] | Refusal:
         """The server's answer with its explanation, or its refusal of the image.
 
@@ -404,7 +436,7 @@ class Gateway:
             ServerFailure: a 5xx other than 503/504, or an answer that breaks the schema.
         """
         try:
-            answer = self.client.predict(data, explain=True)
+            answer = self.client.predict(data, explain=True, site=self.site_of(data))
         except KOAClientError as exc:
             if 400 <= exc.status < 500 and exc.kind in REFUSAL_KINDS:
                 return Refusal(exc.kind or "bad_request", exc.message)

@@ -26,6 +26,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handler.drain import RETRY_AFTER_S, DrainGate
 from handler.memory import keep_freed_memory
 from handler.service import Answer, Predictor, error_body
+from handler.sites import Profiles
 from model.checkpoint import load_torchscript
 from model.localize import load_serving_finder
 from model.markers import load_reader
@@ -74,7 +75,10 @@ class KOAHandler(BaseHandler):
         markers = load_reader(os.path.join(props.get("model_dir"), MARKER_WEIGHTS))
         if markers is None:
             log.warning("no %s in the archive: laterality is read from DICOM headers only", MARKER_WEIGHTS)
-        self.predictor = Predictor(fast, eager, contract, self.device, finder, markers=markers)
+        # Site profiles ($KOA_SITE_PROFILES, handler.sites): one made for other weights, or damaged, stops the
+        # worker here with a message naming it, rather than answering with a calibration that does not fit.
+        profiles = Profiles.from_env(contract)
+        self.predictor = Predictor(fast, eager, contract, self.device, finder, markers=markers, profiles=profiles)
         self.context = context
         self.gate = DrainGate()
         warm_s = self.warm_up(fast, contract, int(props.get("batch_size") or 1))

@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from handler.explain import METHODS, attribute, heat_grid, overlay_png
+from handler.sites import Profiles
 from model.contract import InputContract
 from model.decode import DecodeError, decode_image, dicom_laterality
 from model.localize import FinderConfig, Joint, Plan, crop_joint, find_joints, plan
 from model.markers import Marker, MarkerReader, assign, read_markers
-from model.postprocess import finish
 from model.preprocess import prepare, to_model_input
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ class Predictor:
             into one crop per knee and answered per knee (``knees``).
         markers: the burned-in R/L marker reader (`model.markers`); without it a knee's laterality
             comes from the DICOM header only.
+        profiles: the site profiles this server holds (`handler.sites`); a request picks one by its site.
     """
 
     def __init__(
@@ -196,6 +197,7 @@ class Predictor:
         device: torch.device,
         finder: tuple[nn.Module, FinderConfig] | None = None,
         markers: MarkerReader | None = None,
+        profiles: Profiles | None = None,
     ) -> None:
         self.scripted = scripted
         self.eager = eager
@@ -204,11 +206,13 @@ class Predictor:
         # The knee-joint finder (model.localize): without it every image is graded as a joint crop.
         self.finder = finder
         self.markers = markers
+        self.profiles = profiles or Profiles(contract)
         # An OA-MEN export has a second method that also returns the knee gate's score.
         self.gated = hasattr(scripted, "forward_with_gate")
 
-    def outputs(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]:
-        """(B, C, S, S) batch -> the answer's arrays (`model.postprocess.finish`), as evaluation computes them."""
+    def outputs(self, batch: torch.Tensor, sites: list[str | None] | None = None) -> dict[str, np.ndarray | None]:
+        """(B, C, S, S) batch -> the answer's arrays (`model.postprocess.finish`), as evaluation computes them,
+        each row calibrated by its site's profile (``sites``, `handler.sites.Profiles.finish`)."""
         run = self.scripted.forward_with_gate if self.gated else self.scripted
         n = len(batch)
         with torch.inference_mode():
@@ -221,7 +225,9 @@ class Predictor:
                 out, flipped = outputs[:n], outputs[n:]
             else:
                 out, flipped = run(batch).float().cpu().numpy(), None
-        return finish(out, self.contract.postprocess, self.contract.num_classes, flipped)
+        arrays = self.profiles.finish(out, flipped, sites)
+        arrays["sites"] = sites
+        return arrays
 
     def answer(self, arrays: dict[str, np.ndarray | None], j: int) -> dict[str, Any]:
         """The prediction body (answer schema v2, docs/API.md) for request ``j`` of the batch's arrays."""
@@ -238,7 +244,7 @@ class Predictor:
             "oa_probability": round(float(probs[2:].sum()), 6),
             "confidence": rounded[grade],
             "uncertain": bool(arrays["uncertain"][j]),
-            "model": {"name": c.model_name, "version": c.model_version},
+            "model": self.profiles.model_block(arrays["sites"][j] if arrays.get("sites") else None),
         }
 
     def explanation(self, x: torch.Tensor, prepared: np.ndarray, target: int, method: str) -> dict[str, Any]:
@@ -263,6 +269,7 @@ class Predictor:
         """
         first: dict[int, Answer] = {}
         decoded: list[tuple[int, ParsedRequest, np.ndarray]] = []
+        sites = {i: Profiles.requested(row, headers[i] if i < len(headers) else {}) for i, row in enumerate(rows)}
         for i, row in enumerate(rows):
             try:
                 req = parse_request(row, headers[i] if i < len(headers) else {}, self.contract)
@@ -307,7 +314,7 @@ class Predictor:
             # channels_last, as the model was exported: its convolutions run faster in that layout on a CPU.
             batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
             try:
-                arrays = self.outputs(batch)
+                arrays = self.outputs(batch, [sites[u[0]] for u in units])
             except Exception as exc:
                 log.exception("inference failed for a batch of %d", len(units))
                 for i in {u[0] for u in units}:
@@ -331,7 +338,7 @@ class Predictor:
         film_answers: dict[int, Answer] = {}
         film_entries: dict[int, dict[int, dict[str, Any]]] = {}
         for i, film in films.items():
-            film_answers[i], film_entries[i] = self.film_answer(film, knee_bodies.get(i, {}))
+            film_answers[i], film_entries[i] = self.film_answer(film, knee_bodies.get(i, {}), sites[i])
         explain = [e for e in explain if e[1] is None or film_answers[e[0]][0] == 200]
         explained = {e[0] for e in explain}
         first.update({i: answer for i, answer in film_answers.items() if i not in explained})
@@ -379,7 +386,10 @@ class Predictor:
             return []
 
     def film_answer(
-        self, film: tuple[Plan, tuple[int, int], str | None, list[Marker]], bodies: dict[int, dict[str, Any]]
+        self,
+        film: tuple[Plan, tuple[int, int], str | None, list[Marker]],
+        bodies: dict[int, dict[str, Any]],
+        site: str | None = None,
     ) -> tuple[Answer, dict[int, dict[str, Any]]]:
         """The answer for a whole film: one entry per knee found (graded, or refused with the reason),
         left to right; a 422 when no knee could be graded. ``bodies`` maps the plan's knee index to its
@@ -419,12 +429,11 @@ class Predictor:
                     entry.update(laterality=letter, laterality_source="marker")
         if not graded:
             return (422, error_body(422, NOT_A_KNEE, "not_a_knee")), {}
-        c = self.contract
         body = {
             "schema_version": SCHEMA_VERSION,
             "image": {"width": w, "height": h},
             "knees": knees,
-            "model": {"name": c.model_name, "version": c.model_version},
+            "model": self.profiles.model_block(site),
         }
         return (200, body), by_knee
 

@@ -38,6 +38,7 @@ from ops.bench.report import (
 from ops.drills.report import drill_table, not_kept, replicas_section, soak_section
 from ops.gpu_report import compare_report, throughput_report
 from ops.results import DOC_RESULTS, ROOT
+from ops.site_docs import site_calibration_report
 
 RESULTS = DOC_RESULTS
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
@@ -73,6 +74,9 @@ RESTART_KEYS = [
 GPU_RUN = "bash scripts/gpu_run.sh on the GPU machine, then python -m ops.gpu_report collect (docs/RESULTS.md)"
 
 RENDERERS: dict[str, Callable[[], str]] = {
+    "site_calibration": _or_not_kept(
+        "site_calibration.json", "the site calibration on site2", "make site-study", site_calibration_report
+    ),
     "gpu_compare": _or_not_kept("gpu_run.json", "the GPU comparison", GPU_RUN, compare_report),
     "gpu_throughput": _or_not_kept("gpu_run.json", "the GPU throughput", GPU_RUN, throughput_report),
     "bench_sweep": lambda: sweep_report(_load("bench_sweep.json")),

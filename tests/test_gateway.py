@@ -295,12 +295,14 @@ class ModelServer:
         self.script: list[tuple[int, dict[str, Any]]] = []
         self.default: tuple[int, dict[str, Any]] = (200, make_answer())
         self.requests: list[str] = []
+        self.sites: list[str | None] = []  # the X-KOA-Site header of each request (docs/SITES.md)
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 owner.requests.append(self.path)
+                owner.sites.append(self.headers.get("X-KOA-Site"))
                 status, body = owner.script.pop(0) if owner.script else owner.default
                 data = json.dumps(body).encode()
                 self.send_response(status)
@@ -462,6 +464,19 @@ def test_results_sent_back_to_the_gateway_are_skipped_so_nothing_loops(loop, kne
     assert pacs.send([sr], gateway.config.port, called_ae="KOASERVE") == [0]
     wait_for(lambda: "skipped" in events(gateway, sr.SOPInstanceUID))
     assert model.requests == [] and store.stored == {}
+
+
+def test_the_sending_ae_picks_the_site_profile(loop, knee):
+    gateway, model, _ = loop
+    gateway.config.sites = {pacs.MODALITY_AE: "north"}
+    first = pacs.radiograph(knee)
+    assert pacs.send([first], gateway.config.port, called_ae="KOASERVE") == [0]
+    wait_for(lambda: "result" in events(gateway, first.SOPInstanceUID))
+    gateway.config.sites = {"ELSEWHERE": "south"}
+    second = pacs.radiograph(knee)
+    assert pacs.send([second], gateway.config.port, called_ae="KOASERVE") == [0]
+    wait_for(lambda: "result" in events(gateway, second.SOPInstanceUID))
+    assert model.sites == ["north", None]
 
 
 def test_an_unknown_calling_ae_is_refused(loop, knee):

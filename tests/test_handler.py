@@ -106,7 +106,7 @@ def test_batch_with_a_bad_image_answers_the_others(predictor):
         assert p.shape == (5,) and abs(p.sum() - 1) < 1e-4
         assert body["kl_grade"] == int(p.argmax())
         assert body["oa_probability"] == pytest.approx(p[2:].sum(), abs=1e-5)
-        assert body["model"] == {"name": "oamen_lite", "version": "9.9.9"}
+        assert body["model"] == {"name": "oamen_lite", "version": "9.9.9", "profile": {"name": "default"}}
         assert body["label"].startswith(body["class_name"])
 
 

@@ -1,0 +1,213 @@
+"""How much a site calibration gains, measured on knees its fit did not see; and training's reference.
+
+``python -m train.site_study --site-data ../shared/data/site2 --val ../shared/data/koa``
+(``make site-study``) writes ``docs/results/site_calibration.json``, rendered into docs/SITES.md
+(`ops.render_docs`), and ``sites/reference.json`` (what `train.site_check` compares a site with:
+the val knees' knee-gate scores and image statistics, training's grade mix, for these weights).
+
+On the site's labelled knees, every knee run once through the served path (`train.site_path`):
+- **cross-fitted, all knees**: each method of `train.site_fit` fitted on 4/5 and measured on 1/5,
+  repeated (`train.site_fit.cross_fit`);
+- **from 50 or 100 knees**: ``--draws`` random draws of that many labelled knees; on each, the site
+  check's own choice (cross-fitting inside the draw, `train.site_fit.choose`) is fitted on the draw
+  and measured on every other knee of the site; also each method fitted on the draw, so the choice
+  can be seen against the alternatives;
+- **label-free**: the EM prior correction, fitted on the site's images without their grades.
+The held-out figures are given on every knee the model graded, and on the knees the served path
+answers today (the finder and the knee gate refuse the others).
+On val: profiles fitted on 100 random val knees, measured on the other val knees run, against the
+shipped decoding on the same knees: a site calibration must not harm a site like training's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import pickle
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.postprocess import decode_grades
+from train import site_fit
+from train.site_path import KneeRecord, ServedSitePath, sha256
+from train.site_sample import read_sample
+
+log = logging.getLogger("train.site_study")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--site-data", default="../shared/data/site2", help="the site's labelled knees (<grade>/<image>)")
+    p.add_argument("--site-name", default="site2")
+    p.add_argument("--site-credit", default='Gornale, Shivanand; Patravali, Pooja (2020), "Digital Knee X-ray Images", '
+                   "Mendeley Data, v1, doi:10.17632/t9ndx37v5h.1 (CC BY 4.0)")  # fmt: skip
+    p.add_argument("--val", default="../shared/data/koa", help="the training dataset root (its val/ and train/)")
+    p.add_argument("--val-knees", type=int, default=300, help="val knees run through the served path (stratified)")
+    p.add_argument("--weights", default="weights/oamen.ckpt")
+    p.add_argument("--finder", default="weights/finder.pt")
+    p.add_argument("--draws", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=10, help="repeats of the cross-fitting on all knees")
+    p.add_argument("--inner-repeats", type=int, default=2, help="repeats of the choice's cross-fitting in a draw")
+    p.add_argument("--out", default="docs/results/site_calibration.json")
+    p.add_argument("--reference", default="sites/reference.json")
+    p.add_argument("--cache", default="cache/site_study", help="the served path's records, keyed by the weights")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def records_of(path: ServedSitePath, files: list[Path], cache: Path, name: str) -> list[KneeRecord]:
+    """The served path's records of ``files``, from the cache when the same weights and files were run."""
+    names = hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()[:12]
+    key = sha256(path.weights) + sha256(path.finder_weights) + names
+    f = cache / f"{name}-{key}.pkl"
+    if f.is_file():
+        return pickle.loads(f.read_bytes())
+    records = path.run(files)
+    cache.mkdir(parents=True, exist_ok=True)
+    f.write_bytes(pickle.dumps(records))
+    return records
+
+
+def held_out(
+    logits: np.ndarray, labels: np.ndarray, answered: np.ndarray, cfg, test: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Top-1, QWK, MAE on the ``test`` knees (all graded, and those answered today) under ``cfg``."""
+    p = site_fit.probabilities(logits[test], cfg)
+    g = decode_grades(p, cfg)
+    y = labels[test]
+    out = {"graded": site_fit.held_out_figures(y, p, g, 5)}
+    a = answered[test]
+    if a.sum() > 5:
+        out["answered"] = site_fit.held_out_figures(y[a], p[a], g[a], 5)
+    return out
+
+
+def _mean(figs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for part in ("graded", "answered"):
+        rows = [f[part] for f in figs if part in f]
+        if rows:
+            out[part] = {k: round(float(np.mean([r[k] for r in rows])), 4) for k in ("accuracy", "qwk", "mae")}
+            out[part] |= {f"{k}_sd": round(float(np.std([r[k] for r in rows])), 4) for k in ("accuracy", "qwk")}
+    return out
+
+
+def draws(
+    logits: np.ndarray, labels: np.ndarray, answered: np.ndarray, base, prior, n: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """``args.draws`` random draws of ``n`` labelled knees: the site check's choice and each method, fitted on
+    the draw and measured on the other knees."""
+    rng = np.random.default_rng(args.seed + n)
+    per_method: dict[str, list] = {m: [] for m in site_fit.METHODS}
+    chosen_figs, chosen_names = [], []
+    for _ in range(args.draws):
+        fit_idx = np.sort(rng.choice(len(labels), n, replace=False))
+        test = np.setdiff1d(np.arange(len(labels)), fit_idx)
+        lf, yf = logits[fit_idx], labels[fit_idx]
+        for name, m in site_fit.METHODS.items():
+            cfg = site_fit.fit(m, base, lf, yf, prior, unlabelled=logits[test] if m.em_prior else None)
+            per_method[name].append(held_out(logits, labels, answered, cfg, test))
+        cv = site_fit.cross_fit(lf, yf, base, list(site_fit.METHODS), train_prior=prior, repeats=args.inner_repeats,
+                                seed=int(rng.integers(1 << 30)))  # fmt: skip
+        choice = site_fit.choose(cv)
+        chosen_names.append(choice)
+        m = site_fit.METHODS[choice]
+        cfg = site_fit.fit(m, base, lf, yf, prior, unlabelled=logits[test] if m.em_prior else None)
+        chosen_figs.append(held_out(logits, labels, answered, cfg, test))
+    return {
+        "knees": n,
+        "draws": args.draws,
+        "site_check_choice": _mean(chosen_figs) | {"chosen": dict(Counter(chosen_names))},
+        "methods": {name: _mean(f) for name, f in per_method.items()},
+    }
+
+
+def arrays(records: list[KneeRecord], grades: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    keep = [i for i, r in enumerate(records) if r.fit_logits is not None]
+    logits = np.stack([records[i].fit_logits for i in keep])
+    return logits, np.asarray(grades)[keep], np.array([records[i].answered for i in keep])
+
+
+def reference(records: list[KneeRecord], train_counts: list[int], path: ServedSitePath, data: str) -> dict:
+    scores = np.array([r.gate_score for r in records if r.gate_score is not None])
+    stats = np.array([r.stats for r in records if r.stats is not None])
+    c = path.contract
+    return {
+        "model": {"name": c.model_name, "version": c.model_version, "weights_sha256": sha256(path.weights)},
+        "data": data,
+        "knees": len(records),
+        "gate_scores": {f"p{q}": round(float(np.percentile(scores, q)), 4) for q in (5, 50, 90, 95, 99)},
+        "image_mean": round(float(stats[:, 0].mean()), 3),
+        "image_sd": round(float(stats[:, 1].mean()), 3),
+        "train_grade_counts": train_counts,
+        "train_grade_mix": [round(x / sum(train_counts), 4) for x in train_counts],
+        "answered_share": round(float(np.mean([r.answered for r in records])), 4),
+    }
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    path = ServedSitePath(args.weights, args.finder)
+    base = path.contract.postprocess
+    cache = Path(args.cache)
+    train = read_sample(Path(args.val) / "train")
+    train_counts = train.grade_counts()
+    val = read_sample(Path(args.val) / "val")
+    rng = np.random.default_rng(args.seed)
+    share = min(1.0, args.val_knees / len(val.files))
+    pick = sorted(i for g in range(5) for i in np.flatnonzero(np.asarray(val.grades) == g)
+                  if rng.random() < share)  # fmt: skip
+    val_files = [val.files[i] for i in pick]
+    val_grades = [val.grades[i] for i in pick]
+    val_records = records_of(path, val_files, cache, "val")
+    ref = reference(val_records, train_counts, path, f"{args.val}/val ({len(val_records)} knees, stratified)")
+    Path(args.reference).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.reference).write_text(json.dumps(ref, indent=2) + "\n")
+    prior = np.asarray(ref["train_grade_mix"])
+
+    site = read_sample(args.site_data)
+    site_records = records_of(path, site.files, cache, args.site_name)
+    logits, labels, answered = arrays(site_records, site.grades)
+    result: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "model": ref["model"],
+        "finder_sha256": sha256(path.finder_weights),
+        "site": {
+            "name": args.site_name,
+            "credit": args.site_credit,
+            "knees": len(site_records),
+            "graded": len(labels),
+            "answered_today": int(answered.sum()),
+            "grade_counts": site.grade_counts(),
+            "refusals": dict(Counter(f"{r.outcome} ({r.refused_by})" for r in site_records if not r.answered)),
+        },
+        "methods": {m.name: m.description for m in site_fit.METHODS.values()},
+        "rule": site_fit.rule_text(),
+    }
+    cv = site_fit.cross_fit(logits, labels, base, list(site_fit.METHODS), train_prior=prior, repeats=args.repeats,
+                            seed=args.seed)  # fmt: skip
+    result["cross_fitted_all"] = {
+        "protocol": f"5-fold stratified, {args.repeats} repeats, every labelled knee the model graded",
+        "methods": {m: {k: round(v, 4) for k, v in f.items()} for m, f in cv.items()},
+        "chosen": site_fit.choose(cv),
+    }
+    for n in (50, 100):
+        log.info("draws of %d knees", n)
+        result[f"from_{n}"] = draws(logits, labels, answered, base, prior, n, args)
+    vl, vy, va = arrays(val_records, val_grades)
+    log.info("val: draws of 100 knees")
+    result["val"] = {"knees": len(vy), "from_100": draws(vl, vy, va, base, prior, 100, args)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    log.info("wrote %s and %s", args.out, args.reference)
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
