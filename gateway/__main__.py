@@ -56,6 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pacs", default="ORTHANC@127.0.0.1:4242", help="where results go: AE@HOST:PORT")
     serve.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer")
     serve.add_argument("--max-backoff", type=float, default=30.0, help="longest pause between retries (s)")
+    serve.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on --host:PORT (docs/MONITORING.md)"
+    )
     serve.add_argument("--log-level", default="INFO")
     tree = sub.add_parser("tree", help="print the content tree of an SR file")
     tree.add_argument("file", type=Path)
@@ -100,6 +103,7 @@ def main(args: argparse.Namespace) -> int:
             pacs_port=pacs_port,
             timeout=args.timeout,
             max_backoff_s=args.max_backoff,
+            metrics_port=args.metrics_port,
         )
     )
     for sig in (signal.SIGTERM, signal.SIGINT):

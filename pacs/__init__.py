@@ -291,6 +291,7 @@ def start_gateway(
     allow: Iterable[str] = ("ORTHANC",),
     max_backoff_s: float = 5.0,
     timeout: float = 60.0,
+    metrics_port: int | None = None,
 ) -> GatewayProcess:
     """Start ``python -m gateway serve`` in the background; return once it accepts connections.
 
@@ -310,6 +311,8 @@ def start_gateway(
     ]  # fmt: skip
     if key_file is not None:
         cmd += ["--key-file", str(Path(key_file).resolve())]
+    if metrics_port is not None:  # Prometheus scrapes it (make monitor, docs/MONITORING.md)
+        cmd += ["--metrics-port", str(metrics_port)]
     for ae in allow:
         cmd += ["--allow", ae]
     pid = _spawn(workdir, "gateway", cmd, ROOT)

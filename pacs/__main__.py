@@ -17,6 +17,9 @@ from gateway.audit import read_audit
 from gateway.report import content_tree, result_uid
 from ops.procs import is_alive, read_pid
 
+# where make monitor's Prometheus scrapes the gateway (deploy/monitoring/prometheus.yml)
+GATEWAY_METRICS_PORT = 9464
+
 __all__ = ["get_args_parser", "main"]
 
 
@@ -46,7 +49,13 @@ def start(args: argparse.Namespace) -> None:
     orthanc = pacs.start_orthanc(args.workdir, args.http_port, args.dicom_port, args.gateway_port)
     try:
         pacs.start_gateway(
-            args.workdir, args.gateway_port, args.ts_url, args.key_file, args.dicom_port, max_backoff_s=30.0
+            args.workdir,
+            args.gateway_port,
+            args.ts_url,
+            args.key_file,
+            args.dicom_port,
+            max_backoff_s=30.0,
+            metrics_port=GATEWAY_METRICS_PORT,
         )
     except pacs.PacsError:
         pacs.stop_orthanc(args.workdir)
