@@ -9,6 +9,7 @@ malloc     ``make bench-malloc``: the worker's malloc settings vs glibc    `ops.
 explain    ``make bench-explain``: explanations off the hot path           `ops.bench.explain`
 gpu        the request path's throughput on a GPU (scripts/gpu_run.sh)      `ops.bench.gpu`
 precision  ``make bench-precision``: float32 against bfloat16 on this CPU   `ops.bench.precision`
+metrics    ``make bench-metrics``: the request path with and without metrics `ops.bench.metrics`
 =========  ==============================================================  ==================
 
 Each writes its result as JSON; the figures in docs/BENCHMARKS.md are rendered from the committed
@@ -24,4 +25,5 @@ SUBCOMMANDS = {
     "explain": "ops.bench.explain",
     "gpu": "ops.bench.gpu",
     "precision": "ops.bench.precision",
+    "metrics": "ops.bench.metrics",
 }
