@@ -179,6 +179,28 @@ def test_prometheus_configuration_is_valid(tmp_path: Path) -> None:
     assert amtool is not None or not in_ci()
 
 
+def test_the_webhook_logs_each_alert(tmp_path: Path) -> None:
+    import json
+    import threading
+
+    (port,) = free_ports(1)
+    server = monitor.serve_webhook(port, tmp_path / "alerts.jsonl")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        payload = {"alerts": [{"status": "firing", "labels": {"alertname": "KneeInputDrift"}, "annotations": {}}]}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/alerts", data=json.dumps(payload).encode())
+        assert urllib.request.urlopen(req, timeout=5).status == 200
+        bad = urllib.request.Request(f"http://127.0.0.1:{port}/alerts", data=b"{not json")
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(bad, timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    (line,) = (tmp_path / "alerts.jsonl").read_text().splitlines()
+    assert json.loads(line)["alertname"] == "KneeInputDrift" and json.loads(line)["status"] == "firing"
+    assert f"http://127.0.0.1:{port}/alerts" in monitor.render_alertmanager(port)
+
+
 def test_gateway_metrics_are_served_on_loopback() -> None:
     from gateway.metrics import GatewayMetrics
 
