@@ -66,8 +66,11 @@ def drill_drift_report(r: dict[str, Any]) -> str:
         if r["quiet_before_switch"]
         else "NOT quiet: " + ", ".join(r["states_before_switch"])
     )
-    ok_val = r["answers"]["val"]
-    ok_site = r["answers"]["site2"]
+    before = [v for t, v in r["overall_score"] if t < r["switch_at_s"]]
+    if before:
+        quiet += f"; the overall score peaked at {max(before)} (threshold {r['threshold']})"
+    ok_val = ", ".join(f"{n} x {code}" for code, n in sorted(r["answers"]["val"].items()))
+    ok_site = ", ".join(f"{n} x {code}" for code, n in sorted(r["answers"]["site2"].items()))
     return (
         f"`make drill-drift` (`python -m ops.drills.drift`, result `docs/results/drill_drift.json`): "
         f"{r['val_knees']} val knees in {r['seconds_val']:.0f} s, then {r['site2_knees']} knees of the second "
@@ -78,6 +81,7 @@ def drill_drift_report(r: dict[str, Any]) -> str:
         f"- `{r['alert']}` pending {when(r['pending'])}; firing {when(r['firing'])} "
         f"(threshold {r['threshold']}).\n"
         f"- The webhook received: {', '.join(hooks) if hooks else 'nothing'}.\n"
+        f"- The knees of the second hospital refused: {r['answers']['site2'].get('422', 0)} of {r['site2_knees']}.\n"
     )
 
 
