@@ -81,6 +81,7 @@ class KOAHandler(BaseHandler):
             contract,
             load_reference(props.get("model_dir"), contract),
         )
+        self.telemetry.start()  # koa_model_info before the first request: KoaModelNotReady reads it
         self.predictor = ObservedPredictor(
             fast, eager, contract, self.device, finder, markers=markers, telemetry=self.telemetry
         )

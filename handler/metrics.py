@@ -199,6 +199,14 @@ class Telemetry:
             for feature, score in (scores or {}).items():
                 self.sink.emit(DRIFT_SCORE, round(score, 6), {"feature": feature})
 
+    def start(self) -> None:
+        """Announce the loaded model (the info metric) before the first request; never raises."""
+        try:
+            self.send_info()
+            self.info_sent = time.perf_counter()
+        except Exception:
+            log.exception("the info metric could not be sent")
+
     def send_info(self) -> None:
         ref = self.reference
         labels = {

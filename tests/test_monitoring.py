@@ -247,6 +247,7 @@ def post(srv, body: bytes, ctype: str = "image/png") -> int:
 
 @pytest.mark.server
 def test_the_server_reports_the_graders_metrics(served, knee_png) -> None:
+    assert "koa_model_info{" in scrape(served.metrics_url)  # announced at start-up, before any request
     assert post(served, knee_png) == 200
     assert post(served, b"\x89PNG broken") == 400
     text = scrape(served.metrics_url)
