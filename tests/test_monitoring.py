@@ -281,3 +281,34 @@ def test_prometheus_scrapes_the_server_and_a_down_prometheus_changes_nothing(ser
     t0 = time.monotonic()
     assert post(served, knee_png) == 200  # metrics are pulled: nothing waits for a Prometheus that is gone
     assert time.monotonic() - t0 < 30
+
+
+def test_haproxy_serves_its_exporter_on_the_health_port(tmp_path: Path) -> None:
+    from ops import cluster
+
+    try:
+        haproxy = cluster.haproxy_binary()
+    except cluster.ClusterError as exc:  # not installed
+        skip_or_fail(f"HAProxy is missing: {exc}")
+    rest, grpc, health, replica = free_ports(4)
+    (tmp_path / "tokens.lst").write_text("t\n")
+    (tmp_path / "502.http").write_text(cluster.ERROR_502_AS_503)
+    cfg = cluster.haproxy_config(
+        [cluster.Replica("r1", "", rest_port=replica, grpc_port=replica)],
+        cluster.Front(rest, grpc, health),
+        str(tmp_path / "tokens.lst"),
+        str(tmp_path / "502.http"),
+    )
+    (tmp_path / "haproxy.cfg").write_text(cfg)
+    proc = subprocess.Popen([haproxy, "-f", str(tmp_path / "haproxy.cfg")], stdout=subprocess.DEVNULL)
+    try:
+        deadline, text = time.monotonic() + 20, ""
+        while time.monotonic() < deadline and not text:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{health}/metrics", timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert 'haproxy_server_status{proxy="replicas_rest",server="r1"' in text
