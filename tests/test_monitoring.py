@@ -48,10 +48,10 @@ def models(exported):
     return scripted, eager.eval(), contract
 
 
-def observed(models, reference=None) -> tuple[ObservedPredictor, MemorySink]:
+def observed(models, reference=None, drift_every_s: float = 0.0) -> tuple[ObservedPredictor, MemorySink]:
     scripted, eager, contract = models
     sink = MemorySink()
-    telemetry = Telemetry(sink, contract, reference)
+    telemetry = Telemetry(sink, contract, reference, drift_every_s=drift_every_s)
     return ObservedPredictor(scripted, eager, contract, torch.device("cpu"), telemetry=telemetry), sink
 
 
@@ -97,6 +97,11 @@ def test_drift_scores_appear_once_the_window_is_full(models, knee_png) -> None:
     scores = {lab["feature"]: v for n, v, lab in sink.sent if n == DRIFT_SCORE}
     assert set(scores) >= {OVERALL, REFUSED, "expected_grade", "confidence", "brightness"}
     assert scores[OVERALL] == max(scores.values())
+    throttled, sink = observed(models, ref, drift_every_s=3600.0)
+    for _ in range(3):
+        run_batch(throttled, [{"body": knee_png}])
+    assert sink.last(DRIFT_KNEES) == 1  # sent with the first batch only; the window still took all three
+    assert len(throttled.telemetry.window.records) == 3
 
 
 def test_a_film_counts_each_knee() -> None:
