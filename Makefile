@@ -16,6 +16,8 @@ TRAIN_ARGS ?= --epochs 40 --time-limit 95 --no-balance --patience 0 --lr 1e-3
 WEIGHTS := weights/oamen.ckpt
 FINDER := weights/finder.pt
 MARKERS := weights/markers.pt
+# The input-drift reference measured on val for the committed weights (make drift-reference, docs/MONITORING.md)
+DRIFT_REF := weights/oamen.drift.json
 FILMS ?= ../shared/data/legfilms
 EXPORT := build/oamen.pt
 ARCHIVE := model_store/oamen.mar
@@ -117,11 +119,12 @@ $(EXPORT): $(WEIGHTS) $(shell find model -name '*.py' 2>/dev/null) | $(STAMP)
 
 archive: $(ARCHIVE)  ## build model_store/oamen.mar (export first when the weights are newer)
 
-$(ARCHIVE): $(EXPORT) $(FINDER) $(MARKERS) $(SOURCES) | $(STAMP)
+$(ARCHIVE): $(EXPORT) $(FINDER) $(MARKERS) $(DRIFT_REF) $(SOURCES) | $(STAMP)
 	rm -rf build/mar && mkdir -p build/mar model_store
 	cp -r model handler build/mar/
 	cp $(FINDER) build/mar/finder.pt  # the knee-joint finder: whole films are answered per knee
 	cp $(MARKERS) build/mar/markers.pt  # the burned-in R/L marker reader: a knee's laterality without a DICOM header
+	cp $(DRIFT_REF) build/mar/drift_reference.json  # what val looked like to the model: the server's drift scores
 	find build/mar -name __pycache__ -prune -exec rm -rf {} +
 	# the worker needs OA-MEN only: the lazily registered baselines stay out of the archive
 	rm -f $(patsubst %,build/mar/%.py,$(subst .,/,$(shell $(PY) -c "from model.registry import LAZY_MODULES; print(*LAZY_MODULES)"))) build/mar/model/_layers.py
@@ -267,3 +270,22 @@ site-check: $(STAMP)  ## check SITE=name on DATA=<grade>/<image> folder or file,
 site-study: $(STAMP)  ## cross-fitted site calibration on SITE_DATA (50, 100, all knees, label-free) and val -> docs/results/site_calibration.json, sites/reference.json (~20 min)
 	$(PY) -m train.site_study --site-data $(SITE_DATA) --val $(DATA) --weights $(WEIGHTS) --finder $(FINDER)
 	$(PY) -m ops.render_docs
+
+# Monitoring (docs/MONITORING.md): Debian's Prometheus on 127.0.0.1:9090 and Alertmanager on :9093 with
+# deploy/monitoring/, scraping make serve (8082), make pacs's gateway (9464) and make cluster's HAProxy (8190);
+# alerts go to the project's webhook (127.0.0.1:9095), which logs them to logs/monitor/alerts.jsonl.
+.PHONY: monitor monitor-stop drift-reference drill-drift bench-metrics
+monitor: $(STAMP)  ## start Prometheus and Alertmanager on 127.0.0.1:9090/9093 (alerts -> logs/monitor/alerts.jsonl)
+	$(PY) -m ops.monitor start
+
+monitor-stop: $(STAMP)  ## stop Prometheus, Alertmanager and the alert webhook
+	$(PY) -m ops.monitor stop
+
+drift-reference: $(EXPORT)  ## measure the drift reference on val, choose window and threshold -> weights/oamen.drift.json, docs/results/drift_choice.json (~20 min)
+	$(PY) -m ops.drift_reference --data $(DATA) $(if $(SITE2),--site2 $(SITE2))
+
+drill-drift: archive  ## val knees then site2 knees through the server with Prometheus watching -> reports/drills/drift.json (~10 min)
+	$(PY) -m ops.drills.drift --data $(DATA) $(if $(SITE2),--site2 $(SITE2)) --screenshot reports/drills/drift.png
+
+bench-metrics: $(EXPORT)  ## the request path with and without the grader's metrics, alternating rounds -> docs/results/bench_metrics.json (~5 min)
+	$(PY) -m ops.bench metrics

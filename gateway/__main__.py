@@ -60,6 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--site", action="append", default=[], metavar="SENDER=NAME",
         help="images from this sending AE title or InstitutionName are answered by site profile NAME (docs/SITES.md)",
     )  # fmt: skip
+    serve.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on --host:PORT (docs/MONITORING.md)"
+    )
     serve.add_argument("--log-level", default="INFO")
     door = serve.add_argument_group("KOA-Serve behind its front door (--ts-url https://...)")
     door.add_argument("--ts-ca", type=Path, default=None, help="the CA of the door's certificate")
@@ -123,6 +126,7 @@ def main(args: argparse.Namespace) -> int:
             ts_cert_file=args.ts_cert,
             ts_cert_key_file=args.ts_key,
             sites=dict(pair.split("=", 1) for pair in args.site if "=" in pair),
+            metrics_port=args.metrics_port,
         )
     )
     for sig in (signal.SIGTERM, signal.SIGINT):

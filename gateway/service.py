@@ -52,6 +52,7 @@ from client import KOAClientError
 from client.rest import RestClient
 from client.schema import InvalidAnswer, validate_answer
 from gateway.audit import AuditLog
+from gateway.metrics import GatewayMetrics
 from gateway.report import (
     KneeFinding,
     Refusal,
@@ -138,6 +139,8 @@ class GatewayConfig:
         sites: which site profile answers an image (docs/SITES.md): a sending AE title or an
             InstitutionName (as in the header, matched without case) -> the site's name; an image of no
             listed sender gets the server's default calibration.
+        metrics_port: where the gateway serves its Prometheus metrics on ``host`` (None: not served; 0: a
+            free port, then `Gateway.metrics_port`).
     """
 
     spool: Path
@@ -162,6 +165,7 @@ class GatewayConfig:
     ts_cert_file: Path | None = None
     ts_cert_key_file: Path | None = None
     sites: dict[str, str] = field(default_factory=dict)
+    metrics_port: int | None = None
 
     def audit_path(self) -> Path:
         return self.audit if self.audit is not None else Path(self.spool).parent / "audit.jsonl"
@@ -198,6 +202,8 @@ class Gateway:
         self._server: Any = None
         self._worker: threading.Thread | None = None
         self._failures: dict[str, int] = {}
+        self.metrics = GatewayMetrics(lambda: len(self.spool.pending()))
+        self.metrics_port: int | None = None
 
     # --- receiving -----------------------------------------------------------------------------
     def _scp(self) -> AE:
@@ -220,11 +226,13 @@ class Gateway:
         try:
             if not self.spool.put(uid, with_sender(event, calling)):
                 self.audit.write("duplicate", sop_instance_uid=uid, calling_aet=calling)
+                self.metrics.duplicates.inc()
                 return STATUS_SUCCESS
         except OSError:
             log.exception("could not spool %s: the C-STORE fails, the sender keeps the instance", uid)
             return STATUS_OUT_OF_RESOURCES
         self.audit.write("received", sop_instance_uid=uid, calling_aet=calling)
+        self.metrics.received.inc()
         self._wake.set()
         return STATUS_SUCCESS
 
@@ -244,6 +252,9 @@ class Gateway:
         )
         self._worker = threading.Thread(target=self._run, name="gateway-worker", daemon=True)
         self._worker.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         log.info(
             "gateway %s listening on %s:%d; grading on %s; results to %s@%s:%d",
             self.config.ae_title,
@@ -265,6 +276,7 @@ class Gateway:
         if self._worker is not None:
             self._worker.join(timeout)
         self.client.close()
+        self.metrics.close()
 
     def serve_forever(self) -> int:
         """Run until `stopping` is set (a signal); returns 1 if the worker died, so a supervisor restarts us."""
@@ -331,6 +343,7 @@ class Gateway:
         if verdict.action == "skip":
             self.audit.write("skipped", **ids, kind=verdict.kind, reason=verdict.reason)
             self.spool.mark_done(uid, {"event": "skipped", "reason": verdict.reason})
+            self.metrics.skipped.inc()
             return "skipped"
         if verdict.action == "refuse":
             return self._refuse(header, ids, Refusal(verdict.kind, verdict.reason), None, "gateway", t0, received)
@@ -372,6 +385,8 @@ class Gateway:
             record["resumed"] = True
         self.audit.write("result", **record)
         self.spool.mark_done(uid, {"event": "result", **record})
+        self.metrics.stored.labels("result").inc()
+        self.metrics.receipt_to_sr.observe(record["timings_s"]["since_received"])
         self._failures.pop(uid, None)
         return "result"
 
@@ -399,11 +414,14 @@ class Gateway:
         }
         self.audit.write("refused", **record)
         self.spool.mark_done(ids["sop_instance_uid"], {"event": "refused", **record})
+        self.metrics.stored.labels("refusal").inc()
+        self.metrics.receipt_to_sr.observe(record["timings_s"]["since_received"])
         return "refused"
 
     def _fail(self, uid: str, reason: str, ids: dict[str, str]) -> str:
         self.audit.write("failed", **(ids or {"sop_instance_uid": uid}), reason=reason)
         self.spool.park_failed(uid, {"reason": reason, **ids})
+        self.metrics.failed.inc()
         self._failures.pop(uid, None)
         log.error("%s moved to %s: %s", uid, self.spool.failed, reason)
         return "failed"

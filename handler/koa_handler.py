@@ -25,7 +25,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.drain import RETRY_AFTER_S, DrainGate
 from handler.memory import keep_freed_memory
-from handler.service import Answer, Predictor, error_body
+from handler.metrics import ObservedPredictor, Telemetry, TorchServeSink, load_reference
+from handler.service import Answer, error_body
 from handler.sites import Profiles
 from model.checkpoint import load_torchscript
 from model.localize import load_serving_finder
@@ -78,7 +79,16 @@ class KOAHandler(BaseHandler):
         # Site profiles ($KOA_SITE_PROFILES, handler.sites): one made for other weights, or damaged, stops the
         # worker here with a message naming it, rather than answering with a calibration that does not fit.
         profiles = Profiles.from_env(contract)
-        self.predictor = Predictor(fast, eager, contract, self.device, finder, markers=markers, profiles=profiles)
+        # Metrics and the input-drift window (handler.metrics, docs/MONITORING.md), on TorchServe's metrics port.
+        self.telemetry = Telemetry(
+            TorchServeSink(context.metrics, context.model_name),
+            contract,
+            load_reference(props.get("model_dir"), contract),
+        )
+        self.telemetry.start()  # koa_model_info before the first request: KoaModelNotReady reads it
+        self.predictor = ObservedPredictor(
+            fast, eager, contract, self.device, finder, markers=markers, profiles=profiles, telemetry=self.telemetry
+        )
         self.context = context
         self.gate = DrainGate()
         warm_s = self.warm_up(fast, contract, int(props.get("batch_size") or 1))
@@ -114,6 +124,7 @@ class KOAHandler(BaseHandler):
         t0 = time.perf_counter()
         headers = [context.get_all_request_header(i) for i in range(len(data))]
         results: dict[int, Answer] = {}
+        self.telemetry.begin_batch()
         with self.gate.batch() as draining:
             if draining:
                 message = f"KOA-Serve is restarting: send the request again in {RETRY_AFTER_S} s"
@@ -138,6 +149,7 @@ class KOAHandler(BaseHandler):
                     log.exception("batch of %d failed after %d answers", len(data), len(results))
                     failed = (500, error_body(500, f"server error: {type(exc).__name__}: {exc}", "server_error"))
                     results = {i: results.get(i, failed) for i in range(len(data))}
+        self.telemetry.end_batch(results)
         log.debug("batch of %d answered in %.1f ms", len(data), (time.perf_counter() - t0) * 1000)
         answers = []
         for i in range(len(data)):

@@ -165,6 +165,8 @@ def haproxy_config(
         '    http-request return status 503 content-type text/plain string "no replica ready"'
         " if { path /ready } { nbsrv(replicas_rest) eq 0 }",
         '    http-request return status 200 content-type text/plain string "ready" if { path /ready }',
+        "    # HAProxy's own Prometheus exporter: requests, errors and replica states (docs/MONITORING.md)",
+        "    http-request use-service prometheus-exporter if { path /metrics }",
         "    http-request return status 404",
         "",
         "backend replicas_rest",

@@ -37,6 +37,7 @@ from ops.bench.report import (
 )
 from ops.drills.report import drill_table, not_kept, replicas_section, soak_section
 from ops.gpu_report import compare_report, throughput_report
+from ops.monitor_report import bench_metrics_report, drift_choice_report, drill_drift_report
 from ops.results import DOC_RESULTS, ROOT
 from ops.site_docs import site_calibration_report
 
@@ -111,6 +112,10 @@ RENDERERS: dict[str, Callable[[], str]] = {
         "python -m ops.drills.restart --publish docs/results/drill_restart.json",
         lambda r: drill_table(r, RESTART_KEYS, "python -m ops.drills.restart", "results/drill_restart.json"),
     ),
+    # docs/MONITORING.md
+    "drift_choice": _or_not_kept("drift_choice.json", "the drift choice", "make drift-reference", drift_choice_report),
+    "drill_drift": _or_not_kept("drill_drift.json", "the drift drill", "make drill-drift", drill_drift_report),
+    "bench_metrics": _or_not_kept("bench_metrics.json", "the metrics cost", "make bench-metrics", bench_metrics_report),
 }
 
 

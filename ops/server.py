@@ -284,6 +284,11 @@ def start(
     shutil.rmtree(workdir / "state", ignore_errors=True)  # a drain left over from the last stop
     (workdir / "state").mkdir()
     props = parse_properties(Path(config).read_text())
+    metrics_config = props.get("metrics_config")
+    if metrics_config and not Path(metrics_config).is_absolute():
+        # TorchServe reads it from its working directory (``workdir``): the repository's file, by absolute path
+        extra = {"metrics_config": str(ROOT / metrics_config)}
+        config = render_config(Path(config), workdir / "config.properties", extra=extra)
     cmd = [
         str(Path(sys.executable).parent / "torchserve"),
         "--start",

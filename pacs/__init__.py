@@ -346,6 +346,7 @@ def start_gateway(
     timeout: float = 60.0,
     tls: PacsTLS | None = None,
     door: tuple[Path, Path, Path] | None = None,
+    metrics_port: int | None = None,
 ) -> GatewayProcess:
     """Start ``python -m gateway serve`` in the background; return once it accepts connections.
 
@@ -370,6 +371,8 @@ def start_gateway(
         cmd += ["--dicom-tls-ca", str(tls.ca)]
     if door is not None:  # (CA, certificate, key): grading through the front door (ops/door.py)
         cmd += ["--ts-ca", str(door[0]), "--ts-cert", str(door[1]), "--ts-key", str(door[2])]
+    if metrics_port is not None:  # Prometheus scrapes it (make monitor, docs/MONITORING.md)
+        cmd += ["--metrics-port", str(metrics_port)]
     for ae in allow:
         cmd += ["--allow", ae]
     pid = _spawn(workdir, "gateway", cmd, ROOT)

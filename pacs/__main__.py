@@ -17,6 +17,9 @@ from gateway.audit import read_audit
 from gateway.report import content_tree, result_uid
 from ops.procs import is_alive, read_pid
 
+# where make monitor's Prometheus scrapes the gateway (deploy/monitoring/prometheus.yml)
+GATEWAY_METRICS_PORT = 9464
+
 __all__ = ["get_args_parser", "main"]
 
 DOOR_CLIENT = "koaserve-gateway"  # the gateway's identity at the front door (make pacs TLS=1)
@@ -59,7 +62,7 @@ def start(args: argparse.Namespace) -> None:
     try:
         pacs.start_gateway(
             args.workdir, args.gateway_port, args.ts_url, key_file, args.dicom_port, max_backoff_s=30.0, tls=tls,
-            door=door,
+            door=door, metrics_port=GATEWAY_METRICS_PORT,
         )  # fmt: skip
     except pacs.PacsError:
         pacs.stop_orthanc(args.workdir)

@@ -38,6 +38,7 @@ POD_KEYS = {
     "grpc_inference_port",
     "grpc_management_port",
     "disable_token_authorization",
+    "metrics_config",  # an absolute path inside the image (deploy/Dockerfile) instead of the repository's
 }
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
@@ -403,6 +404,12 @@ def test_a_radiograph_gets_its_report_and_heatmap_once(loop, knee):
     assert pacs.send([ds], gateway.config.port, called_ae="KOASERVE") == [0]
     wait_for(lambda: "duplicate" in events(gateway, ds.SOPInstanceUID))
     assert len(model.requests) == 1 and len(store.stored) == before
+    # ... and counted (gateway/metrics.py): no label names the instance
+    m = gateway.metrics
+    assert (m.received._value.get(), m.duplicates._value.get(), m.stored.labels("result")._value.get()) == (1, 1, 1)
+    exposed = generate_latest(m.registry).decode()
+    assert m.receipt_to_sr._sum.get() > 0 and "koa_gateway_received_total 1.0" in exposed
+    assert ds.SOPInstanceUID not in exposed and ds.StudyInstanceUID not in exposed
 
 
 def test_a_chest_is_refused_from_its_header_without_asking_the_model(loop, knee):

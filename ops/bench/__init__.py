@@ -10,6 +10,7 @@ explain    ``make bench-explain``: explanations off the hot path           `ops.
 gpu        the request path's throughput on a GPU (scripts/gpu_run.sh)      `ops.bench.gpu`
 precision  ``make bench-precision``: float32 against bfloat16 on this CPU   `ops.bench.precision`
 door       ``make bench-door``: plain HTTP against the mutual-TLS door     `ops.bench.door`
+metrics    ``make bench-metrics``: the request path with and without metrics `ops.bench.metrics`
 =========  ==============================================================  ==================
 
 Each writes its result as JSON; the figures in docs/BENCHMARKS.md are rendered from the committed
@@ -26,4 +27,5 @@ SUBCOMMANDS = {
     "gpu": "ops.bench.gpu",
     "precision": "ops.bench.precision",
     "door": "ops.bench.door",
+    "metrics": "ops.bench.metrics",
 }
