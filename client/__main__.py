@@ -109,8 +109,12 @@ def format_grade(name: str, answer: dict[str, Any]) -> str:
 
 
 def write_overlays(answer: dict[str, Any], image: Path, out_dir: Path) -> list[Path]:
-    """The explanation overlays of an answer: one for a crop, one per graded knee of a film
-    (``<stem>_knee<N>_<method>_KL<target>.png``)."""
+    """The explanation overlays of an answer: one for a crop (at the crop's size); for a whole film, the
+    film at its native size with each knee's map in its box (``<stem>_<method>_film.png``), or from a
+    server that draws none, one per graded knee (``<stem>_knee<N>_<method>_KL<target>.png``)."""
+    film = answer.get("explanation")
+    if isinstance(answer.get("knees"), list) and isinstance(film, dict) and film.get("overlay_png"):
+        return [write_overlay({"explanation": {**film, "target": "film"}}, image, out_dir)]
     if isinstance(answer.get("knees"), list):
         graded = [(n, k) for n, k in enumerate(answer["knees"]) if "kl_grade" in k]
         return [write_overlay(k, image, out_dir, f"_knee{n + 1}") for n, k in graded]
@@ -131,7 +135,9 @@ def write_overlay(answer: dict[str, Any], image: Path, out_dir: Path, suffix: st
     except (binascii.Error, ValueError, TypeError):
         raise ValueError("the explanation's overlay_png is not valid base64") from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{image.stem}{suffix}_{exp.get('method', 'explain')}_KL{exp.get('target', 'x')}.png"
+    target = exp.get("target", "x")
+    grade = "film" if target == "film" else f"KL{target}"
+    path = out_dir / f"{image.stem}{suffix}_{exp.get('method', 'explain')}_{grade}.png"
     path.write_bytes(png)
     return path
 
