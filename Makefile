@@ -134,8 +134,8 @@ $(PROTO_STAMP): | $(STAMP)
 predict: $(PROTO_STAMP)  ## grade IMAGE=... on the running server (REST)
 	$(PY) -m client predict $(IMAGE) --key-file $(SERVE_DIR)/key_file.json
 
-explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG to reports/explain/)
-	$(PY) -m client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain
+explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG to reports/explain/; METHOD=... picks the method)
+	$(PY) -m client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain $(if $(METHOD),--method $(METHOD))
 
 bench: archive  ## served against in-process, batching sweep, JIT warm-up, REST against gRPC in paired rounds -> docs/results/bench_sweep.json, docs/BENCHMARKS.md (~20 min)
 	$(PY) -m ops.bench sweep

@@ -1,6 +1,6 @@
 """Command line of the KOA-Serve client: grade (and explain) knee radiographs on a running server.
 
-``python -m client predict IMAGE [IMAGE...] [--grpc] [--explain] [--target T] [--method gradcam|ig]
+``python -m client predict IMAGE [IMAGE...] [--grpc] [--explain] [--target T] [--method M]
 [--url URL] [--grpc-target HOST:PORT] [--token TOKEN | --key-file PATH] [--model oamen]
 [--retry-s S] [--ca-file PEM] [--cert-file PEM [--cert-key-file PEM]] [--overlay-dir DIR] [--json]``
 
@@ -38,7 +38,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     pr.add_argument("--grpc", action="store_true", help="use gRPC instead of REST")
     pr.add_argument("--explain", action="store_true", help="also explain the grade (writes an overlay PNG)")
     pr.add_argument("--target", default=None, help="grade 0-4 or class name to explain (implies --explain)")
-    pr.add_argument("--method", choices=("gradcam", "ig"), default=None, help="attribution (implies --explain)")
+    pr.add_argument(
+        "--method",
+        default=None,
+        help="attribution (implies --explain): layercam (the server's default), gradcam, ig, ig_blur, smoothgrad or "
+        "occlusion; the server refuses others, listing what it has (docs/EXPLAIN.md)",
+    )
     pr.add_argument("--url", default="http://127.0.0.1:8080", help="REST inference address (https://... for TLS)")
     pr.add_argument(
         "--grpc-target", default="127.0.0.1:7070", help="gRPC inference host:port (grpcs://host:port for TLS)"
