@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import platform
@@ -84,6 +85,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default, as served")
     p.add_argument("--note", default="", help="what else ran on the machine, kept in the JSON")
+    p.add_argument(
+        "--time-only",
+        action="store_true",
+        help="only time each method on the first --knees knees (interleaved rounds, after a warm-up); "
+        "writes --json and --copy (docs/results/explain_time.json)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the knees with --time-only")
     p.add_argument("--json", type=Path, default=ROOT / "reports" / "explain_eval.json")
     p.add_argument(
         "--copy",
@@ -211,6 +219,38 @@ def summarise(values: list[float]) -> dict[str, float]:
     return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values)), 4), "n": len(values)}
 
 
+def time_methods(net, contract, knees: list[tuple[Path, int]], methods: list[str], rounds: int) -> dict[str, Any]:
+    """Seconds per attribution of each method: every method warmed up once, then ``rounds`` rounds over the
+    knees, the methods interleaved within each knee so that all see the same drift of a shared machine."""
+    inputs = []
+    for path, _ in knees:
+        x = torch.from_numpy(to_model_input(prepare(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), contract), contract))
+        inputs.append((x[None], served_grade(net, x[None], contract)))
+    for m in methods:
+        attribute(net, inputs[0][0], inputs[0][1], m)
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    loads = []
+    for r in range(rounds):
+        for x, grade in tqdm(inputs, desc=f"timing round {r + 1}", leave=False):
+            order = methods if r % 2 == 0 else list(reversed(methods))
+            for m in order:
+                t0 = time.perf_counter()
+                attribute(net, x, grade, m)
+                seconds[m].append(time.perf_counter() - t0)
+            loads.append(os.getloadavg()[0])
+    return {
+        "seconds": {
+            m: {"median": round(statistics.median(v), 3), "p90": round(float(np.percentile(v, 90)), 3), "n": len(v)}
+            for m, v in seconds.items()
+        },
+        "loadavg_1min": {
+            "min": round(min(loads), 2),
+            "median": round(statistics.median(loads), 2),
+            "max": round(max(loads), 2),
+        },
+    }
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads > 0:
@@ -218,6 +258,19 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     net, contract = model_from_checkpoint(args.checkpoint)
     knees = sample_knees(args.data, args.split, args.knees, args.seed, contract.num_classes)
+    if args.time_only:
+        timing = time_methods(net, contract, knees, args.methods, args.rounds)
+        result = {
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "model": f"{contract.model_name} {contract.model_version}",
+            "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+            "torch_threads": torch.get_num_threads(),
+            **timing,
+        }
+        for path in (args.json, args.copy):
+            write_result(path, result)
+        log.info("%s", json.dumps(timing["seconds"]))
+        return 0
     rng = np.random.default_rng(args.seed)
     t_start, load_start = time.monotonic(), os.getloadavg()
     per_method: dict[str, dict[str, list[float]]] = {m: {} for m in [*args.methods, "uniform", "edges", "random"]}

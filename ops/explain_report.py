@@ -96,3 +96,20 @@ def explain_eval_report(d: dict[str, Any]) -> str:
         f"{e['gradcam_bottom_upside_down']['mean']:.2f} in the bottom 15% (now the femur). The trunk carries "
         f"{e['trunk_share']['mean']:.0%} of the head's |gradient x feature| (the parallel branch the rest).\n"
     )
+
+
+def explain_time_report(d: dict[str, Any]) -> str:
+    """The timing of `python -m ops.explain_eval --time-only` (docs/results/explain_time.json)."""
+    c = d["config"]
+    load = d["loadavg_1min"]
+    rows = ["| method | seconds per knee (median) | p90 | attributions |", "|---|---|---|---|"]
+    for name, s in d["seconds"].items():
+        label = f"**{name}** (default)" if name == DEFAULT_METHOD else name
+        rows.append(f"| {label} | {s['median']:.2f} | {s['p90']:.2f} | {s['n']} |")
+    return (
+        f"`python -m ops.explain_eval --time-only` (result `docs/results/explain_time.json`), {d['model']}: "
+        f"{c['knees']} val knees, {c['rounds']} rounds, methods interleaved, after a warm-up; one attribution "
+        f"at a time in {d['torch_threads']} torch threads on {d['machine']['cpus']} CPUs, 1-minute load average "
+        f"{load['min']:.1f} to {load['max']:.1f} (median {load['median']:.1f}). Run beside: "
+        f"{c.get('note') or 'not recorded'}.\n\n" + "\n".join(rows) + "\n"
+    )
