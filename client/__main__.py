@@ -30,6 +30,11 @@ from client import TLS_KINDS, TOKEN_ENV, KOAClientError, load_token
 DEFAULT_CLASS_NAMES = ("KL0", "KL1", "KL2", "KL3", "KL4")
 
 
+# The server's explanation methods (handler.explain.METHODS, which this client may not import: it installs
+# without the model code); tests/test_explain.py checks that the two lists agree.
+EXPLAIN_METHODS = ("layercam", "gradcam", "ig", "ig_blur", "smoothgrad", "occlusion")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m client", description="KOA-Serve client (REST or gRPC).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -40,9 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     pr.add_argument("--target", default=None, help="grade 0-4 or class name to explain (implies --explain)")
     pr.add_argument(
         "--method",
+        choices=EXPLAIN_METHODS,
         default=None,
-        help="attribution (implies --explain): layercam (the server's default), gradcam, ig, ig_blur, smoothgrad or "
-        "occlusion; the server refuses others, listing what it has (docs/EXPLAIN.md)",
+        help="attribution (implies --explain); the server's default is layercam (docs/EXPLAIN.md)",
     )
     pr.add_argument("--url", default="http://127.0.0.1:8080", help="REST inference address (https://... for TLS)")
     pr.add_argument(

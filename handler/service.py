@@ -13,8 +13,8 @@ Accepted request forms (TorchServe hands each request over as a dict of named fi
 - raw image bytes as the body (``data`` or ``body``): PNG, JPEG or DICOM;
 - multipart form fields: the image in ``data``, ``image`` or ``file``; optional fields
   ``explain`` (true/false), ``target`` (grade 0-4 or a class name) and ``method``
-  (``gradcam`` or ``ig``);
-- JSON: ``{"image": "<base64>", "explain": true, "target": 3, "method": "gradcam"}``;
+  (one of `handler.explain.METHODS`, ``layercam`` by default);
+- JSON: ``{"image": "<base64>", "explain": true, "target": 3, "method": "layercam"}``;
 - gRPC: the same keys in the request's ``input`` map (``data`` holds the image bytes).
 ``POST /explanations/<model>`` explains every request without the ``explain`` field.
 """

@@ -19,6 +19,7 @@ from handler.explain import (
 )
 from model import create_model
 from ops.explain_metrics import (
+    FRACTIONS,
     auc,
     band_share,
     cascade_groups,
@@ -80,7 +81,7 @@ def test_deletion_and_insertion_images():
 
 
 def test_auc_and_spearman():
-    assert auc([1.0] * 11) == pytest.approx(1.0) and auc([0.0, 1.0], (0.0, 1.0)) == 0.5
+    assert auc([1.0] * len(FRACTIONS)) == pytest.approx(1.0) and auc([0.0, 1.0], (0.0, 1.0)) == 0.5
     a = np.arange(16.0).reshape(4, 4)
     assert spearman(a, a**2) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
     assert spearman(a, np.ones((4, 4))) == 0.0
@@ -134,3 +135,9 @@ def test_the_film_overlay_has_the_films_size_and_heat_only_in_the_boxes():
     assert out.shape == (300, 500, 3)
     grey = np.abs(out.astype(int) - 128).sum(2) < 6
     assert not grey[100, 50] and grey[100, 300] and grey[10, 10]
+
+
+def test_the_client_offers_the_servers_methods():
+    from client.__main__ import EXPLAIN_METHODS
+
+    assert EXPLAIN_METHODS == METHODS
