@@ -27,7 +27,7 @@ SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
 PROTO_STAMP := client/_proto/inference_pb2.py
 
-.PHONY: help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-precision bench-model train evaluate finder evaluate-finder promote-finder calibrate promote refit-gate evaluate-framings export compare archive serve stop restart token renew-token predict explain proto clean loadtest
+.PHONY: explain-eval help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-precision bench-model train evaluate finder evaluate-finder promote-finder calibrate promote refit-gate evaluate-framings export compare archive serve stop restart token renew-token predict explain proto clean loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -157,8 +157,8 @@ $(PROTO_STAMP): | $(STAMP)
 predict: $(PROTO_STAMP)  ## grade IMAGE=... on the running server (REST)
 	$(PY) -m client predict $(IMAGE) --key-file $(SERVE_DIR)/key_file.json
 
-explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG to reports/explain/)
-	$(PY) -m client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain
+explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG to reports/explain/; METHOD=... picks the method)
+	$(PY) -m client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain $(if $(METHOD),--method $(METHOD))
 
 bench: archive  ## served against in-process, batching sweep, JIT warm-up, REST against gRPC in paired rounds -> docs/results/bench_sweep.json, docs/BENCHMARKS.md (~20 min)
 	$(PY) -m ops.bench sweep
@@ -174,6 +174,12 @@ bench-malloc: archive  ## the worker's malloc settings against glibc's defaults,
 
 bench-precision: archive  ## float32 against bfloat16: speed of the grader and finder, val answers, finder decisions -> docs/results/bench_precision.json (~6 min)
 	$(PY) -m ops.bench precision --json docs/results/bench_precision.json
+
+explain-eval: $(STAMP)  ## measure the explanation methods on val knees -> docs/results/explain_eval.json, explain_time.json, docs/EXPLAIN.md
+	$(PY) -m ops.explain_eval --data $(DATA)
+	$(PY) -m ops.explain_eval --data $(DATA) --time-only --knees 5 --rounds 2 --methods layercam gradcam ig_blur smoothgrad ig \
+		--json reports/explain_time.json --copy docs/results/explain_time.json
+	$(PY) -m ops.render_docs
 
 bench-explain: archive  ## plain-prediction latency with 10% IG explanations, batch answered at once vs. early answers, side by side -> reports/ and docs/results/bench_explain.json (~7 min)
 	$(PY) -m ops.bench explain $(if $(THREADS),--threads $(THREADS))

@@ -172,7 +172,7 @@ def _check_options(image: bytes, target: int | str | None, method: str | None) -
     if not isinstance(image, bytes | bytearray | memoryview):
         raise TypeError(f"image must be the file's bytes, got {type(image).__name__}")
     if method is not None and not isinstance(method, str):
-        raise TypeError(f"method must be a string such as 'gradcam' or 'ig', got {type(method).__name__}")
+        raise TypeError(f"method must be a string such as 'layercam' or 'ig', got {type(method).__name__}")
     if isinstance(target, bool) or (isinstance(target, int) and target < 0):
         raise ValueError(f"target must be a KL grade (0-4) or a class name such as 'KL3', got {target!r}")
 

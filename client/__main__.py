@@ -1,6 +1,6 @@
 """Command line of the KOA-Serve client: grade (and explain) knee radiographs on a running server.
 
-``python -m client predict IMAGE [IMAGE...] [--grpc] [--explain] [--target T] [--method gradcam|ig]
+``python -m client predict IMAGE [IMAGE...] [--grpc] [--explain] [--target T] [--method M]
 [--url URL] [--grpc-target HOST:PORT] [--token TOKEN | --key-file PATH] [--model oamen]
 [--retry-s S] [--ca-file PEM] [--cert-file PEM [--cert-key-file PEM]] [--overlay-dir DIR] [--json]``
 
@@ -30,6 +30,11 @@ from client import TLS_KINDS, TOKEN_ENV, KOAClientError, load_token
 DEFAULT_CLASS_NAMES = ("KL0", "KL1", "KL2", "KL3", "KL4")
 
 
+# The server's explanation methods (handler.explain.METHODS, which this client may not import: it installs
+# without the model code); tests/test_explain.py checks that the two lists agree.
+EXPLAIN_METHODS = ("layercam", "gradcam", "ig", "ig_blur", "smoothgrad", "occlusion")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m client", description="KOA-Serve client (REST or gRPC).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -38,7 +43,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     pr.add_argument("--grpc", action="store_true", help="use gRPC instead of REST")
     pr.add_argument("--explain", action="store_true", help="also explain the grade (writes an overlay PNG)")
     pr.add_argument("--target", default=None, help="grade 0-4 or class name to explain (implies --explain)")
-    pr.add_argument("--method", choices=("gradcam", "ig"), default=None, help="attribution (implies --explain)")
+    pr.add_argument(
+        "--method",
+        choices=EXPLAIN_METHODS,
+        default=None,
+        help="attribution (implies --explain); the server's default is layercam (docs/EXPLAIN.md)",
+    )
     pr.add_argument("--url", default="http://127.0.0.1:8080", help="REST inference address (https://... for TLS)")
     pr.add_argument(
         "--grpc-target", default="127.0.0.1:7070", help="gRPC inference host:port (grpcs://host:port for TLS)"
@@ -114,8 +124,12 @@ def format_grade(name: str, answer: dict[str, Any]) -> str:
 
 
 def write_overlays(answer: dict[str, Any], image: Path, out_dir: Path) -> list[Path]:
-    """The explanation overlays of an answer: one for a crop, one per graded knee of a film
-    (``<stem>_knee<N>_<method>_KL<target>.png``)."""
+    """The explanation overlays of an answer: one for a crop (at the crop's size); for a whole film, the
+    film at its native size with each knee's map in its box (``<stem>_<method>_film.png``), or from a
+    server that draws none, one per graded knee (``<stem>_knee<N>_<method>_KL<target>.png``)."""
+    film = answer.get("explanation")
+    if isinstance(answer.get("knees"), list) and isinstance(film, dict) and film.get("overlay_png"):
+        return [write_overlay({"explanation": {**film, "target": "film"}}, image, out_dir)]
     if isinstance(answer.get("knees"), list):
         graded = [(n, k) for n, k in enumerate(answer["knees"]) if "kl_grade" in k]
         return [write_overlay(k, image, out_dir, f"_knee{n + 1}") for n, k in graded]
@@ -136,7 +150,9 @@ def write_overlay(answer: dict[str, Any], image: Path, out_dir: Path, suffix: st
     except (binascii.Error, ValueError, TypeError):
         raise ValueError("the explanation's overlay_png is not valid base64") from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{image.stem}{suffix}_{exp.get('method', 'explain')}_KL{exp.get('target', 'x')}.png"
+    target = exp.get("target", "x")
+    grade = "film" if target == "film" else f"KL{target}"
+    path = out_dir / f"{image.stem}{suffix}_{exp.get('method', 'explain')}_{grade}.png"
     path.write_bytes(png)
     return path
 

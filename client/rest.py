@@ -241,7 +241,8 @@ class RestClient:
             image: the file's bytes.
             explain: add ``explanation`` (attribution grid and overlay PNG) to the answer.
             target: grade (0-4) or class name to explain; default: the predicted grade.
-            method: ``gradcam`` (default on the server) or ``ig`` (Integrated Gradients).
+            method: ``layercam`` (the server's default), ``gradcam``, ``ig``, ``ig_blur``, ``smoothgrad`` or
+                ``occlusion`` (docs/EXPLAIN.md).
             site: the hospital whose site profile should answer (the ``X-KOA-Site`` header, docs/SITES.md);
                 the answer's ``model.profile`` says which calibration did.
 

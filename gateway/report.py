@@ -57,6 +57,15 @@ SR_SERIES_DESCRIPTION = "KOA-Serve KL grade (AI, unverified)"
 SC_SERIES_DESCRIPTION = "KOA-Serve heatmap (AI, not for diagnosis)"
 WARNING = "NOT FOR DIAGNOSIS WITHOUT A READER"
 SC_SIZE = 512  # the heatmap is drawn at this width, with text bands above and below
+METHOD_NAMES = {  # the server's explanation methods (docs/EXPLAIN.md), as a reader knows them
+    "layercam": "LayerCAM",
+    "gradcam": "Grad-CAM",
+    "ig": "Integrated Gradients",
+    "ig_blur": "Integrated Gradients",
+    "smoothgrad": "SmoothGrad",
+    "occlusion": "Occlusion",
+}
+FILM_SC_MAX = 2048  # a whole film's heatmap keeps its native size up to this width
 
 
 @dataclass(frozen=True)
@@ -314,13 +323,25 @@ def overlay_image(finding: KneeFinding) -> np.ndarray:
     explanation = finding.answer.get("explanation") or {}
     if not explanation.get("overlay_png"):
         raise ValueError("the answer has no explanation.overlay_png: ask the server with explain=True")
-    heat = Image.open(io.BytesIO(base64.b64decode(explanation["overlay_png"]))).convert("RGB")
-    heat = heat.resize((SC_SIZE, round(SC_SIZE * heat.height / heat.width)), Image.Resampling.BICUBIC)
+    return _banded(explanation["overlay_png"], SC_SIZE, *_banner(finding))
+
+
+def film_overlay_image(explanation: dict[str, Any], findings: Sequence[KneeFinding]) -> np.ndarray:
+    """A whole film's overlay (each knee's map in its box, drawn by the server at the film's native size),
+    at that size up to `FILM_SC_MAX` wide, between text bands naming every knee's grade: (H, W, 3) RGB."""
+    width = int(explanation.get("width") or SC_SIZE)
+    tops, bottom = zip(*(_banner(f) for f in findings), strict=True)
+    return _banded(explanation["overlay_png"], max(SC_SIZE, min(width, FILM_SC_MAX)), "  |  ".join(tops), bottom[0])
+
+
+def _banded(overlay_png: str, width: int, top: str, bottom: str) -> np.ndarray:
+    heat = Image.open(io.BytesIO(base64.b64decode(overlay_png))).convert("RGB")
+    if heat.width != width:
+        heat = heat.resize((width, round(width * heat.height / heat.width)), Image.Resampling.BICUBIC)
     band = 40
-    canvas = Image.new("RGB", (SC_SIZE, heat.height + 2 * band), "black")
+    canvas = Image.new("RGB", (width, heat.height + 2 * band), "black")
     canvas.paste(heat, (0, band))
     draw = ImageDraw.Draw(canvas)
-    top, bottom = _banner(finding)
     draw.text((8, 8), top, fill=(255, 255, 255), font=_font(22))
     draw.text((8, heat.height + band + 11), bottom, fill=(255, 220, 0), font=_font(15))
     return np.asarray(canvas, dtype=np.uint8)
@@ -337,42 +358,71 @@ def _orientation(ds: Dataset) -> tuple[str, str] | None:
     return (rows, cols) if {rows, cols} <= valid else None
 
 
-def heatmaps(source: Dataset, findings: Sequence[KneeFinding]) -> list[hd.sc.SCImage]:
-    """One Secondary Capture (RGB, text burned in) per finding that carries an explanation."""
-    images = []
+def heatmaps(
+    source: Dataset, findings: Sequence[KneeFinding], answer: dict[str, Any] | None = None
+) -> list[hd.sc.SCImage]:
+    """One Secondary Capture (RGB, text burned in) per finding that carries an explanation; for a whole
+    film's ``answer`` that carries the film's overlay (``explanation.overlay_png``, each knee's map in its
+    box on the film), one capture of the whole film instead."""
     source = source_header(source)
     orientation = _orientation(source)
+    film = (answer or {}).get("explanation") or {}
+    if findings and isinstance((answer or {}).get("knees"), list) and film.get("overlay_png"):
+        side = findings[0].laterality if len(findings) == 1 else None
+        grades = ", ".join(f"KL{f.answer['kl_grade']}" for f in findings)
+        pixels = film_overlay_image(film, findings)
+        return [_capture(source, orientation, pixels, 0, findings[0], side, f"{_method(film)} heatmap of {grades}")]
+    images = []
     for i, finding in enumerate(findings):
         if not (finding.answer.get("explanation") or {}).get("overlay_png"):
             continue
-        model = finding.answer.get("model") or {}
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
-            pixel_array=overlay_image(finding),
-            photometric_interpretation="RGB",
-            bits_allocated=8,
-            coordinate_system="PATIENT",
-            series_instance_uid=result_uid("sc-series", source.StudyInstanceUID),
-            series_number=SC_SERIES_NUMBER,
-            sop_instance_uid=result_uid("sc", source.SOPInstanceUID, str(i)),
-            instance_number=int(source.get("InstanceNumber") or 1),
-            manufacturer=MANUFACTURER,
-            laterality=finding.laterality,
-            patient_orientation=orientation or ("L", "F"),
-            series_description=SC_SERIES_DESCRIPTION,
-            manufacturer_model_name=str(model.get("name", GATEWAY_NAME)),
-            software_versions=str(model.get("version", "")) or None,
-        )
-        if orientation is None:
-            sc.PatientOrientation = None  # unknown: type 2, empty, rather than a guess (highdicom wants one)
-        sc.BurnedInAnnotation = "YES"
-        sc.ImageComments = f"Grad-CAM heatmap of KL{finding.answer['kl_grade']}; {WARNING.lower()}"
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = source.SOPClassUID
-        ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        sc.SourceImageSequence = [ref]
-        images.append(sc)
+        what = f"{_method(finding.answer['explanation'])} heatmap of KL{finding.answer['kl_grade']}"
+        images.append(_capture(source, orientation, overlay_image(finding), i, finding, finding.laterality, what))
     return images
+
+
+def _method(explanation: dict[str, Any]) -> str:
+    return METHOD_NAMES.get(str(explanation.get("method", "")), "Attribution")
+
+
+def _capture(
+    source: Dataset,
+    orientation: tuple[str, str] | None,
+    pixels: np.ndarray,
+    i: int,
+    finding: KneeFinding,
+    laterality: str | None,
+    what: str,
+) -> hd.sc.SCImage:
+    """The Secondary Capture of one heatmap image (``pixels``, RGB) of the source; ``what`` it shows goes
+    into its comments."""
+    model = finding.answer.get("model") or {}
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=result_uid("sc-series", source.StudyInstanceUID),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=result_uid("sc", source.SOPInstanceUID, str(i)),
+        instance_number=int(source.get("InstanceNumber") or 1),
+        manufacturer=MANUFACTURER,
+        laterality=laterality,
+        patient_orientation=orientation or ("L", "F"),
+        series_description=SC_SERIES_DESCRIPTION,
+        manufacturer_model_name=str(model.get("name", GATEWAY_NAME)),
+        software_versions=str(model.get("version", "")) or None,
+    )
+    if orientation is None:
+        sc.PatientOrientation = None  # unknown: type 2, empty, rather than a guess (highdicom wants one)
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = f"{what}; {WARNING.lower()}"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [ref]
+    return sc
 
 
 def content_tree(sr: Dataset) -> str:

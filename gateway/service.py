@@ -367,7 +367,7 @@ class Gateway:
         t_build = time.monotonic()
         findings = findings_from_answer(answer, laterality_of(header))
         sr = grade_report(header, findings)
-        images = heatmaps(header, findings)
+        images = heatmaps(header, findings, answer)
         build_s = time.monotonic() - t_build
         store_s = self._store_or_fail(uid, [sr, *images], ids)
         if store_s is None:

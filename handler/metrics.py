@@ -335,9 +335,11 @@ class ObservedPredictor(Predictor):
             log.exception("drift features of a batch of %d could not be computed", len(batch))
         return arrays
 
-    def explanation(self, x: torch.Tensor, prepared: np.ndarray, target: int, method: str) -> dict[str, Any]:
+    def explanation(
+        self, x: torch.Tensor, image: np.ndarray | None, target: int, method: str
+    ) -> tuple[dict[str, Any], np.ndarray]:
         t0 = time.perf_counter()
         try:
-            return super().explanation(x, prepared, target, method)
+            return super().explanation(x, image, target, method)
         finally:
             self.telemetry.explain_s.append(time.perf_counter() - t0)

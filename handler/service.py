@@ -13,8 +13,8 @@ Accepted request forms (TorchServe hands each request over as a dict of named fi
 - raw image bytes as the body (``data`` or ``body``): PNG, JPEG or DICOM;
 - multipart form fields: the image in ``data``, ``image`` or ``file``; optional fields
   ``explain`` (true/false), ``target`` (grade 0-4 or a class name) and ``method``
-  (``gradcam`` or ``ig``);
-- JSON: ``{"image": "<base64>", "explain": true, "target": 3, "method": "gradcam"}``;
+  (one of `handler.explain.METHODS`, ``layercam`` by default);
+- JSON: ``{"image": "<base64>", "explain": true, "target": 3, "method": "layercam"}``;
 - gRPC: the same keys in the request's ``input`` map (``data`` holds the image bytes).
 ``POST /explanations/<model>`` explains every request without the ``explain`` field.
 """
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from handler.explain import METHODS, attribute, heat_grid, overlay_png
+from handler.explain import DEFAULT_METHOD, METHODS, attribute, film_overlay_png, heat_grid, overlay_png, unletterbox
 from handler.sites import Profiles
 from model.contract import InputContract
 from model.decode import DecodeError, decode_image, dicom_laterality
-from model.localize import FinderConfig, Joint, Plan, crop_joint, find_joints, plan
+from model.localize import FinderConfig, Joint, Plan, crop_box, crop_joint, find_joints, plan
 from model.markers import Marker, MarkerReader, assign, read_markers
 from model.preprocess import prepare, to_model_input
 
@@ -153,7 +153,7 @@ def parse_request(row: dict[str, Any], headers: dict[str, Any], contract: InputC
     if not image:
         raise RequestError("empty image: the request body has no bytes")
     explain = _flag(options["explain"], "explain") if "explain" in options else headers.get("explain") == "True"
-    method = _text(options.get("method", "gradcam")).lower() or "gradcam"
+    method = _text(options.get("method", DEFAULT_METHOD)).lower() or DEFAULT_METHOD
     if method not in METHODS:
         raise RequestError(f"method must be one of {list(METHODS)}, got {method!r}")
     return ParsedRequest(image, explain, method, _target(options.get("target"), contract))
@@ -247,15 +247,34 @@ class Predictor:
             "model": self.profiles.model_block(arrays["sites"][j] if arrays.get("sites") else None),
         }
 
-    def explanation(self, x: torch.Tensor, prepared: np.ndarray, target: int, method: str) -> dict[str, Any]:
+    def explanation(
+        self, x: torch.Tensor, image: np.ndarray | None, target: int, method: str
+    ) -> tuple[dict[str, Any], np.ndarray]:
+        """The explanation of ``target`` for model input ``x`` and its heat map at the model's input size.
+        A crop's (``image``: the crop as sent) carries its overlay at the crop's own size; a film's knee
+        (``image`` None) only its grid: the film's overlay holds its map (`film_explanation`)."""
         heat = attribute(self.eager, x, target, method)
-        return {
+        body = {
             "method": method,
             "target": target,
             "target_class": self.contract.class_names[target],
             "grid": heat_grid(heat),
-            "overlay_png": base64.b64encode(overlay_png(prepared, heat)).decode("ascii"),
         }
+        if image is not None:
+            shown = unletterbox(heat, image.shape, self.contract.preprocess.fit)
+            body["overlay_png"] = base64.b64encode(overlay_png(image, shown)).decode("ascii")
+        return body, heat
+
+    def film_explanation(
+        self, gray: np.ndarray, joints: list[Joint], heats: dict[int, tuple[np.ndarray, int]], method: str
+    ) -> dict[str, Any]:
+        """The film's overlay at its native size: each explained knee's map in the square it was cut from,
+        its box drawn and labelled with the grade explained."""
+        names = self.contract.class_names
+        knees = [(crop_box(joints[k]), joints[k].box, heat, names[t]) for k, (heat, t) in sorted(heats.items())]
+        png = film_overlay_png(gray, knees)
+        h, w = gray.shape
+        return {"method": method, "width": w, "height": h, "overlay_png": base64.b64encode(png).decode("ascii")}
 
     def answers(self, rows: list[dict[str, Any]], headers: list[dict[str, Any]]) -> Iterator[dict[int, Answer]]:
         """Answer a batch in steps, each as soon as it is known; never raises for bad input.
@@ -270,6 +289,7 @@ class Predictor:
         first: dict[int, Answer] = {}
         decoded: list[tuple[int, ParsedRequest, np.ndarray]] = []
         sites = {i: Profiles.requested(row, headers[i] if i < len(headers) else {}) for i, row in enumerate(rows)}
+        grays: dict[int, np.ndarray] = {}  # the decoded images, for overlays at their own size
         for i, row in enumerate(rows):
             try:
                 req = parse_request(row, headers[i] if i < len(headers) else {}, self.contract)
@@ -298,11 +318,13 @@ class Predictor:
                     first[i] = (status, error_body(status, message, pl.error or "not_a_knee"))
                 elif pl.kind == "crop":
                     units.append((i, None, prepare(gray, self.contract)))
+                    grays[i] = gray
                 else:
                     knees = [(i, k, prepare(crop_joint(gray, j), self.contract)) for k, j in enumerate(pl.joints)]
                     dicom = dicom_laterality(req.image)
                     films[i] = (pl, gray.shape, dicom, self.read_markers(gray) if dicom is None else [])
                     units.extend(knees)
+                    grays[i] = gray
                 requests[i] = req
             except Exception as exc:
                 log.exception("request %d could not be prepared", i)
@@ -344,12 +366,21 @@ class Predictor:
         first.update({i: answer for i, answer in film_answers.items() if i not in explained})
         yield first
         failed: set[int] = set()
-        for n, (i, k, prepared, x, body) in enumerate(explain):
+        heats: dict[int, dict[int, tuple[np.ndarray, int]]] = {}  # a film's knees' maps, for its overlay
+        for n, (i, k, _prepared, x, body) in enumerate(explain):
             if i in failed:
                 continue
             target = body["kl_grade"] if requests[i].target is None else requests[i].target
             try:
-                explanation = self.explanation(x, prepared, target, requests[i].method)
+                explanation, heat = self.explanation(x, grays[i] if k is None else None, target, requests[i].method)
+                if k is not None:
+                    heats.setdefault(i, {})[k] = (heat, target)
+                    if all(e[0] != i for e in explain[n + 1 :]):  # the film's last knee: draw the film
+                        pl = films[i][0]
+                        film_body = film_answers[i][1]
+                        film_body["explanation"] = self.film_explanation(
+                            grays[i], pl.joints, heats[i], requests[i].method
+                        )
             except Exception as exc:
                 log.exception("explanation failed for request %d", i)
                 failed.add(i)

@@ -12,6 +12,8 @@
   docs' measured figures from them, `ops.model_card` the model card.
 - `ops.procs`: process ids and free ports, shared with the PACS side (`pacs`).
 - `ops.stage_gpu_data`: the lossy training-data copy for a GPU machine (scripts/gpu_run.sh).
+- `ops.explain_eval`: explanation methods measured on val knees (docs/EXPLAIN.md), with the pure measures
+  in `ops.explain_metrics`, the doc tables in `ops.explain_report`; `ops.explain_examples` its pictures.
 
 Run everything from the repository root (``python -m ops.<module>``): the packages are imported from
 there, with no edit of the import path.

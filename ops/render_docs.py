@@ -36,6 +36,7 @@ from ops.bench.report import (
     tail_report,
 )
 from ops.drills.report import drill_table, not_kept, replicas_section, soak_section
+from ops.explain_report import explain_eval_report, explain_time_report
 from ops.gpu_report import compare_report, throughput_report
 from ops.monitor_report import bench_metrics_report, drift_choice_report, drill_drift_report
 from ops.results import DOC_RESULTS, ROOT
@@ -84,6 +85,12 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "bench_tail": lambda: tail_report(_load("bench_tail.json")),
     "bench_explain": lambda: explain_report(_load("bench_explain.json")),
     "bench_gate": lambda: gate_report(_load("bench_gate.json")),
+    "explain_eval": _or_not_kept(
+        "explain_eval.json", "the explanation methods", "python -m ops.explain_eval", explain_eval_report
+    ),
+    "explain_time": _or_not_kept(
+        "explain_time.json", "the explanation times", "python -m ops.explain_eval --time-only", explain_time_report
+    ),
     "bench_precision": _or_not_kept(
         "bench_precision.json", "float32 against bfloat16", "make bench-precision", precision_report
     ),

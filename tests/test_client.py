@@ -646,3 +646,21 @@ def test_cli_with_retry_waits_for_the_local_servers_new_key(images, monkeypatch,
     finally:
         writer.cancel()
     assert made[-1][1] == "after-restart"
+
+
+def test_cli_explain_writes_a_films_overlay_not_one_per_knee(tmp_path) -> None:
+    from client.__main__ import write_overlays
+
+    png = b"\x89PNG the film"
+    knee = {"kl_grade": 2, "explanation": {"method": "layercam", "target": 2, "grid": [[0.5]]}}
+    film = {
+        "knees": [knee, {"refused": {"type": "unsupported_view", "message": "lateral"}}],
+        "explanation": {
+            "method": "layercam",
+            "width": 400,
+            "height": 300,
+            "overlay_png": base64.b64encode(png).decode(),
+        },
+    }
+    (path,) = write_overlays(film, tmp_path / "leg.png", tmp_path / "out")
+    assert path.name == "leg_layercam_film.png" and path.read_bytes() == png

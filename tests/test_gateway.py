@@ -531,3 +531,33 @@ def test_the_gateway_never_imports_the_model_code():
                 if isinstance(node, ast.ImportFrom) and node.module:
                     names = [node.module]
                 assert not {n.split(".")[0] for n in names} & {"model", "handler", "train", "torch"}, path
+
+
+def test_a_whole_films_heatmap_is_one_capture_of_the_film_at_its_size(knee):
+    source = pacs.radiograph(knee)
+    left, right = make_answer(1), make_answer(3)
+    for answer in (left, right):
+        answer["explanation"].pop("overlay_png")  # a film's knees keep their grid; the film holds the overlay
+    png = cv2.imencode(".png", np.full((600, 1000, 3), 90, np.uint8))[1].tobytes()
+    film = {
+        "schema_version": 3,
+        "image": {"width": 1000, "height": 600},
+        "knees": [
+            {"box": [100, 200, 300, 400], "side": "left", "laterality": None, "view": "ap", **_grades(left)},
+            {"box": [600, 200, 800, 400], "side": "right", "laterality": None, "view": "ap", **_grades(right)},
+        ],
+        "explanation": {
+            "method": "layercam",
+            "width": 1000,
+            "height": 600,
+            "overlay_png": base64.b64encode(png).decode(),
+        },
+        "model": left["model"],
+    }
+    validate_answer(film, explain=True)
+    findings = findings_from_answer(film, None)
+    (sc,) = heatmaps(source, findings, film)
+    sc = reread(sc)
+    assert (sc.Columns, sc.Rows) == (1000, 600 + 80)  # the film's width; its height between two text bands
+    assert "LayerCAM heatmap of KL1, KL3" in sc.ImageComments
+    assert heatmaps(source, findings) == []  # without the film's answer: no knee carries an overlay

@@ -10,6 +10,7 @@ import base64
 import json
 import struct
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
@@ -20,6 +21,7 @@ from ts.context import Context, RequestProcessor
 from ts.protocol.otf_message_handler import create_predict_response
 
 from handler.drain import BUSY_PREFIX, DRAIN_FILE, RETRY_AFTER_S, STATE_ENV, DrainGate
+from handler.explain import DEFAULT_METHOD
 from handler.koa_handler import EARLY_ENV, KOAHandler
 from handler.service import Predictor, RequestError, parse_request
 from model import create_model
@@ -28,6 +30,7 @@ from model.contract import InputContract
 from model.decode import DecodeError
 from tests.conftest import TINY_CONTRACT_ARGS
 
+ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = InputContract(**TINY_CONTRACT_ARGS)  # the `exported` fixture's (tests/conftest.py)
 
 
@@ -49,7 +52,7 @@ def png(shape=(80, 120), seed=0) -> bytes:
 
 def test_raw_body_and_explain_header():
     req = parse_request({"body": b"abc"}, {"explain": "True"}, CONTRACT)
-    assert req.image == b"abc" and req.explain and req.method == "gradcam" and req.target is None
+    assert req.image == b"abc" and req.explain and req.method == DEFAULT_METHOD and req.target is None
 
 
 def test_multipart_fields_override_header():
@@ -127,7 +130,7 @@ def test_each_request_is_explained_on_its_own(predictor):
     assert [s for s, _ in answers] == [200, 200, 200]
     first, plain, ig = (b for _, b in answers)
     assert "explanation" not in plain
-    assert (first["explanation"]["method"], first["explanation"]["target"]) == ("gradcam", 4)
+    assert (first["explanation"]["method"], first["explanation"]["target"]) == (DEFAULT_METHOD, 4)
     assert (ig["explanation"]["method"], ig["explanation"]["target"]) == ("ig", 1)
     for body in (first, ig):
         grid = np.array(body["explanation"]["grid"])
@@ -135,7 +138,7 @@ def test_each_request_is_explained_on_its_own(predictor):
         # Rounded as written on the wire: 0.481, never float32's 0.48100000619888306.
         assert all(len(repr(v)) <= 5 for row in body["explanation"]["grid"] for v in row), body["explanation"]["grid"]
         overlay = cv2.imdecode(np.frombuffer(base64.b64decode(body["explanation"]["overlay_png"]), np.uint8), 1)
-        assert overlay.shape == (64, 64, 3)
+        assert overlay.shape == (80, 120, 3)  # the crop's own size, not the model's 64 x 64 input
 
 
 def test_explanation_defaults_to_the_predicted_grade(predictor):
@@ -577,6 +580,29 @@ def test_each_knee_of_a_film_is_explained(exported, monkeypatch):
     assert status == 200
     validate_answer(body, explain=True)
     assert all(k["explanation"]["grid"] for k in body["knees"])
+    film = body["explanation"]  # one overlay of the whole film at its native size, each knee's map in its box
+    assert (film["width"], film["height"]) == (400, 300)
+    overlay = cv2.imdecode(np.frombuffer(base64.b64decode(film["overlay_png"]), np.uint8), 1)
+    assert overlay.shape == (300, 400, 3)
+    gray = cv2.imdecode(np.frombuffer(png((300, 400), seed=3), np.uint8), 0)
+    coloured = np.abs(overlay.astype(int) - gray[..., None]).sum(2) > 30
+    assert coloured[105:195, 55:145].mean() > 0.5 and not coloured[:, 180:220].any()  # heat inside the boxes only
+
+
+def test_a_leg_film_fixture_is_explained_on_the_film_itself(exported, monkeypatch):
+    """tests/fixtures/films/ap_IMG0000653.jpg (one AP knee, README there) with the shipped knee-joint finder:
+    the overlay has the film's width and height."""
+    from model.localize import load_serving_finder
+
+    film = (ROOT / "tests" / "fixtures" / "films" / "ap_IMG0000653.jpg").read_bytes()
+    pred = _predictor_with(exported)
+    pred.finder = load_serving_finder(ROOT / "weights" / "finder.pt")
+    [(status, body)] = pred.handle([{"body": film, "explain": b"true"}], [{}])
+    assert status == 200, body
+    h, w = cv2.imdecode(np.frombuffer(film, np.uint8), 0).shape
+    overlay = cv2.imdecode(np.frombuffer(base64.b64decode(body["explanation"]["overlay_png"]), np.uint8), 1)
+    assert overlay.shape == (h, w, 3) and (body["image"]["width"], body["image"]["height"]) == (w, h)
+    assert all("overlay_png" not in k.get("explanation", {}) for k in body["knees"])  # the grid stays per knee
 
 
 @pytest.mark.parametrize(

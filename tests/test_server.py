@@ -21,6 +21,7 @@ from client import KOAClientError
 from client.grpc_client import GrpcClient
 from client.rest import RestClient
 from client.schema import validate_answer, validate_error
+from handler.explain import DEFAULT_METHOD
 from model.checkpoint import load_torchscript
 from model.precision import served_models
 from ops import server as ts
@@ -74,7 +75,18 @@ def test_rest_explain(rest, knee_png):
     overlay = cv2.imdecode(
         np.frombuffer(__import__("base64").b64decode(body["explanation"]["overlay_png"]), np.uint8), 1
     )
-    assert overlay is not None and overlay.shape[:2] == (224, 224)
+    assert overlay is not None and overlay.shape[:2] == cv2.imdecode(np.frombuffer(knee_png, np.uint8), 0).shape
+    assert body["explanation"]["method"] == DEFAULT_METHOD
+
+
+def test_a_leg_film_is_explained_on_the_film_at_its_native_size(rest):
+    """tests/fixtures/films/bilateral_IMG0002119.jpg (both knees AP, README there): the overlay is the film."""
+    film = (ROOT / "tests" / "fixtures" / "films" / "bilateral_IMG0002119.jpg").read_bytes()
+    body = rest.predict(film, explain=True)
+    h, w = cv2.imdecode(np.frombuffer(film, np.uint8), 0).shape
+    overlay = cv2.imdecode(np.frombuffer(base64.b64decode(body["explanation"]["overlay_png"]), np.uint8), 1)
+    assert overlay.shape == (h, w, 3) and (body["explanation"]["width"], body["explanation"]["height"]) == (w, h)
+    assert all(len(k["explanation"]["grid"]) == 16 for k in body["knees"] if "kl_grade" in k)
 
 
 def test_grpc_predict_and_explain(grpc_client, rest, knee_png):
