@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+FORMATS = {"fp32": "float32", "bf16": "bfloat16"}
+
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
@@ -26,9 +28,9 @@ def framings_section(result: dict[str, Any]) -> list[str]:
         "",
         f"`python -m train.eval_framings`: the first {last['val_knees'] // 5} val knees of each grade, framed as",
         "`train.framings.FRAMINGS` says, sent as PNG through the served path (`train.served_path`) in",
-        f"{last['precision']}. Refused: the share of images answered `not_a_knee`, `unsupported_view` or",
-        "`resolution_too_low`. Top-1 and QWK are over the knees graded; agreement is how often a knee's grade",
-        f"is the one it gets unframed. Before: {first['label']}; after: {last['label']}.",
+        f"{FORMATS.get(last['precision'], last['precision'])}. Refused: the share of images answered `not_a_knee`,",
+        "`unsupported_view` or `resolution_too_low`. Top-1 and QWK are over the knees graded; agreement is how",
+        f"often a knee's grade is the one it gets unframed. Before: {first['label']}; after: {last['label']}.",
         "",
         "| framing | what | refused before | refused after | top-1 after | QWK after | agreement after |",
         "|---|---|---|---|---|---|---|",
@@ -62,8 +64,7 @@ def framings_section(result: dict[str, Any]) -> list[str]:
             )
     held = [(run["label"], run["nonknee_heldout"]) for run in (first, last) if run.get("nonknee_heldout")]
     if held:
-        lines += [""] + [
-            f"Held-out non-knee radiographs (hand, hip, shoulder) graded, {label}: {h['graded']} of {h['n']}."
-            for label, h in (held if first is not last else held[:1])
+        lines += ["", "Held-out non-knee radiographs (hand, hip, shoulder) graded:", ""] + [
+            f"- {label}: {h['graded']} of {h['n']}." for label, h in (held if first is not last else held[:1])
         ]
     return lines
