@@ -15,6 +15,7 @@ import train.calibrate as calibrate
 import train.compare as compare
 import train.evaluate as evaluate
 import train.fit as fit
+import train.refit_gate as refit_gate
 from model.checkpoint import load_checkpoint
 from train.export import export
 
@@ -122,6 +123,47 @@ def nonknee(tmp_path_factory) -> Path:
                 img[:, ::5] = 200
             cv2.imwrite(str(root / region / f"{i}.png"), img)
     return root
+
+
+def test_refit_gate_changes_the_gate_alone_and_lets_every_tune_knee_through(calibrated: Path, tmp_path: Path):
+    out = tmp_path / "refit.ckpt"
+    args = refit_gate.get_args_parser().parse_args(
+        [
+            "--checkpoint",
+            str(calibrated),
+            "--out",
+            str(out),
+            "--films",
+            "",
+            "--max-gate-fit",
+            "30",
+            "--version",
+            "0.3.0",
+        ]  # fmt: skip
+    )
+    n = torch.get_num_threads()
+    report = refit_gate.main(args)
+    torch.set_num_threads(n)
+    before, after = load_checkpoint(calibrated)["contract"], load_checkpoint(out)["contract"]
+    assert after.model_version == "0.3.0"
+    changed = {k for k, v in after.postprocess.__dict__.items() if before.postprocess.__dict__[k] != v}
+    assert changed <= {"gate_threshold"}  # the calibration and the decoding stay
+    t = report["tune_scores"]
+    assert report["threshold"] >= max(t["plain_max"], t["framed_max"])  # no tune knee, plain or framed, refused
+    assert report["gate_fit"] == {"knees": 30, "framed_copies": 30}
+    assert json.loads((tmp_path / "gate.json").read_text())["version"] == "0.3.0"
+
+
+def test_refit_gate_needs_a_checkpoint_with_its_run_config(tmp_path: Path):
+    from model.checkpoint import save_checkpoint
+    from model.contract import InputContract
+    from model.registry import create_model
+
+    bare = save_checkpoint(tmp_path / "bare.ckpt", create_model("oamen_lite"), InputContract(model_name="oamen_lite"))
+    args = refit_gate.get_args_parser().parse_args(["--checkpoint", str(bare), "--out", str(tmp_path / "o.ckpt"),
+                                                    "--version", "1.0.0"])  # fmt: skip
+    with pytest.raises(ValueError, match="run config"):
+        refit_gate.main(args)
 
 
 def test_calibration_is_written_into_the_contract(trained: Path, calibrated: Path) -> None:
