@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         f"The {calib['gate_quantile']} quantile of the tune fold's {calib['tune_fold']['images']} knee scores "
         f"(the largest) is {calib.get('gate_threshold_dataset_knees', post.gate_threshold):.3f}: a threshold placed "
         f"this way on one half of the tune fold refuses {pct(g['tune_knees_refused_split_half'])} of the other half. "
-        + film_knee_sentence(calib, post.gate_threshold)
+        + film_knee_sentence(calib, round(calib["tune_gate_scores"]["threshold"], 3) if refit else post.gate_threshold)
         + gate_refit_sentence(refit),
         "",
         "How the layers and their combination were chosen (`python -m train.gate_study`, "
