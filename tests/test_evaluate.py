@@ -176,8 +176,10 @@ def test_calibration_is_written_into_the_contract(trained: Path, calibrated: Pat
     report = json.loads((trained / "calibration.json").read_text())
     assert report["chosen"] in report["candidates"] and report["gate_fit_images"] == 30
     cal = report["calibration"]
-    assert cal["fit_on"] in cal["fit_sets"] and cal["fit_sets"][cal["fit_on"]]["ece"] == min(
-        v["ece"] for v in cal["fit_sets"].values()
+    # the lowest ECE, ties within 1e-6 (train.calibrate.choose_fit_set): fits that read the same knees
+    # can differ in the last bit
+    assert cal["fit_on"] in cal["fit_sets"] and round(cal["fit_sets"][cal["fit_on"]]["ece"], 6) == min(
+        round(v["ece"], 6) for v in cal["fit_sets"].values()
     )
     # both ways of reading an image were calibrated; the chosen one is the contract's
     assert cal["views"] == ("the image and its mirror, averaged" if post.flip_tta else "the image")
