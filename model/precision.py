@@ -30,10 +30,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 convolutions natively (not emulated)."""
+    """Whether ``device`` computes bfloat16 convolutions natively (not emulated).
+
+    oneDNN runs bfloat16 on any AVX-512 CPU, but only AVX512-BF16 or AMX instructions make it
+    faster than float32: without them (an Ice Lake Xeon, say) the grader ran at 0.38 times its
+    float32 speed, so the CPU's own instructions decide."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    has_instructions = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and has_instructions
 
 
 def serving_dtype(device: torch.device, choice: str | None = None) -> torch.dtype:

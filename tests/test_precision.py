@@ -52,3 +52,16 @@ def test_bfloat16_stays_close_and_answers_in_float32() -> None:
             assert float((got - expected).abs().max()) < 0.1 * float(expected.abs().max())
             assert not torch.equal(got, expected)  # it did run in bfloat16
     assert next(gated.parameters()).dtype == torch.float32  # the model it was made from is left as it was
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(False, False, False), (True, False, True), (False, True, True)],
+)
+def test_bfloat16_is_native_only_with_the_cpus_own_instructions(monkeypatch, avx512_bf16, amx, expected):
+    # oneDNN says yes on any AVX-512 CPU, where it emulates bfloat16 at 0.38x float32's speed
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert native_bf16(CPU) is expected
+    assert serving_dtype(CPU, "auto") == (torch.bfloat16 if expected else torch.float32)
