@@ -202,11 +202,14 @@ def served_format(in_sample: bool = False) -> list[str]:
     path = ROOT / "docs" / "results" / "bench_precision.json"
     if not path.is_file():
         return ["**Served format.** Not measured: run `make bench-precision`."]
-    v = json.loads(path.read_text())["val"]
+    result = json.loads(path.read_text())
+    v = result["val"]
     a, b = v["fp32"], v["bf16"]
+    native = "it did" if result.get("native_bf16") else "it did not: it served float32"
     return [
         "**Served format.** The figures below are float32's. The server predicts in bfloat16 where the "
-        "processor computes it natively, as these machines do (docs/BENCHMARKS.md, `make bench-precision`). "
+        f"processor computes it natively; on the machine last measured {native} (docs/BENCHMARKS.md, "
+        "`make bench-precision`). "
         f"In bfloat16, {v['grades_differ']} of {v['n']} val grades differ: top-1 {pct(b['accuracy'])} "
         f"(float32 {pct(a['accuracy'])}), QWK {f3(b['qwk'])} ({f3(a['qwk'])}), macro AUC {f3(b['macro_auc'])} "
         f"({f3(a['macro_auc'])}), ECE {f3(b['ece'])} ({f3(a['ece'])}), KL1 recall {pct(b['kl1_recall'])} "
