@@ -225,7 +225,7 @@ def test_the_gate_lets_the_tune_films_knees_through(trained: Path, tmp_path: Pat
     """train.calibrate --films: the threshold rises to the largest score of the tune films' AP knees."""
     import shutil
 
-    from train.fit_finder import film_split
+    from train.films import film_split
 
     tune_name = next(f"IMG{i:07d}.jpg" for i in range(1000) if film_split(f"IMG{i:07d}.jpg") == "tune")
     films = tmp_path / "films"

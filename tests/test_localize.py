@@ -29,19 +29,8 @@ from model.localize import (
     serving_finder,
     to_source,
 )
-from train.annotate import read_boxes
-from train.fit_finder import (
-    Hard,
-    Item,
-    augment,
-    crop_joint_of,
-    fade,
-    film_split,
-    load_pairs,
-    nonknee_split,
-    paste_metal,
-    targets,
-)
+from train.films import Item, film_split, nonknee_split, read_boxes
+from train.finder_views import Hard, augment, crop_joint_of, fade, load_pairs, paste_metal, targets
 
 ROOT = Path(__file__).resolve().parents[1]
 FILMS = ROOT / "tests" / "fixtures" / "films"
@@ -145,7 +134,7 @@ def test_other_sites_framings_keep_the_joint_where_the_image_has_it(monkeypatch)
     # a crop with a bright spot at its joint centre, framed as other sites frame knees (bands,
     # magnified, off-centre): the spot ends where the augmented joint says it is. The other look
     # (contrast, gamma, ...) is left out: equalised, a flat synthetic crop can turn the spot dark.
-    monkeypatch.setattr("train.fit_finder.random_photometric", lambda im, rng: im)
+    monkeypatch.setattr("train.finder_views.random_photometric", lambda im, rng: im)
     crop = np.random.default_rng(0).integers(30, 90, (224, 224)).astype(np.uint8)  # equalised, still below the spot
     cx, cy, jw, v = crop_joint_of(crop)
     cv2.circle(crop, (round(cx), round(cy)), 5, 255, -1)
@@ -244,7 +233,7 @@ def test_the_nonknee_split_halves_the_radiographs_by_file_name():
 
 
 def test_the_threshold_moves_for_the_negatives_only_where_the_tune_films_lose_nothing(monkeypatch):
-    import train.eval_finder as ev
+    import train.finder_measure as ev
 
     size = (200, 200)
     ap = Item("ap", np.zeros(size, np.uint8), [(100.0, 100.0, 80.0, 0)], "film")
@@ -350,7 +339,7 @@ def test_the_documented_figures_were_measured_with_the_shipped_settings():
 
 
 def test_films_md_is_generated_from_the_committed_results():
-    from train.eval_finder import render_doc
+    from train.films_doc import render_doc
 
     result = json.loads((ROOT / "docs" / "model" / "finder.json").read_text())
     resolution = json.loads((ROOT / "docs" / "model" / "resolution.json").read_text())
@@ -449,6 +438,8 @@ def film_dir(tmp_path: Path) -> dict[str, str]:
 def test_eval_finder_measures_the_finder_in_the_precision_it_records(film_dir, tmp_path, monkeypatch, precision):
     import train.eval_finder as ev
     from model.precision import DTYPES
+    from train.films_doc import render_doc
+    from train.finder_measure import FORMAT_NAMES
 
     built = []
 
@@ -466,12 +457,12 @@ def test_eval_finder_measures_the_finder_in_the_precision_it_records(film_dir, t
     assert result["precision"] == json.loads(out.read_text())["precision"] == precision
     assert result["test"]["ap_joints_centre_within_quarter"] == 1.0  # the fixture films, in either format
     resolution = json.loads((ROOT / "docs" / "model" / "resolution.json").read_text())
-    assert f"in {ev.FORMAT_NAMES[precision]} (`--precision`" in ev.render_doc(result, resolution)
+    assert f"in {FORMAT_NAMES[precision]} (`--precision`" in render_doc(result, resolution)
 
 
 @pytest.mark.parametrize(("env", "expected"), [("fp32", "fp32"), ("bf16", "bf16")])
 def test_eval_finder_served_precision_is_what_the_server_picks(monkeypatch, env, expected):
-    from train.eval_finder import measured_precision
+    from train.finder_measure import measured_precision
 
     monkeypatch.setenv("KOA_PRECISION", env)
     assert measured_precision("served")[0] == expected

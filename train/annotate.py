@@ -15,25 +15,12 @@ without a knee joint has one row with view ``none`` and no box.
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-COLUMNS = ["file", "width", "height", "view", "x0", "y0", "x1", "y1", "marker", "note"]
-
-
-def read_boxes(path: str | Path) -> dict[str, list[dict]]:
-    """file -> list of rows (a film without a knee has one row with view 'none')."""
-    out: dict[str, list[dict]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(line for line in f if not line.startswith("#")):
-            for k in ("width", "height"):
-                row[k] = int(row[k])
-            row["box"] = [float(row[k]) for k in ("x0", "y0", "x1", "y1")] if row["x0"] else None
-            out.setdefault(row["file"], []).append(row)
-    return out
+from train.films import read_boxes
 
 
 def enlarged(gray: np.ndarray, size: int) -> tuple[np.ndarray, float]:

@@ -44,7 +44,6 @@ Writes the checkpoint with the fitted gate and the contract's ``postprocess`` se
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from dataclasses import replace
@@ -53,13 +52,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from model.contract import InputContract, PostprocessConfig
-from model.postprocess import calibrated_probabilities, decode_grades, expected_grade
-from model.preprocess import to_model_input
-from train.data import Sample, parse_patient, prepare_all, scan
+from model.contract import PostprocessConfig
+from model.postprocess import decode_grades
+from train.calibration import (
+    FIT_SETS,
+    FeatureCache,
+    choose_calibration,
+    choose_fit_set,
+    cross_fitted_val_ece,
+    cross_validate_calibration,
+    decision_score,
+    fit_calibration,
+    fit_cutpoints,
+    fit_set_data,
+    head_logits,
+    pooled_features,
+    view_probabilities,
+)
+from train.data import parse_patient, prepare_all, samples_from_files, scan
 from train.knee_gate import fit_knee_gate, gate_features, gate_scores, tune_film_knees
 from train.metrics import quadratic_weighted_kappa
 
@@ -104,268 +116,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         "decoding are part of the answer, so a new one on the same weights is a new version",
     )
     return p
-
-
-@torch.inference_mode()
-def pooled_features(
-    net: torch.nn.Module, images: np.ndarray, contract: InputContract, flip: bool = False, batch_size: int = 32
-) -> np.ndarray:
-    """(N, S, S) prepared uint8 images -> (N, D) pooled features (of the mirrored images if ``flip``)."""
-    out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="features" + (" (mirrored)" if flip else ""), leave=False):
-        chunk = images[i : i + batch_size]
-        if flip:
-            chunk = chunk[:, :, ::-1]
-        x = torch.from_numpy(np.stack([to_model_input(np.ascontiguousarray(im), contract) for im in chunk]))
-        out.append(net.forward_features(x.contiguous(memory_format=torch.channels_last)).float().numpy())
-    return np.concatenate(out)
-
-
-class FeatureCache:
-    """Features of prepared images on disk, keyed by the weights, the images and what is computed.
-
-    Calibration reads the same few thousand knees through the same weights each time it runs;
-    on a CPU that is most of its time.
-    """
-
-    def __init__(self, folder: str | None, checkpoint: Path, gate_layers: tuple[str, ...]) -> None:
-        self.folder = Path(folder) if folder else None
-        self.base = hashlib.sha1(checkpoint.read_bytes() + repr(gate_layers).encode()).hexdigest()
-
-    def get(self, name: str, images: np.ndarray, compute) -> list[np.ndarray]:
-        if self.folder is None:
-            return compute()
-        key = hashlib.sha1((self.base + name).encode() + images.tobytes()).hexdigest()[:16]
-        path = self.folder / f"features-{name}-{key}.npz"
-        if path.is_file():
-            with np.load(path) as z:
-                return [z[f"a{i}"] for i in range(len(z.files))]
-        arrays = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **{f"a{i}": a for i, a in enumerate(arrays)})
-        tmp.replace(path)
-        return arrays
-
-
-@torch.inference_mode()
-def head_logits(net: torch.nn.Module, features: np.ndarray) -> np.ndarray:
-    return net.forward_head(torch.from_numpy(features)).float().numpy()
-
-
-def view_probabilities(logits: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
-    """(N, K) logits, or (N, V, K) logits of V views of each knee (the image and its mirror) ->
-    (N, K) probabilities: each view calibrated, then the views averaged, as `model.postprocess.finish`
-    averages a mirrored image's. Every fit below takes either shape, so mirror averaging is
-    calibrated as it is served."""
-    x = np.asarray(logits)
-    if x.ndim == 2:
-        return calibrated_probabilities(x, cfg)
-    return np.mean([calibrated_probabilities(x[:, v], cfg) for v in range(x.shape[1])], axis=0)
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising the mean negative log-likelihood (grid on log T, then refined);
-    ``logits`` (N, K) or (N, V, K) (`view_probabilities`)."""
-
-    def nll(t: float) -> float:
-        return _nll(view_probabilities(logits, PostprocessConfig(temperature=t)), labels)
-
-    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))
-    best = min(grid, key=nll)
-    fine = best * np.exp(np.linspace(-0.03, 0.03, 31))
-    return float(min(fine, key=nll))
-
-
-def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-
-
-def fit_temperature_and_bias(logits: np.ndarray, labels: np.ndarray) -> tuple[float, tuple[float, ...]]:
-    """Temperature and K per-class biases minimising the mean negative log-likelihood (L-BFGS).
-
-    ``softmax(logits / T + b)``: temperature scaling with a bias per class (vector scaling with one
-    shared scale, Guo et al. 2017). It can also correct a shift of the grade frequencies between the
-    data the model trained on and the data it sees. The biases are returned centred (the softmax
-    ignores a common offset).
-    """
-    from scipy.optimize import minimize
-
-    x = np.asarray(logits, dtype=np.float64)
-    k = x.shape[-1]
-
-    def loss(a: np.ndarray) -> float:
-        cfg = PostprocessConfig(temperature=float(np.exp(a[0])), class_bias=tuple(float(b) for b in a[1:]))
-        return _nll(view_probabilities(x, cfg), labels)
-
-    a0 = np.r_[np.log(fit_temperature(x, labels)), np.zeros(k)]
-    a = minimize(loss, a0, method="L-BFGS-B").x
-    bias = a[1:] - a[1:].mean()
-    return float(np.exp(a[0])), tuple(float(b) for b in bias)
-
-
-CALIBRATIONS = ("none", "temperature", "temperature+bias")
-
-
-def fit_calibration(logits: np.ndarray, labels: np.ndarray, method: str) -> PostprocessConfig:
-    """The `PostprocessConfig` (temperature, class_bias) of one of `CALIBRATIONS`, fitted by NLL."""
-    if method == "none":
-        return PostprocessConfig()
-    if method == "temperature":
-        return PostprocessConfig(temperature=fit_temperature(logits, labels))
-    if method == "temperature+bias":
-        t, b = fit_temperature_and_bias(logits, labels)
-        return PostprocessConfig(temperature=t, class_bias=b)
-    raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {method!r}")
-
-
-def cross_validate_calibration(
-    logits: np.ndarray, labels: np.ndarray, groups: np.ndarray, folds: int = 5, repeats: int = 10, seed: int = 0
-) -> dict[str, dict[str, float]]:
-    """Each of `CALIBRATIONS` fitted on k-1 folds of the tune fold and measured on the k-th.
-
-    Folds are patient-grouped (both knees of a patient fall in one fold); the split is repeated
-    ``repeats`` times because the 15-bin ECE of a few hundred knees is noisy. Returns, per method,
-    the mean and standard deviation over repeats of the out-of-fold ECE, and the mean NLL and top-1.
-    """
-    from train.metrics import expected_calibration_error
-
-    out: dict[str, dict[str, list[float]]] = {m: {"ece": [], "nll": [], "accuracy": []} for m in CALIBRATIONS}
-    for r in range(repeats):
-        fid = patient_folds(groups, folds, seed + r)
-        for m in CALIBRATIONS:
-            p = np.zeros((len(logits), logits.shape[-1]))
-            for f in range(folds):
-                fit, held = fid != f, fid == f
-                p[held] = view_probabilities(logits[held], fit_calibration(logits[fit], labels[fit], m))
-            out[m]["ece"].append(expected_calibration_error(labels, p))
-            out[m]["nll"].append(_nll(p, labels))
-            out[m]["accuracy"].append(float((p.argmax(1) == labels).mean()))
-    return {
-        m: {
-            "cv_ece": float(np.mean(v["ece"])),
-            "cv_ece_sd": float(np.std(v["ece"])),
-            "cv_nll": float(np.mean(v["nll"])),
-            "cv_accuracy": float(np.mean(v["accuracy"])),
-        }
-        for m, v in out.items()
-    }
-
-
-def choose_calibration(cv: dict[str, dict[str, float]]) -> str:
-    """The rule, stated before measuring: lowest cross-validated ECE, among the methods whose
-    cross-validated NLL (a proper score, so it cannot be gamed by binning) is no worse than
-    temperature scaling's."""
-    ref = cv["temperature"]["cv_nll"]
-    ok = [m for m in cv if m == "temperature" or cv[m]["cv_nll"] <= ref]
-    return min(ok, key=lambda m: cv[m]["cv_ece"])
-
-
-FIT_SETS = ("tune", "tune+val", "val")
-
-
-def patient_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """(N,) the fold of each knee: patients dealt round-robin into ``folds`` in a seeded random order,
-    so both knees of a patient fall in one fold."""
-    order = np.random.default_rng(seed).permutation(np.unique(groups))
-    fold_of = {g: i % folds for i, g in enumerate(order)}
-    return np.array([fold_of[g] for g in groups])
-
-
-def fit_set_data(
-    fit_on: str, tune: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The (logits, labels) a calibration is fitted on for ``fit_on`` (one of `FIT_SETS`)."""
-    parts = [part for name, part in (("tune", tune), ("val", val)) if name in fit_on.split("+")]
-    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
-
-
-def cross_fitted_val_ece(
-    tune: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray, np.ndarray],
-    method: str,
-    fit_on: str,
-    folds: int = 5,
-    repeats: int = 10,
-    seed: int = 0,
-) -> dict[str, float]:
-    """The val ECE of ``method`` fitted on ``fit_on`` (one of `FIT_SETS`), each val knee's
-    probabilities coming from a fit that did not see it.
-
-    ``tune`` is (logits, labels), ``val`` (logits, labels, patient groups). Val is split into
-    patient-grouped folds; each fold is predicted by the calibration fitted on the other folds (and
-    the tune fold when ``fit_on`` includes it). ``"tune"`` needs no folds. Repeated ``repeats``
-    times over random fold assignments: returns the mean, sd, min and max ECE and the mean NLL.
-    """
-    from train.metrics import expected_calibration_error
-
-    if fit_on not in FIT_SETS:
-        raise ValueError(f"fit_on must be one of {FIT_SETS}, got {fit_on!r}")
-    (lt, yt), (lv, yv, gv) = tune, val
-    eces, nlls = [], []
-    for r in range(1 if fit_on == "tune" else repeats):
-        p = np.zeros((len(lv), lv.shape[-1]))
-        if fit_on == "tune":
-            p[:] = view_probabilities(lv, fit_calibration(lt, yt, method))
-        else:
-            fid = patient_folds(gv, folds, seed + r)
-            for f in range(folds):
-                fit, held = fid != f, fid == f
-                x, y = fit_set_data(fit_on, (lt, yt), (lv[fit], yv[fit]))
-                p[held] = view_probabilities(lv[held], fit_calibration(x, y, method))
-        eces.append(expected_calibration_error(yv, p))
-        nlls.append(_nll(p, yv))
-    return {
-        "ece": float(np.mean(eces)),
-        "ece_sd": float(np.std(eces)),
-        "ece_min": float(np.min(eces)),
-        "ece_max": float(np.max(eces)),
-        "nll": float(np.mean(nlls)),
-        "repeats": len(eces),
-    }
-
-
-def choose_fit_set(measured: dict[str, dict[str, float]]) -> str:
-    """The fit set with the lowest mean cross-fitted val ECE (ties: the one that reads val least)."""
-    return min(FIT_SETS, key=lambda s: (round(measured[s]["ece"], 6), FIT_SETS.index(s)))
-
-
-def decision_score(labels: np.ndarray, grades: np.ndarray, k: int) -> float:
-    """What the decision rule is chosen by: the mean of top-1 accuracy and quadratic kappa."""
-    return 0.5 * (float((grades == labels).mean()) + quadratic_weighted_kappa(labels, grades, k))
-
-
-def fit_cutpoints(probs: np.ndarray, labels: np.ndarray, rounds: int = 3) -> tuple[float, ...]:
-    """K-1 increasing cut-points on the expected grade maximising `decision_score` (coordinate search)."""
-    k = probs.shape[1]
-    e = expected_grade(probs)
-    cuts = np.arange(k - 1, dtype=np.float64) + 0.5
-
-    def score(c: np.ndarray) -> float:
-        return decision_score(labels, np.searchsorted(c, e, side="right"), k)
-
-    for _ in range(rounds):
-        for j in range(k - 1):
-            lo = cuts[j - 1] + 1e-3 if j > 0 else 0.0
-            hi = cuts[j + 1] - 1e-3 if j < k - 2 else float(k - 1)
-            candidates = np.linspace(lo, hi, 81)
-            best, best_s = cuts[j], score(cuts)
-            for c in candidates:
-                trial = cuts.copy()
-                trial[j] = c
-                s = score(trial)
-                if s > best_s + 1e-9:
-                    best, best_s = c, s
-            cuts[j] = best
-    return tuple(round(float(c), 4) for c in cuts)
-
-
-def samples_from_files(files: list[str], root_samples: list[Sample]) -> list[Sample]:
-    by_path = {str(s.path): s for s in root_samples}
-    missing = [f for f in files if f not in by_path]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} tune files are not in the dataset, e.g. {missing[0]}")
-    return [by_path[f] for f in files]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -400,3 +400,12 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self._indices())
+
+
+def samples_from_files(files: list[str], root_samples: list[Sample]) -> list[Sample]:
+    """The samples of ``files`` (a run's tune fold: its config.json's ``tune_files``), in that order."""
+    by_path = {str(s.path): s for s in root_samples}
+    missing = [f for f in files if f not in by_path]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} tune files are not in the dataset, e.g. {missing[0]}")
+    return [by_path[f] for f in files]

@@ -24,7 +24,7 @@ import numpy as np
 
 from model.contract import PostprocessConfig
 from model.postprocess import decode_grades
-from train.calibrate import fit_cutpoints, fit_temperature, view_probabilities
+from train.calibration import fit_cutpoints, fit_temperature, view_probabilities
 from train.metrics import quadratic_weighted_kappa, roc_auc_ovr
 
 
@@ -35,8 +35,8 @@ def logits(name: str, path: str, work: Path, data: str, tune_files: set[str]) ->
     import torch
 
     from model.checkpoint import model_from_checkpoint
+    from train.answers import model_outputs
     from train.data import prepare_all, scan
-    from train.evaluate import model_outputs
 
     net, contract = model_from_checkpoint(path)
     net = net.float().to(memory_format=torch.channels_last)

@@ -27,8 +27,8 @@ from model.decode import decode_image
 from model.localize import load_serving_finder
 from model.preprocess import as_float_image
 from train.data import scan
-from train.eval_finder import measured_precision
-from train.fit_finder import nonknee_files
+from train.films import nonknee_files
+from train.finder_measure import measured_precision
 from train.framings import FRAMINGS
 from train.metrics import quadratic_weighted_kappa
 from train.served_path import Served, ServedPath

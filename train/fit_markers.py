@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from model.markers import CLASSES, MarkerConfig, MarkerNet, candidates, classify, patches, read_markers, save_reader
-from train.fit_finder import film_split
+from train.films import film_split
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 PIL_FONTS = [

@@ -32,9 +32,8 @@ from sklearn.metrics import roc_auc_score
 from model.checkpoint import model_from_checkpoint
 from model.decode import decode_image
 from model.preprocess import as_float_image, prepare, to_model_input
-from train.calibrate import samples_from_files
-from train.data import prepare_all, scan
-from train.evaluate import FRAMINGS, made_up_negatives
+from train.answers import FRAMINGS, made_up_negatives
+from train.data import prepare_all, samples_from_files, scan
 from train.knee_gate import fit_gate
 
 log = logging.getLogger("train.gate_study")

@@ -17,8 +17,7 @@ from model.contract import InputContract
 from model.decode import decode_image
 from model.localize import Joint, crop_joint
 from model.preprocess import as_float_image, prepare, to_model_input
-from train.annotate import read_boxes
-from train.fit_finder import film_split
+from train.films import film_split, read_boxes
 
 
 @torch.inference_mode()
