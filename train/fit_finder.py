@@ -33,6 +33,7 @@ from model.localize import VIEWS, FinderConfig, KneeFinder, load_finder, save_fi
 from train import framings as framings_module
 from train.films import Item, load_films, load_nonknee
 from train.finder_views import Hard, augment, fade, load_crops, load_pairs, paste_metal, targets
+from train.recipe import parse_args
 
 log = logging.getLogger("train.fit_finder")
 
@@ -92,7 +93,7 @@ def augmented_features(
     return torch.cat(f8s), torch.cat(f16s), torch.from_numpy(np.stack(heats)), torch.from_numpy(np.stack(regs))
 
 
-def main(argv: list[str] | None = None) -> Path:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--films", default="../shared/data/legfilms")
     p.add_argument("--boxes", default="annotations/legfilms.csv")
@@ -132,7 +133,11 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument(
         "--cache", default="cache", help="keep the frozen features of the views here (keyed by what drew them)"
     )
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    a = parse_args(get_args_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)

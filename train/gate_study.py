@@ -34,20 +34,10 @@ from model.decode import decode_image
 from model.preprocess import as_float_image, prepare, to_model_input
 from train.answers import FRAMINGS, made_up_negatives
 from train.data import prepare_all, samples_from_files, scan
-from train.knee_gate import fit_gate
+from train.knee_gate import HARD, fit_gate
 
 log = logging.getLogger("train.gate_study")
 
-# The made-up negatives that are not refused by every candidate (noise, a page of text and flat gray are).
-HARD = (
-    "knee upside down",
-    "femur shaft only (joint cut off)",
-    "tibia only (joint cut off)",
-    "knee rotated 90",
-    "2x2 tile of knees",
-    "photographs (2 photos, crops)",
-    "ellipse phantoms",
-)
 COMBINATIONS = {
     "trunk c5 + fused + branch pooled": ("trunk_c5", "fused", "lite_head"),
     "trunk c5 + fused + branch stage 4 + branch pooled": ("trunk_c5", "fused", "lite_b4", "lite_head"),

@@ -87,3 +87,15 @@ def tune_film_knees(films: str | None, boxes: str | None, contract) -> np.ndarra
             if r["view"] == "ap" and r["box"]:
                 out.append(prepare(crop_joint(gray, Joint(tuple(r["box"]), "ap", 1.0)), contract))
     return np.stack(out) if out else np.zeros((0, contract.input_size, contract.input_size), np.uint8)
+
+
+# The made-up negatives that are not refused by every candidate (noise, a page of text and flat gray are).
+HARD = (
+    "knee upside down",
+    "femur shaft only (joint cut off)",
+    "tibia only (joint cut off)",
+    "knee rotated 90",
+    "2x2 tile of knees",
+    "photographs (2 photos, crops)",
+    "ellipse phantoms",
+)
