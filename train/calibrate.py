@@ -2,43 +2,9 @@
 
 ``python -m train.calibrate --run runs/oamen_pt --out weights/oamen.ckpt``
 
-Everything is fitted on data the weights never trained on. The validation split is read for two
-things only: where the calibration is fitted (below), and the uncertain flag's threshold:
-
-- **calibration** (`model.postprocess`): none, temperature scaling, or temperature with a bias per
-  class, compared by patient-grouped 5-fold cross-validation inside the tune fold (the
-  patient-grouped share of train that `train.fit` held out) and chosen by a stated rule
-  (`choose_calibration`). Then *what it is fitted on* (``--fit-on``): the tune fold, the val split,
-  or both (none of them trained on). With ``auto`` each is measured on val by patient-grouped
-  cross-fitting (`cross_fitted_val_ece`: fitted on the other val folds, plus the tune fold where it
-  is part of the set, measured on the held-out val fold), and the lowest mean ECE wins: the model
-  is less confident on the dataset's own val knees than on the tune fold drawn from train, and the
-  held-back test split was split off as val was. The chosen set is then fitted whole by negative
-  log-likelihood, so the in-sample val ECE of `train.evaluate` is optimistic when val is part of it:
-  the cross-fitted figure is the one to quote;
-- **decision**: the argmax, or cut-points on the expected grade fitted on the tune fold to
-  maximise the mean of top-1 accuracy and quadratic kappa; the better on the tune fold is kept;
-- **flip averaging** (the image and its mirror, left and right knees mirroring each other): every
-  step above is done for both ways of reading an image (the mirrored one calibrated as it is served:
-  each view calibrated, then averaged, `view_probabilities`), and the decoding of each measured on
-  the tune fold. With ``--flip auto`` (the default) mirror averaging is kept when it gains more than
-  0.005 of the score there. It runs the grader twice per image: what that costs the served
-  throughput is measured by `train.bench_gate` and ``make bench`` (docs/BENCHMARKS.md);
-- **knee gate** (`model.gate`): for each of the model's gate layers, class means and a shared,
-  shrunk covariance of the pooled features of training knees; each layer's distance standardised on
-  the tune fold's knees; the refusal threshold is the ``--gate-quantile`` of the tune fold's knee
-  scores, so that about 1 - q of real knees would be refused, raised when needed to let through
-  every AP knee of the ``tune`` leg films (``--films``, ``annotations/legfilms.csv``, cut out by
-  `model.localize.crop_joint`): knees of another hospital and population, which a gate fitted on
-  one dataset's knees alone refuses (most of them, with the four-layer gate). Which layers, and how they are
-  combined, was chosen by `train.gate_study` on the tune fold and made-up negatives. The non-knee
-  radiographs are never fitted on: they only measure the gate (`train.evaluate`). Features are
-  cached on disk (``--cache-dir``), keyed by the weights and the images;
-- **uncertain flag**: the confidence below which the least confident ``1 - coverage`` of the
-  validation answers fall.
-
-Writes the checkpoint with the fitted gate and the contract's ``postprocess`` section, and
-``calibration.json`` beside it (what was fitted, on what, with the tune-fold figures).
+Runs the fits of `train.calibration` and `train.knee_gate` on data the weights never trained on
+(calibration, decision rule, mirror averaging, knee gate, uncertain flag) and writes the checkpoint
+and ``calibration.json`` beside it. docs/TRAINING.md (`train.calibrate`) says how each is chosen.
 """
 
 from __future__ import annotations

@@ -1,25 +1,8 @@
 """Measure the knee-joint finder on annotated films it was not trained on; choose its thresholds on the tune films.
 
 ``python -m train.eval_finder --finder runs/finder/finder.pt --choose --out docs/model/finder.json``
-
-With ``--choose`` the score threshold is chosen on the ``tune`` films (`train.fit_finder.film_split`)
-and written into the finder file; the figures are then measured once on the ``test`` films:
-- per annotated joint: found or not, centre error as a share of the joint's width, width ratio, view;
-- per film, the decision `model.localize.plan` takes: films showing an AP/PA knee should be graded
-  (or refused as ``resolution_too_low``), films without a knee and lateral-only films refused;
-- the dataset's val crops (should be recognised as crops) and, with ``--nonknee``, real non-knee
-  radiographs (the finder alone should find no joint there): all of them, or with
-  ``--nonknee-part heldout`` only the half that `train.fit_finder.nonknee_split` keeps out of
-  training and of the threshold's choice;
-- the finder's time per film on this machine.
-All of these are measured with the finder as the server runs it (`model.localize.serving_finder`: traced,
-frozen) in the number format of ``--precision`` (default: the one the server picks on this machine,
-`model.precision.serving_dtype`), and the served path's grader in that format too; the threshold is
-chosen, and the tune films measured, on the float32 eager finder, so the threshold saved in the finder
-file does not depend on the machine that chose it.
-``--choose --nonknee-fit`` also uses the fit half of the non-knee radiographs to choose the threshold
-(`choose_threshold`).
-``--sheet JPG`` draws the test films with the annotated (green) and found (red: AP, blue: other) boxes.
+``python -m train.eval_finder --render-doc`` writes docs/FILMS.md from the results (`train.films_doc`).
+What is measured, and on which films: docs/TRAINING.md (`train.eval_finder`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
 """Evaluate a checkpoint or an exported TorchScript model on one split of a dataset.
 
 ``python -m train.evaluate --torchscript weights/oamen.pt --data ../shared/data/koa --split val --out DIR``
-
-Writes into ``DIR``: ``metrics.json`` (see `train.metrics.compute_metrics`, plus what was
-evaluated, the top-label ``ece`` and the uncertain flag's figures), ``predictions.csv`` (one row
-per image: file, true grade, predicted grade, the probabilities, confidence, flag),
-``confusion_matrix.png`` and ``roc.png`` (as in the OA-MEN paper's Figure 4), ``reliability.png``
-(calibration) and ``selective.png`` / ``selective.json`` (accuracy against the share of answers
-kept, most confident first). With ``--framing``, ``framing.json``: the same knees framed as other
-hospitals frame them (`FRAMINGS`). With ``--nonknee DIR``, ``gate.json``: what the knee gate
-refuses among real knees, real non-knee radiographs and made-up negatives.
-The transform and the answer (`model.postprocess`) are rebuilt from the contract stored in the
-file, exactly as the server does.
-Evaluating the exported TorchScript gives the same numbers as its checkpoint: the shipped
-artifact is what gets measured.
+The answer is rebuilt from the contract in the file, as the server does (`train.answers`). What it
+writes: docs/TRAINING.md (`train.evaluate`).
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """Train the knee-joint finder (`model.localize.KneeFinder`) on annotated whole films and the dataset's crops.
 
-``python -m train.fit_finder --films ../shared/data/legfilms --boxes annotations/legfilms.csv \\
-    --koa ../shared/data/koa --out runs/finder``
-
-Positives: the knee joints boxed in ``annotations/legfilms.csv`` (films of the ``train`` part of
-`film_split`) and crops of the dataset's train split, whose joint is where `model.localize` says
-the training crops put it. Negatives: the annotated films without a knee (ankles, shafts, feet)
-and the rest of every film. The ``tune`` films choose the score threshold; the ``test`` films are
-only measured (`train.eval_finder`). The non-knee radiographs (hand, hip, shoulder) are split by
-name (`nonknee_split`): with ``--nonknee``, views of the ``fit`` half are negatives (no joint) and
-that half helps choose the threshold; the ``heldout`` half is only measured (refusals).
+``python -m train.fit_finder --films ../shared/data/legfilms --koa ../shared/data/koa --out runs/finder``
+(the shipped finder's recipe: ``--recipe train/recipes/finder.py``). Positives and negatives:
+docs/TRAINING.md (`train.fit_finder`).
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """Fit and measure the burned-in R/L marker reader (`model.markers`).
 
-Training patches are the reader's own candidates (`model.markers.candidates`) cut from the training
-films, labelled by the annotation (annotations/legfilm_markers.csv: few markers, all printed upright
-letters) and, mostly, from the same films with synthetic letters composited onto them: R and L in
-several fonts (DejaVu via PIL, OpenCV's Hershey fonts), sizes, thicknesses, rotations up to 25
-degrees, mirrored or not, blurred, on a dark label or not, with a word beneath or not; and other
-glyphs (every other capital and digit) as "not a letter". The claim threshold is chosen on the tune
-films (real ones, and the same synthesis with another seed): the lowest that leaves no wrong or
-false claim there. The test films, the KOA validation crops and the non-knee radiographs are then
-measured once, and the figures written to docs/model/markers.json.
-
-    python -m train.fit_markers --out runs/markers --weights weights/markers.pt --report docs/model/markers.json
+``python -m train.fit_markers --out runs/markers --weights weights/markers.pt --report docs/model/markers.json``
+The training patches, the threshold and the measurement: docs/TRAINING.md (`train.fit_markers`).
 """
 
 from __future__ import annotations

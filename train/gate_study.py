@@ -1,18 +1,7 @@
 """Which feature layers the knee gate reads, and how it combines them: measured without val or real non-knees.
 
 ``python -m train.gate_study --run runs/oamen_pt --out docs/model/gate_study.json``
-
-For each candidate (one layer's class-conditional Mahalanobis score, or several layers' scores
-standardised on tune-fold knees and combined by their mean or their maximum, as in Lee et al. 2018),
-the refusal threshold is placed as `train.calibrate` places it (the largest tune-fold knee score) and
-measured on what may be used to choose: the tune fold's knees (a split-half estimate of how many
-knees such a threshold refuses), tune-fold knees framed as other hospitals frame them (which should
-pass), and made-up negatives built from tune-fold knees and from the two CC0 photographs in
-tests/fixtures/photos. The validation split and the non-knee radiographs are not read: they measure
-the chosen gate once, in `train.evaluate`. Per-layer means and covariances come from the same 3000
-training knees `train.calibrate` fits the gate on.
-
-Writes one JSON with every candidate's figures and the rule the gate in `model.oamen` was chosen by.
+The candidates and what they are measured on: docs/TRAINING.md (`train.gate_study`).
 """
 
 from __future__ import annotations

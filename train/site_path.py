@@ -1,16 +1,8 @@
 """A site's knees through the served request path, in-process: what the server would answer, and why.
 
-The steps are the server's (`handler.service.Predictor`), built from `model/` alone as
-`train.eval_finder.ServedPath` builds them: decode (PNG, JPEG, DICOM), find the joints, decide
-(grade the image as a crop, cut each knee out of a film, or refuse), prepare, grade in the served
-number format with the knee gate, and the mirrored image where the contract averages it. What comes
-back is the raw material of a site check and of a site calibration: for every file its outcome and,
-where the model saw a knee, its logits *before* calibration (so any calibration can be applied to
-them afterwards, as the server applies a site profile).
-
-A file the finder refuses is also graded as the crop it is (``fallback_logits``): a site calibration
-is fitted on every labelled knee, not on today's answers only, so that it still fits once the finder
-accepts more of that site's framing (it re-runs against the weights on main, one command).
+`ServedSitePath` runs the request path of `train.served_path` in batches and keeps, for every file, its
+outcome and its logits before calibration (`KneeRecord`): the raw material of a site check and of a
+site calibration. docs/SITES.md (`train.site_path`) says why a refused file is graded all the same.
 """
 
 from __future__ import annotations

@@ -1,19 +1,7 @@
 """Compare knee-joint finders on the tune films and on hard variants of them, never the test films.
 
 ``python -m train.tune_finder runs/finder_a/finder.pt runs/finder_b/finder.pt``
-
-The 38 tune films (`train.fit_finder.film_split`) are nearly all easy: one small infant and no
-hardware. So each finder is also measured on variants of the same tune films drawn with a fixed seed
-as the kinds the finder found hard (#21): synthetic metal over the bone near a joint (and anywhere on
-a film without one), the film cut so a joint sits at its top, bottom or side edge, and the film
-washed out. Every finder is measured at the threshold `train.eval_finder.choose_threshold` picks for
-it on the real tune films. Figures: AP joints whose centre is within a quarter of their width, and
-films without an AP knee that would be graded.
-
-With ``--nonknee DIR`` each finder is also measured on the fit half of the non-knee radiographs
-(`train.fit_finder.nonknee_split`: the half that may be trained on and used to choose the threshold;
-never the held-out half), and that half joins the threshold's choice (`choose_threshold`'s
-negatives). ``--saved-threshold`` measures each finder at the threshold saved in its file instead.
+The variants and the figures: docs/TRAINING.md (`train.tune_finder`).
 """
 
 from __future__ import annotations
