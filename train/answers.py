@@ -20,10 +20,11 @@ from model.decode import decode_image
 from model.postprocess import finish
 from model.preprocess import as_float_image, prepare, to_model_input
 from train.data import Sample, make_splits
+from train.framings import Framing
 
 
 # The same knees framed as other hospitals frame them, applied to the decoded image before the
-# preprocessing: (name, what it is, function of a float [0, 1] image).
+# preprocessing (`train.framings.Framing`).
 def _band(image: np.ndarray, share: float = 0.55) -> np.ndarray:
     h = image.shape[0]
     keep = max(1, round(h * share))
@@ -38,12 +39,12 @@ def _zoom(image: np.ndarray, share: float = 0.85) -> np.ndarray:
     return image[top : top + kh, left : left + kw]
 
 
-FRAMINGS = (
-    ("original", "the dataset's crop", lambda im: im),
-    ("joint_band_55", "full width, the central 55% of the height (a wide image, letterboxed)", _band),
-    ("zoom_85", "the central 85% of each side, enlarged back", _zoom),
-    ("gamma_0.7", "brightness curve gamma 0.7", lambda im: np.power(im, 0.7)),
-    ("gamma_1.4", "brightness curve gamma 1.4", lambda im: np.power(im, 1.4)),
+FRAMINGS: tuple[Framing, ...] = (
+    Framing("original", "the dataset's crop", lambda im: im),
+    Framing("joint_band_55", "full width, the central 55% of the height (a wide image, letterboxed)", _band),
+    Framing("zoom_85", "the central 85% of each side, enlarged back", _zoom),
+    Framing("gamma_0.7", "brightness curve gamma 0.7", lambda im: np.power(im, 0.7)),
+    Framing("gamma_1.4", "brightness curve gamma 1.4", lambda im: np.power(im, 1.4)),
 )
 
 

@@ -97,7 +97,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     labels = [s.grade for s in chosen]
     t0 = time.monotonic()
     rows, reference = [], None
-    for name, what, fn in FRAMINGS:
+    for framing in FRAMINGS:
+        name, what, fn = framing.name, framing.what, framing.apply
         answers = [path(png(fn(im))) for im in tqdm(images, desc=name, leave=False, dynamic_ncols=True)]
         if reference is None:
             reference = [a.grades[0] if a.grades else -1 for a in answers]

@@ -59,8 +59,9 @@ def framing_table(
     labels = np.array([s.grade for s in samples])
     paths = [s.path for s in samples]
     rows, original = [], None
-    for name, what, fn in FRAMINGS:
-        grades = answer_arrays(net, contract, prepare_files(paths, contract, fn), batch_size)["grades"]
+    for framing in FRAMINGS:
+        name, what = framing.name, framing.what
+        grades = answer_arrays(net, contract, prepare_files(paths, contract, framing.apply), batch_size)["grades"]
         if original is None:
             original = grades
         rows.append(

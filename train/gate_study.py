@@ -148,8 +148,8 @@ def extract(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], np.ndarray
     sets |= {f"neg:{k}": v for k, v in made_up_sets(x_tune, photos, contract, r).items()}
     sub = [tune[i] for i in sorted(r.choice(len(tune), 150, replace=False))]
     raw = [as_float_image(decode_image(s.path.read_bytes())) for s in sub]
-    for name, _what, fn in FRAMINGS[1:]:
-        sets[f"pos:{name}"] = np.stack([prepare(fn(im), contract) for im in raw])
+    for framing in FRAMINGS[1:]:
+        sets[f"pos:{framing.name}"] = np.stack([prepare(framing.apply(im), contract) for im in raw])
     sets["gatefit"] = prepare_all(gate_fit, contract, "cache", "gatefit")
     feats = {}
     for name, images in sets.items():
