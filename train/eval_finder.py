@@ -45,7 +45,8 @@ def sheet(items: list[Item], found: list[list[Joint]], path: Path, cols: int = 8
         h, w = item.gray.shape
         s = cell / max(h, w)
         im = cv2.cvtColor(cv2.resize(item.gray, (round(w * s), round(h * s))), cv2.COLOR_GRAY2BGR)
-        for cx, cy, jw, _ in item.joints:
+        for j in item.joints:
+            cx, cy, jw = j.cx, j.cy, j.width
             cv2.rectangle(im, (round((cx - jw / 2) * s), round((cy - jw / 2) * s)),
                           (round((cx + jw / 2) * s), round((cy + jw / 2) * s)), (0, 200, 0), 2)  # fmt: skip
         for j in js:

@@ -18,13 +18,23 @@ import numpy as np
 COLUMNS = ["file", "width", "height", "view", "x0", "y0", "x1", "y1", "marker", "note"]
 
 
+@dataclass(frozen=True)
+class JointBox:
+    """An annotated knee joint in its image's own pixels: the centre, the width, the view (`view_index`)."""
+
+    cx: float
+    cy: float
+    width: float
+    view: int  # 0: AP/PA, 1: lateral or oblique
+
+
 @dataclass
 class Item:
-    """A source image and its joints as (cx, cy, width, view index) in its own pixels."""
+    """A source image and its annotated joints."""
 
     name: str
     gray: np.ndarray
-    joints: list[tuple[float, float, float, int]]
+    joints: list[JointBox]
     kind: str  # "film" or "crop"
     note: str = ""  # what the annotator noted
 
@@ -57,7 +67,7 @@ def load_films(films: str | Path, boxes: str | Path, part: str | None) -> list[I
         for r in rows:
             if r["box"] is not None and r["view"] != "none":
                 x0, y0, x1, y1 = r["box"]
-                joints.append(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, view_index(r["view"])))
+                joints.append(JointBox((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, view_index(r["view"])))
         note = "; ".join(dict.fromkeys(r["note"] for r in rows if r.get("note")))
         items.append(Item(name, gray, joints, "film", note))
     return items

@@ -15,7 +15,7 @@ import torch
 
 from model.localize import FinderConfig, Joint, find_joints, plan
 from model.precision import DTYPES, serving_dtype
-from train.films import Item
+from train.films import Item, JointBox
 
 THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
 
@@ -46,10 +46,11 @@ def run_finder(net, cfg: FinderConfig, grays: list[np.ndarray]) -> tuple[list[li
     return out, float(np.median(times)) if times else 0.0
 
 
-def match(truth: list[tuple[float, float, float, int]], found: list[Joint]) -> list[dict[str, Any]]:
+def match(truth: list[JointBox], found: list[Joint]) -> list[dict[str, Any]]:
     """Each annotated joint with the found joint nearest its centre (within half its width)."""
     rows, used = [], set()
-    for cx, cy, w, v in truth:
+    for t in truth:
+        cx, cy, w, v = t.cx, t.cy, t.width, t.view
         best, best_d = None, 0.5 * w
         for k, j in enumerate(found):
             d = float(np.hypot(j.centre[0] - cx, j.centre[1] - cy))
@@ -65,7 +66,7 @@ def match(truth: list[tuple[float, float, float, int]], found: list[Joint]) -> l
 
 
 def film_category(item: Item) -> str:
-    views = {v for *_, v in item.joints}
+    views = {j.view for j in item.joints}
     return "ap" if 0 in views else "other_only" if views else "no_knee"
 
 

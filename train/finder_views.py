@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -17,14 +17,14 @@ import numpy as np
 
 from model.localize import JOINT_LINE_IN_CROP, JOINT_WIDTH_IN_CROP, STRIDE, VIEWS, finder_input
 from train.data import scan
-from train.films import Item
+from train.films import Item, JointBox
 from train.framings import random_photometric, random_window
 
 
-def crop_joint_of(gray: np.ndarray) -> tuple[float, float, float, int]:
+def crop_joint_of(gray: np.ndarray) -> JointBox:
     """Where the dataset's crops put the joint (see `model.localize`)."""
     h, w = gray.shape
-    return w / 2, JOINT_LINE_IN_CROP * h, JOINT_WIDTH_IN_CROP * w, 0
+    return JointBox(w / 2, JOINT_LINE_IN_CROP * h, JOINT_WIDTH_IN_CROP * w, 0)
 
 
 def load_crops(koa: str | Path, split: str, n: int, seed: int) -> list[Item]:
@@ -46,8 +46,8 @@ def load_pairs(crops: list[Item]) -> list[Item]:
         if b.gray.shape != (h, w):
             continue
         gray = np.hstack([a.gray, np.zeros((h, w // 10), a.gray.dtype), b.gray[:, ::-1]])
-        cx, cy, jw, v = crop_joint_of(a.gray)
-        out.append(Item(f"{a.name}+{b.name}", gray, [(cx, cy, jw, v), (cx + w + w // 10, cy, jw, v)], "pair"))
+        j = crop_joint_of(a.gray)
+        out.append(Item(f"{a.name}+{b.name}", gray, [j, replace(j, cx=j.cx + w + w // 10)], "pair"))
     return out
 
 
@@ -64,13 +64,14 @@ class Hard:
     faint: float = 0.0
 
 
-def paste_metal(window: np.ndarray, joints: list[tuple[float, float, float, int]], rng: np.random.Generator) -> None:
+def paste_metal(window: np.ndarray, joints: list[JointBox], rng: np.random.Generator) -> None:
     """Draw saturated metal into ``window`` (uint8, in place): a plate along the bone above or below a
     joint with screws across it, a row of skin staples, or a row of screw heads; sized by the joint (or,
     without one, by the window)."""
     h, w = window.shape
     if joints:
-        cx, cy, jw, _ = joints[int(rng.integers(len(joints)))]
+        j = joints[int(rng.integers(len(joints)))]
+        cx, cy, jw = j.cx, j.cy, j.width
     else:
         jw = min(h, w) * rng.uniform(0.1, 0.3)
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
@@ -136,7 +137,7 @@ def fade(window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def augment(
     item: Item, size: int, rng: np.random.Generator, hard: Hard = Hard(), framings: float = 0.0
-) -> tuple[np.ndarray, list[tuple[float, float, float, int]]]:
+) -> tuple[np.ndarray, list[JointBox]]:
     """A random window of the source (the whole film, or part of it as another clinic would frame
     it, or, with ``hard.edge``, framed so a joint sits at its edge), its brightness changed (and, with
     ``hard``, metal pasted or contrast washed out), then the finder's own input transform; flips and
@@ -164,7 +165,8 @@ def augment(
         x0, y0 = win.x0, win.y0
     if item.kind == "film" and item.joints and rng.random() < hard.edge:
         # one joint's centre at most half its width inside an edge of the window (or a little beyond it)
-        cx, cy, jw, _ = item.joints[int(rng.integers(len(item.joints)))]
+        j = item.joints[int(rng.integers(len(item.joints)))]
+        cx, cy, jw = j.cx, j.cy, j.width
         ww, wh = max(ww, 1.5 * jw), max(wh, 1.5 * jw)
         d = jw * rng.uniform(-0.1, 0.5)
         edge = rng.choice(["top", "bottom", "left", "right"], p=[0.4, 0.3, 0.15, 0.15])
@@ -178,7 +180,7 @@ def augment(
     m = np.float32([[1, 0, -x0], [0, 1, -y0]])
     window = cv2.warpAffine(gray, m, (iw, ih), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     if rng.random() < hard.metal:
-        paste_metal(window, [(cx - x0, cy - y0, jw, v) for cx, cy, jw, v in item.joints], rng)
+        paste_metal(window, [replace(j, cx=j.cx - x0, cy=j.cy - y0) for j in item.joints], rng)
     if rng.random() < hard.faint:
         window = fade(window, rng)
     if other_site:  # and another detector's look
@@ -189,35 +191,36 @@ def augment(
         window = cv2.GaussianBlur(window, (0, 0), rng.uniform(0.5, 1.5))
     x, lb = finder_input(window, size)
     joints = []
-    for cx, cy, jw, v in item.joints:
-        jx, jy = (cx - x0) * lb.scale + lb.left, (cy - y0) * lb.scale + lb.top
-        if 0 <= cx - x0 < iw and 0 <= cy - y0 < ih:  # centre inside the window
-            joints.append((jx, jy, jw * lb.scale, v))
+    for j in item.joints:
+        jx, jy = (j.cx - x0) * lb.scale + lb.left, (j.cy - y0) * lb.scale + lb.top
+        if 0 <= j.cx - x0 < iw and 0 <= j.cy - y0 < ih:  # centre inside the window
+            joints.append(JointBox(jx, jy, j.width * lb.scale, j.view))
     # small turn and flip in input space
     angle = rng.uniform(-10, 10)
     flip = rng.random() < 0.5
     rot = cv2.getRotationMatrix2D((size / 2, size / 2), angle, 1.0)
     x = cv2.warpAffine(x, rot, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=-1.0)
     out = []
-    for jx, jy, jw, v in joints:
-        px, py = rot @ np.array([jx, jy, 1.0])
+    for j in joints:
+        px, py = rot @ np.array([j.cx, j.cy, 1.0])
         if flip:
             px = size - px
         if 0 <= px < size and 0 <= py < size:
-            out.append((float(px), float(py), jw, v))
+            out.append(JointBox(float(px), float(py), j.width, j.view))
     if flip:
         x = x[:, ::-1]
     x = x + rng.normal(0, rng.uniform(0, 0.05), x.shape).astype(np.float32)
     return np.ascontiguousarray(x, dtype=np.float32), out
 
 
-def targets(joints: list[tuple[float, float, float, int]], size: int) -> tuple[np.ndarray, np.ndarray]:
+def targets(joints: list[JointBox], size: int) -> tuple[np.ndarray, np.ndarray]:
     """(len(VIEWS), G, G) Gaussian centre heatmaps; (4, G, G) regression: mask, log width, offsets."""
     g = size // STRIDE
     heat = np.zeros((len(VIEWS), g, g), np.float32)
     reg = np.zeros((4, g, g), np.float32)
     ys, xs = np.mgrid[0:g, 0:g].astype(np.float32)
-    for cx, cy, w, v in joints:
+    for j in joints:
+        cx, cy, w, v = j.cx, j.cy, j.width, j.view
         gx, gy = cx / STRIDE, cy / STRIDE
         ix, iy = min(g - 1, int(gx)), min(g - 1, int(gy))
         sigma = max(0.8, w / STRIDE / 6.0)
@@ -246,8 +249,9 @@ def edge_variants(item: Item, rng: np.random.Generator) -> list[Item]:
     top, bottom or side edge (the other joints kept where their centres stay inside)."""
     out = []
     h, w = item.gray.shape
-    for k, (cx, cy, jw, v) in enumerate(item.joints):
-        if v != 0:
+    for k, j in enumerate(item.joints):
+        cx, cy, jw = j.cx, j.cy, j.width
+        if j.view != 0:
             continue
         d = jw * rng.uniform(0.1, 0.4)
         edge = ("top", "bottom", "side")[k % 3 if len(item.joints) > 1 else int(rng.integers(3))]
@@ -260,7 +264,7 @@ def edge_variants(item: Item, rng: np.random.Generator) -> list[Item]:
             x0 = max(0, round(cx - d))
         else:
             x1 = min(w, round(cx + d))
-        joints = [(a - x0, b - y0, c, e) for a, b, c, e in item.joints if x0 <= a < x1 and y0 <= b < y1]
+        joints = [replace(o, cx=o.cx - x0, cy=o.cy - y0) for o in item.joints if x0 <= o.cx < x1 and y0 <= o.cy < y1]
         out.append(Item(f"{item.name}+edge_{edge}", item.gray[y0:y1, x0:x1].copy(), joints, item.kind, item.note))
     return out
 
@@ -275,7 +279,8 @@ def knee_free_windows(item: Item, rng: np.random.Generator, n: int = 4) -> list[
         ww, wh = round(w * rng.uniform(0.3, 0.8)), round(h * rng.uniform(0.3, 0.8))
         x0, y0 = int(rng.integers(0, w - ww + 1)), int(rng.integers(0, h - wh + 1))
         near = [
-            x0 < cx + jw and cx - jw < x0 + ww and y0 < cy + jw and cy - jw < y0 + wh for cx, cy, jw, _ in item.joints
+            x0 < j.cx + j.width and j.cx - j.width < x0 + ww and y0 < j.cy + j.width and j.cy - j.width < y0 + wh
+            for j in item.joints
         ]
         if any(near):  # a joint, with a joint's width around it, reaches into the window
             continue
