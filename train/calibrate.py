@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +20,24 @@ import torch
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model.contract import PostprocessConfig
-from model.postprocess import decode_grades
 from train.calibration import (
     FIT_SETS,
     FeatureCache,
-    choose_calibration,
-    choose_fit_set,
-    cross_fitted_val_ece,
-    cross_validate_calibration,
-    decision_score,
-    fit_calibration,
-    fit_cutpoints,
-    fit_set_data,
+    choose_answer,
     head_logits,
     pooled_features,
+    uncertain_threshold,
     view_probabilities,
 )
 from train.data import parse_patient, prepare_all, samples_from_files, scan
-from train.knee_gate import fit_knee_gate, gate_features, gate_scores, tune_film_knees
-from train.metrics import quadratic_weighted_kappa
+from train.knee_gate import (
+    fit_knee_gate,
+    gate_features,
+    gate_scores,
+    gate_threshold,
+    split_half_refusals,
+    tune_film_knees,
+)
 
 log = logging.getLogger("train.calibrate")
 
@@ -142,37 +140,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         False: (l_tune, l_val),
         True: (np.stack([l_tune, l_tune_flip], 1), np.stack([l_val, head_logits(net, f_val_flip)], 1)),
     }
-    fits: dict[bool, dict[str, Any]] = {}
-    candidates: dict[str, dict[str, Any]] = {}
-    for flip, (lt, lv) in views.items():
-        calibration_cv = cross_validate_calibration(lt, y_tune, groups, seed=args.seed)
-        calibration = choose_calibration(calibration_cv)
-        fit_sets = {
-            s: cross_fitted_val_ece((lt, y_tune), (lv, y_val, g_val), calibration, s, seed=args.seed) for s in FIT_SETS
-        }
-        fit_on = choose_fit_set(fit_sets) if args.fit_on == "auto" else args.fit_on
-        fitted = fit_calibration(*fit_set_data(fit_on, (lt, y_tune), (lv, y_val)), calibration)
-        fits[flip] = {"cv": calibration_cv, "method": calibration, "fit_sets": fit_sets, "fit_on": fit_on,
-                      "config": fitted}  # fmt: skip
-        p = view_probabilities(lt, fitted)
-        cuts = fit_cutpoints(p, y_tune)
-        for decision in ("argmax", "cutpoints"):
-            cfg = replace(fitted, decision=decision, cutpoints=cuts if decision == "cutpoints" else (), flip_tta=flip)
-            g = decode_grades(p, cfg)
-            candidates[f"{decision}{'+flip' if flip else ''}"] = {
-                "config": cfg,
-                "tune_score": decision_score(y_tune, g, k),
-                "tune_accuracy": float((g == y_tune).mean()),
-                "tune_qwk": quadratic_weighted_kappa(y_tune, g, k),
-                "tune_kl1_recall": float((g[y_tune == 1] == 1).mean()) if (y_tune == 1).any() else None,
-            }
-    # Flip averaging doubles the model's cost: keep it only for a real gain on the tune fold.
-    best_plain = max((c for n, c in candidates.items() if "flip" not in n), key=lambda c: c["tune_score"])
-    best_flip = max((c for n, c in candidates.items() if "flip" in n), key=lambda c: c["tune_score"])
-    if args.flip == "auto":
-        chosen = best_flip if best_flip["tune_score"] > best_plain["tune_score"] + 0.005 else best_plain
-    else:
-        chosen = best_flip if args.flip == "on" else best_plain
+    fits, candidates, chosen = choose_answer(
+        views, y_tune, groups, (y_val, g_val), k, fit_on=args.fit_on, flip=args.flip, seed=args.seed
+    )
     post: PostprocessConfig = chosen["config"]
 
     # 2. the knee gate, fitted on training knees (not the tune fold), standardised and thresholded
@@ -180,25 +150,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     x_fit = prepare_all(gate_fit, contract, cache, "gatefit")
     _, g_fit = cached("gatefit", x_fit)
     s_tune = fit_knee_gate(net, g_fit, np.array([s.grade for s in gate_fit]), g_tune, k)
-    threshold_koa = float(np.quantile(s_tune, args.gate_quantile))
     film_knees = tune_film_knees(args.films, args.boxes, contract)
     s_films = gate_scores(net, cached("tunefilms", film_knees)[1]) if len(film_knees) else np.zeros(0)
-    threshold = max(threshold_koa, float(s_films.max()) if len(s_films) else threshold_koa)
-    # how often a knee like the tune fold's is refused at a threshold placed this way on half as many
-    # knees: the threshold from one random half of the tune fold, the refusals counted on the other
-    half = len(s_tune) // 2
-    rng_h = np.random.default_rng(args.seed)
-    halves = [rng_h.permutation(len(s_tune)) for _ in range(200)]
-    split_half = float(
-        np.mean([(s_tune[h[half:]] > np.quantile(s_tune[h[:half]], args.gate_quantile)).mean() for h in halves])
-    )
+    threshold_koa, threshold = gate_threshold(s_tune, s_films, args.gate_quantile)
+    split_half = split_half_refusals(s_tune, args.gate_quantile, args.seed)
 
     # 3. the uncertain flag, chosen on val for the stated coverage
     fit = fits[post.flip_tta]
-    p_val = view_probabilities(views[post.flip_tta][1], post)
-    g_val = decode_grades(p_val, post)
-    conf_val = p_val[np.arange(len(g_val)), g_val]
-    uncertain_below = float(np.quantile(conf_val, 1.0 - args.coverage))
+    uncertain_below = uncertain_threshold(view_probabilities(views[post.flip_tta][1], post), post, args.coverage)
 
     post = PostprocessConfig(
         temperature=round(post.temperature, 4),

@@ -99,3 +99,20 @@ HARD = (
     "photographs (2 photos, crops)",
     "ellipse phantoms",
 )
+
+
+def gate_threshold(s_tune: np.ndarray, s_films: np.ndarray, quantile: float) -> tuple[float, float]:
+    """The refusal threshold from the dataset's knees alone (the ``quantile`` of the tune fold's
+    scores), and the one used: raised where needed to let every tune leg film's AP knee through."""
+    threshold_koa = float(np.quantile(s_tune, quantile))
+    threshold = max(threshold_koa, float(s_films.max()) if len(s_films) else threshold_koa)
+    return threshold_koa, threshold
+
+
+def split_half_refusals(s_tune: np.ndarray, quantile: float, seed: int) -> float:
+    """How often a knee like the tune fold's is refused at a threshold placed this way on half as many
+    knees: the threshold from one random half of the tune fold, the refusals counted on the other."""
+    half = len(s_tune) // 2
+    rng_h = np.random.default_rng(seed)
+    halves = [rng_h.permutation(len(s_tune)) for _ in range(200)]
+    return float(np.mean([(s_tune[h[half:]] > np.quantile(s_tune[h[:half]], quantile)).mean() for h in halves]))

@@ -2,7 +2,7 @@
 
 The method is chosen inside the tune fold (`cross_validate_calibration`, `choose_calibration`); the
 set it is fitted on (the tune fold, val, or both) by cross-fitting on val (`cross_fitted_val_ece`,
-`choose_fit_set`). docs/MODEL.md explains the rules.
+`choose_fit_set`). docs/TRAINING.md (`train.calibrate`) explains the rules.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.postprocess import expected_grade
+from model.contract import PostprocessConfig
+from model.postprocess import decode_grades, expected_grade
 from train.metrics import quadratic_weighted_kappa
 
 
@@ -39,3 +40,11 @@ def fit_cutpoints(probs: np.ndarray, labels: np.ndarray, rounds: int = 3) -> tup
                     best, best_s = c, s
             cuts[j] = best
     return tuple(round(float(c), 4) for c in cuts)
+
+
+def uncertain_threshold(probs: np.ndarray, post: PostprocessConfig, coverage: float) -> float:
+    """The confidence below which the least confident ``1 - coverage`` of the answers fall (the
+    uncertain flag), from (N, K) calibrated probabilities decoded by ``post``."""
+    grades = decode_grades(probs, post)
+    conf = probs[np.arange(len(grades)), grades]
+    return float(np.quantile(conf, 1.0 - coverage))
