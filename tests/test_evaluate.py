@@ -176,7 +176,7 @@ def test_calibration_is_written_into_the_contract(trained: Path, calibrated: Pat
     report = json.loads((trained / "calibration.json").read_text())
     assert report["chosen"] in report["candidates"] and report["gate_fit_images"] == 30
     cal = report["calibration"]
-    # the lowest ECE, ties within 1e-6 (train.calibrate.choose_fit_set): fits that read the same knees
+    # the lowest ECE, ties within 1e-6 (train.calibration.choose_fit_set): fits that read the same knees
     # can differ in the last bit
     assert cal["fit_on"] in cal["fit_sets"] and round(cal["fit_sets"][cal["fit_on"]]["ece"], 6) == min(
         round(v["ece"], 6) for v in cal["fit_sets"].values()

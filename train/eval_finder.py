@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--nonknee-part",
         choices=("all", "heldout"),
         default=None,
-        help="which non-knee radiographs to measure (train.fit_finder.nonknee_split); by default the held-out "
+        help="which non-knee radiographs to measure (train.films.nonknee_split); by default the held-out "
         "half for a finder trained on the fit half, else all",
     )
     p.add_argument(

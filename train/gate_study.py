@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def made_up_sets(x_tune: np.ndarray, photos: list[Path], contract, r: np.random.Generator) -> dict[str, np.ndarray]:
-    """Prepared negatives from tune-fold knees and photographs (`train.evaluate.made_up_negatives` and more)."""
+    """Prepared negatives from tune-fold knees and photographs (`train.answers.made_up_negatives` and more)."""
     size = contract.input_size
     sets = dict(made_up_negatives(x_tune, seed=1))
     sel = r.choice(len(x_tune), 60, replace=False)
