@@ -10,7 +10,7 @@ import argparse
 import csv
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -37,15 +37,24 @@ OTHERS = "ABCDEFGHIJKMNOPQSTUVWXYZ0123456789"
 WORDS = ["KNEE", "ANKLE", "AP", "LAT", "STANDING", "Ankle J.B/V", "PA", "WB"]
 
 
-def read_markers_csv(path: str | Path) -> dict[str, list[tuple[str, bool, tuple[int, int, int, int]]]]:
-    """file -> its markers as (letter, mirrored, box); a film annotated without marker maps to []."""
+@dataclass(frozen=True)
+class Mark:
+    """A burned-in side marker on a film: its letter (R or L), whether it is mirrored, its box (x0, y0, x1, y1)."""
+
+    letter: str
+    mirrored: bool
+    box: tuple[int, int, int, int]
+
+
+def read_markers_csv(path: str | Path) -> dict[str, list[Mark]]:
+    """file -> its markers (`Mark`); a film annotated without marker maps to []."""
     out: dict[str, list] = {}
     lines = [line for line in Path(path).read_text().splitlines() if not line.startswith("#")]
     for row in csv.DictReader(lines):
         marks = out.setdefault(row["file"], [])
         if row["letter"]:
             box = tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1"))
-            marks.append((row["letter"], row["mirrored"] == "1", box))
+            marks.append(Mark(row["letter"], row["mirrored"] == "1", box))
     return out
 
 
@@ -222,7 +231,7 @@ def dataset(grays: dict[str, np.ndarray], marks: dict, cfg: MarkerConfig, copies
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for name, g in grays.items():
-        truth = [(b, {"R": 1, "L": 2}[letter] + (2 if mir else 0)) for letter, mir, b in marks.get(name, [])]
+        truth = [(m.box, {"R": 1, "L": 2}[m.letter] + (2 if m.mirrored else 0)) for m in marks.get(name, [])]
         x, y = labelled(g, truth, cfg)
         reps = real_copies if truth else 1
         xs += [x] * reps
@@ -273,7 +282,7 @@ def evaluate(net: nn.Module, x: np.ndarray, y: np.ndarray) -> dict:
 # --- measuring films ---------------------------------------------------------------------------
 
 
-def score_film(found, truth: list) -> dict[str, int]:
+def score_film(found, truth: list[Mark]) -> dict[str, int]:
     """Claims against the annotation: a claim on a marker's box (centre inside it, grown by half) with its
     letter is right, with the other letter wrong; a claim elsewhere is a false claim; a marker without
     a right claim is missed."""
@@ -282,13 +291,13 @@ def score_film(found, truth: list) -> dict[str, int]:
     for m in found:
         cx, cy = (m.box[0] + m.box[2]) / 2, (m.box[1] + m.box[3]) / 2
         on = None
-        for k, (_, _, b) in enumerate(truth):
+        for k, b in enumerate(t.box for t in truth):
             gx, gy = (b[2] - b[0]) / 2, (b[3] - b[1]) / 2
             if b[0] - gx <= cx <= b[2] + gx and b[1] - gy <= cy <= b[3] + gy:
                 on = k
         if on is None:
             false += 1
-        elif truth[on][0] == m.letter:
+        elif truth[on].letter == m.letter:
             right += 1
             hit.add(on)
         else:
@@ -446,7 +455,7 @@ def main(args: argparse.Namespace) -> dict:
     for n, g in tune_g.items():
         for c in range(args.tune_copies):
             img, placed = synth(g, trng)
-            truth = [("R" if k in (1, 3) else "L", k >= 3, b) for b, k in placed if k] + marks[n]
+            truth = [Mark("R" if k in (1, 3) else "L", k >= 3, b) for b, k in placed if k] + marks[n]
             synth_items.append((f"{n}#synth{c}", img, truth))
     good, bad = claim_scores(reader, tune_items + synth_items)
     worst = max(bad, default=0.5)
