@@ -23,7 +23,7 @@ from train.calibration.scaling import (
     fit_calibration,
     fit_temperature,
     fit_temperature_and_bias,
-    nll,
+    mean_nll,
     view_probabilities,
 )
 
@@ -43,7 +43,7 @@ __all__ = [
     "fit_temperature",
     "fit_temperature_and_bias",
     "head_logits",
-    "nll",
+    "mean_nll",
     "patient_folds",
     "pooled_features",
     "uncertain_threshold",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from train.calibration.scaling import CALIBRATIONS, fit_calibration, nll, view_probabilities
+from train.calibration.scaling import CALIBRATIONS, fit_calibration, mean_nll, view_probabilities
 from train.metrics import expected_calibration_error
 
 FIT_SETS = ("tune", "tune+val", "val")
@@ -41,7 +41,7 @@ def cross_validate_calibration(
                 fit, held = fid != f, fid == f
                 p[held] = view_probabilities(logits[held], fit_calibration(logits[fit], labels[fit], m))
             out[m]["ece"].append(expected_calibration_error(labels, p))
-            out[m]["nll"].append(nll(p, labels))
+            out[m]["nll"].append(mean_nll(p, labels))
             out[m]["accuracy"].append(float((p.argmax(1) == labels).mean()))
     return {
         m: {
@@ -103,7 +103,7 @@ def cross_fitted_val_ece(
                 x, y = fit_set_data(fit_on, (lt, yt), (lv[fit], yv[fit]))
                 p[held] = view_probabilities(lv[held], fit_calibration(x, y, method))
         eces.append(expected_calibration_error(yv, p))
-        nlls.append(nll(p, yv))
+        nlls.append(mean_nll(p, yv))
     return {
         "ece": float(np.mean(eces)),
         "ece_sd": float(np.std(eces)),

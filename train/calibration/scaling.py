@@ -28,7 +28,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     ``logits`` (N, K) or (N, V, K) (`view_probabilities`)."""
 
     def nll(t: float) -> float:
-        return nll(view_probabilities(logits, PostprocessConfig(temperature=t)), labels)
+        return mean_nll(view_probabilities(logits, PostprocessConfig(temperature=t)), labels)
 
     grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))
     best = min(grid, key=nll)
@@ -36,7 +36,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(min(fine, key=nll))
 
 
-def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+def mean_nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
 
 
@@ -55,7 +55,7 @@ def fit_temperature_and_bias(logits: np.ndarray, labels: np.ndarray) -> tuple[fl
 
     def loss(a: np.ndarray) -> float:
         cfg = PostprocessConfig(temperature=float(np.exp(a[0])), class_bias=tuple(float(b) for b in a[1:]))
-        return nll(view_probabilities(x, cfg), labels)
+        return mean_nll(view_probabilities(x, cfg), labels)
 
     a0 = np.r_[np.log(fit_temperature(x, labels)), np.zeros(k)]
     a = minimize(loss, a0, method="L-BFGS-B").x
