@@ -25,7 +25,7 @@ ARCHIVE := model_store/oamen.mar
 SOURCES := $(shell find model handler -name '*.py' 2>/dev/null)
 SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
-PROTO_STAMP := client/_proto/inference_pb2.py
+PROTO_STAMP := koa_client/_proto/inference_pb2.py
 
 .PHONY: explain-eval help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-precision bench-model train evaluate finder evaluate-finder promote-finder calibrate promote refit-gate evaluate-framings export compare archive serve stop restart token renew-token predict explain proto clean loadtest
 
@@ -148,17 +148,17 @@ token: $(STAMP)  ## print the inference key of the running server
 renew-token: $(STAMP)  ## replace the inference key of the running server (keys expire after 60 min)
 	@$(PY) -m ops.server renew --workdir $(SERVE_DIR)
 
-proto: $(STAMP)  ## regenerate the committed gRPC stubs (client/_proto) from the proto inside TorchServe's jar
-	$(PY) -m client.gen_proto
+proto: $(STAMP)  ## regenerate the committed gRPC stubs (koa_client/_proto) from the proto inside TorchServe's jar
+	$(PY) -m koa_client.gen_proto
 
 $(PROTO_STAMP): | $(STAMP)
-	$(PY) -m client.gen_proto
+	$(PY) -m koa_client.gen_proto
 
 predict: $(PROTO_STAMP)  ## grade IMAGE=... on the running server (REST)
-	$(PY) -m client predict $(IMAGE) --key-file $(SERVE_DIR)/key_file.json
+	$(PY) -m koa_client predict $(IMAGE) --key-file $(SERVE_DIR)/key_file.json
 
 explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG to reports/explain/; METHOD=... picks the method)
-	$(PY) -m client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain $(if $(METHOD),--method $(METHOD))
+	$(PY) -m koa_client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain $(if $(METHOD),--method $(METHOD))
 
 bench: archive  ## served against in-process, batching sweep, JIT warm-up, REST against gRPC in paired rounds -> docs/results/bench_sweep.json, docs/BENCHMARKS.md (~20 min)
 	$(PY) -m ops.bench sweep
@@ -188,7 +188,7 @@ compare: $(STAMP)  ## OA-MEN against the paper's baselines (quick budget; see tr
 	$(PY) -m train.compare --data $(DATA) --out reports/compare --quick
 
 clean:  ## remove build outputs (keeps .venv)
-	rm -rf build model_store reports logs client/_proto .pytest_cache .ruff_cache
+	rm -rf build model_store reports logs koa_client/_proto .pytest_cache .ruff_cache
 
 # The PACS side (docs/PACS.md): Orthanc (DICOM ORTHANC@127.0.0.1:4242, REST on 127.0.0.1:8042 with basic auth)
 # and the DICOM gateway (KOASERVE@127.0.0.1:11112) beside the TorchServe of `make serve`, which is started when

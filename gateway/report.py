@@ -74,7 +74,7 @@ class KneeFinding:
 
     Attributes:
         laterality: ``"R"``, ``"L"`` or None when the source does not say.
-        answer: one answer of schema v2 or v3 (client/schema.py), or one graded knee of a film's
+        answer: one answer of schema v2 or v3 (koa_client/schema.py), or one graded knee of a film's
             answer: ``kl_grade``, ``probabilities``, ``oa_probability``, ``model``, optionally
             ``uncertain``, ``explanation`` and (a film's knee) ``box``.
     """
@@ -85,7 +85,7 @@ class KneeFinding:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a radiograph got no grade: ``kind`` (an error type of client.schema, or the gateway's) and the words."""
+    """Why a radiograph got no grade: ``kind`` (an error type of koa_client.schema, or the gateway's) and the words."""
 
     kind: str
     message: str

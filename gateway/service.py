@@ -2,7 +2,7 @@
 
 One process, two kinds of threads: pynetdicom's association threads receive instances and acknowledge
 each C-STORE only once it is on disk (`gateway.spool`); one worker thread takes the queue oldest first,
-asks KOA-Serve (`client.RestClient`, explanation on), builds the SR and the heatmap (`gateway.report`)
+asks KOA-Serve (`koa_client.RestClient`, explanation on), builds the SR and the heatmap (`gateway.report`)
 and stores them into the PACS. One worker, because the model server is the bottleneck and it batches
 on its own; order and retries stay simple.
 
@@ -48,9 +48,6 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
-from client import KOAClientError
-from client.rest import RestClient
-from client.schema import InvalidAnswer, validate_answer
 from gateway.audit import AuditLog
 from gateway.metrics import GatewayMetrics
 from gateway.report import (
@@ -65,6 +62,9 @@ from gateway.report import (
 from gateway.screen import is_valid_uid, screen
 from gateway.spool import Spool
 from gateway.tls import DicomTLS
+from koa_client import KOAClientError
+from koa_client.rest import RestClient
+from koa_client.schema import InvalidAnswer, validate_answer
 
 __all__ = ["GatewayConfig", "Gateway", "Transient", "StoreRejected", "DEFAULT_AE", "DEFAULT_PORT"]
 
@@ -88,7 +88,7 @@ TRANSFER_SYNTAXES = [
     JPEG2000Lossless,
     JPEG2000,
 ]
-# The server's refusals of an image (client.schema.ERROR_TYPES): the image, not the server, is the problem.
+# The server's refusals of an image (koa_client.schema.ERROR_TYPES): the image, not the server, is the problem.
 REFUSAL_KINDS = frozenset(
     {"bad_request", "invalid_image", "unsupported_transfer_syntax"}
     | {"not_a_knee", "unsupported_view", "resolution_too_low"}

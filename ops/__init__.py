@@ -2,7 +2,7 @@
 
 - `ops.server`: start, stop, drain, restart a local TorchServe; its keys (``make serve``, ``make stop``).
 - `ops.load`: load generation shared by Locust (loadtest/), the benchmarks, the drills and the soak:
-  request images, the drivers, every answer checked against `client.schema`.
+  request images, the drivers, every answer checked against `koa_client.schema`.
 - `ops.bench`: the benchmarks, one command (``python -m ops.bench serve|sweep|tail|logging|malloc|explain``).
 - `ops.cluster`: N replicas behind HAProxy on one machine (``make cluster``).
 - `ops.door`: the secure front door, mutual TLS with one identity per calling system (``make serve TLS=1``);

@@ -169,8 +169,8 @@ def sweep_report(result: dict[str, Any]) -> str:
         "### Where the CPU goes per request (same rounds)",
         "",
         "Medians over the rounds; the last two rows are one run each with the shipped clients "
-        "(`client.rest.RestClient` on requests, `client.grpc_client.GrpcClient`, synchronous, its threads sharing "
-        "one channel) at the same setting, right after the rounds.",
+        "(`koa_client.rest.RestClient` on requests, `koa_client.grpc_client.GrpcClient`, synchronous, "
+        "its threads sharing one channel) at the same setting, right after the rounds.",
         "",
         table(
             cpu_rows,

@@ -1,10 +1,10 @@
 """KOA-Serve client: grade knee radiographs on a running KOA-Serve TorchServe over REST or gRPC.
 
 A hospital integrator installs this package alone: it needs ``requests`` (REST) and, for gRPC,
-``grpcio`` + ``protobuf`` and the committed stubs in ``client/_proto`` (``make proto`` regenerates
+``grpcio`` + ``protobuf`` and the committed stubs in ``koa_client/_proto`` (``make proto`` regenerates
 them). It never imports the model, training or handler code.
 
-    from client import RestClient, load_token
+    from koa_client import RestClient, load_token
     answer = RestClient(token=load_token(key_file="logs/serve/key_file.json")).predict(png_bytes)
     answer["kl_grade"], answer["probabilities"]
 
@@ -64,8 +64,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 if TYPE_CHECKING:
-    from client.grpc_client import GrpcClient
-    from client.rest import RestClient
+    from koa_client.grpc_client import GrpcClient
+    from koa_client.rest import RestClient
 
 
 class KOAClientError(Exception):
@@ -467,11 +467,11 @@ def __getattr__(name: str) -> Any:
     # Lazy exports: `import client` must not pull in requests or grpc before they are used (gRPC users
     # under Locust call grpc.experimental.gevent.init_gevent() first).
     if name == "RestClient":
-        from client.rest import RestClient
+        from koa_client.rest import RestClient
 
         return RestClient
     if name == "GrpcClient":
-        from client.grpc_client import GrpcClient
+        from koa_client.grpc_client import GrpcClient
 
         return GrpcClient
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

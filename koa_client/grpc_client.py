@@ -1,6 +1,6 @@
 """gRPC client of KOA-Serve: TorchServe's ``InferenceAPIsService`` (Ping, Predictions).
 
-The stubs in ``client/_proto`` come from ``python -m client.gen_proto`` (TorchServe's own proto;
+The stubs in ``koa_client/_proto`` come from ``python -m koa_client.gen_proto`` (TorchServe's own proto;
 committed, so a client-only install has them). The request's ``input`` map carries the same fields as a REST form:
 ``data`` (image bytes) and, when asked, ``explain``, ``target`` and ``method``; gRPC has no explain
 call, so ``explain=b"true"`` asks for one.
@@ -12,7 +12,7 @@ for gRPC errors (codes mapped to HTTP statuses).
 TLS: ``grpcs://host:port`` (or ``tls=True``, or any of ``ca_file``, ``cert_file``) opens a TLS
 channel (``grpc.ssl_channel_credentials``) that trusts gRPC's bundled roots, or ``ca_file`` alone
 when given, and sends ``cert_file`` for mutual TLS; ``host:port`` and ``grpc://host:port`` stay
-plain text. A certificate error is raised at once (`client.TLS_STATUS`), never retried; a call that
+plain text. A certificate error is raised at once (`koa_client.TLS_STATUS`), never retried; a call that
 found no connection within ``timeout`` (so sent nothing) is retried like ``UNAVAILABLE``.
 
 Gevent (Locust): nothing here creates a channel at import time, so
@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from client import (
+from koa_client import (
     KEY_HINT,
     KOAClientError,
     _check_options,
@@ -75,10 +75,10 @@ def load_stubs() -> tuple[Any, Any, Any]:
     try:
         from google.protobuf import empty_pb2
 
-        from client._proto import inference_pb2, inference_pb2_grpc
+        from koa_client._proto import inference_pb2, inference_pb2_grpc
     except ImportError as exc:
         raise RuntimeError(
-            f"the gRPC stubs are missing ({exc}): run `python -m client.gen_proto` (or `make proto`)"
+            f"the gRPC stubs are missing ({exc}): run `python -m koa_client.gen_proto` (or `make proto`)"
         ) from exc
     return inference_pb2, inference_pb2_grpc, empty_pb2
 
@@ -146,14 +146,14 @@ class GrpcClient:
         target: ``host:port`` of the gRPC inference address (``grpc_inference_port``);
             ``grpcs://host:port`` for TLS.
         token: the inference key, sent as ``authorization: Bearer <key>`` metadata; None uses
-            ``KOA_TOKEN`` when set, else sends none. See `client.load_token`.
+            ``KOA_TOKEN`` when set, else sends none. See `koa_client.load_token`.
         model: the registered model name.
         timeout: seconds to wait for an answer.
-        key_file, retry_s: as `client.rest.RestClient` (``UNAVAILABLE`` counts as 503, and so does a
+        key_file, retry_s: as `koa_client.rest.RestClient` (``UNAVAILABLE`` counts as 503, and so does a
             call that found no connection within ``timeout``).
         tls: open a TLS channel to a bare ``host:port``; None (default): TLS for ``grpcs://`` or
             when a TLS file is given.
-        ca_file, cert_file, cert_key_file: as `client.rest.RestClient`.
+        ca_file, cert_file, cert_key_file: as `koa_client.rest.RestClient`.
 
     Raises:
         ValueError: ``tls`` or TLS files contradict the target's scheme, or a key without a certificate.
@@ -253,7 +253,7 @@ class GrpcClient:
     ) -> dict[str, Any]:
         """Grade one image (PNG, JPEG or DICOM bytes); explain it when asked.
 
-        Args and answer as `client.rest.RestClient.predict`.
+        Args and answer as `koa_client.rest.RestClient.predict`.
 
         Raises:
             KOAClientError: a gRPC error, or the handler's error body.
@@ -310,7 +310,7 @@ class GrpcClient:
         return rpc_error(exc)
 
     def _diagnose(self) -> KOAClientError | None:
-        """`client.diagnose_closed` for this target, until the server has answered once."""
+        """`koa_client.diagnose_closed` for this target, until the server has answered once."""
         if self._answered:
             return None
         try:

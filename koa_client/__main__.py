@@ -1,6 +1,6 @@
 """Command line of the KOA-Serve client: grade (and explain) knee radiographs on a running server.
 
-``python -m client predict IMAGE [IMAGE...] [--grpc] [--explain] [--target T] [--method M]
+``python -m koa_client predict IMAGE [IMAGE...] [--grpc] [--explain] [--target T] [--method M]
 [--url URL] [--grpc-target HOST:PORT] [--token TOKEN | --key-file PATH] [--model oamen]
 [--retry-s S] [--ca-file PEM] [--cert-file PEM [--cert-key-file PEM]] [--overlay-dir DIR] [--json]``
 
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client import TLS_KINDS, TOKEN_ENV, KOAClientError, load_token
+from koa_client import TLS_KINDS, TOKEN_ENV, KOAClientError, load_token
 
 DEFAULT_CLASS_NAMES = ("KL0", "KL1", "KL2", "KL3", "KL4")
 
@@ -36,7 +36,7 @@ EXPLAIN_METHODS = ("layercam", "gradcam", "ig", "ig_blur", "smoothgrad", "occlus
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m client", description="KOA-Serve client (REST or gRPC).")
+    p = argparse.ArgumentParser(prog="python -m koa_client", description="KOA-Serve client (REST or gRPC).")
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("predict", help="grade knee radiographs (PNG, JPEG, DICOM)")
     pr.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
@@ -169,10 +169,10 @@ def make_client(args: argparse.Namespace, token: str) -> Any:
         "cert_key_file": args.cert_key_file,
     }
     if args.grpc:
-        from client.grpc_client import GrpcClient
+        from koa_client.grpc_client import GrpcClient
 
         return GrpcClient(args.grpc_target, **options)
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     return RestClient(args.url, **options)
 

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
-from client import (
+from koa_client import (
     TLS_STATUS,
     KOAClientError,
     _check_options,
@@ -62,7 +62,7 @@ class RestClient:
     Args:
         url: the inference address (``inference_address`` of config.properties).
         token: the inference key; None uses ``KOA_TOKEN`` when set, else sends no Authorization
-            header (a server started with token authorization off). See `client.load_token`.
+            header (a server started with token authorization off). See `koa_client.load_token`.
         model: the registered model name.
         timeout: seconds to wait for an answer (explanations with ``ig`` take seconds on a CPU).
         key_file: TorchServe's ``key_file.json``: the token when none is given, and re-read when the
@@ -204,7 +204,7 @@ class RestClient:
         return None
 
     def _diagnose(self) -> KOAClientError | None:
-        """`client.diagnose_closed` for this server, until it has answered once (then its TLS setup is right)."""
+        """`koa_client.diagnose_closed` for this server, until it has answered once (then its TLS setup is right)."""
         if self._answered:
             return None
         parts = urlsplit(self.url)
