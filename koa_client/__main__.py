@@ -1,17 +1,9 @@
-"""Command line of the KOA-Serve client: grade (and explain) knee radiographs on a running server.
+"""Command line of the KOA-Serve client (``koa-client``, ``python -m koa_client``): grade and explain radiographs.
 
-``python -m koa_client predict IMAGE [IMAGE...] [--grpc] [--explain] [--target T] [--method M]
-[--url URL] [--grpc-target HOST:PORT] [--token TOKEN | --key-file PATH] [--model oamen]
-[--retry-s S] [--ca-file PEM] [--cert-file PEM [--cert-key-file PEM]] [--overlay-dir DIR] [--json]``
+    koa-client predict IMAGE... [--grpc] [--explain] [--url URL | --grpc-target HOST:PORT] [--key-file PATH] [--json]
 
-Behind TLS: ``--url https://...`` or ``--grpc-target grpcs://host:port``, ``--ca-file`` for a
-private CA, ``--cert-file`` / ``--cert-key-file`` when the server requires a client certificate
-(``--key-file`` stays TorchServe's token file). A certificate error stops the run at once.
-
-Prints, per image, the KL grade, the probability of each class and the probability of
-radiographic OA (KL >= 2); with ``--explain`` it writes the overlay PNG to
-``<overlay-dir>/<stem>_<method>_KL<target>.png``. Exit status: 0 when every image was graded,
-1 when any failed (the server's message goes to stderr), 2 for usage errors.
+Prints each image's grade and probabilities and writes explanation overlays; docs/API.md ("Clients")
+gives the options, TLS included, and the exit statuses.
 """
 
 from __future__ import annotations
@@ -168,7 +160,7 @@ def make_client(args: argparse.Namespace, token: str) -> Any:
         "cert_file": args.cert_file,
         "cert_key_file": args.cert_key_file,
     }
-    if args.grpc:
+    if args.grpc:  # each protocol's module imported when chosen: REST needs no grpcio, nor gRPC requests
         from koa_client.grpc_client import GrpcClient
 
         return GrpcClient(args.grpc_target, **options)

@@ -1,16 +1,7 @@
-"""Generate KOA-Serve's gRPC stubs from the protocol files inside TorchServe's frontend jar.
+"""Generate KOA-Serve's gRPC stubs (``koa_client/_proto``) from the protocol files inside TorchServe's jar.
 
-``python -m koa_client.gen_proto [--jar PATH] [--out koa_client/_proto]``
-
-TorchServe installs no ``.proto`` file, but its Java frontend (``ts/frontend/model-server.jar``)
-carries ``proto/inference.proto`` and the ``google/rpc/status.proto`` it imports. This script
-extracts both into a temporary directory and runs ``grpc_tools.protoc`` on them, so the stubs
-always match the installed server instead of a hand-copied proto.
-
-protoc writes absolute imports (``import inference_pb2``, ``from google.rpc import status_pb2``);
-they are rewritten here so the output is a self-contained package (``koa_client._proto``) that needs
-no ``sys.path`` change. ``google.rpc.status_pb2`` from googleapis-common-protos is preferred
-when installed, so the descriptor for ``google/rpc/status.proto`` is registered only once.
+``python -m koa_client.gen_proto [--jar PATH] [--out DIR]`` (``make proto``): the stubs always match the
+installed server instead of a hand-copied proto. docs/API.md ("The stubs") says how.
 """
 
 from __future__ import annotations

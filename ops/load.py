@@ -210,7 +210,8 @@ class GrpcAioDriver:
     def __init__(self, target: str, token: str, model: str = "oamen", timeout: float = 120) -> None:
         self.target, self.model, self.timeout = target, model, timeout
         self.metadata = (("authorization", f"Bearer {token}"),)
-        self.pb2, self.pb2_grpc, _ = load_stubs()
+        stubs = load_stubs()
+        self.pb2, self.pb2_grpc = stubs.inference_pb2, stubs.inference_pb2_grpc
 
     async def run(self, images: list[bytes], concurrency: int, tally: Tally, ramp: float, seconds: float) -> None:
         """``concurrency`` closed-loop calls for ``ramp`` + ``seconds``; ``tally`` counts the last ``seconds``."""
