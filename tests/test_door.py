@@ -421,7 +421,7 @@ def test_a_study_goes_pacs_to_gateway_to_door_and_back_over_tls_all_the_way(secu
     door.client_add("koaserve-gateway", secure.files, secure.certs, secure.workdir)
     tls = pacs.pacs_tls(secure.certs)
     clients = secure.certs / "clients"
-    creds = (secure.certs / "ca.crt", clients / "koaserve-gateway.crt", clients / "koaserve-gateway.key")
+    creds = pacs.DoorCerts(secure.certs / "ca.crt", clients / "koaserve-gateway.crt", clients / "koaserve-gateway.key")
     http_port, dicom_port, gateway_port = free_ports(3)
     workdir = tmp_path / "pacs"
     orthanc = pacs.start_orthanc(workdir, http_port, dicom_port, gateway_port, tls=tls)
