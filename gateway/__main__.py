@@ -15,6 +15,13 @@ import signal
 import sys
 from pathlib import Path
 
+from pydicom import dcmread
+
+from gateway.report import content_tree
+from gateway.service import DEFAULT_AE, DEFAULT_PORT, Gateway, GatewayConfig
+from gateway.spool import Spool
+from gateway.tls import DicomTLS
+
 __all__ = ["get_args_parser", "main", "parse_address"]
 
 
@@ -36,8 +43,6 @@ def parse_address(text: str) -> tuple[str, str, int]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from gateway.service import DEFAULT_AE, DEFAULT_PORT
-
     p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="receive, grade and store back until stopped")
@@ -81,20 +86,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     if args.command == "tree":
-        from pydicom import dcmread
-
-        from gateway.report import content_tree
-
         print(content_tree(dcmread(args.file)))
         return 0
     if args.command == "requeue":
-        from gateway.spool import Spool
-
         print(f"{Spool(args.spool).requeue_failed()} instance(s) queued again")
         return 0
-    from gateway.service import Gateway, GatewayConfig
-    from gateway.tls import DicomTLS
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("pynetdicom", "highdicom"):  # one line per association / per copied module otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
