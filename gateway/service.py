@@ -1,20 +1,9 @@
 """The DICOM gateway: a storage SCP that spools, grades over REST and stores the results back by C-STORE.
 
-One process, two kinds of threads: pynetdicom's association threads receive instances and acknowledge
-each C-STORE only once it is on disk (`gateway.spool`); one worker thread takes the queue oldest first,
-asks KOA-Serve (`koa_client.RestClient`, explanation on), builds the SR and the heatmap (`gateway.report`)
-and stores them into the PACS. One worker, because the model server is the bottleneck and it batches
-on its own; order and retries stay simple.
-
-Failures, and what happens to the instance (it is never dropped):
-
-* model server unreachable, restarting (503), timing out, or refusing the key: it stays queued; the
-  worker retries with a backoff from 1 s doubling to ``max_backoff_s``, for as long as it takes.
-* the server refuses the image (4xx: not a knee, undecodable, unsupported transfer syntax, too large):
-  a "not analysed" SR with the coded reason; the server's words go to the audit log.
-* the server fails on it (5xx) ``server_error_attempts`` times, or the PACS keeps rejecting the results:
-  moved to the spool's ``failed/`` folder with the reason (``python -m gateway requeue`` puts it back).
-* PACS unreachable: the results are kept (the answer is saved), and storing is retried with the backoff.
+pynetdicom's association threads acknowledge each C-STORE once the instance is in the spool
+(`gateway.spool`); one worker thread grades the queue oldest first (`koa_client.RestClient`), builds
+the SR and heatmap (`gateway.report`) and stores them into the PACS. No instance is ever dropped:
+docs/PACS.md ("Nothing lost") says what each failure leads to.
 """
 
 from __future__ import annotations
