@@ -70,7 +70,7 @@ def test_the_committed_stubs_are_what_the_installed_torchserve_generates(tmp_pat
         fresh = gen_proto.generate(tmp_path / "_proto")
     except RuntimeError as exc:
         skip_or_fail(f"no TorchServe jar here: {exc}")
-    committed = ROOT / "client" / "_proto"
+    committed = ROOT / "koa_client" / "_proto"
     names = sorted(p.relative_to(fresh) for p in fresh.rglob("*.py"))
     assert names == sorted(p.relative_to(committed) for p in committed.rglob("*.py")), "make proto, then commit"
     for name in names:
