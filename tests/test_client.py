@@ -547,7 +547,7 @@ def test_cli_usage_errors(images, monkeypatch, capsys, tmp_path) -> None:
 
 def test_client_needs_no_model_code(stubs: Any) -> None:
     code = (
-        "import sys, client; "
+        "import sys, koa_client; "
         "assert 'grpc' not in sys.modules and 'requests' not in sys.modules; "
         "import koa_client.rest, koa_client.grpc_client, koa_client.__main__; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('model', 'train', 'handler', 'torch', 'ts')]; "
