@@ -13,6 +13,7 @@ import argparse
 import logging
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
@@ -22,11 +23,20 @@ from gateway.service import DEFAULT_AE, DEFAULT_PORT, Gateway, GatewayConfig
 from gateway.spool import Spool
 from gateway.tls import DicomTLS
 
-__all__ = ["get_args_parser", "main", "parse_address"]
+__all__ = ["DicomNode", "get_args_parser", "main", "parse_address"]
 
 
-def parse_address(text: str) -> tuple[str, str, int]:
-    """``AE@HOST:PORT`` -> (AE, HOST, PORT).
+@dataclass(frozen=True)
+class DicomNode:
+    """A DICOM peer: its AE title, host and port."""
+
+    ae: str
+    host: str
+    port: int
+
+
+def parse_address(text: str) -> DicomNode:
+    """``AE@HOST:PORT`` -> its `DicomNode`.
 
     Raises:
         ValueError: another shape, or a port that is not a number.
@@ -36,7 +46,7 @@ def parse_address(text: str) -> tuple[str, str, int]:
         host, port = rest.rsplit(":", 1)
         if not ae or not host or len(ae) > 16:
             raise ValueError
-        return ae, host, int(port)
+        return DicomNode(ae, host, int(port))
     except ValueError:
         msg = f"expected AE@HOST:PORT (AE at most 16 characters), e.g. ORTHANC@127.0.0.1:4242, got {text!r}"
         raise ValueError(msg) from None
@@ -94,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("pynetdicom", "highdicom"):  # one line per association / per copied module otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    pacs_ae, pacs_host, pacs_port = parse_address(args.pacs)
+    pacs = parse_address(args.pacs)
     tls_files = (args.dicom_tls_cert, args.dicom_tls_key, args.dicom_tls_ca)
     if any(tls_files) and not all(tls_files):
         print("error: DICOM TLS needs --dicom-tls-cert, --dicom-tls-key and --dicom-tls-ca together", file=sys.stderr)
@@ -112,9 +122,9 @@ def main(args: argparse.Namespace) -> int:
             ts_url=args.ts_url,
             model=args.model,
             key_file=args.key_file,
-            pacs_ae=pacs_ae,
-            pacs_host=pacs_host,
-            pacs_port=pacs_port,
+            pacs_ae=pacs.ae,
+            pacs_host=pacs.host,
+            pacs_port=pacs.port,
             timeout=args.timeout,
             max_backoff_s=args.max_backoff,
             dicom_tls=dicom_tls,
