@@ -16,7 +16,7 @@ KEY_HINT = (
     "replaces; TorchServe's own keys also expire after 60 min)"
 )
 # Status of a TLS failure the clients diagnose themselves (nginx's "SSL Certificate Error"): outside
-# RETRY_STATUSES, because an untrusted or refused certificate stays so however often it is sent.
+# retry.RETRY_STATUSES, because an untrusted or refused certificate stays so however often it is sent.
 TLS_STATUS = 495
 TLS_KINDS = frozenset({"certificate", "tls"})
 

@@ -227,7 +227,7 @@ def test_health_checks_take_a_replica_out_and_bring_it_back(balancer: dict) -> N
 def test_a_replica_that_goes_away_is_skipped_and_a_dropped_request_is_a_503(balancer: dict) -> None:
     front, token, fakes = balancer["front"], balancer["token"], balancer["fakes"]
     status, body = _rest(front, "/predictions/drop", token)
-    assert status == 503 and body["type"] == "ReplicaLost"  # the clients send a 503 again (client.RETRY_STATUSES)
+    assert status == 503 and body["type"] == "ReplicaLost"  # the clients send a 503 again (koa_client.retry)
     fakes[0].close()  # refuses connections now, before the health check has noticed
     t0 = time.monotonic()
     replicas = [_rest(front, "/predictions/oamen", token) for _ in range(10)]
