@@ -23,9 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ops.bench.door import door_report
 from ops.bench.report import (
-    explain_report,
+    door_report,
+    explain_bench_report,
     gate_report,
     loadtest_report,
     logging_report,
@@ -83,7 +83,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "gpu_throughput": _or_not_kept("gpu_run.json", "the GPU throughput", GPU_RUN, throughput_report),
     "bench_sweep": lambda: sweep_report(_load("bench_sweep.json")),
     "bench_tail": lambda: tail_report(_load("bench_tail.json")),
-    "bench_explain": lambda: explain_report(_load("bench_explain.json")),
+    "bench_explain": lambda: explain_bench_report(_load("bench_explain.json")),
     "bench_gate": lambda: gate_report(_load("bench_gate.json")),
     "explain_eval": _or_not_kept(
         "explain_eval.json", "the explanation methods", "python -m ops.explain_eval", explain_eval_report
