@@ -624,7 +624,7 @@ def files_section(f: CardFacts) -> list[str]:
         "`torch.load(weights_only=True)`).",
         "- `docs/model/`: training history and curves, `calibration.json`, and `eval-val/` (metrics, framing, "
         "gate, coverage curve, figures); `previous/` holds the replaced model's figures.",
-        "- This card is written by `python -m ops.model_card` from those files (`make promote`).",
+        "- This card is written by `python -m ops.render_docs` (`ops.model_card`) from those files (`make promote`).",
     ]
 
 
