@@ -295,3 +295,11 @@ drill-drift: archive  ## val knees then site2 knees through the server with Prom
 
 bench-metrics: $(EXPORT)  ## the request path with and without the grader's metrics, alternating rounds -> docs/results/bench_metrics.json (~5 min)
 	$(PY) -m ops.bench metrics
+
+# The generated pages and blocks of docs/ (ops/render_docs.py, one registry): `make docs-check` is what tests/test_docs.py checks.
+.PHONY: render-docs docs-check
+render-docs: $(STAMP)  ## render every generated page and block of docs/ from the committed results, weights and code
+	$(PY) -m ops.render_docs
+
+docs-check: $(STAMP)  ## fail naming each generated page that differs from what its committed files give
+	$(PY) -m ops.render_docs --check
