@@ -1,4 +1,4 @@
-"""The Markdown table every doc renderer draws (`ops.render_docs`), so the pages' tables have one shape."""
+"""Markdown every doc renderer shares (`ops.render_docs`): one table shape, one line for a result not committed."""
 
 from __future__ import annotations
 
@@ -12,3 +12,12 @@ def md_table(header: Iterable[Any], rows: Iterable[Iterable[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def not_kept(what: str, command: str, result: str) -> str:
+    """The line a generated block shows while its result is not committed."""
+    return (
+        f"Not measured any more: the figures of {what} once quoted here came from runs whose results were not "
+        f"kept. `{command}` measures it again and renders its result (`docs/results/{result}`) here; commit "
+        "the result with the page.\n"
+    )

@@ -38,10 +38,10 @@ from ops.bench.report import (
     sweep_report,
     tail_report,
 )
-from ops.drills.report import drill_table, not_kept, replicas_section, soak_section
+from ops.drills.report import drill_table, replicas_section, soak_section
 from ops.explain_report import explain_eval_report, explain_time_report
 from ops.gpu_report import compare_report, throughput_report
-from ops.markdown import md_table
+from ops.markdown import md_table, not_kept
 from ops.monitor_report import bench_metrics_report, drift_choice_report, drill_drift_report
 from ops.results import DOC_RESULTS, ROOT
 from ops.site_docs import site_calibration_report
