@@ -259,11 +259,18 @@ def unregistered(root: Path = ROOT) -> list[str]:
     return [p for p in written_pages(root) if p not in PAGES and BLOCK.search((root / p).read_text())]
 
 
+class RenderError(Exception):
+    """A page its committed files cannot render: a result missing or malformed, a block without its renderer."""
+
+
 def rendered(page: str, root: Path = ROOT) -> tuple[str, str]:
     """The page as it stands under ``root`` ("" when missing) and as its committed files give it."""
     path = root / page
     text = path.read_text() if path.is_file() else ""
-    return text, PAGES[page].render(text, root)
+    try:
+        return text, PAGES[page].render(text, root)
+    except (KeyError, OSError, TypeError, ValueError) as exc:
+        raise RenderError(f"{page}: {type(exc).__name__}: {exc}") from exc
 
 
 def stale(root: Path = ROOT, only: list[str] | None = None) -> list[str]:
@@ -288,15 +295,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", choices=sorted(PAGES), metavar="PAGE", help="this page only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.check:
-        for page in (orphans := unregistered()):
-            log.error("%s has generated blocks but no entry in ops.render_docs.PAGES", page)
-        for page in (differ := stale(only=args.only)):
+    for page in (orphans := unregistered()):
+        log.error("%s has generated blocks but no entry in ops.render_docs.PAGES", page)
+    try:
+        pages = stale(only=args.only) if args.check else write(only=args.only)
+    except RenderError as exc:
+        log.error("%s", exc)
+        return 1
+    for page in pages:
+        if args.check:
             log.error("%s differs from what its committed files give: run python -m ops.render_docs", page)
-        return 1 if orphans or differ else 0
-    for page in write(only=args.only):
-        log.info("%s rewritten", page)
-    return 0
+        else:
+            log.info("%s rewritten", page)
+    return 1 if orphans or (args.check and pages) else 0
 
 
 if __name__ == "__main__":

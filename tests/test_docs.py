@@ -49,7 +49,7 @@ def test_a_block_without_its_renderer_is_refused(tmp_path: Path) -> None:
     root = _copy(tmp_path)
     page = root / "docs" / "SITES.md"
     page.write_text(page.read_text() + "\n<!-- generated: nothing -->\n<!-- end generated -->\n")
-    with pytest.raises(KeyError, match="no renderer 'nothing'"):
+    with pytest.raises(render_docs.RenderError, match="docs/SITES.md: KeyError: .no renderer 'nothing'"):
         render_docs.stale(root, only=["docs/SITES.md"])
     (root / "docs" / "NEW.md").write_text("<!-- generated: bench_gate -->\n<!-- end generated -->\n")
     assert render_docs.unregistered(root) == ["docs/NEW.md"]
