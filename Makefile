@@ -70,7 +70,7 @@ evaluate-finder: $(STAMP)  ## resolution floor, finder threshold, then the test 
 		--min-joint-px $$($(PY) -c "import json; print(json.load(open('docs/model/resolution.json'))['floor_px'])") \
 		--weights $(WEIGHTS) $(if $(wildcard $(NONKNEE)),--nonknee $(NONKNEE)) --sheet docs/model/finder_test_films.jpg \
 		--out docs/model/finder.json
-	$(PY) -m train.eval_finder --render-doc
+	$(PY) -m ops.render_docs --only docs/FILMS.md
 
 promote-finder: $(STAMP)  ## runs/finder/finder.pt becomes the shipped finder, measured and documented (evaluate-finder)
 	cp runs/finder/finder.pt $(FINDER)
@@ -89,7 +89,7 @@ promote: $(STAMP)  ## calibrate RUN as VERSION=x.y.z, copy it to weights/, evalu
 	cp $(RUN)/history.json $(RUN)/curves.png docs/model/
 	$(PY) -m train.evaluate --checkpoint $(WEIGHTS) --data $(DATA) --split val --out docs/model/eval-val \
 		--framing --nonknee $(NONKNEE)
-	$(PY) -m ops.model_card
+	$(PY) -m ops.render_docs --only docs/MODEL_CARD.md
 
 # refit-gate: the shipped grader's knee gate refitted on knees framed as other sites frame them (train.framings),
 # measured and documented; the weights, calibration and decoding stay. VERSION as for promote.
@@ -100,7 +100,7 @@ refit-gate: $(STAMP)  ## refit the shipped knee gate on other sites' framings as
 	cp runs/gate/gate.json docs/model/gate_refit.json
 	$(PY) -m train.evaluate --checkpoint $(WEIGHTS) --data $(DATA) --split val --out docs/model/eval-val \
 		--framing --nonknee $(NONKNEE)
-	$(PY) -m ops.model_card
+	$(PY) -m ops.render_docs --only docs/MODEL_CARD.md
 
 # the served path (finder, knee gate, grader) on knees framed as other sites frame them, and on SITE_DATA's
 # labelled knees (checked only): kept under LABEL beside earlier runs, rendered into docs/FILMS.md
@@ -108,7 +108,7 @@ SITE_DATA ?= ../shared/data/site2
 evaluate-framings: $(STAMP)  ## refusals and grades of framed val knees, SITE_DATA and non-knee films, as served -> docs/FILMS.md
 	$(PY) -m train.eval_framings --label "$(or $(LABEL),finder and grader as shipped)" --koa $(DATA) --site $(SITE_DATA) \
 		--nonknee $(NONKNEE) --out docs/model/framings_served.json
-	$(PY) -m train.eval_finder --render-doc
+	$(PY) -m ops.render_docs --only docs/FILMS.md
 
 export: $(EXPORT)  ## TorchScript export of the committed weights
 
@@ -295,3 +295,11 @@ drill-drift: archive  ## val knees then site2 knees through the server with Prom
 
 bench-metrics: $(EXPORT)  ## the request path with and without the grader's metrics, alternating rounds -> docs/results/bench_metrics.json (~5 min)
 	$(PY) -m ops.bench metrics
+
+# The generated pages and blocks of docs/ (ops/render_docs.py, one registry): `make docs-check` is what tests/test_docs.py checks.
+.PHONY: render-docs docs-check
+render-docs: $(STAMP)  ## render every generated page and block of docs/ from the committed results, weights and code
+	$(PY) -m ops.render_docs
+
+docs-check: $(STAMP)  ## fail naming each generated page that differs from what its committed files give
+	$(PY) -m ops.render_docs --check
