@@ -46,11 +46,11 @@ def __getattr__(name: str) -> Any:
     # Lazy exports: `import koa_client` must not pull in requests or grpc before they are used (gRPC users
     # under Locust call grpc.experimental.gevent.init_gevent() first).
     if name == "RestClient":
-        from koa_client.rest import RestClient
+        from koa_client.rest import RestClient  # lazy: loads requests
 
         return RestClient
     if name == "GrpcClient":
-        from koa_client.grpc_client import GrpcClient
+        from koa_client.grpc_client import GrpcClient  # lazy: loads grpc and the stubs
 
         return GrpcClient
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -160,11 +160,11 @@ def make_client(args: argparse.Namespace, token: str) -> Any:
         "cert_file": args.cert_file,
         "cert_key_file": args.cert_key_file,
     }
-    if args.grpc:  # each protocol's module imported when chosen: REST needs no grpcio, nor gRPC requests
-        from koa_client.grpc_client import GrpcClient
+    if args.grpc:
+        from koa_client.grpc_client import GrpcClient  # lazy: REST calls need no grpc
 
         return GrpcClient(args.grpc_target, **options)
-    from koa_client.rest import RestClient
+    from koa_client.rest import RestClient  # lazy: gRPC calls need no requests
 
     return RestClient(args.url, **options)
 

@@ -61,9 +61,10 @@ class Stubs:
 
 def load_stubs() -> Stubs:
     """The generated ``inference_pb2``, ``inference_pb2_grpc`` and protobuf's ``empty_pb2`` modules."""
-    try:  # imported when first used: a missing stub package gets the error below, not an ImportError at import
+    try:
         from google.protobuf import empty_pb2
 
+        # imported when first used: missing stubs get the error below, not an ImportError at import time
         from koa_client._proto import inference_pb2, inference_pb2_grpc
     except ImportError as exc:
         raise RuntimeError(
