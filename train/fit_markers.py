@@ -46,6 +46,15 @@ class Mark:
     box: tuple[int, int, int, int]
 
 
+@dataclass
+class MarkedFilm:
+    """A film to measure the reader on: its name, its gray pixels and its annotated markers."""
+
+    name: str
+    gray: np.ndarray
+    marks: list[Mark]
+
+
 def read_markers_csv(path: str | Path) -> dict[str, list[Mark]]:
     """file -> its markers (`Mark`); a film annotated without marker maps to []."""
     out: dict[str, list] = {}
@@ -305,7 +314,7 @@ def score_film(found, truth: list[Mark]) -> dict[str, int]:
     return {"right": right, "wrong": wrong, "missed": len(truth) - len(hit), "false_claims": false}
 
 
-def measure(reader, items: list[tuple[str, np.ndarray, list]], threshold: float | None = None) -> dict:
+def measure(reader, items: list[MarkedFilm], threshold: float | None = None) -> dict:
     total = {
         "films": len(items),
         "markers": 0,
@@ -317,7 +326,8 @@ def measure(reader, items: list[tuple[str, np.ndarray, list]], threshold: float 
         "films_without_marker_claimed": 0,
     }
     details = []
-    for name, g, truth in items:
+    for item in items:
+        name, g, truth = item.name, item.gray, item.marks
         found = read_markers(reader, g, threshold)
         s = score_film(found, truth)
         for k, v in s.items():
@@ -332,12 +342,12 @@ def measure(reader, items: list[tuple[str, np.ndarray, list]], threshold: float 
     return total
 
 
-def claim_scores(reader, items) -> tuple[list[float], list[float]]:
+def claim_scores(reader, items: list[MarkedFilm]) -> tuple[list[float], list[float]]:
     """Scores of every claim at threshold 0.5: those that are right, and those that are not (wrong or false)."""
     good, bad = [], []
-    for _, g, truth in items:
-        for m in read_markers(reader, g, 0.5):
-            s = score_film([m], truth)
+    for item in items:
+        for m in read_markers(reader, item.gray, 0.5):
+            s = score_film([m], item.marks)
             (good if s["right"] else bad).append(m.score)
     return good, bad
 
@@ -450,13 +460,13 @@ def main(args: argparse.Namespace) -> dict:
     reader = (net, cfg)
     # The threshold: the lowest that leaves no wrong or false claim on the tune films (real, and synthetic).
     trng = np.random.default_rng(args.seed + 2)
-    tune_items = [(n, g, marks[n]) for n, g in tune_g.items()]
+    tune_items = [MarkedFilm(n, g, marks[n]) for n, g in tune_g.items()]
     synth_items = []
     for n, g in tune_g.items():
         for c in range(args.tune_copies):
             img, placed = synth(g, trng)
             truth = [Mark("R" if k in (1, 3) else "L", k >= 3, b) for b, k in placed if k] + marks[n]
-            synth_items.append((f"{n}#synth{c}", img, truth))
+            synth_items.append(MarkedFilm(f"{n}#synth{c}", img, truth))
     good, bad = claim_scores(reader, tune_items + synth_items)
     worst = max(bad, default=0.5)
     threshold = float(min(0.9999, max(args.floor, worst + args.margin)))
@@ -497,7 +507,7 @@ def main(args: argparse.Namespace) -> dict:
     }
     if args.test:
         test_g = load(films, parts["test"])
-        items = [(n, g, marks[n]) for n, g in test_g.items()]
+        items = [MarkedFilm(n, g, marks[n]) for n, g in test_g.items()]
         report["test"] = measure(reader, items)
         # Timed on one thread as well: a 7k-parameter net on a handful of patches gains nothing from
         # more, and on cores shared with other work the threads' synchronisation can cost 100x.
@@ -505,9 +515,9 @@ def main(args: argparse.Namespace) -> dict:
         for threads in (1, args.threads):
             torch.set_num_threads(threads)
             times = []
-            for _, g, _ in items:
+            for item in items:
                 t = time.perf_counter()
-                read_markers(reader, g)
+                read_markers(reader, item.gray)
                 times.append(time.perf_counter() - t)
             report["ms_per_film"][f"{threads}_threads"] = {
                 "median": round(1000 * float(np.median(times)), 2),
