@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from client.settings import TOKEN
+
 __all__ = [
     "KOAClientError",
     "load_token",
@@ -41,7 +43,7 @@ __all__ = [
     "TLS_STATUS",
 ]
 
-TOKEN_ENV = "KOA_TOKEN"
+TOKEN_ENV = TOKEN.name
 # Statuses worth sending the same request again: 503 is TorchServe's "no worker / queue full / server
 # restarting" and what the clients report when the server cannot be reached. Grading is a pure function
 # of the image, so a request sent twice cannot do harm.
@@ -111,7 +113,7 @@ def load_token(
     """
     if token:
         return token
-    env = os.environ.get(TOKEN_ENV, "").strip()
+    env = TOKEN.get().strip()
     if env:
         return env
     if key_file is None:
@@ -159,7 +161,7 @@ def read_key_file(key_file: str | os.PathLike[str]) -> str:
 
 def _env_token() -> str | None:
     """``KOA_TOKEN`` when set: the clients' token when none is given (None: send no header)."""
-    return os.environ.get(TOKEN_ENV, "").strip() or None
+    return TOKEN.get().strip() or None
 
 
 def _check_options(image: bytes, target: int | str | None, method: str | None) -> None:

@@ -21,7 +21,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-STATE_ENV = "KOA_STATE_DIR"
+from model.settings import STATE_DIR
+
+STATE_ENV = STATE_DIR.name
 DRAIN_FILE = "draining"
 BUSY_PREFIX = "busy."
 RETRY_AFTER_S = 2
@@ -31,7 +33,7 @@ class DrainGate:
     """The worker's side; ``state_dir`` None (default: ``$KOA_STATE_DIR``, unset: off) makes it a no-op."""
 
     def __init__(self, state_dir: str | os.PathLike[str] | None = None) -> None:
-        state_dir = state_dir if state_dir is not None else os.environ.get(STATE_ENV) or None
+        state_dir = state_dir if state_dir is not None else STATE_DIR.get() or None
         self.dir = Path(state_dir) if state_dir else None
         self.busy = self.dir / f"{BUSY_PREFIX}{os.getpid()}" if self.dir else None
 

@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
+
+from model.settings import MALLOC
 
 M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 TRIM_BYTES = 256 << 20
 MMAP_BYTES = 32 << 20  # glibc's maximum on 64-bit
-ENV = "KOA_MALLOC"
+ENV = MALLOC.name
 
 
 def keep_freed_memory() -> bool:
     """Set glibc's trim and mmap thresholds for this process. True if they were set."""
-    if os.environ.get(ENV, "").strip().lower() == "default" or not sys.platform.startswith("linux"):
+    if MALLOC.get().strip().lower() == "default" or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt

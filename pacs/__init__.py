@@ -64,7 +64,8 @@ __all__ = [
     "read_image",
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
+from ops.checkout import ROOT
+
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "orthanc.json"
 ROUTE = HERE / "route.lua"

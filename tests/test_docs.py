@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from model.paths import ROOT
 from ops import render_docs
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_generated_blocks_match_their_results() -> None:

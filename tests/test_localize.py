@@ -29,6 +29,7 @@ from model.localize import (
     serving_finder,
     to_source,
 )
+from model.paths import ROOT
 from train.annotate import read_boxes
 from train.fit_finder import (
     Hard,
@@ -43,7 +44,6 @@ from train.fit_finder import (
     targets,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 FILMS = ROOT / "tests" / "fixtures" / "films"
 SHIPPED = ROOT / "weights" / "finder.pt"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from model.paths import ROOT
+
 # Import name -> distribution name in pyproject.toml, for the client's third-party imports.
 DISTRIBUTION = {"requests": "requests", "urllib3": "urllib3", "grpc": "grpcio", "google": "protobuf"}
 BUILD_TIME = {"grpc_tools"}  # client/gen_proto.py only, deferred; in the dev extra

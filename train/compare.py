@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from model import list_models
+from model.paths import KOA
 from train import evaluate as evaluate_mod
 from train import fit as fit_mod
 from train.bench_model import benchmark
@@ -36,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train and compare OA-MEN with the paper's baselines.")
     p.add_argument("--models", nargs="+", default=PAPER_MODELS, choices=list_models())
     p.add_argument("--ablations", action="store_true", help=f"also train {ABLATIONS}")
-    p.add_argument("--data", default="../shared/data/koa")
+    p.add_argument("--data", default=str(KOA))
     p.add_argument("--protocol", default="official", choices=fit_mod.PROTOCOLS)
     p.add_argument("--out", default="reports/compare")
     p.add_argument("--epochs", type=int, default=30)

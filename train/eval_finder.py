@@ -46,6 +46,7 @@ from model.localize import (
     save_finder,
     serving_finder,
 )
+from model.paths import KOA, LEGFILMS, NONKNEE
 from model.precision import DTYPES, serving_dtype
 from train.data import scan
 from train.fit_finder import Item, load_films, load_nonknee, nonknee_files
@@ -518,10 +519,10 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--finder", default="weights/finder.pt")
-    p.add_argument("--films", default="../shared/data/legfilms")
+    p.add_argument("--films", default=str(LEGFILMS))
     p.add_argument("--boxes", default="annotations/legfilms.csv")
-    p.add_argument("--koa", default="../shared/data/koa")
-    p.add_argument("--nonknee", default="../shared/data/nonknee")
+    p.add_argument("--koa", default=str(KOA))
+    p.add_argument("--nonknee", default=str(NONKNEE))
     p.add_argument("--choose", action="store_true", help="choose the score threshold on the tune films, save it")
     p.add_argument(
         "--nonknee-part",

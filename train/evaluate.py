@@ -33,6 +33,7 @@ from tqdm import tqdm
 from model.checkpoint import load_torchscript, model_from_checkpoint
 from model.contract import InputContract
 from model.decode import decode_image
+from model.paths import KOA
 from model.postprocess import finish
 from model.precision import compiled, serving_dtype
 from model.preprocess import as_float_image, prepare, to_model_input
@@ -48,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint written by train.fit")
     src.add_argument("--torchscript", help="a TorchScript file written by train.export")
-    p.add_argument("--data", default="../shared/data/koa", help="dataset root")
+    p.add_argument("--data", default=str(KOA), help="dataset root")
     p.add_argument("--split", default="val", help="train, val, test, auto_test (or 'all' for a plain ROOT/<grade>/)")
     p.add_argument(
         "--protocol", default="official", choices=PROTOCOLS, help="how train/val are formed (see train.data)"

@@ -42,6 +42,7 @@ from model.localize import (
     load_finder,
     save_finder,
 )
+from model.paths import KOA, LEGFILMS
 from train import framings as framings_module
 from train.annotate import read_boxes
 from train.data import scan
@@ -378,9 +379,9 @@ def augmented_features(
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--films", default="../shared/data/legfilms")
+    p.add_argument("--films", default=str(LEGFILMS))
     p.add_argument("--boxes", default="annotations/legfilms.csv")
-    p.add_argument("--koa", default="../shared/data/koa")
+    p.add_argument("--koa", default=str(KOA))
     p.add_argument("--out", default="runs/finder")
     p.add_argument("--epochs", type=int, default=24)
     p.add_argument("--film-copies", type=int, default=16, help="random views of each training film")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from model.localize import FinderConfig, load_finder, plan
+from model.paths import LEGFILMS
 from train.eval_finder import choose_threshold, film_report, run_finder
 from train.fit_finder import Item, fade, load_films, load_nonknee, paste_metal
 
@@ -142,7 +143,7 @@ def measure(
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("finders", nargs="+")
-    p.add_argument("--films", default="../shared/data/legfilms")
+    p.add_argument("--films", default=str(LEGFILMS))
     p.add_argument("--boxes", default="annotations/legfilms.csv")
     p.add_argument("--nonknee", default=None, help="non-knee radiographs: their fit half is measured and helps choose")
     p.add_argument("--saved-threshold", action="store_true", help="measure at each finder's saved threshold")
