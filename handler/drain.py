@@ -1,17 +1,8 @@
 """Graceful stop: the handler's side of the drain that `ops.server.stop` runs before it stops Java.
 
-TorchServe drops the connections it holds the moment Java is told to stop, so a request the
-worker is grading then gets a reset. To finish that work first, the server is started with
-``KOA_STATE_DIR`` (a folder) in its environment, and the two sides meet there:
-
-- the worker creates ``busy.<pid>`` before it looks at a batch and removes it when done;
-- ``ops.server.stop`` creates ``draining`` and waits until no live worker holds a ``busy`` file:
-  the batches being graded are answered, and every batch the worker takes after that gets
-  **503** ``restarting`` (with ``Retry-After``) at once, which a client may send again.
-
-The worker checks ``draining`` after it has created its ``busy`` file, so a batch that missed the
-``draining`` file still holds ``busy`` when ``ops.server`` looks: nothing is cut off mid-work. Without
-``KOA_STATE_DIR`` (a handler run elsewhere) the gate does nothing. Costs two file operations per batch.
+The worker and ops.server meet in ``$KOA_STATE_DIR``: the worker holds ``busy.<pid>`` around each batch
+and answers 503 ``restarting`` once ``draining`` exists, so no batch is cut off mid-work; unset, the gate
+does nothing. The handshake: docs/MODEL.md, "Draining".
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """TorchServe entry point of KOA-Serve: one handler class, as TorchServe requires.
 
-It stays thin: it loads the TorchScript model and its input contract on the device TorchServe
-assigns, then hands every batch to `handler.service.Predictor`, which decodes, preprocesses
-(with `model/`, exactly as training did), predicts and explains each request on its own.
-
-A batch's answers leave as they are ready (`answer_early`): its plain predictions and bad
-requests at once, each explanation when it is done, instead of all together after the last
-explanation (Integrated Gradients takes seconds per image on a CPU). The rest of the batch
-keeps waiting, as does the next batch: one worker explains one image at a time.
-The archive ships `model/` and `handler/` as packages beside this file.
+It stays thin: it loads the TorchScript model and its contract on TorchServe's device and hands every
+batch to `handler.service.Predictor`; a batch's answers leave as they are ready (`answer_early`).
+The archive ships `model/` and `handler/` as packages beside this file. docs/MODEL.md, "The handler".
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """glibc malloc settings for the worker: keep freed activation memory for the next batch.
 
-A batch of 16 knee images allocates and frees tens of megabytes of activations. glibc's default
-is to hand freed memory at the top of the heap back to the kernel once more than a threshold
-(at most 64 MB with its dynamic tuning) is free, so, we infer, every batch faults the same pages
-in again. Fixing the thresholds keeps that memory in the process: on the 2-core CPU machine the
-handler's request path at batch 16 went from 95 to 116 images/s (x1.22, medians of five fresh processes
-each way, `make bench-malloc`, docs/BENCHMARKS.md) for about 100 MB more resident memory.
-Allocations of 32 MB or more are still mapped and unmapped on their own, and at most 256 MB of
-free heap is kept.
-
-Linux with glibc only; elsewhere, or with ``KOA_MALLOC=default``, nothing changes.
+Fixed trim and mmap thresholds keep a batch's freed activations in the process instead of faulting
+them in again (``make bench-malloc``, docs/BENCHMARKS.md). Linux with glibc only; elsewhere, or with
+``KOA_MALLOC=default``, nothing changes. Why: docs/MODEL.md, "Malloc".
 """
 
 from __future__ import annotations

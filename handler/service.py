@@ -2,21 +2,8 @@
 
 decode (`model.decode`) -> preprocess (`model.preprocess`, from the contract) -> batch ->
 TorchScript model -> one JSON answer per request, explained on request (`handler.explain`).
-
-Each request in a batch succeeds or fails on its own: a bad request gets a 4xx answer with
-a JSON error body while the rest of its batch is answered normally. Nothing here raises for
-bad input. `Predictor.answers` gives a batch's answers in steps (the plain predictions, then
-each explanation) so that the server can send them as they are ready; `Predictor.handle`
-gives them all at once.
-
-Accepted request forms (TorchServe hands each request over as a dict of named fields):
-- raw image bytes as the body (``data`` or ``body``): PNG, JPEG or DICOM;
-- multipart form fields: the image in ``data``, ``image`` or ``file``; optional fields
-  ``explain`` (true/false), ``target`` (grade 0-4 or a class name) and ``method``
-  (one of `handler.explain.METHODS`, ``layercam`` by default);
-- JSON: ``{"image": "<base64>", "explain": true, "target": 3, "method": "layercam"}``;
-- gRPC: the same keys in the request's ``input`` map (``data`` holds the image bytes).
-``POST /explanations/<model>`` explains every request without the ``explain`` field.
+Each request succeeds or fails on its own; nothing here raises for bad input. The request forms,
+and a batch answered in steps: docs/MODEL.md, "The request path".
 """
 
 from __future__ import annotations

