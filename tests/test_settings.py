@@ -84,3 +84,14 @@ def test_one_root() -> None:
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert imported <= {"__future__", "pathlib"}
+
+
+def test_the_settings_and_paths_import_no_torch() -> None:
+    """model/ registers its architectures lazily, so `make stop` and `make token` (ops.server, which reads
+    handler.drain's setting) start in a fraction of a second rather than after torch's import."""
+    import subprocess
+    import sys
+
+    code = "import sys, model.settings, model.paths, handler.drain, ops.server; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]
