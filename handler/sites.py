@@ -1,12 +1,8 @@
 """Site profiles in the request path: which calibration answers a request, and the answer's ``model`` block.
 
-The profiles (`model.profile`) are read once at start from ``$KOA_SITE_PROFILES`` (profile files, or
-folders holding ``<site>/profile.json``, separated by ``os.pathsep``); one that is damaged or made for
-other weights stops the worker at start with a message naming it (`model.profile.ProfileError`). A
-request picks its site by the ``X-KOA-Site`` header (REST), or a ``site`` field (a form field, a JSON
-key, or a key of a gRPC request's ``input`` map); the DICOM gateway sends the header from its mapping
-of AE titles and institutions. A request for a site without a profile gets the shipped calibration,
-and its answer says so. docs/SITES.md.
+Profiles are read once at start from ``$KOA_SITE_PROFILES``; a request picks its site by the
+``X-KOA-Site`` header or a ``site`` field, else it gets the shipped calibration.
+docs/MODEL.md, "Site profiles in the request path"; docs/SITES.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
 """The number format the server runs its networks in: bfloat16 where the processor computes it natively.
 
-On the 2-core AMD EPYC machines of this project (AVX-512 with BF16 instructions), the grader and the
-knee-joint finder run about twice as fast in bfloat16 as in float32 (docs/BENCHMARKS.md). Where the
-processor lacks native bfloat16 it would be emulated and slower, so ``auto`` keeps float32 there.
-``KOA_PRECISION`` (``auto``, ``fp32`` or ``bf16``) overrides the choice; ``train.evaluate
---precision`` measures a model the same way, so the figures of the served format are known
-(docs/MODEL_CARD.md). The knee gate's Mahalanobis distances stay in float32 (`model.gate`), and
-explanations use the float32 eager model.
+``auto`` keeps float32 where bfloat16 would be emulated; ``$KOA_PRECISION`` (``auto``, ``fp32`` or
+``bf16``) overrides the choice. Why, and what stays in float32: docs/MODEL.md, "Number format".
 """
 
 from __future__ import annotations
