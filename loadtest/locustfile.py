@@ -7,7 +7,7 @@ imports the project's packages from there. `loadtest.run` (``make loadtest``) dr
 writes the reports; run Locust on it directly for the web UI. Every answer is validated (status 200
 and the answer schema, see `ops.load.validate_answer`); one that fails is reported as a Locust failure with the reason.
 
-Environment: `loadtest.settings` (``KOA_TOKEN``: `client.settings`), listed in docs/OPERATIONS.md.
+Environment: `loadtest.settings` (``KOA_TOKEN``: `koa_client.settings`), listed in docs/OPERATIONS.md.
 ``KOA_LATENCY_FILE`` gets every request's time: Locust's own percentiles are rounded to two
 significant digits (run.py reads this file instead).
 The REST address is Locust's ``--host``. Only loopback targets are accepted.
@@ -33,10 +33,10 @@ from typing import Any  # noqa: E402
 import gevent  # noqa: E402
 import grpc  # noqa: E402
 
-from client import KOAClientError, error_from_answer, load_token  # noqa: E402
-from client.grpc_client import GrpcClient, parse_prediction, rpc_error  # noqa: E402
-from client.rest import sniff_content_type  # noqa: E402
-from client.settings import TOKEN  # noqa: E402
+from koa_client import KOAClientError, error_from_answer, load_token  # noqa: E402
+from koa_client.grpc_client import GrpcClient, parse_prediction, rpc_error  # noqa: E402
+from koa_client.rest import sniff_content_type  # noqa: E402
+from koa_client.settings import TOKEN  # noqa: E402
 from loadtest import settings  # noqa: E402
 from ops.checkout import ROOT  # noqa: E402
 from ops.load import Image, InvalidAnswer, check_loopback, load_images, validate_answer  # noqa: E402

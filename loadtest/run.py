@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from client.settings import TOKEN
+from koa_client.settings import TOKEN
 from loadtest import settings
 from ops import server as ts
 from ops.checkout import ROOT
@@ -228,9 +228,9 @@ def warm_up(target: dict[str, Any], args: argparse.Namespace, protocols: list[st
     calls, and without this the protocol measured first would carry that cost alone."""
     if args.warmup <= 0:
         return
-    from client import KOAClientError
-    from client.grpc_client import GrpcClient
-    from client.rest import RestClient
+    from koa_client import KOAClientError
+    from koa_client.grpc_client import GrpcClient
+    from koa_client.rest import RestClient
     from ops.load import load_images
 
     env = locust_env("rest", target, args)

@@ -2,12 +2,12 @@
 
 loadtest.run writes these for loadtest/locustfile.py, ops.drills.replicas for
 ops/drills/replicas_locustfile.py; all are internal (set them through those commands' options).
-The record is `client.settings.Setting`, as loadtest/ stands on the client, never on model/.
+The record is `koa_client.settings.Setting`, as loadtest/ stands on the client, never on model/.
 """
 
 from __future__ import annotations
 
-from client.settings import Setting
+from koa_client.settings import Setting
 
 IMAGES = Setting("KOA_IMAGES", "", str, "folder of request images; unset: tests/fixtures", internal=True)
 KEY_FILE = Setting(

@@ -1,7 +1,7 @@
 """The server side's environment variables: each ``KOA_*`` one declared once, with its default and use.
 
 model/, handler/, train/ and ops/ read them through these objects, and docs/OPERATIONS.md's table is
-rendered from them (`ops.settings`). Why three registries (this one, `client.settings`,
+rendered from them (`ops.settings`). Why three registries (this one, `koa_client.settings`,
 `loadtest.settings`): model/ imports nothing of ours, and the client installs alone without torch, so
 neither can hold the other's variables; tests/test_settings.py fails on a name read but declared in
 none of them, or declared twice. Stdlib only.

@@ -1,19 +1,19 @@
 """Every ``KOA_*`` environment variable, gathered from its three registries, and the docs' table of them.
 
-The registries are `model.settings` (the server side), `client.settings` (the client) and
+The registries are `model.settings` (the server side), `koa_client.settings` (the client) and
 `loadtest.settings` (what our processes pass to Locust); `render_settings` gives docs/OPERATIONS.md's
 table (``python -m ops.render_docs``).
 """
 
 from __future__ import annotations
 
-import client.settings
+import koa_client.settings
 import loadtest.settings
 import model.settings
 
 REGISTRIES = {
     "model.settings": model.settings.SETTINGS,
-    "client.settings": client.settings.SETTINGS,
+    "koa_client.settings": koa_client.settings.SETTINGS,
     "loadtest.settings": loadtest.settings.SETTINGS,
 }
 ALL = tuple(s for settings in REGISTRIES.values() for s in settings)

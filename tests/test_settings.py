@@ -16,8 +16,8 @@ from ops.settings import ALL, REGISTRIES, render_settings
 
 ROOT = paths.ROOT
 NAME = re.compile(r"\bKOA_[A-Z0-9_]+\b(?!<)")  # KOA_LITE<n>_WEIGHTS in prose names a family, not a variable
-REGISTRY_FILES = {ROOT / "model" / "settings.py", ROOT / "client" / "settings.py", ROOT / "loadtest" / "settings.py"}
-PACKAGES = ("model", "handler", "train", "client", "loadtest", "ops", "gateway", "pacs", "tests", "scripts")
+REGISTRY_FILES = {ROOT / package / "settings.py" for package in ("model", "koa_client", "loadtest")}
+PACKAGES = ("model", "handler", "train", "koa_client", "loadtest", "ops", "gateway", "pacs", "tests", "scripts")
 
 
 def _python_files() -> list[Path]:

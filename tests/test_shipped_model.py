@@ -16,14 +16,14 @@ import pytest
 
 from model.checkpoint import model_from_checkpoint
 from model.contract import PostprocessConfig
-from model.paths import ROOT
+from model.paths import KOA, ROOT
 from model.postprocess import calibrated_probabilities
 from train.data import scan
 from train.evaluate import answer_arrays, made_up_negatives, model_outputs, prepare_files
 from train.metrics import expected_calibration_error
 
 FIXTURES = ROOT / "tests" / "fixtures"
-DATA = ROOT.parent / "shared" / "data" / "koa"
+DATA = KOA
 
 
 @pytest.fixture(scope="module")

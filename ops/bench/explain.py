@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.rest import RestClient
 from handler.koa_handler import EARLY_ENV
+from koa_client.rest import RestClient
 from model.paths import ROOT
 from model.settings import TORCH_THREADS
 from ops import server as ts

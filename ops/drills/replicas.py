@@ -152,8 +152,8 @@ def wait_locust(proc: subprocess.Popen, out: Path, timeout: float) -> list[dict[
 
 def reference_answers(front: cluster.Front, workdir: Path, images: Path) -> dict[str, dict[str, Any]]:
     """The answer for every image, taken through the balancer before any fault (sent again to check it)."""
-    from client import load_token
-    from client.rest import RestClient
+    from koa_client import load_token
+    from koa_client.rest import RestClient
 
     token = load_token(key_file=Path(workdir) / cluster.KEY_FILE)
     refs = {}
