@@ -70,7 +70,7 @@ finder: $(STAMP)  ## train the knee-joint finder on the annotated leg films (FIL
 evaluate-finder: $(STAMP)  ## resolution floor, finder threshold, then the test films -> docs/model/finder.json, docs/FILMS.md (~25 min)
 	$(PY) -m train.resolution --weights $(WEIGHTS) --data $(DATA) --out docs/model/resolution.json
 	$(PY) -m train.eval_finder --finder $(FINDER) --choose --films $(FILMS) --koa $(DATA) \
-		--min-joint-px $$($(PY) -c "import json; print(json.load(open('docs/model/resolution.json'))['floor_px'])") \
+		--min-joint-px $$($(PY) -m ops.results docs/model/resolution.json floor_px) \
 		--weights $(WEIGHTS) $(if $(wildcard $(NONKNEE)),--nonknee $(NONKNEE)) --sheet docs/model/finder_test_films.jpg \
 		--out docs/model/finder.json
 	$(PY) -m ops.render_docs --only docs/FILMS.md
@@ -130,7 +130,7 @@ $(ARCHIVE): $(EXPORT) $(FINDER) $(MARKERS) $(DRIFT_REF) $(SOURCES) | $(STAMP)
 	cp $(DRIFT_REF) build/mar/drift_reference.json  # what val looked like to the model: the server's drift scores
 	find build/mar -name __pycache__ -prune -exec rm -rf {} +
 	# the worker needs OA-MEN only: the lazily registered baselines stay out of the archive
-	rm -f $(patsubst %,build/mar/%.py,$(subst .,/,$(shell $(PY) -c "from model.registry import LAZY_MODULES; print(*LAZY_MODULES)"))) build/mar/model/_layers.py
+	$(PY) -m ops.archive build/mar
 	$(VENV)/bin/torch-model-archiver --model-name oamen --version 1.0 --serialized-file $(EXPORT) \
 		--handler handler/koa_handler.py --extra-files build/mar --export-path model_store --force
 	@echo "built $@"

@@ -1,23 +1,8 @@
 """Captum and CAM attributions for one radiograph, and the overlays a reader sees.
 
-Methods (docs/EXPLAIN.md measures each: where the heat lies, whether it is faithful to the model, whether
-it survives randomised weights, and what it costs):
-
-- ``layercam`` (the default): LayerCAM (Jiang et al., IEEE TIP 2021) fused over the stride-8 and
-  stride-16 stages of the parallel MobileNet-family branch, the branch that carries most of OA-MEN's
-  decision. One forward and one backward pass.
-- ``gradcam``: Grad-CAM (Selvaraju et al. 2017) on the trunk's fused feature layer (``fusion``), the
-  layer the paper names; it sees only the ResNet trunk, the smaller share of the decision.
-- ``ig``: Integrated Gradients (Sundararajan et al. 2017) from a black image, ``ig_steps`` passes.
-- ``ig_blur``: Integrated Gradients from a blurred copy of the image (fewer steps; a baseline that
-  keeps the brightness and removes the edges KL grading reads).
-- ``smoothgrad``: SmoothGrad (Smilkov et al. 2017) through Captum's NoiseTunnel over plain gradients.
-- ``occlusion``: Captum Occlusion, blurred patches slid over the image (forward passes only).
-
-Every method returns a (H, W) heat map in [0, 1] at the model's input resolution; `heat_grid` shrinks it
-to a small grid for machines, `overlay_png` blends it over the preprocessed radiograph, `unletterbox`
-takes it back to the image the request sent, and `film_overlay_png` places each knee's map in its box
-on a whole film.
+Each method of `METHODS` (``layercam`` by default) returns a (H, W) heat map in [0, 1] at the model's
+input resolution. What each method hooks: docs/MODEL.md, "Explanations"; what each shows and costs:
+docs/EXPLAIN.md.
 """
 
 from __future__ import annotations

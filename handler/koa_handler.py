@@ -1,14 +1,8 @@
 """TorchServe entry point of KOA-Serve: one handler class, as TorchServe requires.
 
-It stays thin: it loads the TorchScript model and its input contract on the device TorchServe
-assigns, then hands every batch to `handler.service.Predictor`, which decodes, preprocesses
-(with `model/`, exactly as training did), predicts and explains each request on its own.
-
-A batch's answers leave as they are ready (`answer_early`): its plain predictions and bad
-requests at once, each explanation when it is done, instead of all together after the last
-explanation (Integrated Gradients takes seconds per image on a CPU). The rest of the batch
-keeps waiting, as does the next batch: one worker explains one image at a time.
-The archive ships `model/` and `handler/` as packages beside this file.
+It stays thin: it loads the TorchScript model and its contract on TorchServe's device and hands every
+batch to `handler.service.Predictor`; a batch's answers leave as they are ready (`answer_early`).
+The archive ships `model/` and `handler/` as packages beside this file. docs/MODEL.md, "The handler".
 """
 
 from __future__ import annotations
@@ -32,11 +26,12 @@ from model.checkpoint import load_torchscript
 from model.localize import load_serving_finder
 from model.markers import load_reader
 from model.precision import served_models
+from model.settings import EARLY_ANSWERS, TORCH_THREADS
 
 log = logging.getLogger(__name__)
 
 # KOA_EARLY_ANSWERS=0 answers every batch in one message, as TorchServe does by default (see `answer_early`).
-EARLY_ENV = "KOA_EARLY_ANSWERS"
+EARLY_ENV = EARLY_ANSWERS.name
 FINDER_WEIGHTS = "finder.pt"
 MARKER_WEIGHTS = "markers.pt"
 OFF = {"0", "false", "no", "off"}
@@ -48,7 +43,7 @@ class KOAHandler(BaseHandler):
     def initialize(self, context) -> None:
         props = context.system_properties
         kept = keep_freed_memory()  # x1.22 request path at batch 16 on CPU (handler/memory.py)
-        threads = int(os.environ.get("KOA_TORCH_THREADS", "0"))
+        threads = TORCH_THREADS.value()
         if threads > 0:  # torch's default is one thread per core, right for one worker per machine
             torch.set_num_threads(threads)
         gpu_id = props.get("gpu_id")
@@ -130,7 +125,7 @@ class KOAHandler(BaseHandler):
                 message = f"KOA-Serve is restarting: send the request again in {RETRY_AFTER_S} s"
                 results = dict.fromkeys(range(len(data)), (503, error_body(503, message, "restarting")))
             else:
-                early = os.environ.get(EARLY_ENV, "").strip().lower() not in OFF and can_answer_early(context)
+                early = EARLY_ANSWERS.get().strip().lower() not in OFF and can_answer_early(context)
                 carrier: int | None = None
                 try:
                     for group in self.predictor.answers(data, headers):

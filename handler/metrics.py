@@ -1,12 +1,8 @@
 """What the grader reports to Prometheus, through TorchServe's metrics API, and its input-drift window.
 
-`ObservedPredictor` is the request path (`handler.service.Predictor`) with timers around its steps
-and a `model.drift.KneeRecord` for every knee it refuses or grades; `Telemetry` turns a batch's
-timings, knees and answers into metrics and sends them to a `Sink`: TorchServe's (``context.metrics``,
-declared in deploy/monitoring/ts_metrics.yaml, served on the metrics port) or a list in memory.
-Label values come from short fixed sets (grade, refusal type, step, feature): nothing that names a
-patient, a study or a file. Reporting never fails a prediction: a metric that cannot be sent is
-dropped and logged once. Every metric and alert: docs/MONITORING.md.
+`ObservedPredictor` times the request path's steps and records every knee; `Telemetry` sends a batch's
+metrics to a `Sink`. Reporting never fails a prediction. docs/MODEL.md, "Metrics"; every metric and
+alert: docs/MONITORING.md.
 """
 
 from __future__ import annotations

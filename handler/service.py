@@ -2,21 +2,8 @@
 
 decode (`model.decode`) -> preprocess (`model.preprocess`, from the contract) -> batch ->
 TorchScript model -> one JSON answer per request, explained on request (`handler.explain`).
-
-Each request in a batch succeeds or fails on its own: a bad request gets a 4xx answer with
-a JSON error body while the rest of its batch is answered normally. Nothing here raises for
-bad input. `Predictor.answers` gives a batch's answers in steps (the plain predictions, then
-each explanation) so that the server can send them as they are ready; `Predictor.handle`
-gives them all at once.
-
-Accepted request forms (TorchServe hands each request over as a dict of named fields):
-- raw image bytes as the body (``data`` or ``body``): PNG, JPEG or DICOM;
-- multipart form fields: the image in ``data``, ``image`` or ``file``; optional fields
-  ``explain`` (true/false), ``target`` (grade 0-4 or a class name) and ``method``
-  (one of `handler.explain.METHODS`, ``layercam`` by default);
-- JSON: ``{"image": "<base64>", "explain": true, "target": 3, "method": "layercam"}``;
-- gRPC: the same keys in the request's ``input`` map (``data`` holds the image bytes).
-``POST /explanations/<model>`` explains every request without the ``explain`` field.
+Each request succeeds or fails on its own; nothing here raises for bad input. The request forms,
+and a batch answered in steps: docs/MODEL.md, "The request path".
 """
 
 from __future__ import annotations
@@ -65,6 +52,38 @@ class ParsedRequest:
     explain: bool
     method: str
     target: int | None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One image of the batch to grade: request ``request``'s image (``knee`` None: a joint crop) or one
+    knee cut out of its film, prepared for the model (`model.preprocess.prepare`)."""
+
+    request: int
+    knee: int | None
+    prepared: np.ndarray
+
+
+@dataclass(frozen=True)
+class Film:
+    """A whole film of the batch: the finder's plan, the film's (height, width), the laterality its DICOM
+    header gives (None: none) and the burned-in R/L markers read when the header gives none."""
+
+    plan: Plan
+    shape: tuple[int, int]
+    laterality: str | None
+    markers: list[Marker]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An explanation still to make: request ``request`` (its knee ``knee``, None: a joint crop), its model
+    input ``x`` (1, C, S, S) and its answer body, which the explanation joins."""
+
+    request: int
+    knee: int | None
+    x: torch.Tensor
+    body: dict[str, Any]
 
 
 def _text(value: Any) -> str:
@@ -307,8 +326,8 @@ class Predictor:
                 first[i] = (400, error_body(400, f"could not read the request: {type(exc).__name__}: {exc}"))
         plans = self.plans([gray for _, _, gray in decoded])
         # One unit per image to grade: the image itself (a joint crop), or each knee cut out of a film.
-        units: list[tuple[int, int | None, np.ndarray]] = []
-        films: dict[int, tuple[Plan, tuple[int, int], str | None]] = {}
+        units: list[Unit] = []
+        films: dict[int, Film] = {}
         requests: dict[int, ParsedRequest] = {}
         for (i, req, gray), pl in zip(decoded, plans, strict=True):
             try:
@@ -317,33 +336,34 @@ class Predictor:
                     status = 500 if pl.error == "server_error" else 422
                     first[i] = (status, error_body(status, message, pl.error or "not_a_knee"))
                 elif pl.kind == "crop":
-                    units.append((i, None, prepare(gray, self.contract)))
+                    units.append(Unit(i, None, prepare(gray, self.contract)))
                     grays[i] = gray
                 else:
-                    knees = [(i, k, prepare(crop_joint(gray, j), self.contract)) for k, j in enumerate(pl.joints)]
+                    knees = [Unit(i, k, prepare(crop_joint(gray, j), self.contract)) for k, j in enumerate(pl.joints)]
                     dicom = dicom_laterality(req.image)
-                    films[i] = (pl, gray.shape, dicom, self.read_markers(gray) if dicom is None else [])
+                    films[i] = Film(pl, gray.shape, dicom, self.read_markers(gray) if dicom is None else [])
                     units.extend(knees)
                     grays[i] = gray
                 requests[i] = req
             except Exception as exc:
                 log.exception("request %d could not be prepared", i)
                 first[i] = (400, error_body(400, f"could not prepare the image: {type(exc).__name__}: {exc}"))
-        explain: list[tuple[int, int | None, np.ndarray, torch.Tensor, dict[str, Any]]] = []
+        explain: list[Pending] = []
         knee_bodies: dict[int, dict[int, dict[str, Any]]] = {}
         if units:
-            batch = torch.from_numpy(np.stack([to_model_input(p, self.contract) for _, _, p in units]))
+            batch = torch.from_numpy(np.stack([to_model_input(u.prepared, self.contract) for u in units]))
             # channels_last, as the model was exported: its convolutions run faster in that layout on a CPU.
             batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
             try:
-                arrays = self.outputs(batch, [sites[u[0]] for u in units])
+                arrays = self.outputs(batch, [sites[u.request] for u in units])
             except Exception as exc:
                 log.exception("inference failed for a batch of %d", len(units))
-                for i in {u[0] for u in units}:
+                for i in {u.request for u in units}:
                     first[i] = (500, error_body(500, f"inference failed: {exc}", "server_error"))
                 units, films = [], {}
             refused = arrays["refused"] if units else None
-            for j, (i, k, prepared) in enumerate(units):
+            for j, unit in enumerate(units):
+                i, k = unit.request, unit.knee
                 gate_refused = refused is not None and bool(refused[j])
                 if k is None:  # a joint crop: today's answer
                     if gate_refused:
@@ -354,20 +374,21 @@ class Predictor:
                     body = self.answer(arrays, j) if not gate_refused else {}
                     knee_bodies.setdefault(i, {})[k] = body
                 if body and requests[i].explain:
-                    explain.append((i, k, prepared, batch[j : j + 1].clone(), body))
+                    explain.append(Pending(i, k, batch[j : j + 1].clone(), body))
                 elif k is None:
                     first[i] = (200, body)
         film_answers: dict[int, Answer] = {}
         film_entries: dict[int, dict[int, dict[str, Any]]] = {}
         for i, film in films.items():
             film_answers[i], film_entries[i] = self.film_answer(film, knee_bodies.get(i, {}), sites[i])
-        explain = [e for e in explain if e[1] is None or film_answers[e[0]][0] == 200]
-        explained = {e[0] for e in explain}
+        explain = [e for e in explain if e.knee is None or film_answers[e.request][0] == 200]
+        explained = {e.request for e in explain}
         first.update({i: answer for i, answer in film_answers.items() if i not in explained})
         yield first
         failed: set[int] = set()
         heats: dict[int, dict[int, tuple[np.ndarray, int]]] = {}  # a film's knees' maps, for its overlay
-        for n, (i, k, _prepared, x, body) in enumerate(explain):
+        for n, pending in enumerate(explain):
+            i, k, x, body = pending.request, pending.knee, pending.x, pending.body
             if i in failed:
                 continue
             target = body["kl_grade"] if requests[i].target is None else requests[i].target
@@ -375,8 +396,8 @@ class Predictor:
                 explanation, heat = self.explanation(x, grays[i] if k is None else None, target, requests[i].method)
                 if k is not None:
                     heats.setdefault(i, {})[k] = (heat, target)
-                    if all(e[0] != i for e in explain[n + 1 :]):  # the film's last knee: draw the film
-                        pl = films[i][0]
+                    if all(e.request != i for e in explain[n + 1 :]):  # the film's last knee: draw the film
+                        pl = films[i].plan
                         film_body = film_answers[i][1]
                         film_body["explanation"] = self.film_explanation(
                             grays[i], pl.joints, heats[i], requests[i].method
@@ -391,7 +412,7 @@ class Predictor:
                 yield {i: (200, body)}
                 continue
             film_entries[i][k]["explanation"] = explanation
-            if all(e[0] != i for e in explain[n + 1 :]):  # the film's last knee: its answer is complete
+            if all(e.request != i for e in explain[n + 1 :]):  # the film's last knee: its answer is complete
                 yield {i: film_answers[i]}
 
     def plans(self, grays: list[np.ndarray]) -> list[Plan]:
@@ -418,7 +439,7 @@ class Predictor:
 
     def film_answer(
         self,
-        film: tuple[Plan, tuple[int, int], str | None, list[Marker]],
+        film: Film,
         bodies: dict[int, dict[str, Any]],
         site: str | None = None,
     ) -> tuple[Answer, dict[int, dict[str, Any]]]:
@@ -430,7 +451,7 @@ class Predictor:
         Laterality: the DICOM header's, for the only graded knee; without one, the burned-in markers'
         for a graded knee that is the only knee found, or alone in the half of the film its marker is
         in (`model.markers.assign`). ``laterality_source`` says which."""
-        pl, (h, w), laterality, markers = film
+        pl, (h, w), laterality, markers = film.plan, film.shape, film.laterality, film.markers
         entries: list[tuple[float, dict[str, Any]]] = []
         by_knee: dict[int, dict[str, Any]] = {}
         for k, joint in enumerate(pl.joints):

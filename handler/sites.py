@@ -1,12 +1,8 @@
 """Site profiles in the request path: which calibration answers a request, and the answer's ``model`` block.
 
-The profiles (`model.profile`) are read once at start from ``$KOA_SITE_PROFILES`` (profile files, or
-folders holding ``<site>/profile.json``, separated by ``os.pathsep``); one that is damaged or made for
-other weights stops the worker at start with a message naming it (`model.profile.ProfileError`). A
-request picks its site by the ``X-KOA-Site`` header (REST), or a ``site`` field (a form field, a JSON
-key, or a key of a gRPC request's ``input`` map); the DICOM gateway sends the header from its mapping
-of AE titles and institutions. A request for a site without a profile gets the shipped calibration,
-and its answer says so. docs/SITES.md.
+Profiles are read once at start from ``$KOA_SITE_PROFILES``; a request picks its site by the
+``X-KOA-Site`` header or a ``site`` field, else it gets the shipped calibration.
+docs/MODEL.md, "Site profiles in the request path"; docs/SITES.md.
 """
 
 from __future__ import annotations
@@ -22,12 +18,13 @@ import numpy as np
 from model.contract import InputContract, PostprocessConfig
 from model.postprocess import finish
 from model.profile import ProfileError, SiteProfile, load_profile
+from model.settings import SITE_PROFILES
 
 __all__ = ["ENV", "FIELD", "HEADER", "Profiles"]
 
 log = logging.getLogger(__name__)
 
-ENV = "KOA_SITE_PROFILES"
+ENV = SITE_PROFILES.name
 HEADER = "x-koa-site"
 FIELD = "site"
 
@@ -74,7 +71,7 @@ class Profiles:
     @classmethod
     def from_env(cls, contract: InputContract, environ: Mapping[str, str] | None = None) -> Profiles:
         """The profiles named by ``$KOA_SITE_PROFILES`` (none when unset); raises `ProfileError` for a bad one."""
-        spec = (environ if environ is not None else os.environ).get(ENV, "")
+        spec = SITE_PROFILES.get(environ)
         profiles = [load_profile(p, contract) for p in profile_paths(spec)] if spec.strip() else []
         out = cls(contract, profiles)
         for p in profiles:

@@ -12,12 +12,12 @@ import argparse
 import base64
 import binascii
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from koa_client import TLS_KINDS, TOKEN_ENV, KOAClientError, load_token
+from koa_client.settings import TOKEN
 
 DEFAULT_CLASS_NAMES = ("KL0", "KL1", "KL2", "KL3", "KL4")
 
@@ -176,7 +176,7 @@ LOCAL_KEY_FILE = Path("logs/serve/key_file.json")
 def local_key_file(args: argparse.Namespace) -> Path | None:
     """The key file of the server `make serve` started, when no token was given and it is there (or,
     with ``--retry-s``, when its folder is: a restarting server writes its new key file there)."""
-    if args.token or os.environ.get(TOKEN_ENV) or args.key_file is not None or args.cert_file is not None:
+    if args.token or TOKEN.get() or args.key_file is not None or args.cert_file is not None:
         return None
     there = LOCAL_KEY_FILE.is_file() or (args.retry_s > 0 and LOCAL_KEY_FILE.parent.is_dir())
     return LOCAL_KEY_FILE if there else None
@@ -192,7 +192,7 @@ def predict(args: argparse.Namespace) -> int:
     try:
         # Behind KOA-Serve's front door (make serve TLS=1) the client certificate is the credential: the door
         # holds TorchServe's key, so a caller with a certificate and no token sends none.
-        door = args.cert_file is not None and not (args.token or os.environ.get(TOKEN_ENV) or args.key_file)
+        door = args.cert_file is not None and not (args.token or TOKEN.get() or args.key_file)
         token = "" if door else load_token(args.token, args.key_file, wait_s=args.retry_s)
         client = make_client(args, token)
     except (RuntimeError, ValueError) as exc:

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from koa_client.errors import KOAClientError
+from koa_client.settings import TOKEN
 
 __all__ = ["TOKEN_ENV", "load_token", "read_key_file", "env_token", "new_key", "is_key_error"]
 
-TOKEN_ENV = "KOA_TOKEN"
+TOKEN_ENV = TOKEN.name
 # Answers that mean "this key is not (or no longer) valid": TorchServe writes new keys at every start and
 # they expire after 60 minutes, so a client that knows the key file re-reads it once and tries again.
 KEY_ERRORS = frozenset({"InvalidKeyException", "UNAUTHENTICATED", "PERMISSION_DENIED"})
@@ -47,7 +48,7 @@ def load_token(
     """
     if token:
         return token
-    env = os.environ.get(TOKEN_ENV, "").strip()
+    env = TOKEN.get().strip()
     if env:
         return env
     if key_file is None:
@@ -95,7 +96,7 @@ def read_key_file(key_file: str | os.PathLike[str]) -> str:
 
 def env_token() -> str | None:
     """``KOA_TOKEN`` when set: the clients' token when none is given (None: send no header)."""
-    return os.environ.get(TOKEN_ENV, "").strip() or None
+    return TOKEN.get().strip() or None
 
 
 def new_key(key_file: str | os.PathLike[str] | None, current: str | None) -> str | None:

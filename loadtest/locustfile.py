@@ -7,17 +7,9 @@ imports the project's packages from there. `loadtest.run` (``make loadtest``) dr
 writes the reports; run Locust on it directly for the web UI. Every answer is validated (status 200
 and the answer schema, see `ops.load.validate_answer`); one that fails is reported as a Locust failure with the reason.
 
-Environment:
-    KOA_TOKEN / KOA_KEY_FILE: the inference key, or the server's key_file.json
-        (default: ``logs/serve/key_file.json`` of ``make serve``).
-    KOA_IMAGES: folder of *.png / *.jpg / *.dcm request images (default: ``tests/fixtures``).
-    KOA_EXPLAIN_SHARE: share of requests that also ask for an explanation (default 0.0).
-    KOA_GRPC_TARGET: gRPC inference ``host:port`` (default ``127.0.0.1:7070``).
-    KOA_USERS: ``rest``, ``grpc`` or ``rest,grpc`` (default: Locust's own class selection).
-    KOA_MODEL, KOA_TIMEOUT: model name (``oamen``) and seconds per request (120).
-    KOA_USER_RATE: requests/s per user for an open-loop load (default 0: closed loop).
-    KOA_LATENCY_FILE: write every request's time (ms, one per line) there at exit; Locust's own
-        percentiles are rounded to two significant digits (run.py reads this file instead).
+Environment: `loadtest.settings` (``KOA_TOKEN``: `koa_client.settings`), listed in docs/OPERATIONS.md.
+``KOA_LATENCY_FILE`` gets every request's time: Locust's own percentiles are rounded to two
+significant digits (run.py reads this file instead).
 The REST address is Locust's ``--host``. Only loopback targets are accepted.
 """
 
@@ -33,7 +25,6 @@ import grpc.experimental.gevent  # isort: skip
 grpc.experimental.gevent.init_gevent()  # gRPC's C core must yield to gevent, before any channel
 
 import logging  # noqa: E402
-import os  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -45,27 +36,28 @@ import grpc  # noqa: E402
 from koa_client import KOAClientError, error_from_answer, load_token  # noqa: E402
 from koa_client.grpc_client import GrpcClient, parse_prediction, rpc_error  # noqa: E402
 from koa_client.rest import sniff_content_type  # noqa: E402
+from koa_client.settings import TOKEN  # noqa: E402
+from loadtest import settings  # noqa: E402
+from ops.checkout import ROOT  # noqa: E402
 from ops.load import Image, InvalidAnswer, check_loopback, load_images, validate_answer  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger(__name__)
 
 USER_CLASSES = {"rest": "RestUser", "grpc": "GrpcUser"}
-MODEL = os.environ.get("KOA_MODEL", "oamen")
-TIMEOUT = float(os.environ.get("KOA_TIMEOUT", "120"))
-GRPC_TARGET = os.environ.get("KOA_GRPC_TARGET", "127.0.0.1:7070")
+MODEL = settings.MODEL.get()
+TIMEOUT = settings.TIMEOUT.value()
+GRPC_TARGET = settings.GRPC_TARGET.get()
 DEFAULT_KEY_FILE = ROOT / "logs" / "serve" / "key_file.json"
 # Behind the secure front door (make serve TLS=1): https:// host, grpcs:// target, the door's CA and this
 # load generator's client certificate; the certificate is the credential, so no token is read.
-CA_FILE = os.environ.get("KOA_CA_FILE") or None
-CERT_FILE = os.environ.get("KOA_CERT_FILE") or None
-CERT_KEY_FILE = os.environ.get("KOA_CERT_KEY_FILE") or None
+CA_FILE = settings.CA_FILE.get() or None
+CERT_FILE = settings.CERT_FILE.get() or None
+CERT_KEY_FILE = settings.CERT_KEY_FILE.get() or None
 # KOA_USER_RATE > 0: open loop, each user paced at that many requests/s (to load at a chosen
 # fraction of saturation); 0: closed loop, each user sends as soon as it has an answer.
-USER_RATE = float(os.environ.get("KOA_USER_RATE", "0") or 0)
+USER_RATE = settings.USER_RATE.value()
 WAIT = constant_throughput(USER_RATE) if USER_RATE > 0 else constant(0)
-LATENCY_FILE = os.environ.get("KOA_LATENCY_FILE", "")
+LATENCY_FILE = settings.LATENCY_FILE.get()
 
 
 def explain_share() -> float:
@@ -74,7 +66,7 @@ def explain_share() -> float:
     Raises:
         ValueError: not a number, or outside [0, 1].
     """
-    raw = os.environ.get("KOA_EXPLAIN_SHARE", "0") or "0"
+    raw = settings.EXPLAIN_SHARE.get()
     try:
         share = float(raw)
     except ValueError:
@@ -90,7 +82,7 @@ def selected_users() -> set[str] | None:
     Raises:
         ValueError: an unknown name.
     """
-    raw = os.environ.get("KOA_USERS", "").strip()
+    raw = settings.USERS.get().strip()
     if not raw:
         return None
     names = {n.strip().lower() for n in raw.split(",") if n.strip()}
@@ -220,10 +212,10 @@ def _setup(environment: Any, **_: Any) -> None:
         if environment.host:
             check_loopback(environment.host)
         check_loopback(GRPC_TARGET)
-        key_file = os.environ.get("KOA_KEY_FILE") or DEFAULT_KEY_FILE
-        door = CERT_FILE is not None and not os.environ.get("KOA_TOKEN")
+        key_file = settings.KEY_FILE.get() or DEFAULT_KEY_FILE
+        door = CERT_FILE is not None and not TOKEN.get()
         _Setup.token = "" if door else load_token(key_file=key_file)
-        _Setup.images = load_images(os.environ.get("KOA_IMAGES") or ROOT / "tests" / "fixtures")
+        _Setup.images = load_images(settings.IMAGES.get() or ROOT / "tests" / "fixtures")
         _Setup.explain_share = explain_share()
     except (ValueError, RuntimeError) as exc:
         # SystemExit passes through Locust's event hook (an Exception would only be logged).

@@ -39,10 +39,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from koa_client.settings import TOKEN
+from loadtest import settings
 from ops import server as ts
+from ops.checkout import ROOT
 from ops.load import check_loopback
-
-ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("loadtest.run")
 
@@ -200,22 +201,25 @@ def locust_command(protocol: str, target: dict[str, Any], args: argparse.Namespa
 def locust_env(protocol: str, target: dict[str, Any], args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        KOA_USERS=protocol,
-        KOA_GRPC_TARGET=target["grpc_target"],
-        KOA_EXPLAIN_SHARE=str(args.explain_share),
-        KOA_USER_RATE=str(args.user_rate),
-        KOA_IMAGES=str(args.images.resolve()),
+        {
+            settings.USERS.name: protocol,
+            settings.GRPC_TARGET.name: target["grpc_target"],
+            settings.EXPLAIN_SHARE.name: str(args.explain_share),
+            settings.USER_RATE.name: str(args.user_rate),
+            settings.IMAGES.name: str(args.images.resolve()),
+        }
     )
-    for name, path in (("KOA_CA_FILE", args.ca), ("KOA_CERT_FILE", args.cert), ("KOA_CERT_KEY_FILE", args.key)):
+    tls = ((settings.CA_FILE, args.ca), (settings.CERT_FILE, args.cert), (settings.CERT_KEY_FILE, args.key))
+    for setting, path in tls:
         if path is not None:
-            env[name] = str(Path(path).resolve())
+            env[setting.name] = str(Path(path).resolve())
     # The key of the server under test wins over a KOA_TOKEN left in the shell, except when the
     # caller named the server (--host) and so may hold its key in KOA_TOKEN.
     if args.token:
-        env["KOA_TOKEN"] = args.token
+        env[TOKEN.name] = args.token
     elif target["started"] or not args.host:
-        env.pop("KOA_TOKEN", None)
-    env["KOA_KEY_FILE"] = str(Path(target["key_file"]).resolve())
+        env.pop(TOKEN.name, None)
+    env[settings.KEY_FILE.name] = str(Path(target["key_file"]).resolve())
     return env
 
 
@@ -231,10 +235,10 @@ def warm_up(target: dict[str, Any], args: argparse.Namespace, protocols: list[st
 
     env = locust_env("rest", target, args)
     try:
-        if args.cert is not None and not env.get("KOA_TOKEN"):
+        if args.cert is not None and not env.get(TOKEN.name):
             token = ""  # behind the door: the certificate is the credential
         else:
-            token = env.get("KOA_TOKEN") or json.loads(Path(env["KOA_KEY_FILE"]).read_text())["inference"]["key"]
+            token = env.get(TOKEN.name) or json.loads(Path(env[settings.KEY_FILE.name]).read_text())["inference"]["key"]
         image = load_images(args.images)[0].data
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         log.warning("no warm-up (%s): Locust will report the problem", exc)
@@ -332,7 +336,7 @@ def run_locust(protocol: str, target: dict[str, Any], args: argparse.Namespace, 
         args.duration,
         target["host"] if protocol == "rest" else target["grpc_target"],
     )
-    env = {**locust_env(protocol, target, args), "KOA_LATENCY_FILE": str(run / f"{protocol}_latencies.txt")}
+    env = {**locust_env(protocol, target, args), settings.LATENCY_FILE.name: str(run / f"{protocol}_latencies.txt")}
     with open(logfile, "w") as sink:
         code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=sink, stderr=sink).returncode
     summary = protocol_summary(run, protocol)

@@ -1,10 +1,10 @@
 """KOA-Serve model package: architectures, registry, input contract, decoding, preprocessing.
 
-This is the ground floor: it imports nothing else of the project.
+This is the ground floor: it imports nothing else of the project. Importing it does not import torch:
+the architectures register when the registry is first asked (`model.registry`), so torch-free processes
+(``ops.server``, the drain in ``handler.drain``) can read `model.settings` and `model.paths`.
 """
 
-# OA-MEN and EfficientNet-Lite0 register here; the baselines when first asked for (model.registry).
-from model import efficientnet_lite, oamen  # noqa: F401  (register builders)
 from model.contract import InputContract, PreprocessConfig
 from model.registry import create_model, list_models, register_model
 

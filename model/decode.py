@@ -1,55 +1,8 @@
 """Decoding at the edge: turn uploaded image bytes into one grayscale float32 array.
 
-This is the only module of KOA-Serve that knows about file formats. Everything downstream
-(preprocessing, the model, explanations) receives a 2-D ``float32`` array in ``[0, 1]``
-where bone is bright, whatever the client sent.
-
-Accepted inputs:
-
-* PNG, 8 or 16 bits per sample; gray, gray + alpha, RGB, RGBA or palette.
-* JPEG with 8-bit samples (baseline or progressive), EXIF orientation applied.
-* DICOM, single frame; MONOCHROME1, MONOCHROME2, RGB, YBR_FULL or YBR_FULL_422; uncompressed
-  (implicit or explicit VR, little or big endian, deflated), RLE Lossless, JPEG baseline and
-  extended (8 and 12 bit), JPEG Lossless (process 14 and its first-order prediction), JPEG-LS
-  (lossless and near-lossless) and JPEG 2000 (lossless and lossy). Compressed pixel data is
-  decoded by pydicom's plugins: ``pylibjpeg`` with ``pylibjpeg-libjpeg``, ``-openjpeg`` and
-  ``-rle`` (see requirements.txt).
-
-Every failure, whatever the bytes, is raised as :class:`DecodeError` with a message that says
-what was received and what is accepted, so that the handler can turn it into a 4xx reply: its
-``status`` and ``kind`` attributes give the HTTP status and the error type of that reply. A
-DICOM whose transfer syntax is not in the list above raises :class:`UnsupportedTransferSyntax`
-(HTTP 415), naming the syntax by UID and name. Messages are never cut short: a library's
-error text is quoted whole (whole sentences when it is very long; the rest goes to the log).
-
-Decisions:
-
-* Colour is converted to gray with the ITU-R BT.601 luma weights (OpenCV's
-  ``COLOR_BGR2GRAY``); an alpha channel is dropped, not composited.
-* 8-bit PNG and JPEG samples are divided by 255, so the values are absolute, not stretched:
-  the model is trained on 8-bit PNGs, and they decode exactly as they always have.
-* 16-bit PNG samples are scaled by their real range, because radiographs stored in 16-bit PNGs
-  usually hold 10-, 12- or 14-bit values, and dividing those by 65535 would leave a handful of
-  grey levels once preprocessing quantises to 8 bits. With an ``sBIT`` chunk of ``n``
-  significant bits the samples are divided by ``2**n - 1``; when some sample exceeds that, the
-  file follows the PNG standard's scaled-up form and the samples are shifted right by
-  ``16 - n`` bits first. Without ``sBIT`` they are min-max scaled, as DICOM is (a constant
-  image gives all zeros).
-* JPEG EXIF orientation (tag 0x0112) is applied after decoding, so that a film photographed
-  sideways arrives upright; a broken EXIF block is logged and ignored, not refused.
-* DICOM pixels go through the modality LUT (rescale slope/intercept), then the VOI LUT or
-  window when present, then are min-max scaled to ``[0, 1]`` (a constant image gives all
-  zeros). Pixels equal to PixelPaddingValue (or within it and PixelPaddingRangeLimit) are left
-  out of the min-max range and set to 0, the darkest value, so that the padding neither
-  compresses the anatomy's contrast nor shows as bright bone.
-* Bone is made bright: MONOCHROME1 is inverted, and so is MONOCHROME2 with a
-  PresentationLUTShape of INVERSE. MONOCHROME1 with INVERSE is inverted once only, since the
-  standard uses INVERSE to state what MONOCHROME1 already means.
-* YBR_FULL and YBR_FULL_422 are converted to RGB by pydicom, then to gray like RGB.
-* A DICOM stream without file meta information (no transfer syntax) is read in the encoding
-  pydicom recognises, which can only be one of the uncompressed ones.
-* Decompression bombs are refused from the header (width x height against ``max_pixels``)
-  before any pixel is decoded, and checked again after decoding.
+The only module that knows about file formats (PNG, JPEG, DICOM): downstream code gets a 2-D
+``float32`` array in ``[0, 1]`` where bone is bright. Every failure is a `DecodeError` whose ``status``
+and ``kind`` give the 4xx reply. What is accepted, and each decision: docs/MODEL.md, "Decoding".
 """
 
 from __future__ import annotations

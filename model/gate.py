@@ -1,17 +1,8 @@
 """The knee gate: is this image a knee radiograph like the ones the grader learnt from?
 
-A feature ensemble of class-conditional Mahalanobis scores (Lee et al., "A Simple Unified
-Framework for Detecting Out-of-Distribution Samples", NeurIPS 2018): for each of several layers
-of the grader, one mean per KL grade and one shared covariance of that layer's pooled features,
-fitted on training knees (`train.calibrate`). A layer's score is the smallest squared distance
-to a grade's mean; each layer's score is standardised by the mean and standard deviation of the
-scores of knees the weights never trained on (the tune fold), and the gate's score is the mean of
-the standardised scores. Far from every grade, in the layers that see texture as well as in those
-that see shape, means not a knee crop. The refusal threshold lives in the contract
-(``postprocess.gate_threshold``); which layers, and why, is in docs/MODEL_CARD.md.
-
-The gate is a module with buffers only, so it travels inside the checkpoint and the exported
-TorchScript file with the weights it was fitted to.
+Class-conditional Mahalanobis scores over several layers (Lee et al., NeurIPS 2018), standardised on
+the tune fold; the threshold lives in the contract. A module with buffers only, so it travels with the
+weights it was fitted to. The score in full: docs/MODEL.md, "The knee gate".
 """
 
 from __future__ import annotations

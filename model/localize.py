@@ -1,16 +1,8 @@
 """Find the knee joints in a whole film and cut each out as the training crops were cut.
 
-A film (one knee with half the femur and tibia, both knees, AP beside lateral, or no knee at all)
-is letterboxed to a small square and `KneeFinder` predicts, on a stride-8 grid, a centre heatmap
-per view (``ap`` and ``other``: lateral or oblique), the joint's width and a sub-cell offset (a
-CenterNet-style head on the first stages of an ImageNet EfficientNet-Lite0). `find_joints` turns
-that into `Joint` boxes in the film's own pixels; `crop_joint` cuts the square the training data
-would have shown (joint centred across, the joint line a little below the middle, the same share
-of femur and tibia), measured on the dataset's crops: `CROP_PER_JOINT_WIDTH`,
-`JOINT_LINE_IN_CROP`.
-
-Box convention (``annotations/legfilms.csv``): a square centred on the centre of the
-tibio-femoral joint space whose side is the joint's width, bone edge to bone edge.
+`KneeFinder` (a CenterNet-style head on EfficientNet-Lite0's first stages) gives `Joint` boxes
+(`find_joints`); `crop_joint` cuts the square the training data would have shown. The head, the crop
+and the box convention: docs/MODEL.md, "The knee-joint finder".
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """Burned-in laterality markers: the R or L that a lead marker or the modality prints on a film.
 
-Two steps, both cheap enough to run on every whole film:
-
-1. ``candidates``: bright, compact, high-contrast connected components of a letter's size (a white
-   top-hat keeps what stands out of its neighbourhood, so bone and soft tissue mostly drop out).
-2. ``MarkerNet``: a tiny CNN reads each candidate's patch as R, L, mirrored R, mirrored L or
-   not a letter (``CLASSES``). A letter is claimed only when its probability reaches the threshold
-   saved with the weights, chosen on tune films so that no marker there was read wrong: a wrong
-   side is a clinical hazard, worse than none.
-
-``assign`` turns the markers of a film into a laterality per graded knee (the rule is in its
-docstring). The figures (how many markers read right, wrong, missed, false claims) are in
-docs/model/markers.json, written by ``train.fit_markers``.
+``candidates`` finds letter-sized bright marks, ``MarkerNet`` reads each (R, L, mirrored, or none) and
+claims a letter only above its saved threshold; ``assign`` gives each graded knee its side. How, and
+where the figures are: docs/MODEL.md, "Laterality markers".
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """OA-MEN: a ResNet trunk with multi-scale feature fusion plus a parallel MobileNet branch.
 
-Follows "OA-MEN: a fusion deep learning approach for knee osteoarthritis grading"
-(Frontiers in Bioengineering and Biotechnology, 2024):
-
-- a ResNet trunk (BasicBlock stages C2..C5);
-- multi-scale feature fusion: 1x1 lateral convolutions on every stage and a top-down pathway
-  (as in FPN) carry deep semantic maps down to the stride-8 level, where the shallow,
-  high-resolution texture of C2 (pooled to the same grid) is added before a 3x3 smoothing
-  convolution. The result is the ``fusion`` layer, which Grad-CAM hooks;
-- a parallel MobileNet branch of depthwise-separable convolutions on the same input;
-- both branches globally pooled, concatenated, and classified by a fully connected head.
-
-``forward = forward_head(forward_features(x))``: `forward_features` returns the pooled,
-concatenated (B, D) feature vector, `forward_head` maps it to (B, num_classes) logits.
+Follows "OA-MEN: a fusion deep learning approach for knee osteoarthritis grading" (Frontiers in
+Bioengineering and Biotechnology, 2024). ``forward = forward_head(forward_features(x))``: (B, D)
+pooled features, then (B, num_classes) logits. The layers: docs/MODEL.md, "OA-MEN".
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """From logits to the answer, as pure functions: calibrated probabilities, the grade, the flag.
 
-Everything is read from the contract's `PostprocessConfig`, fitted after training by
-`train.calibrate` on a fold held out of the training split, so that the handler and
-`train.evaluate` turn the same logits into the same answer.
-
-- probabilities: ``softmax(logits / temperature + class_bias)`` (temperature scaling, with a
-  bias per class when the tune fold chose it; Guo et al. 2017),
-  averaged with the mirrored image's when ``flip_tta`` is on (the caller supplies both);
-- grade: the argmax, or an ordinal decoding of the expected grade ``E = sum_k k p_k`` by
-  cut-points, which lets a doubtful KL1 be said where the argmax would round it to KL0 or KL2;
-- confidence: the probability of the grade given; ``uncertain`` when it is below the
-  contract's threshold (a reader should double-check the answer).
+Everything is read from the contract's `PostprocessConfig` (fitted by `train.calibrate`), so that the
+handler and `train.evaluate` turn the same logits into the same answer. The formulas: docs/MODEL.md,
+"Postprocessing".
 """
 
 from __future__ import annotations

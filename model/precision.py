@@ -1,19 +1,13 @@
 """The number format the server runs its networks in: bfloat16 where the processor computes it natively.
 
-On the 2-core AMD EPYC machines of this project (AVX-512 with BF16 instructions), the grader and the
-knee-joint finder run about twice as fast in bfloat16 as in float32 (docs/BENCHMARKS.md). Where the
-processor lacks native bfloat16 it would be emulated and slower, so ``auto`` keeps float32 there.
-``KOA_PRECISION`` (``auto``, ``fp32`` or ``bf16``) overrides the choice; ``train.evaluate
---precision`` measures a model the same way, so the figures of the served format are known
-(docs/MODEL_CARD.md). The knee gate's Mahalanobis distances stay in float32 (`model.gate`), and
-explanations use the float32 eager model.
+``auto`` keeps float32 where bfloat16 would be emulated; ``$KOA_PRECISION`` (``auto``, ``fp32`` or
+``bf16``) overrides the choice. Why, and what stays in float32: docs/MODEL.md, "Number format".
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
 import warnings
 
 import torch
@@ -21,10 +15,11 @@ from torch import nn
 
 from model.contract import InputContract
 from model.registry import create_model
+from model.settings import PRECISION
 
 log = logging.getLogger(__name__)
 
-ENV = "KOA_PRECISION"
+ENV = PRECISION.name
 CHOICES = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -43,7 +38,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def serving_dtype(device: torch.device, choice: str | None = None) -> torch.dtype:
     """The dtype to serve in on ``device``: ``choice`` (default ``$KOA_PRECISION``, else ``auto``)."""
-    choice = (choice or os.environ.get(ENV) or "auto").strip().lower()
+    choice = (choice or PRECISION.get()).strip().lower()
     if choice not in CHOICES:
         raise ValueError(f"{ENV}={choice!r}: choose one of {', '.join(CHOICES)}")
     if choice == "auto":

@@ -1,21 +1,8 @@
 """OA-MEN input preprocessing as pure functions: decoded gray array in, model input out.
 
-Pipeline (OA-MEN, Frontiers in Bioengineering 2024, Section 2.2), every parameter taken from
-the input contract (`model.contract`):
-
-1. fit the image into the square input while keeping its aspect ratio (`fit_to_square`);
-2. Gaussian filter against high-frequency noise (`gaussian_denoise`);
-3. Laplacian edges added back to enhance bone texture (`laplacian_enhance`);
-4. histogram equalisation of brightness, global or CLAHE (`equalize`);
-5. padding to the square and normalisation to the model's mean/std (`normalize`).
-
-Steps 1-5 up to padding are deterministic and give a uint8 image (`prepare`), which training
-may cache; `to_model_input` turns it into the float array the network reads. Serving and
-training both call `preprocess` (or these two halves), so the transform exists once.
-
-Why scale first: the filters' kernel sizes are then in model-input pixels, so a 3x3 Gaussian
-means the same anatomy whether the radiograph arrived at 224 px or 3000 px. Why equalise
-before padding: the padding is not anatomy and must not shift the brightness histogram.
+Fit to the square, Gaussian denoise, Laplacian enhance, equalise, pad and normalise (OA-MEN,
+Section 2.2), every parameter from the input contract; training and serving both call it, so the
+transform exists once. The steps, and why in that order: docs/MODEL.md, "Preprocessing".
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Site profiles: one hospital's calibration of the shipped model, as data bound to one model version.
 
-A profile is fitted outside the server (`train.site_check`) on that hospital's own labelled knees
-and changes only how logits become an answer (`model.postprocess`): the temperature, the class
-bias, the decoding (argmax or ordinal cut-points) and the uncertain flag's threshold, which a new
-temperature moves. The weights, the knee gate and mirror averaging stay the model's. It is versioned,
-checksummed and names the model (name and version) it was fitted for; `load_profile` refuses one
-whose checksum does not match or that belongs to another model, so a server never answers with a
-calibration fitted for other weights. docs/SITES.md says how a hospital gets one.
+Fitted outside the server (`train.site_check`), a profile changes only how logits become an answer;
+`load_profile` refuses one whose checksum does not match or that names other weights.
+docs/MODEL.md, "Site profiles"; docs/SITES.md.
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _PRETRAINED: set[str] = set()
@@ -24,11 +26,16 @@ LAZY_MODULES: dict[str, tuple[str, ...]] = {
     "model.timm_baselines": ("xception", "nasnet"),
 }
 _LAZY = {name: module for module, names in LAZY_MODULES.items() for name in names}
+# OA-MEN and EfficientNet-Lite register when the registry is first asked, not when `model` is imported:
+# they import torch, which the torch-free processes reading model.settings and model.paths must not.
+CORE_MODULES = ("model.efficientnet_lite", "model.oamen")
 
 
-def _load(name: str) -> None:
-    """Import the module of a lazily registered model."""
-    if name not in _MODELS and name in _LAZY:
+def _load(name: str | None = None) -> None:
+    """Import the served architectures, then the module of a lazily registered model ``name``."""
+    for module in CORE_MODULES:
+        importlib.import_module(module)  # deliberate lazy load of torch and the architectures
+    if name is not None and name not in _MODELS and name in _LAZY:
         importlib.import_module(_LAZY[name])
 
 
@@ -61,6 +68,7 @@ def has_pretrained(name: str) -> bool:
 
 def list_models() -> list[str]:
     """Names of all registered models (those registered lazily included), sorted."""
+    _load()
     return sorted(set(_MODELS) | set(_LAZY))
 
 

@@ -11,6 +11,8 @@
 - `ops.results`: where results go (docs/results/ holds the committed ones); `ops.render_docs` renders every
   generated page and block of the docs from what is committed (one registry), `ops.model_card` the card's.
 - `ops.procs`: process ids and free ports, shared with the PACS side (`pacs`).
+- `ops.settings`: every ``KOA_*`` environment variable and the docs' table of them; `ops.checkout` the
+  checkout's root for the processes that never import model/; `ops.archive` what the .mar leaves out.
 - `ops.stage_gpu_data`: the lossy training-data copy for a GPU machine (scripts/gpu_run.sh).
 - `ops.explain_eval`: explanation methods measured on val knees (docs/EXPLAIN.md), with the pure measures
   in `ops.explain_metrics`, the doc tables in `ops.explain_report`; `ops.explain_examples` its pictures.

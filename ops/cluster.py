@@ -43,10 +43,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from model.paths import ROOT
+from model.settings import TORCH_THREADS
 from ops import server as ts
 from ops.procs import is_alive, read_pid
-
-ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_WORKDIR = ROOT / "logs" / "cluster"
 REST_PORT, GRPC_PORT, HEALTH_PORT = 8180, 7170, 8190
@@ -441,15 +441,15 @@ def replica_keys(workdir: Path) -> dict[str, str]:
 def _threads(threads: int) -> Iterator[None]:
     """A replica's share of the cores: N workers share the machine's cores, so each gets ``threads``
     (``KOA_TORCH_THREADS``, inherited through Java), or they would fight over every core."""
-    saved = os.environ.get("KOA_TORCH_THREADS")
-    os.environ["KOA_TORCH_THREADS"] = str(threads)
+    saved = os.environ.get(TORCH_THREADS.name)
+    os.environ[TORCH_THREADS.name] = str(threads)
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop("KOA_TORCH_THREADS", None)
+            os.environ.pop(TORCH_THREADS.name, None)
         else:
-            os.environ["KOA_TORCH_THREADS"] = saved
+            os.environ[TORCH_THREADS.name] = saved
 
 
 def start_replica(model_store: Path, workdir: Path, threads: int, timeout: float = 240.0) -> Replica:

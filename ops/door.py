@@ -46,11 +46,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.paths import ROOT
 from ops import cluster, pki
 from ops import server as ts
 from ops.procs import is_alive, read_pid
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = ROOT / "logs" / "door"
 REST_PORT, GRPC_PORT, HEALTH_PORT = 8443, 7443, 8444
 STATE_FILE = "door.json"

@@ -38,19 +38,19 @@ from handler.metrics import MemorySink, ObservedPredictor, Telemetry
 from model.checkpoint import load_torchscript
 from model.drift import FEATURES, OVERALL, REFUSED, DriftReference, KneeRecord, build_reference, window_scores
 from model.localize import load_serving_finder
+from model.paths import KOA, ROOT, SITE2
 from model.precision import served_models
 from ops.results import DOC_RESULTS, write_result
 
 log = logging.getLogger(__name__)
 GRADE_FEATURES = ("expected_grade", "confidence")
-ROOT = Path(__file__).resolve().parents[1]
 WINDOWS = (100, 150, 200, 300)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "koa", help="KL-graded folders")
-    p.add_argument("--site2", type=Path, default=ROOT.parent / "shared" / "data" / "site2")
+    p.add_argument("--data", type=Path, default=KOA, help="KL-graded folders")
+    p.add_argument("--site2", type=Path, default=SITE2)
     p.add_argument("--model", type=Path, default=ROOT / "build" / "oamen.pt", help="the exported model (make export)")
     p.add_argument(
         "--weights", type=Path, default=ROOT / "weights" / "oamen.ckpt", help="checksummed into the reference"

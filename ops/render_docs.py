@@ -44,6 +44,7 @@ from ops.gpu_report import compare_report, throughput_report
 from ops.markdown import md_table, not_kept
 from ops.monitor_report import bench_metrics_report, drift_choice_report, drill_drift_report
 from ops.results import DOC_RESULTS, ROOT
+from ops.settings import render_settings
 from ops.site_docs import site_calibration_report
 from train.films_doc import render_doc as films_page
 
@@ -218,6 +219,8 @@ PAGES: dict[str, Page] = {
             "drill_drift": measured("drill_drift.json", "the drift drill", "make drill-drift", drill_drift_report),
         }
     ),
+    # rendered from the code (ops.settings), not from a result
+    "docs/OPERATIONS.md": Page(blocks={"settings": Part(lambda root: None, lambda _: render_settings())}),
     "docs/RELIABILITY.md": Page(
         blocks={
             "kill_worker": drill("kill_worker", "the worker killed under load", KILL_KEYS),

@@ -38,7 +38,8 @@ __all__ = [
     "DEFAULT_WORKDIR", "DRAIN_S", "LOG_CONFIG", "MODEL_NAME",
 ]  # fmt: skip
 
-ROOT = Path(__file__).resolve().parents[1]
+from model.paths import ROOT
+
 DEFAULT_WORKDIR = ROOT / "logs" / "serve"
 # Frontend logging without the per-request DEBUG lines of the built-in config (see the file).
 LOG_CONFIG = ROOT / "log4j2.xml"

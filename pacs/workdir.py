@@ -20,7 +20,8 @@ from ops.procs import is_alive, read_pid
 
 __all__ = ["ROOT", "DEFAULT_WORKDIR", "PacsError", "write_private", "state", "save_state", "spawn", "tail", "stop"]
 
-ROOT = Path(__file__).resolve().parents[1]
+from ops.checkout import ROOT
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = HERE / "data"
 

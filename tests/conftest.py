@@ -17,7 +17,8 @@ import cv2
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from model.paths import ROOT
+
 FIXTURES = ROOT / "tests" / "fixtures"
 
 JAVA_MISSING = "TorchServe needs Java 17+ (see README)"

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from ops.bench.report import table
 from ops.bench.sweep import choose
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def row(batch: int, delay: int, rps: float) -> dict:

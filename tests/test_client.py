@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from koa_client import TOKEN_ENV, KOAClientError, load_token
+from model.paths import ROOT
 from tests.conftest import skip_or_fail
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
 ANSWER = {
     "kl_grade": 2,

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from model.paths import ROOT
 from ops import render_docs
 from ops.bench import SUBCOMMANDS
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_page_is_what_its_committed_files_give() -> None:

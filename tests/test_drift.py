@@ -23,8 +23,8 @@ from model.drift import (
     psi,
     window_scores,
 )
+from model.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 META = {"model_name": "m", "model_version": "1.0.0", "weights_sha256": "0" * 64, "measured_on": "val"}
 
 

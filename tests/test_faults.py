@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from model.paths import ROOT
 from ops import server as ts
 from ops.drills import kill_worker as fk
 from ops.drills import restart as fr
 from tests.conftest import private_server
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.server,  # needs Java: skipped without it, failed under CI=true (tests/conftest.py)

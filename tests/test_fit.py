@@ -20,9 +20,8 @@ import torch.nn.functional as F
 
 import train.fit as fit
 from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.paths import ROOT
 from tests.conftest import TINY_PER_GRADE
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)

@@ -41,6 +41,7 @@ from gateway.screen import is_valid_uid, screen
 from gateway.service import Gateway, GatewayConfig
 from gateway.spool import Spool
 from koa_client.schema import validate_answer
+from ops.checkout import ROOT
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -523,7 +524,7 @@ def test_the_gateway_never_imports_the_model_code():
     """DESIGN.md: the gateway talks to KOA-Serve over the wire, so it can run on a machine without torch."""
     import ast
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     for folder in ("gateway", "pacs"):
         for path in (root / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):

@@ -29,11 +29,10 @@ from gateway.audit import read_audit
 from gateway.report import result_uid
 from koa_client import KOAClientError
 from koa_client.rest import RestClient
+from model.paths import ROOT
 from ops import server as ts
 from ops.procs import free_ports, is_alive, read_pid
 from tests.conftest import private_server, skip_or_fail
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.server,  # needs Java: skipped without it, failed under CI=true (tests/conftest.py)

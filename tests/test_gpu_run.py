@@ -14,9 +14,8 @@ import torch
 import ops.bench.gpu as bench_gpu
 import ops.stage_gpu_data as stage
 from model.efficientnet_lite import WEIGHTS_ENV, create_lite0
+from model.paths import ROOT
 from train.data import make_splits, scan, split_tune
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_staged_copy_leaves_the_tune_fold_here_and_carries_the_weights(

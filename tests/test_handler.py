@@ -10,7 +10,6 @@ import base64
 import json
 import struct
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
@@ -28,9 +27,9 @@ from model import create_model
 from model.checkpoint import load_torchscript
 from model.contract import InputContract
 from model.decode import DecodeError
+from model.paths import ROOT
 from tests.conftest import TINY_CONTRACT_ARGS
 
-ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = InputContract(**TINY_CONTRACT_ARGS)  # the `exported` fixture's (tests/conftest.py)
 
 

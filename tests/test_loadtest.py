@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 
 from loadtest import run as loadtest_run
+from model.paths import ROOT
 from ops import server as ts
 from ops.load import InvalidAnswer, check_loopback, load_images, validate_answer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 GOOD: dict[str, Any] = {
     "kl_grade": 2,

@@ -29,10 +29,10 @@ from model.localize import (
     serving_finder,
     to_source,
 )
+from model.paths import ROOT
 from train.films import Item, JointBox, film_split, nonknee_split, read_boxes
 from train.finder_views import Hard, augment, crop_joint_of, fade, load_pairs, paste_metal, targets
 
-ROOT = Path(__file__).resolve().parents[1]
 FILMS = ROOT / "tests" / "fixtures" / "films"
 SHIPPED = ROOT / "weights" / "finder.pt"
 

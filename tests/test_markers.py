@@ -14,9 +14,10 @@ from model import create_model
 from model.checkpoint import load_torchscript
 from model.contract import InputContract
 from model.markers import Marker, MarkerConfig, assign, candidates, load_reader, patches, read_markers
+from model.paths import ROOT
 from tests.conftest import TINY_CONTRACT_ARGS
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "markers.pt"
+WEIGHTS = ROOT / "weights" / "markers.pt"
 
 
 def film(shape=(300, 400), seed=0) -> np.ndarray:
@@ -201,7 +202,7 @@ def test_the_shipped_reader_claims_no_marker_on_the_fixture_films(reader):
     (annotations/legfilm_markers.csv): the reader must not invent one on real bone, plates or text."""
     root = Path(__file__).resolve().parent / "fixtures" / "films"
     rows = {line.split(",")[0]: line.split(",")[3] for line in
-            (Path(__file__).resolve().parents[1] / "annotations" / "legfilm_markers.csv").read_text().splitlines()
+            (ROOT / "annotations" / "legfilm_markers.csv").read_text().splitlines()
             if line.startswith("IMG")}  # fmt: skip
     films = sorted(root.glob("*.jpg"))
     assert len(films) == 5

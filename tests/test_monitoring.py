@@ -32,11 +32,11 @@ from handler.service import Predictor
 from model import create_model
 from model.checkpoint import load_torchscript
 from model.drift import FEATURES, OVERALL, REFUSED, KneeRecord, build_reference
+from model.paths import ROOT
 from ops import monitor
 from ops.procs import free_ports
 from tests.conftest import in_ci, private_server, skip_or_fail
 
-ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "deploy" / "monitoring"
 
 

@@ -12,8 +12,6 @@ from pathlib import Path
 from handler.drain import BUSY_PREFIX, DRAIN_FILE, DrainGate
 from ops import server as ts
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def test_drain_waits_for_the_batch_in_progress(tmp_path: Path) -> None:
     (tmp_path / "state").mkdir()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from model.paths import ROOT
+
 PACKAGE = "koa_client"  # the one import package of the koa-client distribution
 # Import name -> distribution name in pyproject.toml, for the client's third-party imports.
 DISTRIBUTION = {"requests": "requests", "urllib3": "urllib3", "grpc": "grpcio", "google": "protobuf"}

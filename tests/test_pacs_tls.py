@@ -20,11 +20,10 @@ import pytest
 import pacs
 from gateway.audit import read_audit
 from gateway.service import Gateway, GatewayConfig, Transient
+from model.paths import ROOT
 from ops import audit, pki
 from ops.procs import free_ports
 from tests.conftest import skip_or_fail
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from model import create_model
 from model.checkpoint import model_from_checkpoint
+from model.paths import ROOT
 from model.precision import ENV, Cast, CastGated, compiled, native_bf16, serving_dtype
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 

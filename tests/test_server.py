@@ -23,14 +23,13 @@ from koa_client.grpc_client import GrpcClient
 from koa_client.rest import RestClient
 from koa_client.schema import validate_answer, validate_error
 from model.checkpoint import load_torchscript
+from model.paths import ROOT
 from model.precision import served_models
 from ops import server as ts
 from tests.conftest import private_server
 from tests.imagebytes import encode, make_dicom, png_by_hand
 from train.answers import answer_arrays, prepare_files
 from train.data import scan
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.server,  # needs Java: skipped without it, failed under CI=true (tests/conftest.py)

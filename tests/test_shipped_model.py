@@ -10,21 +10,20 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from model.checkpoint import model_from_checkpoint
 from model.contract import PostprocessConfig
+from model.paths import KOA, ROOT
 from model.postprocess import calibrated_probabilities
 from train.answers import answer_arrays, made_up_negatives, model_outputs, prepare_files
 from train.data import scan
 from train.metrics import expected_calibration_error
 
-ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-DATA = ROOT.parent / "shared" / "data" / "koa"
+DATA = KOA
 
 
 @pytest.fixture(scope="module")

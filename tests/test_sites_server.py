@@ -11,10 +11,9 @@ from handler.sites import ENV
 from koa_client.grpc_client import GrpcClient
 from koa_client.rest import RestClient
 from model.checkpoint import load_checkpoint
+from model.paths import ROOT
 from model.profile import SiteProfile
 from tests.conftest import private_server
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.server]
 

@@ -18,16 +18,15 @@ import torch
 from model.checkpoint import load_torchscript
 from model.decode import decode_image
 from model.localize import find_joints, load_serving_finder
+from model.paths import KOA, ROOT
 from model.precision import served_models
 from model.preprocess import prepare, to_model_input
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=ROOT / "build" / "oamen.pt")
-    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "koa" / "val" / "2")
+    p.add_argument("--images", type=Path, default=KOA / "val" / "2")
     p.add_argument("--finder", type=Path, default=ROOT / "weights" / "finder.pt", help="'' to leave it out")
     p.add_argument("--batch", type=int, default=8, help="the shipped batch size (config.properties)")
     p.add_argument("--rounds", type=int, default=8)

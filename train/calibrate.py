@@ -20,6 +20,7 @@ import torch
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model.contract import PostprocessConfig
+from model.paths import LEGFILMS
 from train.calibration import (
     FIT_SETS,
     FeatureCache,
@@ -54,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="share of tune-fold knees the gate lets through (1: all; the fold is too small to place a 0.99x quantile)",
     )
-    p.add_argument("--films", default="../shared/data/legfilms", help="leg films whose tune AP knees must pass")
+    p.add_argument("--films", default=str(LEGFILMS), help="leg films whose tune AP knees must pass")
     p.add_argument("--boxes", default="annotations/legfilms.csv", help="the knee boxes of --films")
     p.add_argument("--coverage", type=float, default=0.8, help="share of val answers not flagged uncertain")
     p.add_argument("--max-gate-fit", type=int, default=3000, help="training knees used to fit the gate")

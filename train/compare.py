@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from model import list_models
+from model.paths import KOA
 from train.data import PROTOCOLS
 from train.model_speed import benchmark
 
@@ -37,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train and compare OA-MEN with the paper's baselines.")
     p.add_argument("--models", nargs="+", default=PAPER_MODELS, choices=list_models())
     p.add_argument("--ablations", action="store_true", help=f"also train {ABLATIONS}")
-    p.add_argument("--data", default="../shared/data/koa")
+    p.add_argument("--data", default=str(KOA))
     p.add_argument("--protocol", default="official", choices=PROTOCOLS)
     p.add_argument("--out", default="reports/compare")
     p.add_argument("--epochs", type=int, default=30)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from model.contract import PostprocessConfig
+from model.paths import KOA
 from model.postprocess import decode_grades
 from train.calibration import fit_cutpoints, fit_temperature, view_probabilities
 from train.metrics import quadratic_weighted_kappa, roc_auc_ovr
@@ -63,7 +64,7 @@ def probabilities(models: dict, combo: tuple[str, ...], split: str, flip: bool) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("models", nargs="+", help="NAME=CHECKPOINT")
-    p.add_argument("--data", default="../shared/data/koa")
+    p.add_argument("--data", default=str(KOA))
     p.add_argument("--run", default="runs/oamen_pt", help="the run whose config.json lists the tune fold")
     p.add_argument("--work", type=Path, default=Path("reports/ensemble_probe"))
     p.add_argument("--out", type=Path, default=Path("docs/model/ensembles.json"))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from model.localize import FinderConfig, Joint, load_finder, plan, save_finder, serving_finder
+from model.paths import KOA, LEGFILMS, NONKNEE
 from train.data import scan
 from train.films import Item, load_films, load_nonknee, nonknee_files
 from train.films_doc import render
@@ -128,10 +129,10 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--finder", default="weights/finder.pt")
-    p.add_argument("--films", default="../shared/data/legfilms")
+    p.add_argument("--films", default=str(LEGFILMS))
     p.add_argument("--boxes", default="annotations/legfilms.csv")
-    p.add_argument("--koa", default="../shared/data/koa")
-    p.add_argument("--nonknee", default="../shared/data/nonknee")
+    p.add_argument("--koa", default=str(KOA))
+    p.add_argument("--nonknee", default=str(NONKNEE))
     p.add_argument("--choose", action="store_true", help="choose the score threshold on the tune films, save it")
     p.add_argument(
         "--nonknee-part",

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from model.decode import decode_image
 from model.localize import load_serving_finder
+from model.paths import KOA, NONKNEE, SITE2
 from model.preprocess import as_float_image
 from train.data import scan
 from train.films import nonknee_files
@@ -41,9 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", default="weights/oamen.ckpt")
     p.add_argument("--finder", default="weights/finder.pt")
-    p.add_argument("--koa", default="../shared/data/koa")
-    p.add_argument("--site", default="../shared/data/site2", help="another site's <grade>/<image> knees (checked only)")
-    p.add_argument("--nonknee", default="../shared/data/nonknee")
+    p.add_argument("--koa", default=str(KOA))
+    p.add_argument("--site", default=str(SITE2), help="another site's <grade>/<image> knees (checked only)")
+    p.add_argument("--nonknee", default=str(NONKNEE))
     p.add_argument("--per-grade", type=int, default=40, help="val knees of each grade")
     p.add_argument("--precision", default="served", help="number format of finder and grader (train.eval_finder)")
     p.add_argument("--label", required=True, help="what was measured (finder and grader versions)")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from model.contract import InputContract
+from model.paths import KOA
 from model.precision import compiled, serving_dtype
 from train.answers import FRAMINGS, answer_arrays, load_model, made_up_negatives, prepare_files, select_split
 from train.data import IMAGE_SUFFIXES, PROTOCOLS, Sample, prepare_all, scan
@@ -32,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint written by train.fit")
     src.add_argument("--torchscript", help="a TorchScript file written by train.export")
-    p.add_argument("--data", default="../shared/data/koa", help="dataset root")
+    p.add_argument("--data", default=str(KOA), help="dataset root")
     p.add_argument("--split", default="val", help="train, val, test, auto_test (or 'all' for a plain ROOT/<grade>/)")
     p.add_argument(
         "--protocol", default="official", choices=PROTOCOLS, help="how train/val are formed (see train.data)"

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from model import create_model, list_models
 from model.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from model.contract import InputContract
+from model.paths import KOA
 from model.registry import has_pretrained
 from train.data import (
     PROTOCOLS,
@@ -69,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="patient-grouped share of train held out for calibration and decoding (0: none)",
     )
-    p.add_argument("--data", default="../shared/data/koa", help="dataset root (ROOT/<split>/<grade>/*.png)")
+    p.add_argument("--data", default=str(KOA), help="dataset root (ROOT/<split>/<grade>/*.png)")
     p.add_argument("--protocol", default="official", choices=PROTOCOLS)
     p.add_argument("--out", default="runs/oamen", help="output folder")
     p.add_argument("--epochs", type=int, default=30)

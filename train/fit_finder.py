@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.localize import VIEWS, FinderConfig, KneeFinder, load_finder, save_finder
+from model.paths import KOA, LEGFILMS
 from train import framings as framings_module
 from train.films import Item, load_films, load_nonknee
 from train.finder_views import Hard, augment, fade, load_crops, load_pairs, paste_metal, targets
@@ -88,9 +89,9 @@ def augmented_features(
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--films", default="../shared/data/legfilms")
+    p.add_argument("--films", default=str(LEGFILMS))
     p.add_argument("--boxes", default="annotations/legfilms.csv")
-    p.add_argument("--koa", default="../shared/data/koa")
+    p.add_argument("--koa", default=str(KOA))
     p.add_argument("--out", default="runs/finder")
     p.add_argument("--epochs", type=int, default=24)
     p.add_argument("--film-copies", type=int, default=16, help="random views of each training film")

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from model.markers import CLASSES, MarkerConfig, MarkerNet, candidates, classify, patches, read_markers, save_reader
+from model.paths import KOA, LEGFILMS, NONKNEE
 from train.films import film_split
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
@@ -400,10 +401,10 @@ def fit(args, train_g, tune_g, marks, cfg) -> tuple[MarkerNet, list[dict]]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--films", default="../shared/data/legfilms")
+    p.add_argument("--films", default=str(LEGFILMS))
     p.add_argument("--markers", default="annotations/legfilm_markers.csv")
-    p.add_argument("--koa-val", default="../shared/data/koa/val")
-    p.add_argument("--nonknee", default="../shared/data/nonknee")
+    p.add_argument("--koa-val", default=str(KOA / "val"))
+    p.add_argument("--nonknee", default=str(NONKNEE))
     p.add_argument("--out", default="runs/markers")
     p.add_argument("--weights", default=None, help="also save the reader here (e.g. weights/markers.pt)")
     p.add_argument("--report", default=None, help="write the measurements here (e.g. docs/model/markers.json)")

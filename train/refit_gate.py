@@ -20,6 +20,7 @@ from tqdm import tqdm
 from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model.contract import InputContract
 from model.decode import decode_image
+from model.paths import LEGFILMS
 from model.preprocess import as_float_image, prepare
 from train.data import Sample, scan
 from train.framings import random_framing
@@ -35,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to write the checkpoint with the refitted gate")
     p.add_argument("--framed-share", type=float, default=1.0, help="framed copies per knee, as a share of the knees")
     p.add_argument("--max-gate-fit", type=int, default=3000, help="training knees used to fit the gate (calibrate's)")
-    p.add_argument("--films", default="../shared/data/legfilms", help="leg films whose tune AP knees must pass")
+    p.add_argument("--films", default=str(LEGFILMS), help="leg films whose tune AP knees must pass")
     p.add_argument("--boxes", default="annotations/legfilms.csv", help="the knee boxes of --films")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="calibrate's seed: the same training knees")

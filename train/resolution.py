@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from model.localize import CROP_PER_JOINT_WIDTH, JOINT_WIDTH_IN_CROP
+from model.paths import KOA
 from train.answers import answer_arrays, load_model, prepare_files, select_split
 from train.data import scan
 from train.metrics import quadratic_weighted_kappa
@@ -82,7 +83,7 @@ def choose_floor(rows: list[dict[str, Any]], max_qwk_drop: float, max_refused: f
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", default="weights/oamen.ckpt")
-    p.add_argument("--data", default="../shared/data/koa")
+    p.add_argument("--data", default=str(KOA))
     p.add_argument("--split", default="val")
     p.add_argument("--max-qwk-drop", type=float, default=0.05)
     p.add_argument("--max-refused", type=float, default=0.05)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from model.checkpoint import model_from_checkpoint
 from model.localize import crop_joint, find_joints, plan
+from model.paths import SITE2
 from model.postprocess import decode_grades, split_outputs
 from model.preprocess import prepare, to_model_input
 from train import site_fit
@@ -78,7 +79,7 @@ def adapted(net: torch.nn.Module, inputs: list[np.ndarray]) -> torch.nn.Module:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--site-data", default="../shared/data/site2")
+    p.add_argument("--site-data", default=str(SITE2))
     p.add_argument("--weights", default="weights/oamen.ckpt")
     p.add_argument("--finder", default="weights/finder.pt")
     p.add_argument("--knees", type=int, default=100)

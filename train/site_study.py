@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from model.paths import KOA, SITE2
 from model.postprocess import decode_grades
 from train import site_fit
 from train.site_path import KneeRecord, ServedSitePath, sha256
@@ -29,11 +30,11 @@ log = logging.getLogger("train.site_study")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--site-data", default="../shared/data/site2", help="the site's labelled knees (<grade>/<image>)")
+    p.add_argument("--site-data", default=str(SITE2), help="the site's labelled knees (<grade>/<image>)")
     p.add_argument("--site-name", default="site2")
     p.add_argument("--site-credit", default='Gornale, Shivanand; Patravali, Pooja (2020), "Digital Knee X-ray Images", '
                    "Mendeley Data, v1, doi:10.17632/t9ndx37v5h.1 (CC BY 4.0)")  # fmt: skip
-    p.add_argument("--val", default="../shared/data/koa", help="the training dataset root (its val/ and train/)")
+    p.add_argument("--val", default=str(KOA), help="the training dataset root (its val/ and train/)")
     p.add_argument("--val-knees", type=int, default=300, help="val knees run through the served path (stratified)")
     p.add_argument("--weights", default="weights/oamen.ckpt")
     p.add_argument("--finder", default="weights/finder.pt")

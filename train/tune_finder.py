@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from model.localize import FinderConfig, load_finder, plan
+from model.paths import LEGFILMS
 from train.films import Item, load_films, load_nonknee
 from train.finder_measure import choose_threshold, measure_variants, run_finder
 from train.finder_views import hard_variants
@@ -43,7 +44,7 @@ def measure(
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("finders", nargs="+")
-    p.add_argument("--films", default="../shared/data/legfilms")
+    p.add_argument("--films", default=str(LEGFILMS))
     p.add_argument("--boxes", default="annotations/legfilms.csv")
     p.add_argument("--nonknee", default=None, help="non-knee radiographs: their fit half is measured and helps choose")
     p.add_argument("--saved-threshold", action="store_true", help="measure at each finder's saved threshold")

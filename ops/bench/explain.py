@@ -39,13 +39,14 @@ from typing import Any
 
 from handler.koa_handler import EARLY_ENV
 from koa_client.rest import RestClient
+from model.paths import ROOT
+from model.settings import TORCH_THREADS
 from ops import server as ts
 from ops.load import Sender, leg, schedule
 
-ROOT = Path(__file__).resolve().parents[2]
 MODES = {"before": "0", "after": "1"}  # KOA_EARLY_ANSWERS of each mode's worker
 RAMP_S = 5.0  # scheduled seconds at the start of a leg that are not counted
-THREADS_ENV = "KOA_TORCH_THREADS"  # read by handler/koa_handler.py
+THREADS_ENV = TORCH_THREADS.name  # read by handler/koa_handler.py
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 from handler.memory import ENV
+from model.paths import ROOT
 from ops.bench.report import malloc_report
 from ops.results import DATA_IMAGES, DOC_RESULTS, write_result
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def get_args_parser() -> argparse.ArgumentParser:

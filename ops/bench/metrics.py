@@ -31,11 +31,10 @@ from handler.service import Predictor
 from model.checkpoint import load_torchscript
 from model.drift import DriftReference
 from model.localize import load_serving_finder
+from model.paths import ROOT
 from model.precision import served_models
 from ops.load import image_bodies
 from ops.results import DATA_IMAGES, DOC_RESULTS, write_result
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def get_args_parser() -> argparse.ArgumentParser:

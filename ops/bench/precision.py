@@ -31,6 +31,7 @@ import torch
 
 from model.checkpoint import load_torchscript, model_from_checkpoint
 from model.localize import find_joints, load_finder, plan, serving_finder
+from model.paths import KOA, LEGFILMS, NONKNEE
 from model.precision import compiled, native_bf16
 from ops.results import ROOT, write_result
 from train.answers import answer_arrays, prepare_files
@@ -45,9 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=str(ROOT / "weights" / "oamen.ckpt"))
     p.add_argument("--exported", default=str(ROOT / "build" / "oamen.pt"), help="train.export's file ('' to skip)")
     p.add_argument("--finder", default=str(ROOT / "weights" / "finder.pt"))
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "koa"))
-    p.add_argument("--films", default=str(ROOT.parent / "shared" / "data" / "legfilms"))
-    p.add_argument("--nonknee", default=str(ROOT.parent / "shared" / "data" / "nonknee"))
+    p.add_argument("--data", default=str(KOA))
+    p.add_argument("--films", default=str(LEGFILMS))
+    p.add_argument("--nonknee", default=str(NONKNEE))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--seconds", type=float, default=1.0)

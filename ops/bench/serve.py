@@ -30,6 +30,7 @@ from handler.service import Predictor
 from model.checkpoint import load_torchscript
 from model.decode import decode_image
 from model.localize import find_joints, load_serving_finder
+from model.paths import ROOT
 from model.precision import served_models
 from model.preprocess import prepare, to_model_input
 from ops import server as ts
@@ -37,7 +38,6 @@ from ops.load import drive, idle_latency
 from ops.load import image_bodies as load_images
 from ops.results import DATA_IMAGES, write_result
 
-ROOT = Path(__file__).resolve().parents[2]
 FINDER = ROOT / "weights" / "finder.pt"  # what `make archive` puts beside the model
 
 

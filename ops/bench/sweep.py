@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from model.settings import TORCH_THREADS
 from ops import render_docs
 from ops.bench.report import sweep_report
 from ops.bench.serve import (
@@ -213,7 +214,7 @@ def main(args: argparse.Namespace) -> dict:
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
-            "worker_threads": os.environ.get("KOA_TORCH_THREADS", "torch default"),
+            "worker_threads": os.environ.get(TORCH_THREADS.name, "torch default"),
             "images": len(images),
             "seconds": args.seconds,
             "round_seconds": args.round_seconds,

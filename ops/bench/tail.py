@@ -33,14 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model.paths import ROOT
+from model.settings import TORCH_THREADS
 from ops import render_docs
 from ops import server as ts
 from ops.results import DOC_RESULTS, write_result
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-THREADS_ENV = "KOA_TORCH_THREADS"
+THREADS_ENV = TORCH_THREADS.name
 
 
 def shipped_setting(config: Path = ROOT / "config.properties") -> str:

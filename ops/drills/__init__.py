@@ -19,9 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from model.paths import ROOT
 from ops.results import DATA_IMAGES, write_result
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_drill_args(p: argparse.ArgumentParser, json_default: Path | None = None) -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ from typing import Any
 
 import requests
 
+from model.paths import KOA, ROOT, SITE2
 from ops import monitor
 from ops import server as ts
 from ops.load import check_loopback
@@ -41,7 +42,6 @@ from ops.procs import free_ports
 from ops.results import write_result
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[2]
 ALERT = "KneeInputDrift"
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -51,8 +51,8 @@ CHROMIUM_FLAGS = (
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "koa", help="its val/ knees first")
-    p.add_argument("--site2", type=Path, default=ROOT.parent / "shared" / "data" / "site2", help="then these")
+    p.add_argument("--data", type=Path, default=KOA, help="its val/ knees first")
+    p.add_argument("--site2", type=Path, default=SITE2, help="then these")
     p.add_argument("--val", type=int, default=300, help="val knees before the switch")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the alert after the last knee")

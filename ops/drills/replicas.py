@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadtest import settings
 from ops import cluster, render_docs
 from ops import server as ts
 from ops.drills import ROOT
@@ -118,12 +119,12 @@ def locust(
     out.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
-        "KOA_DRILL_GRPC_TARGET": f"127.0.0.1:{front.grpc_port}",
-        "KOA_KEY_FILE": str(Path(workdir) / cluster.KEY_FILE),
-        "KOA_IMAGES": str(images),
-        "KOA_DRILL_REFERENCE": str(reference or ""),
-        "KOA_DRILL_RECORDS": str(out / "records.jsonl"),
-        "KOA_RETRY_S": str(retry_s),
+        settings.DRILL_GRPC_TARGET.name: f"127.0.0.1:{front.grpc_port}",
+        settings.KEY_FILE.name: str(Path(workdir) / cluster.KEY_FILE),
+        settings.IMAGES.name: str(images),
+        settings.DRILL_REFERENCE.name: str(reference or ""),
+        settings.DRILL_RECORDS.name: str(out / "records.jsonl"),
+        settings.RETRY_S.name: str(retry_s),
         "PYTHONPATH": str(ROOT),
     }
     cmd = [

@@ -7,14 +7,9 @@ sees one request per caller's request, after the retries: a Locust failure is a 
 Every answer is validated against the answer schema and against the reference answer of its image
 (grade equal, probabilities within ``PROB_TOL``); a different answer is a failure too.
 
-Environment (set by the drill):
-    KOA_DRILL_GRPC_TARGET  gRPC ``host:port`` of the balancer.
-    KOA_KEY_FILE           the cluster's key_file.json (the balancer's token).
-    KOA_IMAGES             folder of request images.
-    KOA_DRILL_REFERENCE    JSON {image name: {"kl_grade", "probabilities"}} to compare with ('' : none).
-    KOA_DRILL_RECORDS      where to write every request's record (JSON lines) at exit.
-    KOA_RETRY_S, KOA_TIMEOUT  the clients' retry window and per-attempt timeout, seconds.
-    KOA_USERS              ``rest``, ``grpc`` or ``rest,grpc`` (default both, Locust shares users out evenly).
+Environment (set by the drill): `loadtest.settings`, listed in docs/OPERATIONS.md. ``KOA_KEY_FILE`` is
+the cluster's key_file.json (the balancer's token); ``KOA_DRILL_REFERENCE`` maps an image's name to its
+``{"kl_grade", "probabilities"}``; with ``KOA_USERS`` unset Locust shares users out evenly between both.
 """
 
 from __future__ import annotations
@@ -36,15 +31,15 @@ from typing import Any  # noqa: E402
 from koa_client import KOAClientError, load_token  # noqa: E402
 from koa_client.grpc_client import GrpcClient  # noqa: E402
 from koa_client.rest import RestClient  # noqa: E402
+from loadtest import settings  # noqa: E402
+from ops.checkout import ROOT  # noqa: E402
 from ops.load import InvalidAnswer, check_loopback, count_attempts, load_images, validate_answer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-
 PROB_TOL = 1e-4
-RETRY_S = float(os.environ.get("KOA_RETRY_S", "60"))
-TIMEOUT = float(os.environ.get("KOA_TIMEOUT", "120"))
-GRPC_TARGET = os.environ.get("KOA_DRILL_GRPC_TARGET", "127.0.0.1:7170")
-RECORDS = os.environ.get("KOA_DRILL_RECORDS", "")
+RETRY_S = settings.RETRY_S.value()
+TIMEOUT = settings.TIMEOUT.value()
+GRPC_TARGET = settings.DRILL_GRPC_TARGET.get()
+RECORDS = settings.DRILL_RECORDS.get()
 
 
 class Setup:
@@ -136,7 +131,7 @@ class GrpcUser(_DrillUser):
 
 
 def _select() -> None:
-    chosen = {p.strip() for p in os.environ.get("KOA_USERS", "rest,grpc").split(",") if p.strip()}
+    chosen = {p.strip() for p in (settings.USERS.get() or "rest,grpc").split(",") if p.strip()}
     RestUser.abstract = "rest" not in chosen
     GrpcUser.abstract = "grpc" not in chosen
 
@@ -151,9 +146,9 @@ def _setup(environment: Any, **_: Any) -> None:
             check_loopback(environment.host)
             RestUser.host = environment.host
         check_loopback(GRPC_TARGET)
-        Setup.token = load_token(key_file=os.environ["KOA_KEY_FILE"])
-        Setup.images = load_images(os.environ.get("KOA_IMAGES") or ROOT / "tests" / "fixtures")
-        ref = os.environ.get("KOA_DRILL_REFERENCE", "")
+        Setup.token = load_token(key_file=os.environ[settings.KEY_FILE.name])
+        Setup.images = load_images(settings.IMAGES.get() or ROOT / "tests" / "fixtures")
+        ref = settings.DRILL_REFERENCE.get()
         Setup.reference = json.loads(Path(ref).read_text()) if ref else {}
     except (KeyError, ValueError, RuntimeError, OSError) as exc:
         raise SystemExit(f"drill: {exc}") from None
