@@ -1,7 +1,7 @@
 """The audit trail: one JSON line per request, append-only, rotated, each line chained to the one before.
 
 ``python -m ops.audit verify [PATH]``  checks a trail (its rotated files too); exit 0 when intact, 1 otherwise.
-``python -m ops.audit serve --socket S --out PATH``  the front door's receiver (ops/door.py starts it).
+``python -m ops.audit serve --socket S --out PATH``  the front door's receiver (ops/door/ starts it).
 ``python -m ops.audit show [PATH]``  prints the records, oldest first.
 
 Every line is a JSON object whose ``seq`` counts from 0 and whose ``prev`` is the SHA-256 of the previous
@@ -13,7 +13,7 @@ kept starts the chain wherever rotation pruning left it (``prev`` of its first l
 
 Where the front door's lines come from: HAProxy knows, for every request, the client certificate's identity,
 the endpoint, the status, the latency and TLS details, and reads the grade or refusal type from TorchServe's
-answer (ops/door.py); it sends one JSON datagram per request at the end of the request to a Unix datagram
+answer (ops/door/); it sends one JSON datagram per request at the end of the request to a Unix datagram
 socket. The receiver here (one process, one writer, so the chain has one order) turns each datagram into a
 record (`door_record`) and appends it. What a record never holds: image bytes, request bodies, query strings,
 patient names or identifiers -- the door does not read them, so it cannot log them.
@@ -245,7 +245,7 @@ _DASH = re.compile(r'"(-)"')
 
 
 def door_record(datagram: bytes) -> dict[str, Any] | None:
-    """One audit record from HAProxy's log datagram (the JSON of ops/door.py's ``LOG_FORMAT``), or None.
+    """One audit record from HAProxy's log datagram (the JSON of ops/door/config.py's ``LOG_FORMAT``), or None.
 
     HAProxy writes ``-`` for a value it does not have (no certificate, no grade): that becomes null.
     """

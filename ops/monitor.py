@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -32,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from ops.procs import is_alive
+from ops.procs import is_alive, stop_pid
 
 __all__ = [
     "Monitor", "MonitorError", "start", "stop", "attach", "query", "alerts", "render_prometheus",
@@ -223,16 +222,7 @@ def stop(workdir: Path = DEFAULT_WORKDIR, timeout: float = 20.0) -> bool:
     pids = json.loads(path.read_text()).get("pids", {})
     stopped = False
     for name in reversed(PROCESSES):
-        pid = pids.get(name)
-        if not is_alive(pid):
-            continue
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while is_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if is_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-        stopped = True
+        stopped = stop_pid(pids.get(name), timeout) or stopped
     return stopped
 
 

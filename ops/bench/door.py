@@ -30,6 +30,7 @@ from typing import Any
 import requests
 
 from ops import door, pki
+from ops import server as ts
 from ops.procs import free_ports, read_pid
 from ops.results import DATA_IMAGES, DOC_RESULTS, ROOT, write_result
 
@@ -128,8 +129,8 @@ def door_pids(workdir: Path) -> list[int]:
 
 def replica_pids(replica_workdir: Path) -> list[int]:
     """TorchServe's Java frontend and its workers."""
-    java = door.ts.server_pid(replica_workdir)
-    return [java, *door.ts.descendants(java)] if java else []
+    java = ts.server_pid(replica_workdir)
+    return [java, *ts.descendants(java)] if java else []
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,14 +151,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         try:
             state = door.start(1, workdir, front, files, model_store=args.store)
             replica = state["replicas"][0]
-            token = door.ts.read_keys(Path(replica["workdir"]))["inference"]
+            token = ts.read_keys(Path(replica["workdir"]))["inference"]
             paths = {
                 "plain": (
-                    f"http://127.0.0.1:{replica['rest_port']}/predictions/{door.ts.MODEL_NAME}",
+                    f"http://127.0.0.1:{replica['rest_port']}/predictions/{ts.MODEL_NAME}",
                     {"headers": {"Authorization": f"Bearer {token}"}},
                 ),
                 "door": (
-                    f"https://127.0.0.1:{front.rest_port}/predictions/{door.ts.MODEL_NAME}",
+                    f"https://127.0.0.1:{front.rest_port}/predictions/{ts.MODEL_NAME}",
                     {"verify": str(certs / "ca.crt"), "cert": (str(client.cert), str(client.key))},
                 ),
             }
