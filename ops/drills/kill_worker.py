@@ -31,24 +31,20 @@ by how fast the new worker can import torch and load the model.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ops import server as ts
-from ops.drills import add_drill_args, write_drill
+from ops.drills.common import WORKER_MARK, add_drill_args, management_workers, worker_processes, write_drill
 from ops.load import LoadDriver, Record
 from ops.load import image_bodies as load_images
 from ops.server import serving
 
-WORKER_MARK = "model_service_worker.py"
 POLL_S = 0.2
 
 
@@ -62,42 +58,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery-timeout", type=float, default=90.0, help="s to wait for a new READY worker")
     p.add_argument("--workdir", type=Path, default=None, help="a running server's workdir (default: a private one)")
     return add_drill_args(p)
-
-
-# --- shared helpers (ops.drills.soak imports them too) --------------------------------------------
-
-
-def worker_processes(java_pid: int) -> list[Any]:
-    """psutil.Process objects of the Java frontend's children that run ``model_service_worker.py``."""
-    import psutil
-
-    found = []
-    try:
-        children = psutil.Process(java_pid).children(recursive=True)
-    except psutil.Error:
-        return []
-    for child in children:
-        try:
-            if any(WORKER_MARK in part for part in child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            continue
-    return found
-
-
-def management_workers(srv: ts.Server, model: str = ts.MODEL_NAME) -> list[dict[str, Any]]:
-    """The model's ``workers`` list from the management API ([] when it cannot be read)."""
-    req = urllib.request.Request(
-        f"{srv.management_url}/models/{model}", headers={"Authorization": f"Bearer {srv.keys()['management']}"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return json.loads(resp.read())[0].get("workers", [])
-    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError):
-        return []
-
-
-# --- the drill ------------------------------------------------------------------------------------
 
 
 def kill_worker(srv: ts.Server) -> tuple[int, float]:

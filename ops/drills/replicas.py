@@ -38,12 +38,15 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ops import cluster, render_docs
+from client import load_token
+from client.rest import RestClient
+from ops import cluster
 from ops import server as ts
-from ops.drills import ROOT
+from ops.drills.common import ROOT, publish
 from ops.load import load_images
 from ops.procs import is_alive, read_pid
 from ops.results import DOC_RESULTS, write_result
@@ -84,18 +87,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_configs(text: str) -> list[tuple[int, int | None]]:
-    """``"1x2,2x1"`` -> [(1, 2), (2, 1)]: replicas and torch threads per worker; ``"2"`` -> [(2, None)].
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """One throughput configuration: replicas, and torch threads per worker (None: the cores shared out)."""
+
+    replicas: int
+    threads: int | None = None
+
+
+def parse_configs(text: str) -> list[ReplicaConfig]:
+    """``"1x2,2x1"`` -> [ReplicaConfig(1, 2), ReplicaConfig(2, 1)]: replicas and torch threads per worker;
+    ``"2"`` -> [ReplicaConfig(2, None)].
 
     Raises:
         ValueError: anything else, saying what was given.
     """
-    out: list[tuple[int, int | None]] = []
+    out: list[ReplicaConfig] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         n, _, t = part.partition("x")
         if not n.isdigit() or int(n) < 1 or (t and (not t.isdigit() or int(t) < 1)):
             raise ValueError(f"--configs: {part!r} is not REPLICAS or REPLICASxTHREADS (e.g. 2x1)")
-        out.append((int(n), int(t) if t else None))
+        out.append(ReplicaConfig(int(n), int(t) if t else None))
     return out
 
 
@@ -151,9 +163,6 @@ def wait_locust(proc: subprocess.Popen, out: Path, timeout: float) -> list[dict[
 
 def reference_answers(front: cluster.Front, workdir: Path, images: Path) -> dict[str, dict[str, Any]]:
     """The answer for every image, taken through the balancer before any fault (sent again to check it)."""
-    from client import load_token
-    from client.rest import RestClient
-
     token = load_token(key_file=Path(workdir) / cluster.KEY_FILE)
     refs = {}
     with RestClient(f"http://127.0.0.1:{front.rest_port}", token=token, retry_s=30) as c:
@@ -366,13 +375,14 @@ def main(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"started": started, "cpu_count": os.cpu_count(), "config": vars(args).copy()}
     result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in result["config"].items()}
     if args.throughput_s > 0:
-        configs = parse_configs(args.configs) or [(n, None) for n in sorted({1, args.replicas})]
-        result["throughput"] = [throughput(n, args, k + 1, t) for k in range(args.rounds) for n, t in configs]
+        configs = parse_configs(args.configs) or [ReplicaConfig(n) for n in sorted({1, args.replicas})]
+        result["throughput"] = [
+            throughput(c.replicas, args, k + 1, c.threads) for k in range(args.rounds) for c in configs
+        ]
     result.update(drill(args))
     write_result(args.json, result)
     if str(args.publish) not in ("", "."):
-        write_result(args.publish, result)
-        render_docs.main([])
+        publish(args.publish, result)
         print(f"published {args.publish} and rendered the docs from it")
     print(
         f"requests {result['requests']}, failures {result['failures']} (attempts, resent), lost {result['lost']}, "

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ops import server as ts
-from ops.drills import add_drill_args, write_drill
+from ops.drills.common import add_drill_args, write_drill
 from ops.load import LoadDriver, Record
 from ops.load import image_bodies as load_images
 from ops.server import serving

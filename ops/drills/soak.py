@@ -36,13 +36,10 @@ from typing import Any
 
 import psutil
 
-from ops import render_docs
 from ops import server as ts
-from ops.drills import ROOT, add_drill_args
-from ops.drills.kill_worker import worker_processes
+from ops.drills.common import ROOT, add_drill_args, publish, worker_processes
 from ops.load import LoadDriver
 from ops.load import image_bodies as load_images
-from ops.results import write_result
 from ops.server import serving
 
 MB = 1024 * 1024
@@ -251,8 +248,7 @@ def main(args: argparse.Namespace) -> int:
     write_outputs(samples, result, args.json, warmup_s, heap)
     print(f"wrote {args.json}, {args.json.with_suffix('.csv')}, {gc_log}, {args.json.with_suffix('.png')}")
     if args.publish is not None:  # a result the docs quote (docs/results/soak.json), then the docs rendered
-        write_result(args.publish, result)
-        render_docs.main([])
+        publish(args.publish, result)
     return 0 if result["passed"] else 1
 
 
