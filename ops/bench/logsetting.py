@@ -19,8 +19,8 @@ import zipfile
 from pathlib import Path
 
 from ops import server as ts
+from ops.bench.common import ROOT, cpu_use, server
 from ops.bench.report import logging_report
-from ops.bench.serve import ROOT, cpu_use, server
 from ops.load import drive
 from ops.load import image_bodies as load_images
 from ops.results import DATA_IMAGES, write_result

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from handler.memory import ENV
 from ops.bench.report import malloc_report
+from ops.load import image_bodies as load_images
 from ops.results import DATA_IMAGES, DOC_RESULTS, write_result
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,8 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def child(args: argparse.Namespace) -> None:
     import psutil
 
-    from ops.bench.serve import load_predictor, pipeline_rate
-    from ops.load import image_bodies as load_images
+    # torch and the model are loaded in the child only: the parent just starts the children and reads them.
+    from ops.bench.common import load_predictor, pipeline_rate
 
     images = load_images(args.images, 64)
     ips = pipeline_rate(load_predictor(args.model), images, args.batch, args.seconds)

@@ -52,6 +52,7 @@ def shipped_setting(config: Path = ROOT / "config.properties") -> str:
 
 def served_model(weights: Path = ROOT / "weights" / "oamen.ckpt") -> str:
     """The grader `make archive` serves, as ``name version`` (the archive is built from these weights)."""
+    # lazy: this process needs torch only here, to name the served model in the result
     from model.checkpoint import load_checkpoint
 
     c = load_checkpoint(weights)["contract"]
