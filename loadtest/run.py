@@ -39,8 +39,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from client import KOAClientError
+from client.grpc_client import GrpcClient
+from client.rest import RestClient
 from ops import server as ts
-from ops.load import check_loopback
+from ops.load import check_loopback, load_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,11 +227,6 @@ def warm_up(target: dict[str, Any], args: argparse.Namespace, protocols: list[st
     calls, and without this the protocol measured first would carry that cost alone."""
     if args.warmup <= 0:
         return
-    from client import KOAClientError
-    from client.grpc_client import GrpcClient
-    from client.rest import RestClient
-    from ops.load import load_images
-
     env = locust_env("rest", target, args)
     try:
         if args.cert is not None and not env.get("KOA_TOKEN"):
