@@ -1,31 +1,9 @@
 """Fault injection: SIGKILL TorchServe's Python worker under load and measure how the service recovers.
 
-``python -m ops.drills.kill_worker [--seconds 30] [--clients 4] [--kill-at 10] [--json PATH]``
-
-Starts a private server on free ports (or attaches to a running one with ``--workdir``), drives
-``--clients`` closed-loop REST clients in threads and records every request (start, end, ok,
-status, error). At ``--kill-at`` seconds it SIGKILLs the worker (the child of the Java frontend
-whose command line holds ``model_service_worker.py``, cross-checked with the management API's
-``workers[0].pid``), keeps the load going, and polls the management API until a READY worker with
-a new pid shows up.
-
-Definitions (times are seconds after the kill, ``t_kill`` taken just before ``os.kill``):
-
-- *in flight at the kill*: the request started before ``t_kill + grace`` and ended after
-  ``t_kill``. The grace window (``--grace``, 1 s) covers requests that the frontend had already
-  handed, in a batch, to the dying worker's socket before it noticed the death; ``strictly in
-  flight`` (started before ``t_kill``) is reported beside it.
-- *first answer*: the first successful answer that ended after the management API first showed a
-  pid other than the killed one (a worker process that was started after the kill). Answers the
-  old worker had sent just before it died can end a few ms after ``t_kill``; this excludes them.
-- *ready*: the first poll (every 0.2 s) in which the management API shows a READY worker whose
-  pid differs from the killed one.
-- *after recovery*: requests that started after both the first answer and ready; all must succeed.
-
-Prints a Markdown table; ``--json`` also writes the figures, the records and the configuration.
-Exit 0 when TorchServe recovered (new pid, READY, answering) and only in-flight requests failed,
-else 1. A fault drill, not a benchmark: on a shared 2-core machine the recovery time is dominated
-by how fast the new worker can import torch and load the model.
+``python -m ops.drills.kill_worker [--seconds 30] [--clients 4] [--kill-at 10] [--json PATH]``: closed-loop
+REST clients against a private server (or ``--workdir``'s), the worker killed at ``--kill-at`` s, the load
+kept on until a new READY worker answers. What counts as in flight, recovered and passed, and the exit
+status: docs/RELIABILITY.md ("Worker killed under load").
 """
 
 from __future__ import annotations

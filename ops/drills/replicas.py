@@ -1,33 +1,9 @@
 """Replica drill: Locust through the balancer while one replica's server is killed and started again.
 
 ``python -m ops.drills.replicas [--replicas 2] [--seconds 90] [--kill-at 20] [--down-s 5] [--users 8]
-[--retry-s 60] [--throughput-s 40] [--json reports/drills/replicas.json]``
-
-1. Throughput (``--throughput-s`` > 0): for 1 replica, then for ``--replicas``, a fresh cluster
-   (`ops.cluster`) is loaded by ``--throughput-users`` closed-loop Locust users through the
-   balancer, REST and gRPC half each, for ``--throughput-s`` seconds after a warm-up.
-2. The drill: a fresh cluster of ``--replicas``; the reference answer of every image is taken through
-   the balancer; then Locust (ops/drills/replicas_locustfile.py: the shipped clients with ``retry_s``,
-   REST and gRPC half each, every answer checked against the schema and the reference) runs for
-   ``--seconds``. At ``--kill-at`` the Java frontend and the worker of replica r0 are SIGKILLed
-   (a crashed server, not a graceful stop), left down ``--down-s`` seconds and started again on
-   the same ports; the drill waits until HAProxy has it UP.
-
-Figures (JSON at ``--json``):
-
-- ``requests``: the callers' requests (each counted once, however often the client sent it);
-- ``failures``: failed attempts the clients saw (refused, reset, 503...), each resent or given up on;
-- ``resent``: requests answered after at least one failed attempt;
-- ``lost``: requests that never got a right answer within the client's ``retry_s`` (an error, or an
-  answer that differs from the reference): the target is 0;
-- ``recovery_s``: from the kill until HAProxy marks the replica UP again (it includes ``--down-s``
-  and TorchServe's start-up); ``ready_s``: until that replica's model was READY;
-  ``longest_gap_s``: the longest time no request was answered at all (0.1 s or so: the other
-  replica kept answering);
-- ``phases``: answered requests/s before the kill, while r0 was out, and once it was back;
-  ``answered_by_restarted_replica``: HAProxy's count of r0's answers once it was back.
-
-Exit 0 when nothing was lost and the restarted replica answered again.
+[--retry-s 60] [--throughput-s 40] [--json reports/drills/replicas.json]`` (``make drill-replicas``):
+throughput of 1 and N replicas behind `ops.cluster`, then replica r0 SIGKILLed under load and started
+again. Its figures, what each means and the exit status: docs/DEPLOY.md ("The replica drill").
 """
 
 from __future__ import annotations

@@ -1,25 +1,9 @@
 """Bounded soak run: steady REST load on a private TorchServe, watching the servers' memory for leaks.
 
 ``python -m ops.drills.soak [--minutes 10] [--clients 4] [--warmup 1] [--interval 10] [--explain-share 0.1]
-[--json PATH]``
-
-Starts a private server on free ports, drives ``--clients`` closed-loop REST clients (a share
-``--explain-share`` of them explanations) for ``--minutes``, and every ``--interval`` seconds
-samples the resident memory (RSS, psutil) of the Python worker (the ``model_service_worker.py``
-child of Java) and of the Java frontend, with the requests/s and failures of the interval.
-After ``--warmup`` minutes, RSS growth is measured against the first post-warm-up sample:
-``100 * (last - first) / first`` and the same for the peak (target: <= ``--target`` %, 10).
-
-The Java frontend's RSS says little about leaks: the JVM grows its heap in steps when the
-garbage collector asks for room (its default ceiling is a quarter of the RAM) and keeps the
-pages. So Java runs with a GC log (``-Xlog:gc``, ``<stem>_gc.log``), and its leak measure is
-the live heap: the heap in use after each collection, median of the first minute after the
-warm-up against median of the last minute.
-
-Writes ``--json`` (figures and configuration) and, next to it, ``<stem>.csv`` (the samples),
-``<stem>_gc.log`` and ``<stem>.png`` (RSS and the Java heap over time). Exit 0 when the worker's
-RSS and Java's live heap stay within the target and no request failed, else 1. A soak run, not a
-test: it stops by itself after ``--minutes``.
+[--json PATH]``: samples the worker's and Java's resident memory and Java's live heap (from a GC log) while
+the load runs, and writes the figures, the samples, the GC log and a plot. How growth is measured, the
+target and the exit status: docs/RELIABILITY.md ("Soak").
 """
 
 from __future__ import annotations
