@@ -2,13 +2,8 @@
 
 ``python -m ops.monitor start|stop|status|alerts [--workdir logs/monitor]`` (``make monitor``,
 ``make monitor-stop``); ``python -m ops.monitor webhook --port P --log FILE`` is the receiver itself.
-
-Debian's ``prometheus`` and ``prometheus-alertmanager`` run with the project's configuration
-(deploy/monitoring/), rendered into the working directory with absolute paths and the ports asked
-for: `make monitor` uses 9090 and 9093 and scrapes `make serve` (8082), `make pacs`'s gateway (9464)
-and `make cluster`'s HAProxy (8190); tests and the drift drill pass free ports and their own targets.
-Alertmanager sends every alert to the webhook, which appends it to ``alerts.jsonl`` and logs it:
-nothing leaves the machine. docs/MONITORING.md.
+Debian's packages run the configuration of deploy/monitoring/; ports, targets and where alerts go:
+docs/MONITORING.md.
 """
 
 from __future__ import annotations
