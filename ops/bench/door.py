@@ -1,18 +1,8 @@
 """What the secure front door costs: served throughput at saturation, plain HTTP against mutual TLS through the door.
 
-``python -m ops.bench door [--rounds 2] [--seconds 20] [--clients 16]`` (``make bench-door``)
-
-One TorchServe replica (the archive, the shipped batching) behind the door of `ops.door`, with a development PKI
-made for the run in a temporary folder. Each round measures both paths one after the other (the order
-alternates between rounds), on the same replica, with ``--clients`` closed-loop REST clients for ``--seconds``
-after a 3 s ramp, each client on its own keep-alive connection:
-
-- ``plain``: straight to TorchServe's REST port over plain HTTP with its inference key (what `make serve` offers);
-- ``door``: HTTPS with a client certificate to the door, which checks it, applies the policy and the rate limit
-  (set far above the load), writes the audit line and forwards to the same replica.
-
-The cost is 1 - door / plain, from the medians over rounds. Prints a table; writes docs/results/bench_door.json
-(``--json``). A benchmark, not a test: on a shared machine the figures move with whatever else runs.
+``python -m ops.bench door [--rounds 2] [--seconds 20] [--clients 16]`` (``make bench-door``): one replica
+behind `ops.door` with a development PKI made for the run; both paths measured each round, the order
+alternating. The method and the cost's definition: docs/SECURITY.md ("The cost of the door").
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """Served against in-process throughput and idle latency, measured side by side in one run.
 
-``python -m ops.bench serve [--batch 8] [--delay 50] [--concurrency 16] [--seconds 30]``
-
-1. In-process, no server: the handler's whole request path (`handler.service.Predictor`: decode,
-   preprocess, batch, TorchScript model) on batches of ``--batch`` raw PNGs, and the
-   TorchScript model alone at batch 1 and ``--batch``.
-2. TorchServe with the same batch size, ``--concurrency`` REST clients in threads for
-   ``--seconds`` (`ops.load.HttpDriver`, every answer validated): requests/s, failures, latency percentiles.
-3. Idle latency: one request at a time, against model time + max batch delay + 20 ms.
-
-Prints a Markdown table and the ratios; ``--json`` also writes them. A benchmark, not a test:
-these machines are shared and noisy, so compare ratios from one run, not absolute numbers.
+``python -m ops.bench serve [--batch 8] [--delay 50] [--concurrency 16] [--seconds 30]``: the handler's request
+path in process, the same batch size through TorchServe under REST clients, and one request at a time against
+model time + max batch delay + 20 ms. A benchmark, not a test: compare ratios from one run, not absolute numbers.
 """
 
 from __future__ import annotations
