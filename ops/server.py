@@ -34,7 +34,7 @@ from ops.procs import descendants, free_ports, is_alive, read_pid
 __all__ = [
     "Server", "ServeError", "start", "start_on_free_ports", "serving", "attach", "stop", "drain", "restart",
     "token", "read_keys", "renew_key", "is_running", "server_pid", "workdir_config", "parse_properties",
-    "render_config", "models_property", "with_batching", "free_ports", "is_alive", "descendants",
+    "render_config", "models_property", "with_batching", "free_ports", "is_alive", "descendants", "describe", "renew",
     "DEFAULT_WORKDIR", "DRAIN_S", "LOG_CONFIG", "MODEL_NAME",
 ]  # fmt: skip
 

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return add_drill_args(p)
 
 
-def kill_worker(srv: ts.Server) -> tuple[int, float]:
-    """SIGKILL the model's worker process; return its pid and ``time.monotonic()`` just before the kill."""
+@dataclass
+class Kill:
+    """The killed worker's pid and ``time.monotonic()`` just before the kill."""
+
+    pid: int
+    t_kill: float
+
+
+def kill_worker(srv: ts.Server) -> Kill:
+    """SIGKILL the model's worker process."""
     java = ts.server_pid(Path(srv.workdir))
     if java is None:
         raise RuntimeError(f"no TorchServe pid file in {srv.workdir}/tmp: is the server running?")
@@ -52,7 +60,7 @@ def kill_worker(srv: ts.Server) -> tuple[int, float]:
         raise RuntimeError(f"worker pid {pid} (process tree) is not the management API's {api_pids}")
     t_kill = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    return pid, t_kill
+    return Kill(pid, t_kill)
 
 
 def wait_for_new_worker(srv: ts.Server, old_pid: int, timeout: float) -> dict[str, Any]:
@@ -150,7 +158,8 @@ def run_fault(
     driver.start()
     try:
         time.sleep(kill_at)
-        old_pid, t_kill = kill_worker(srv)
+        kill = kill_worker(srv)
+        old_pid, t_kill = kill.pid, kill.t_kill
         probe = wait_for_new_worker(srv, old_pid, recovery_timeout)
         end = max(t0 + seconds, (probe["t_ready"] or time.monotonic()) + after)
         time.sleep(max(0.0, end - time.monotonic()))

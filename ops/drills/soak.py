@@ -15,6 +15,7 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,19 @@ def live_heap_growth(heap: list[dict[str, float]], warmup_s: float, end_s: float
     }
 
 
+@dataclass
+class SoakRun:
+    """What a soak saw: the samples (one every interval), and the requests sent and failed in all."""
+
+    samples: list[dict[str, Any]]
+    requests: int
+    failures: int
+
+
 def soak(
     srv: ts.Server, images: list[bytes], clients: int, seconds: float, interval: float, explain_share: float
-) -> tuple[list[dict[str, Any]], int, int]:
-    """Load for ``seconds``, a sample every ``interval`` s (the first at t=0). Returns samples, requests, failures."""
+) -> SoakRun:
+    """Load for ``seconds``, a sample every ``interval`` s (the first at t=0)."""
     driver = LoadDriver(srv, images, clients, explain_share=explain_share).start()
     t0 = time.monotonic()
     samples: list[dict[str, Any]] = []
@@ -132,7 +142,7 @@ def soak(
             time.sleep(max(0.0, min(t0 + k * interval, t0 + seconds) - time.monotonic()))
     finally:
         records = driver.stop()
-    return samples, len(records), sum(not r.ok for r in records)
+    return SoakRun(samples, len(records), sum(not r.ok for r in records))
 
 
 def write_outputs(
@@ -191,7 +201,8 @@ def main(args: argparse.Namespace) -> int:
     with serving(args.store, properties={"vmargs": f"-Xlog:gc:file={gc_log}:uptime"}) as srv:
         java_started = psutil.Process(ts.server_pid(Path(srv.workdir))).create_time()
         uptime_at_t0 = time.time() - java_started
-        samples, total, failed = soak(srv, images, args.clients, seconds, args.interval, args.explain_share)
+        run = soak(srv, images, args.clients, seconds, args.interval, args.explain_share)
+    samples, total, failed = run.samples, run.requests, run.failures
     heap = java_heap(gc_log, uptime_at_t0)
     steady = [s for s in samples if s["t_s"] >= warmup_s]
     worker, java = growth(steady, "worker_rss_mb"), growth(steady, "java_rss_mb")
