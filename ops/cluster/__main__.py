@@ -12,24 +12,18 @@ import time
 from pathlib import Path
 
 from ops import server as ts
-from ops.cluster.config import GRPC_PORT, HEALTH_PORT, REST_PORT, Front
-from ops.cluster.haproxy import ClusterError, server_states
+from ops.cluster.cli import add_front_args, print_states
+from ops.cluster.config import Front
+from ops.cluster.haproxy import ClusterError
 from ops.cluster.k8s import K8S_DIR, k8s_configmap
-from ops.cluster.lifecycle import DEFAULT_WORKDIR, ROOT, reload_balancer, rotate, running, start, stop
+from ops.cluster.lifecycle import DEFAULT_WORKDIR, reload_balancer, rotate, running, start, stop
 from ops.cluster.tokens import KEY_FILE, read_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ops.cluster", description=__doc__.split("\n")[0])
     p.add_argument("command", choices=("start", "stop", "status", "token", "rotate", "reload", "k8s-configmap"))
-    p.add_argument("--replicas", "-n", type=int, default=2)
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
-    p.add_argument("--rest-port", type=int, default=REST_PORT)
-    p.add_argument("--grpc-port", type=int, default=GRPC_PORT)
-    p.add_argument("--health-port", type=int, default=HEALTH_PORT)
-    p.add_argument("--timeout", type=float, default=240.0, help="seconds for each replica to become READY")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / replicas)")
+    add_front_args(p, replicas=2, workdir=DEFAULT_WORKDIR, front=Front())
     args = p.parse_args(argv)
     try:
         if args.command == "start":
@@ -45,11 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             print("stopped" if stop(args.workdir) else "not running", f"({time.monotonic() - t0:.1f} s)")
         elif args.command == "status":
-            if not running(args.workdir):
-                print("not running")
-                return 1
-            for name, status in server_states(args.workdir).items():
-                print(f"{name}: {status}")
+            return print_states(args.workdir, running(args.workdir))
         elif args.command == "token":
             tokens = read_tokens(args.workdir)
             if not tokens:

@@ -40,6 +40,7 @@ class Front:
     health_port: int = HEALTH_PORT
     bind: str = "127.0.0.1"
 
+
 def haproxy_config(
     replicas: list[Replica],
     front: Front,
@@ -106,22 +107,7 @@ def haproxy_config(
         "    http-request del-header Authorization",
         "    default_backend replicas_grpc",
         "",
-        "frontend health",
-        f"    bind {b}:{front.health_port}",
-        '    http-request return status 200 content-type text/plain string "alive" if { path /live }',
-        '    http-request return status 503 content-type text/plain string "no replica ready"'
-        " if { path /ready } { nbsrv(replicas_rest) eq 0 }",
-        '    http-request return status 200 content-type text/plain string "ready" if { path /ready }',
-        "    # HAProxy's own Prometheus exporter: requests, errors and replica states (docs/MONITORING.md)",
-        "    http-request use-service prometheus-exporter if { path /metrics }",
-        "    http-request return status 404",
-        "",
-        "backend replicas_rest",
-        "    balance leastconn",
-        "    option httpchk",
-        "    http-check send meth GET uri /ping",
-        "    http-check expect status 200",
-        f"    default-server inter {check_inter_ms} fall 2 rise 2",
+        *health_and_checks(front, check_inter_ms, exporter=True),
     ]
     lines += [f"    server {r.name} {r.host}:{r.rest_port} check" for r in replicas]
     lines += [
@@ -131,6 +117,34 @@ def haproxy_config(
     ]
     lines += [f"    server {r.name} {r.host}:{r.grpc_port} proto h2 track replicas_rest/{r.name}" for r in replicas]
     return "\n".join(lines) + "\n"
+
+
+def health_and_checks(front: Front, check_inter_ms: int, exporter: bool) -> list[str]:
+    """The health frontend (``/live``, ``/ready``; HAProxy's Prometheus exporter on ``/metrics`` with
+    ``exporter``) and the head of the REST backend, whose servers are checked with ``GET /ping``."""
+    lines = [
+        "frontend health",
+        f"    bind {front.bind}:{front.health_port}",
+        '    http-request return status 200 content-type text/plain string "alive" if { path /live }',
+        '    http-request return status 503 content-type text/plain string "no replica ready"'
+        " if { path /ready } { nbsrv(replicas_rest) eq 0 }",
+        '    http-request return status 200 content-type text/plain string "ready" if { path /ready }',
+    ]
+    if exporter:
+        lines += [
+            "    # HAProxy's own Prometheus exporter: requests, errors and replica states (docs/MONITORING.md)",
+            "    http-request use-service prometheus-exporter if { path /metrics }",
+        ]
+    return lines + [
+        "    http-request return status 404",
+        "",
+        "backend replicas_rest",
+        "    balance leastconn",
+        "    option httpchk",
+        "    http-check send meth GET uri /ping",
+        "    http-check expect status 200",
+        f"    default-server inter {check_inter_ms} fall 2 rise 2",
+    ]
 
 
 ERROR_502_AS_503 = (

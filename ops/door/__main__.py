@@ -14,15 +14,12 @@ from pathlib import Path
 
 from ops import pki
 from ops import server as ts
+from ops.cluster.cli import add_front_args, print_states
 from ops.cluster.config import Replica
-from ops.cluster.haproxy import ClusterError, server_states
+from ops.cluster.haproxy import ClusterError
 from ops.door.clients import client_add, client_revoke
 from ops.door.config import (
     DEFAULT_WORKDIR,
-    GRPC_PORT,
-    HEALTH_PORT,
-    REST_PORT,
-    ROOT,
     DoorError,
     DoorFiles,
     DoorFront,
@@ -35,17 +32,12 @@ from ops.procs import is_alive, read_pid
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ops.door", description=__doc__.split("\n")[0])
     p.add_argument(
         "command", choices=("start", "stop", "status", "reload", "client-add", "client-revoke", "reload-crl", "config")
     )
     p.add_argument("name", nargs="?", help="client-add / client-revoke: the calling system's name (its CN)")
-    p.add_argument("--replicas", "-n", type=int, default=1)
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
-    p.add_argument("--rest-port", type=int, default=REST_PORT)
-    p.add_argument("--grpc-port", type=int, default=GRPC_PORT)
-    p.add_argument("--health-port", type=int, default=HEALTH_PORT)
+    add_front_args(p, replicas=1, workdir=DEFAULT_WORKDIR, front=DoorFront())
     p.add_argument("--certs", type=Path, default=pki.DEFAULT_DIR, help="the development CA (client-add/-revoke)")
     p.add_argument("--cert", default=DoorFiles.cert, help="the door's certificate, chain and key (PEM)")
     p.add_argument("--ca", default=DoorFiles.ca, help="the CA(s) that sign client certificates (PEM)")
@@ -54,8 +46,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoints", default=",".join(ENDPOINTS), help="client-add: the endpoints it may call")
     p.add_argument("--per-minute", type=int, default=DEFAULT_PER_MINUTE, help="client-add: its rate limit")
     p.add_argument("--no-issue", action="store_true", help="client-add: only allow NAME (its certificate exists)")
-    p.add_argument("--timeout", type=float, default=240.0)
-    p.add_argument("--threads", type=int, default=None)
     return p
 
 
@@ -78,11 +68,8 @@ def main(args: argparse.Namespace) -> int:
         elif args.command == "stop":
             print("stopped" if stop(args.workdir) else "not running")
         elif args.command == "status":
-            if not running(args.workdir):
-                print("not running")
+            if print_states(args.workdir, running(args.workdir)):
                 return 1
-            for name, status in server_states(args.workdir).items():
-                print(f"{name}: {status}")
             print(
                 f"audit receiver: {'alive' if is_alive(read_pid(args.workdir / 'audit-receiver.pid')) else 'DEAD'};"
                 f" log lines dropped: {dropped_logs(args.workdir)}"

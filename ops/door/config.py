@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ops import pki
-from ops.cluster.config import GRPC_SERVICE, SERVER_TIMEOUT_S, Replica
+from ops.cluster.config import GRPC_SERVICE, SERVER_TIMEOUT_S, Front, Replica, health_and_checks
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_WORKDIR = ROOT / "logs" / "door"
@@ -74,13 +74,12 @@ class DoorFiles:
 
 
 @dataclass
-class DoorFront:
+class DoorFront(Front):
     """Where the door listens (TLS REST, TLS gRPC, plain health for the orchestrator)."""
 
     rest_port: int = REST_PORT
     grpc_port: int = GRPC_PORT
     health_port: int = HEALTH_PORT
-    bind: str = "127.0.0.1"
 
 
 
@@ -239,22 +238,7 @@ def door_config(
     ]
     lines += _frontend("rest", front.rest_port, front, files, wd, grpc=False)
     lines += _frontend("grpc", front.grpc_port, front, files, wd, grpc=True)
-    lines += [
-        "frontend health",
-        f"    bind {front.bind}:{front.health_port}",
-        '    http-request return status 200 content-type text/plain string "alive" if { path /live }',
-        '    http-request return status 503 content-type text/plain string "no replica ready"'
-        " if { path /ready } { nbsrv(replicas_rest) eq 0 }",
-        '    http-request return status 200 content-type text/plain string "ready" if { path /ready }',
-        "    http-request return status 404",
-        "",
-        "backend replicas_rest",
-        "    balance leastconn",
-        "    option httpchk",
-        "    http-check send meth GET uri /ping",
-        "    http-check expect status 200",
-        f"    default-server inter {check_inter_ms} fall 2 rise 2",
-    ]
+    lines += health_and_checks(front, check_inter_ms, exporter=False)
     # Each replica through an inner proxy that adds that replica's own key (HAProxy picks the server after
     # the request rules ran, so the key cannot be set in the backend itself).
     lines += [f"    server {r.name} abns@koa-door-{tag}-{r.name}-rest check" for r in replicas]
