@@ -25,7 +25,7 @@ ARCHIVE := model_store/oamen.mar
 SOURCES := $(shell find model handler -name '*.py' 2>/dev/null)
 SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
-PROTO_STAMP := client/_proto/inference_pb2.py
+PROTO_STAMP := koa_client/_proto/inference_pb2.py
 
 .PHONY: explain-eval help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-precision bench-model train evaluate finder evaluate-finder promote-finder calibrate promote refit-gate evaluate-framings export compare archive serve stop restart token renew-token predict explain proto clean loadtest
 
@@ -70,7 +70,7 @@ evaluate-finder: $(STAMP)  ## resolution floor, finder threshold, then the test 
 		--min-joint-px $$($(PY) -c "import json; print(json.load(open('docs/model/resolution.json'))['floor_px'])") \
 		--weights $(WEIGHTS) $(if $(wildcard $(NONKNEE)),--nonknee $(NONKNEE)) --sheet docs/model/finder_test_films.jpg \
 		--out docs/model/finder.json
-	$(PY) -m train.eval_finder --render-doc
+	$(PY) -m ops.render_docs --only docs/FILMS.md
 
 promote-finder: $(STAMP)  ## runs/finder/finder.pt becomes the shipped finder, measured and documented (evaluate-finder)
 	cp runs/finder/finder.pt $(FINDER)
@@ -89,7 +89,7 @@ promote: $(STAMP)  ## calibrate RUN as VERSION=x.y.z, copy it to weights/, evalu
 	cp $(RUN)/history.json $(RUN)/curves.png docs/model/
 	$(PY) -m train.evaluate --checkpoint $(WEIGHTS) --data $(DATA) --split val --out docs/model/eval-val \
 		--framing --nonknee $(NONKNEE)
-	$(PY) -m ops.model_card
+	$(PY) -m ops.render_docs --only docs/MODEL_CARD.md
 
 # refit-gate: the shipped grader's knee gate refitted on knees framed as other sites frame them (train.framings),
 # measured and documented; the weights, calibration and decoding stay. VERSION as for promote.
@@ -100,7 +100,7 @@ refit-gate: $(STAMP)  ## refit the shipped knee gate on other sites' framings as
 	cp runs/gate/gate.json docs/model/gate_refit.json
 	$(PY) -m train.evaluate --checkpoint $(WEIGHTS) --data $(DATA) --split val --out docs/model/eval-val \
 		--framing --nonknee $(NONKNEE)
-	$(PY) -m ops.model_card
+	$(PY) -m ops.render_docs --only docs/MODEL_CARD.md
 
 # the served path (finder, knee gate, grader) on knees framed as other sites frame them, and on SITE_DATA's
 # labelled knees (checked only): kept under LABEL beside earlier runs, rendered into docs/FILMS.md
@@ -108,7 +108,7 @@ SITE_DATA ?= ../shared/data/site2
 evaluate-framings: $(STAMP)  ## refusals and grades of framed val knees, SITE_DATA and non-knee films, as served -> docs/FILMS.md
 	$(PY) -m train.eval_framings --label "$(or $(LABEL),finder and grader as shipped)" --koa $(DATA) --site $(SITE_DATA) \
 		--nonknee $(NONKNEE) --out docs/model/framings_served.json
-	$(PY) -m train.eval_finder --render-doc
+	$(PY) -m ops.render_docs --only docs/FILMS.md
 
 export: $(EXPORT)  ## TorchScript export of the committed weights
 
@@ -148,17 +148,17 @@ token: $(STAMP)  ## print the inference key of the running server
 renew-token: $(STAMP)  ## replace the inference key of the running server (keys expire after 60 min)
 	@$(PY) -m ops.server renew --workdir $(SERVE_DIR)
 
-proto: $(STAMP)  ## regenerate the committed gRPC stubs (client/_proto) from the proto inside TorchServe's jar
-	$(PY) -m client.gen_proto
+proto: $(STAMP)  ## regenerate the committed gRPC stubs (koa_client/_proto) from the proto inside TorchServe's jar
+	$(PY) -m koa_client.gen_proto
 
 $(PROTO_STAMP): | $(STAMP)
-	$(PY) -m client.gen_proto
+	$(PY) -m koa_client.gen_proto
 
 predict: $(PROTO_STAMP)  ## grade IMAGE=... on the running server (REST)
-	$(PY) -m client predict $(IMAGE) --key-file $(SERVE_DIR)/key_file.json
+	$(PY) -m koa_client predict $(IMAGE) --key-file $(SERVE_DIR)/key_file.json
 
 explain: $(PROTO_STAMP)  ## grade and explain IMAGE=... (writes the overlay PNG to reports/explain/; METHOD=... picks the method)
-	$(PY) -m client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain $(if $(METHOD),--method $(METHOD))
+	$(PY) -m koa_client predict $(IMAGE) --explain --key-file $(SERVE_DIR)/key_file.json --overlay-dir reports/explain $(if $(METHOD),--method $(METHOD))
 
 bench: archive  ## served against in-process, batching sweep, JIT warm-up, REST against gRPC in paired rounds -> docs/results/bench_sweep.json, docs/BENCHMARKS.md (~20 min)
 	$(PY) -m ops.bench sweep
@@ -188,7 +188,7 @@ compare: $(STAMP)  ## OA-MEN against the paper's baselines (quick budget; see tr
 	$(PY) -m train.compare --data $(DATA) --out reports/compare --quick
 
 clean:  ## remove build outputs (keeps .venv)
-	rm -rf build model_store reports logs client/_proto .pytest_cache .ruff_cache
+	rm -rf build model_store reports logs koa_client/_proto .pytest_cache .ruff_cache
 
 # The PACS side (docs/PACS.md): Orthanc (DICOM ORTHANC@127.0.0.1:4242, REST on 127.0.0.1:8042 with basic auth)
 # and the DICOM gateway (KOASERVE@127.0.0.1:11112) beside the TorchServe of `make serve`, which is started when
@@ -295,3 +295,11 @@ drill-drift: archive  ## val knees then site2 knees through the server with Prom
 
 bench-metrics: $(EXPORT)  ## the request path with and without the grader's metrics, alternating rounds -> docs/results/bench_metrics.json (~5 min)
 	$(PY) -m ops.bench metrics
+
+# The generated pages and blocks of docs/ (ops/render_docs.py, one registry): `make docs-check` is what tests/test_docs.py checks.
+.PHONY: render-docs docs-check
+render-docs: $(STAMP)  ## render every generated page and block of docs/ from the committed results, weights and code
+	$(PY) -m ops.render_docs
+
+docs-check: $(STAMP)  ## fail naming each generated page that differs from what its committed files give
+	$(PY) -m ops.render_docs --check

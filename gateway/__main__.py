@@ -13,13 +13,30 @@ import argparse
 import logging
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["get_args_parser", "main", "parse_address"]
+from pydicom import dcmread
+
+from gateway.report import content_tree
+from gateway.service import DEFAULT_AE, DEFAULT_PORT, Gateway, GatewayConfig
+from gateway.spool import Spool
+from gateway.tls import DicomTLS
+
+__all__ = ["DicomNode", "get_args_parser", "main", "parse_address"]
 
 
-def parse_address(text: str) -> tuple[str, str, int]:
-    """``AE@HOST:PORT`` -> (AE, HOST, PORT).
+@dataclass(frozen=True)
+class DicomNode:
+    """A DICOM peer: its AE title, host and port."""
+
+    ae: str
+    host: str
+    port: int
+
+
+def parse_address(text: str) -> DicomNode:
+    """``AE@HOST:PORT`` -> its `DicomNode`.
 
     Raises:
         ValueError: another shape, or a port that is not a number.
@@ -29,15 +46,13 @@ def parse_address(text: str) -> tuple[str, str, int]:
         host, port = rest.rsplit(":", 1)
         if not ae or not host or len(ae) > 16:
             raise ValueError
-        return ae, host, int(port)
+        return DicomNode(ae, host, int(port))
     except ValueError:
         msg = f"expected AE@HOST:PORT (AE at most 16 characters), e.g. ORTHANC@127.0.0.1:4242, got {text!r}"
         raise ValueError(msg) from None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from gateway.service import DEFAULT_AE, DEFAULT_PORT
-
     p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="receive, grade and store back until stopped")
@@ -81,24 +96,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     if args.command == "tree":
-        from pydicom import dcmread
-
-        from gateway.report import content_tree
-
         print(content_tree(dcmread(args.file)))
         return 0
     if args.command == "requeue":
-        from gateway.spool import Spool
-
         print(f"{Spool(args.spool).requeue_failed()} instance(s) queued again")
         return 0
-    from gateway.service import Gateway, GatewayConfig
-    from gateway.tls import DicomTLS
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("pynetdicom", "highdicom"):  # one line per association / per copied module otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    pacs_ae, pacs_host, pacs_port = parse_address(args.pacs)
+    pacs = parse_address(args.pacs)
     tls_files = (args.dicom_tls_cert, args.dicom_tls_key, args.dicom_tls_ca)
     if any(tls_files) and not all(tls_files):
         print("error: DICOM TLS needs --dicom-tls-cert, --dicom-tls-key and --dicom-tls-ca together", file=sys.stderr)
@@ -116,9 +122,9 @@ def main(args: argparse.Namespace) -> int:
             ts_url=args.ts_url,
             model=args.model,
             key_file=args.key_file,
-            pacs_ae=pacs_ae,
-            pacs_host=pacs_host,
-            pacs_port=pacs_port,
+            pacs_ae=pacs.ae,
+            pacs_host=pacs.host,
+            pacs_port=pacs.port,
             timeout=args.timeout,
             max_backoff_s=args.max_backoff,
             dicom_tls=dicom_tls,

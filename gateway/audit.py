@@ -1,20 +1,8 @@
 """The gateway's audit log: one JSON object per line, appended and fsynced, never rewritten.
 
-Each line has ``time`` (UTC, ISO 8601), ``event`` and the UIDs of the instance concerned, and the
-``seq``/``prev`` hash chain of the front door's audit trail (`ops.audit`): ``python -m ops.audit verify
-pacs/data/audit.jsonl`` shows that no line was edited or removed. Events:
-
-    received   an instance was spooled and its C-STORE acknowledged (calling AE)
-    duplicate  an instance already done arrived again: acknowledged, not graded again
-    result     graded: kl_grade, probabilities, oa_probability, uncertain, model, stored SOP UIDs, timings
-    refused    no grade: kind, reason (the server's or the gateway's words), by (server or gateway), stored SR
-    skipped    not a radiograph to grade (an SR, a secondary capture, another modality): nothing stored
-    failed     the server failed on it repeatedly: moved to the spool's failed/ folder
-    retry      a transient failure (server or PACS unreachable, restarting): it stays queued
-
-A gateway killed between storing the results and recording them finishes the instance again when it
-resumes: the same results (same UIDs) are stored once more, which the PACS ignores, and the log holds
-a second ``result`` line for it, marked ``"resumed": true``.
+Each line has ``time``, ``event`` and the instance's UIDs, and the ``seq``/``prev`` hash chain of the
+front door's audit trail (`ops.audit`), so ``python -m ops.audit verify pacs/data/audit.jsonl`` shows
+that no line was edited or removed. docs/PACS.md ("The audit log") lists the events.
 """
 
 from __future__ import annotations

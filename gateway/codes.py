@@ -55,7 +55,7 @@ KL_PROBABILITIES = tuple(Code(f"KLP{g}", SCHEME, f"Probability of Kellgren-Lawre
 OA_PROBABILITY = Code("OAP", SCHEME, "Probability of Kellgren-Lawrence grade 2 or higher")
 REVIEW_ADVISED = Code("REVIEW", SCHEME, "Uncertain grade: reader review advised")
 REASON_NOT_ANALYSED = Code("NOTANALYSED", SCHEME, "Reason the image was not analysed")
-# Why an image got no grade: the server's 4xx error types (client.schema.ERROR_TYPES) and the gateway's own.
+# Why an image got no grade: the server's 4xx error types (koa_client.schema.ERROR_TYPES) and the gateway's own.
 REASONS = {
     "not_a_knee": Code("not_a_knee", SCHEME, "Not a knee radiograph (image or body part)"),
     "unsupported_view": Code("unsupported_view", SCHEME, "Lateral or oblique knee view: KL grading needs AP/PA"),

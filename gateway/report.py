@@ -1,20 +1,10 @@
 """DICOM results of one graded radiograph: a TID 1500 Structured Report and a Secondary Capture heatmap.
 
-Both are built with highdicom, follow the IHE AI Results profile (the result goes into the source
-study, references the source image, names the device and stays UNVERIFIED until a reader signs it)
-and carry UIDs derived from the source SOP Instance UID alone, so that a radiograph graded twice
-(a resent image, a gateway resuming its spool) yields the same instances and the PACS keeps one.
+Built with highdicom after the IHE AI Results profile, one `KneeFinding` per graded knee, with UIDs
+derived from the source SOP Instance UID alone, so a radiograph graded twice yields the same
+instances. docs/PACS.md shows the content tree and the codes (gateway/codes.py).
 
-A radiograph holds one knee today; a film with both knees will hold several (a later ``knees`` list
-in the answer). The report is already shaped for that: one `KneeFinding` per knee, one measurement
-group per finding, one heatmap per finding.
-
-    findings = findings_from_answer(answer, laterality_of(source))
-    sr = grade_report(source, findings); sc = heatmaps(source, findings)
-    sr = refusal_report(source, Refusal("not_a_knee", "BodyPartExamined is CHEST"))
-    print(content_tree(sr))
-
-docs/PACS.md shows the content tree and the codes (gateway/codes.py).
+    sr = grade_report(source, findings_from_answer(answer, laterality_of(source)))
 """
 
 from __future__ import annotations
@@ -74,7 +64,7 @@ class KneeFinding:
 
     Attributes:
         laterality: ``"R"``, ``"L"`` or None when the source does not say.
-        answer: one answer of schema v2 or v3 (client/schema.py), or one graded knee of a film's
+        answer: one answer of schema v2 or v3 (koa_client/schema.py), or one graded knee of a film's
             answer: ``kl_grade``, ``probabilities``, ``oa_probability``, ``model``, optionally
             ``uncertain``, ``explanation`` and (a film's knee) ``box``.
     """
@@ -85,7 +75,7 @@ class KneeFinding:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a radiograph got no grade: ``kind`` (an error type of client.schema, or the gateway's) and the words."""
+    """Why a radiograph got no grade: ``kind`` (an error type of koa_client.schema, or the gateway's) and the words."""
 
     kind: str
     message: str

@@ -1,16 +1,8 @@
 """What the gateway does with a received instance, decided from its DICOM header alone (pure functions).
 
-Three outcomes (`screen`):
-
-* skip: not a radiograph to grade (a Structured Report, a Secondary Capture, a presentation state,
-  a CT...), or a header without the UIDs a result must reference. No result is written, so the
-  gateway's own results can never come back to it and loop, whatever the PACS routes to it. Only
-  the audit log records it.
-* refuse: a radiograph whose header names another body part than the knee (BodyPartExamined, e.g.
-  CHEST). Not sent to the model; it gets a "not analysed" report. The server refuses such a DICOM
-  too (``not_a_knee``); checking here as well keeps the answer independent of the server's version.
-* grade: everything else, including a radiograph that does not say what it shows (the model's knee
-  gate decides).
+`screen` says skip (not a radiograph to grade, or no UIDs to reference: nothing is written, so the
+gateway's own results never loop back), refuse (a body part other than the knee: a "not analysed"
+report) or grade (everything else; the model's knee gate decides). docs/PACS.md, "Header rules".
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
 """The DICOM gateway: a storage SCP that spools, grades over REST and stores the results back by C-STORE.
 
-One process, two kinds of threads: pynetdicom's association threads receive instances and acknowledge
-each C-STORE only once it is on disk (`gateway.spool`); one worker thread takes the queue oldest first,
-asks KOA-Serve (`client.RestClient`, explanation on), builds the SR and the heatmap (`gateway.report`)
-and stores them into the PACS. One worker, because the model server is the bottleneck and it batches
-on its own; order and retries stay simple.
-
-Failures, and what happens to the instance (it is never dropped):
-
-* model server unreachable, restarting (503), timing out, or refusing the key: it stays queued; the
-  worker retries with a backoff from 1 s doubling to ``max_backoff_s``, for as long as it takes.
-* the server refuses the image (4xx: not a knee, undecodable, unsupported transfer syntax, too large):
-  a "not analysed" SR with the coded reason; the server's words go to the audit log.
-* the server fails on it (5xx) ``server_error_attempts`` times, or the PACS keeps rejecting the results:
-  moved to the spool's ``failed/`` folder with the reason (``python -m gateway requeue`` puts it back).
-* PACS unreachable: the results are kept (the answer is saved), and storing is retried with the backoff.
+pynetdicom's association threads acknowledge each C-STORE once the instance is in the spool
+(`gateway.spool`); one worker thread grades the queue oldest first (`koa_client.RestClient`), builds
+the SR and heatmap (`gateway.report`) and stores them into the PACS. No instance is ever dropped:
+docs/PACS.md ("Nothing lost") says what each failure leads to.
 """
 
 from __future__ import annotations
@@ -48,9 +37,6 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
-from client import KOAClientError
-from client.rest import RestClient
-from client.schema import InvalidAnswer, validate_answer
 from gateway.audit import AuditLog
 from gateway.metrics import GatewayMetrics
 from gateway.report import (
@@ -65,6 +51,9 @@ from gateway.report import (
 from gateway.screen import is_valid_uid, screen
 from gateway.spool import Spool
 from gateway.tls import DicomTLS
+from koa_client import KOAClientError
+from koa_client.rest import RestClient
+from koa_client.schema import InvalidAnswer, validate_answer
 
 __all__ = ["GatewayConfig", "Gateway", "Transient", "StoreRejected", "DEFAULT_AE", "DEFAULT_PORT"]
 
@@ -88,7 +77,7 @@ TRANSFER_SYNTAXES = [
     JPEG2000Lossless,
     JPEG2000,
 ]
-# The server's refusals of an image (client.schema.ERROR_TYPES): the image, not the server, is the problem.
+# The server's refusals of an image (koa_client.schema.ERROR_TYPES): the image, not the server, is the problem.
 REFUSAL_KINDS = frozenset(
     {"bad_request", "invalid_image", "unsupported_transfer_syntax"}
     | {"not_a_knee", "unsupported_view", "resolution_too_low"}

@@ -1,17 +1,8 @@
 """The gateway's spool on disk: what was acknowledged is never lost, and each instance is graded once.
 
-Layout under the spool root, one file per SOP Instance UID (UIDs are digits and dots, so they are safe
-file names once checked):
-
-    incoming/<uid>.dcm    received and acknowledged, not yet finished (the queue)
-    answers/<uid>.json    the model's answer, kept until the results are stored (a retry reuses it)
-    done/<uid>.json       finished: what was stored; a later copy of the same instance is a duplicate
-    failed/<uid>.dcm      given up after repeated server failures, with failed/<uid>.json saying why
-    tmp/                  files being written; renamed into place only when complete and synced
-
-Every write goes to ``tmp/``, is fsynced, then renamed (atomic on one file system) and the directory
-is fsynced, so a crash leaves either the whole file or none. A C-STORE is acknowledged only after
-`Spool.put` returned, so a gateway killed at any moment has every acknowledged instance on disk.
+One file per SOP Instance UID under ``incoming/``, ``answers/``, ``done/`` and ``failed/``; every write
+goes to ``tmp/``, is fsynced and renamed into place, so a crash leaves the whole file or none.
+docs/PACS.md ("Nothing lost") gives the layout.
 """
 
 from __future__ import annotations

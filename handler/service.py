@@ -159,7 +159,7 @@ def parse_request(row: dict[str, Any], headers: dict[str, Any], contract: InputC
     return ParsedRequest(image, explain, method, _target(options.get("target"), contract))
 
 
-# Answer schema version (client/schema.py, docs/API.md): 2 added confidence and uncertain; 3 added the
+# Answer schema version (koa_client/schema.py, docs/API.md): 2 added confidence and uncertain; 3 added the
 # per-knee answer of a whole film (``knees``).
 SCHEMA_VERSION = 3
 NOT_A_KNEE = (

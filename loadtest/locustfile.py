@@ -42,9 +42,9 @@ from typing import Any  # noqa: E402
 import gevent  # noqa: E402
 import grpc  # noqa: E402
 
-from client import KOAClientError, error_from_answer, load_token  # noqa: E402
-from client.grpc_client import GrpcClient, parse_prediction, rpc_error  # noqa: E402
-from client.rest import sniff_content_type  # noqa: E402
+from koa_client import KOAClientError, error_from_answer, load_token  # noqa: E402
+from koa_client.grpc_client import GrpcClient, parse_prediction, rpc_error  # noqa: E402
+from koa_client.rest import sniff_content_type  # noqa: E402
 from ops.load import Image, InvalidAnswer, check_loopback, load_images, validate_answer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from client import KOAClientError
-from client.grpc_client import GrpcClient
-from client.rest import RestClient
+from koa_client import KOAClientError
+from koa_client.grpc_client import GrpcClient
+from koa_client.rest import RestClient
 from ops import server as ts
 from ops.load import check_loopback, load_images
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from handler.explain import DEFAULT_METHOD
+from ops.markdown import md_table
 
 WHAT = {
     "layercam": "LayerCAM fused over the MobileNet-family branch's stride-8 and stride-16 stages",
@@ -24,47 +25,46 @@ def _f(cell: dict[str, Any] | None, key: str = "mean", fmt: str = "{:.2f}") -> s
     return fmt.format(cell[key]) if cell and key in cell else "n/a"
 
 
+def label(name: str) -> str:
+    """A method's name, bold and marked when it is the served default."""
+    return f"**{name}** (default)" if name == DEFAULT_METHOD else name
+
+
 def method_table(d: dict[str, Any]) -> str:
     """Localisation, faithfulness and time per method, the references below."""
-    lines = [
-        "| method | n | heat in the joint region | rows 35-65% (16 x 16 grid) | top 15% of rows "
-        "| hottest row at the top | deletion AUC (lower is better) | insertion AUC (higher is better) "
-        "| seconds per knee (median) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = [
+        "method", "n", "heat in the joint region", "rows 35-65% (16 x 16 grid)", "top 15% of rows",
+        "hottest row at the top", "deletion AUC (lower is better)", "insertion AUC (higher is better)",
+        "seconds per knee (median)",
+    ]  # fmt: skip
+    rows = []
     for name, m in d["methods"].items():
-        label = f"**{name}** (default)" if name == DEFAULT_METHOD else name
         n = max((v.get("n", 0) for v in m.values()), default=0)
-        lines.append(
-            f"| {label} | {n} | {_f(m.get('joint'))} | {_f(m.get('band'))} | {_f(m.get('top'))} "
-            f"| {_f(m.get('hottest_row_in_top'), fmt='{:.0%}')} | {_f(m.get('deletion'))} | {_f(m.get('insertion'))} "
-            f"| {_f(m.get('seconds'), 'median')} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([
+            label(name), n, _f(m.get("joint")), _f(m.get("band")), _f(m.get("top")),
+            _f(m.get("hottest_row_in_top"), fmt="{:.0%}"), _f(m.get("deletion")), _f(m.get("insertion")),
+            _f(m.get("seconds"), "median"),
+        ])  # fmt: skip
+    return md_table(header, rows) + "\n"
 
 
 def sanity_table(d: dict[str, Any]) -> str:
+    """The maps' rank correlation with the trained model's as the weights are re-initialised."""
     s = d["sanity"]
-    lines = [
-        "| weights randomised down to | " + " | ".join(s["spearman"]) + " |",
-        "|---|" + "---|" * len(s["spearman"]),
-    ]
-    for i, level in enumerate(s["levels"]):
-        lines.append(f"| {level} | " + " | ".join(f"{v[i]:.2f}" for v in s["spearman"].values()) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[level, *(f"{v[i]:.2f}" for v in s["spearman"].values())] for i, level in enumerate(s["levels"])]
+    return md_table(["weights randomised down to", *s["spearman"]], rows) + "\n"
 
 
 def layer_table(d: dict[str, Any]) -> str:
-    lines = [
-        "| layer | stride | Grad-CAM: joint region | Grad-CAM: top 15% | LayerCAM: joint region | LayerCAM: top 15% |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in d["layers"].items():
-        lines.append(
-            f"| {name} | {r['stride']} | {r['gradcam_joint']:.2f} | {r['gradcam_top']:.2f} | {r['layercam_joint']:.2f} "
-            f"| {r['layercam_top']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+    """Where each layer's Grad-CAM and LayerCAM maps lie."""
+    header = ["layer", "stride", "Grad-CAM: joint region", "Grad-CAM: top 15%", "LayerCAM: joint region",
+              "LayerCAM: top 15%"]  # fmt: skip
+    rows = [
+        [name, r["stride"], f"{r['gradcam_joint']:.2f}", f"{r['gradcam_top']:.2f}", f"{r['layercam_joint']:.2f}",
+         f"{r['layercam_top']:.2f}"]
+        for name, r in d["layers"].items()
+    ]  # fmt: skip
+    return md_table(header, rows) + "\n"
 
 
 def explain_eval_report(d: dict[str, Any]) -> str:
@@ -102,14 +102,14 @@ def explain_time_report(d: dict[str, Any]) -> str:
     """The timing of `python -m ops.explain_eval --time-only` (docs/results/explain_time.json)."""
     c = d["config"]
     load = d["loadavg_1min"]
-    rows = ["| method | seconds per knee (median) | p90 | attributions |", "|---|---|---|---|"]
-    for name, s in d["seconds"].items():
-        label = f"**{name}** (default)" if name == DEFAULT_METHOD else name
-        rows.append(f"| {label} | {s['median']:.2f} | {s['p90']:.2f} | {s['n']} |")
+    table = md_table(
+        ["method", "seconds per knee (median)", "p90", "attributions"],
+        ([label(name), f"{s['median']:.2f}", f"{s['p90']:.2f}", s["n"]] for name, s in d["seconds"].items()),
+    )
     return (
         f"`python -m ops.explain_eval --time-only` (result `docs/results/explain_time.json`), {d['model']}: "
         f"{c['knees']} val knees, {c['rounds']} rounds, methods interleaved, after a warm-up; one attribution "
         f"at a time in {d['torch_threads']} torch threads on {d['machine']['cpus']} CPUs, 1-minute load average "
         f"{load['min']:.1f} to {load['max']:.1f} (median {load['median']:.1f}). Run beside: "
-        f"{c.get('note') or 'not recorded'}.\n\n" + "\n".join(rows) + "\n"
+        f"{c.get('note') or 'not recorded'}.\n\n" + table + "\n"
     )

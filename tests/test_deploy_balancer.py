@@ -82,7 +82,7 @@ class FakeReplica:
 
 
 def _grpc_replica(name: str, port: int) -> grpc.Server:
-    from client._proto import inference_pb2, inference_pb2_grpc
+    from koa_client._proto import inference_pb2, inference_pb2_grpc
 
     class Servicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
         def Predictions(self, request, context):  # noqa: N802
@@ -99,7 +99,7 @@ def _grpc_replica(name: str, port: int) -> grpc.Server:
 @pytest.fixture()
 def balancer(tmp_path: Path) -> Iterator[dict]:
     _require_haproxy()
-    pytest.importorskip("client._proto.inference_pb2", reason="gRPC stubs: make proto")
+    pytest.importorskip("koa_client._proto.inference_pb2", reason="gRPC stubs: make proto")
     ports = ts.free_ports(7)
     front = cluster.Front(rest_port=ports[4], grpc_port=ports[5], health_port=ports[6])
     replicas = [
@@ -136,7 +136,7 @@ def _rest(front: cluster.Front, path: str, token: str | None, method: str = "POS
 
 
 def _grpc_call(front: cluster.Front, token: str | None) -> dict:
-    from client._proto import inference_pb2, inference_pb2_grpc
+    from koa_client._proto import inference_pb2, inference_pb2_grpc
 
     metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
     with grpc.insecure_channel(f"127.0.0.1:{front.grpc_port}") as channel:
@@ -160,9 +160,9 @@ def test_a_request_without_the_right_token_is_refused_at_the_front(balancer: dic
 
 
 def test_the_client_reports_a_refused_token_as_a_key_error(balancer: dict) -> None:
-    from client import KOAClientError, is_key_error
-    from client.grpc_client import GrpcClient
-    from client.rest import RestClient
+    from koa_client import KOAClientError, is_key_error
+    from koa_client.grpc_client import GrpcClient
+    from koa_client.rest import RestClient
 
     front = balancer["front"]
     with pytest.raises(KOAClientError) as err:
@@ -182,7 +182,7 @@ def test_requests_with_the_token_are_balanced_and_the_token_is_not_forwarded(bal
     # One channel or many, HAProxy balances each call (HTTP/2 stream), not each connection.
     assert {a["replica"] for a in answers} == {"r0", "r1"}
     assert all(a["auth"] is None for a in answers)
-    from client._proto import inference_pb2, inference_pb2_grpc
+    from koa_client._proto import inference_pb2, inference_pb2_grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{front.grpc_port}") as channel:
         stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
@@ -227,7 +227,7 @@ def test_health_checks_take_a_replica_out_and_bring_it_back(balancer: dict) -> N
 def test_a_replica_that_goes_away_is_skipped_and_a_dropped_request_is_a_503(balancer: dict) -> None:
     front, token, fakes = balancer["front"], balancer["token"], balancer["fakes"]
     status, body = _rest(front, "/predictions/drop", token)
-    assert status == 503 and body["type"] == "ReplicaLost"  # the clients send a 503 again (client.RETRY_STATUSES)
+    assert status == 503 and body["type"] == "ReplicaLost"  # the clients send a 503 again (koa_client.retry)
     fakes[0].close()  # refuses connections now, before the health check has noticed
     t0 = time.monotonic()
     replicas = [_rest(front, "/predictions/oamen", token) for _ in range(10)]

@@ -72,9 +72,9 @@ def two_replicas(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 @pytest.mark.server
 @pytest.mark.slow
 def test_two_replicas_answer_rest_and_grpc_through_the_balancer(two_replicas: dict, knee_png: bytes) -> None:
-    from client import KOAClientError, is_key_error
-    from client.grpc_client import GrpcClient
-    from client.rest import RestClient
+    from koa_client import KOAClientError, is_key_error
+    from koa_client.grpc_client import GrpcClient
+    from koa_client.rest import RestClient
 
     front, workdir = two_replicas["front"], two_replicas["workdir"]
     key_file = workdir / cluster.KEY_FILE

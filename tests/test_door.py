@@ -273,8 +273,8 @@ def test_plain_http_and_old_tls_are_refused(secure: Door) -> None:
 @pytest.mark.server
 @pytest.mark.slow
 def test_a_valid_client_is_graded_over_rest_and_grpc_and_named_in_the_audit(secure: Door, knee_png: bytes) -> None:
-    from client.grpc_client import GrpcClient
-    from client.rest import RestClient
+    from koa_client.grpc_client import GrpcClient
+    from koa_client.rest import RestClient
 
     cert, key = secure.creds("ris")
     tls = {"ca_file": str(secure.certs / "ca.crt"), "cert_file": cert, "cert_key_file": key}
@@ -286,7 +286,7 @@ def test_a_valid_client_is_graded_over_rest_and_grpc_and_named_in_the_audit(secu
     # The command line, as an integrator would run it: no token, the certificate is the credential.
     ca = str(secure.certs / "ca.crt")
     for proto in ([], ["--grpc", "--grpc-target", f"grpcs://127.0.0.1:{secure.front.grpc_port}"]):
-        cmd = [sys.executable, "-m", "client", "predict", str(ROOT / "tests" / "fixtures" / "knee_kl2.png"),
+        cmd = [sys.executable, "-m", "koa_client", "predict", str(ROOT / "tests" / "fixtures" / "knee_kl2.png"),
                "--url", secure.rest, "--ca", ca, "--cert", cert, "--key", key, "--json", *proto]  # fmt: skip
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0 and '"kl_grade"' in done.stdout, done.stdout + done.stderr
@@ -357,8 +357,8 @@ def test_management_and_metrics_are_refused_at_the_door(secure: Door, path: str)
 def test_grpc_refuses_without_a_certificate_and_outside_inference(secure: Door, knee_png: bytes) -> None:
     import grpc
 
-    from client import KOAClientError
-    from client.grpc_client import GrpcClient
+    from koa_client import KOAClientError
+    from koa_client.grpc_client import GrpcClient
 
     ca_file = str(secure.certs / "ca.crt")
     with GrpcClient(f"grpcs://127.0.0.1:{secure.front.grpc_port}", ca_file=ca_file) as g:
@@ -421,7 +421,7 @@ def test_a_study_goes_pacs_to_gateway_to_door_and_back_over_tls_all_the_way(secu
     door.client_add("koaserve-gateway", secure.files, secure.certs, secure.workdir)
     tls = pacs.pacs_tls(secure.certs)
     clients = secure.certs / "clients"
-    creds = (secure.certs / "ca.crt", clients / "koaserve-gateway.crt", clients / "koaserve-gateway.key")
+    creds = pacs.DoorCerts(secure.certs / "ca.crt", clients / "koaserve-gateway.crt", clients / "koaserve-gateway.key")
     http_port, dicom_port, gateway_port = free_ports(3)
     workdir = tmp_path / "pacs"
     orthanc = pacs.start_orthanc(workdir, http_port, dicom_port, gateway_port, tls=tls)

@@ -138,6 +138,6 @@ def test_the_film_overlay_has_the_films_size_and_heat_only_in_the_boxes():
 
 
 def test_the_client_offers_the_servers_methods():
-    from client.__main__ import EXPLAIN_METHODS
+    from koa_client.__main__ import EXPLAIN_METHODS
 
     assert EXPLAIN_METHODS == METHODS

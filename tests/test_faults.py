@@ -65,9 +65,9 @@ def test_killed_worker_is_restarted_and_only_in_flight_requests_fail(server: ts.
 
 def test_restart_under_load_loses_no_request(server: ts.Server, knee_png: bytes) -> None:
     try:
-        import client._proto  # noqa: F401
+        import koa_client._proto  # noqa: F401
     except ImportError:
-        from client import gen_proto
+        from koa_client import gen_proto
 
         gen_proto.generate()
     result, records = fr.run_restart(

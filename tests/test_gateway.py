@@ -24,7 +24,6 @@ from pydicom import Dataset, dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 import pacs
-from client.schema import validate_answer
 from gateway import codes
 from gateway.audit import AuditLog, read_audit
 from gateway.report import (
@@ -41,6 +40,7 @@ from gateway.report import (
 from gateway.screen import is_valid_uid, screen
 from gateway.service import Gateway, GatewayConfig
 from gateway.spool import Spool
+from koa_client.schema import validate_answer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

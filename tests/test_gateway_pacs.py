@@ -25,10 +25,10 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 import pacs
-from client import KOAClientError
-from client.rest import RestClient
 from gateway.audit import read_audit
 from gateway.report import result_uid
+from koa_client import KOAClientError
+from koa_client.rest import RestClient
 from ops import server as ts
 from ops.procs import free_ports, is_alive, read_pid
 from tests.conftest import private_server, skip_or_fail

@@ -476,7 +476,7 @@ def _predictor_with(exported: str, **post) -> Predictor:
 
 
 def test_answers_follow_the_schema(predictor):
-    from client.schema import SCHEMA_VERSION, validate_answer
+    from koa_client.schema import SCHEMA_VERSION, validate_answer
 
     (status, body), (_, explained) = predictor.handle(
         [{"body": png(seed=1)}, {"body": png(seed=2), "explain": b"true"}], [{}, {}]
@@ -559,7 +559,7 @@ def _film_predictor(exported: str, monkeypatch, joints_by_width: dict[int, list]
 
 
 def test_a_film_is_answered_per_knee_left_to_right(exported, monkeypatch):
-    from client.schema import validate_answer
+    from koa_client.schema import validate_answer
 
     film = png((300, 400), seed=3)
     pred = _film_predictor(exported, monkeypatch, {400: [_joint(300, 150, 80), _joint(100, 150, 90)]})
@@ -573,7 +573,7 @@ def test_a_film_is_answered_per_knee_left_to_right(exported, monkeypatch):
 
 
 def test_each_knee_of_a_film_is_explained(exported, monkeypatch):
-    from client.schema import validate_answer
+    from koa_client.schema import validate_answer
 
     pred = _film_predictor(exported, monkeypatch, {400: [_joint(300, 150, 80), _joint(100, 150, 90)]})
     [(status, body)] = pred.handle([{"body": png((300, 400), seed=3), "explain": b"true"}], [{}])
@@ -614,7 +614,7 @@ def test_a_leg_film_fixture_is_explained_on_the_film_itself(exported, monkeypatc
     ],
 )
 def test_a_film_without_a_gradable_knee_is_refused_saying_why(exported, monkeypatch, joints, kind):
-    from client.schema import validate_error
+    from koa_client.schema import validate_error
 
     pred = _film_predictor(exported, monkeypatch, {400: joints})
     [(status, body)] = pred.handle([{"body": png((300, 400), seed=3)}], [{}])

@@ -71,7 +71,7 @@ def test_bad_v2_answers_fail_with_a_reason(fields: dict[str, Any], reason: str) 
 
 
 def test_error_bodies_are_checked() -> None:
-    from client.schema import validate_error
+    from koa_client.schema import validate_error
 
     assert validate_error({"error": {"status": 422, "type": "not_a_knee", "message": "a hand"}}, 422) == "not_a_knee"
     with pytest.raises(InvalidAnswer, match="unknown error type"):

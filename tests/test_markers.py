@@ -131,7 +131,7 @@ def _png(img: np.ndarray) -> bytes:
 
 
 def test_the_handler_names_the_only_knee_from_its_marker(exported, reader, monkeypatch):
-    from client.schema import validate_answer
+    from koa_client.schema import validate_answer
 
     pred = _predictor(exported, reader, monkeypatch, [_joint(200, 150, 80)])
     [(status, body)] = pred.handle([{"body": _png(letter(film(), "R", 40, 60))}], [{}])
@@ -144,7 +144,7 @@ def test_the_handler_names_the_only_knee_from_its_marker(exported, reader, monke
 
 
 def test_with_two_knees_a_marker_names_only_the_knee_in_its_half(exported, reader, monkeypatch):
-    from client.schema import validate_answer
+    from koa_client.schema import validate_answer
 
     pred = _predictor(exported, reader, monkeypatch, [_joint(100, 150, 80), _joint(300, 150, 80)])
     [(status, body)] = pred.handle([{"body": _png(letter(film(), "L", 20, 40))}], [{}])
@@ -161,7 +161,7 @@ def test_a_refused_knee_beside_the_marker_keeps_it_from_the_graded_one(exported,
 
 
 def test_the_dicom_header_wins_over_a_marker(exported, reader, monkeypatch):
-    from client.schema import validate_answer
+    from koa_client.schema import validate_answer
     from tests.imagebytes import make_dicom
 
     pixels = letter(film(), "R", 40, 60).astype(np.uint16) * 16
@@ -174,7 +174,7 @@ def test_the_dicom_header_wins_over_a_marker(exported, reader, monkeypatch):
 
 
 def test_the_schema_checks_the_laterality_source():
-    from client.schema import InvalidAnswer, validate_answer
+    from koa_client.schema import InvalidAnswer, validate_answer
 
     knee = {
         "box": [0, 0, 10, 10],

@@ -17,11 +17,11 @@ import pytest
 import requests
 import torch
 
-from client import KOAClientError
-from client.grpc_client import GrpcClient
-from client.rest import RestClient
-from client.schema import validate_answer, validate_error
 from handler.explain import DEFAULT_METHOD
+from koa_client import KOAClientError
+from koa_client.grpc_client import GrpcClient
+from koa_client.rest import RestClient
+from koa_client.schema import validate_answer, validate_error
 from model.checkpoint import load_torchscript
 from model.precision import served_models
 from ops import server as ts
@@ -58,7 +58,7 @@ def grpc_client(server) -> GrpcClient:
 
 
 def check_answer(body: dict) -> None:
-    validate_answer(body, explain="explanation" in body)  # answer schema v2 (client/schema.py)
+    validate_answer(body, explain="explanation" in body)  # answer schema v2 (koa_client/schema.py)
     assert body["schema_version"] == 3 and body["model"]["version"]
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from client.grpc_client import GrpcClient
-from client.rest import RestClient
 from handler.sites import ENV
+from koa_client.grpc_client import GrpcClient
+from koa_client.rest import RestClient
 from model.checkpoint import load_checkpoint
 from model.profile import SiteProfile
 from tests.conftest import private_server

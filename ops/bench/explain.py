@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.rest import RestClient
 from handler.koa_handler import EARLY_ENV
+from koa_client.rest import RestClient
 from ops import server as ts
 from ops.load import Sender, leg, schedule
 

@@ -1,13 +1,15 @@
 """Markdown of the benchmarks' results, as pure functions of a result's JSON.
 
-The docs quote results only through these (`ops.render_docs` renders the ``<!-- generated: NAME -->``
-blocks of docs/BENCHMARKS.md from docs/results/), so a doc and its committed result cannot disagree.
+The docs quote results only through these: `ops.render_docs` renders them into docs/BENCHMARKS.md, DEPLOY.md
+(sizing) and SECURITY.md (the door) from docs/results/, so a doc and its committed result cannot disagree.
 """
 
 from __future__ import annotations
 
 import statistics
 from typing import Any
+
+from ops.markdown import md_table
 
 # Planning load of one replica: the fraction of its saturated throughput at which the tail latency was
 # measured (make bench-tail, docs/BENCHMARKS.md), against a queue without end at saturation.
@@ -24,12 +26,8 @@ def cell(col: str, value: Any) -> str:
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
-    """A Markdown table of ``rows`` with the columns ``cols``."""
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [cell(c, r[c]) for c in cols]
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    """A Markdown table of the dicts ``rows`` with the columns ``cols``, each cell shown as `cell` says."""
+    return md_table(cols, ([cell(c, r[c]) for c in cols] for r in rows))
 
 
 def sweep_report(result: dict[str, Any]) -> str:
@@ -169,8 +167,8 @@ def sweep_report(result: dict[str, Any]) -> str:
         "### Where the CPU goes per request (same rounds)",
         "",
         "Medians over the rounds; the last two rows are one run each with the shipped clients "
-        "(`client.rest.RestClient` on requests, `client.grpc_client.GrpcClient`, synchronous, its threads sharing "
-        "one channel) at the same setting, right after the rounds.",
+        "(`koa_client.rest.RestClient` on requests, `koa_client.grpc_client.GrpcClient`, synchronous, "
+        "its threads sharing one channel) at the same setting, right after the rounds.",
         "",
         table(
             cpu_rows,
@@ -220,22 +218,19 @@ def sizing_section(bench: dict[str, Any]) -> str:
     )
 
 
-def explain_report(d: dict[str, Any]) -> str:
+def explain_bench_report(d: dict[str, Any]) -> str:
     """The explanation benchmark (`make bench-explain`, `ops.bench.explain`)."""
     s = d["summary"]
 
     def legs(mode: str, key: str) -> str:
         return " / ".join(f"{v:.0f}" for v in s[mode][key]["legs"])
 
+    plain = ("plain_p50_ms", "plain_p95_ms", "plain_p99_ms")
     rows = [
-        "| plain predictions | before (two legs, ms) | after (two legs, ms) |",
-        "|---|---|---|",
-        *[
-            f"| {k.split('_')[1]} | {legs('before', k)} | {legs('after', k)} |"
-            for k in ("plain_p50_ms", "plain_p95_ms", "plain_p99_ms")
-        ],  # fmt: skip
-        f"| explanations p50 | {legs('before', 'explain_p50_ms')} | {legs('after', 'explain_p50_ms')} |",
+        *([k.split("_")[1], legs("before", k), legs("after", k)] for k in plain),
+        ["explanations p50", legs("before", "explain_p50_ms"), legs("after", "explain_p50_ms")],
     ]
+    table = md_table(["plain predictions", "before (two legs, ms)", "after (two legs, ms)"], rows)
     c = d["config"]
     return (
         f"`make bench-explain` (`python -m ops.bench explain`, result `docs/results/bench_explain.json`), serving "
@@ -243,7 +238,7 @@ def explain_report(d: dict[str, Any]) -> str:
         f"REST load at {d['rate_rps']:.2f} requests/s, {100 * c['explain_share']:.0f}% of them asking for "
         f"{c['method'].upper()}, {c['rounds']} rounds of before (a batch answered at once) and after (plain "
         f"predictions answered before the batch's explanations) legs of {c['seconds']:.0f} s. Run beside: "
-        f"{c.get('note') or 'nothing'}.\n\n" + "\n".join(rows) + "\n"
+        f"{c.get('note') or 'nothing'}.\n\n" + table + "\n"
     )
 
 
@@ -335,9 +330,10 @@ def malloc_report(result: dict[str, Any]) -> str:
     lines = [
         f"Measured on {result['started']}: {c['runs']} runs of {c['seconds']:g} s per setting, fresh processes.",
         "",
-        f"| run | setting | request path, batch {c['batch']} (img/s) | resident memory (MB) |",
-        "|---|---|---|---|",
-        *(f"| {r['run']} | {r['setting']} | {r['ips']:.1f} | {r['rss_mb']:.0f} |" for r in rows),
+        md_table(
+            ["run", "setting", f"request path, batch {c['batch']} (img/s)", "resident memory (MB)"],
+            ([r["run"], r["setting"], f"{r['ips']:.1f}", f"{r['rss_mb']:.0f}"] for r in rows),
+        ),
         "",
         f"Median {med[settings[0]]:.1f} -> {med[settings[-1]]:.1f} img/s "
         f"(x{med[settings[-1]] / med[settings[0]]:.2f}), resident memory {rss[settings[0]]:.0f} -> "
@@ -373,15 +369,15 @@ def loadtest_report(summary: dict[str, Any]) -> str:
         f"`make loadtest` on {c['started_at']}: {c['users']} users, {c['duration_per_protocol']} per protocol, "
         f"explain share {c['explain_share']:g}, user rate {c['user_rate']:g} req/s (0: closed loop).",
         "",
-        "| protocol | requests | failures | req/s | p50 ms | p95 ms | p99 ms | percentiles |",
-        "|---|---|---|---|---|---|---|---|",
+        md_table(
+            ["protocol", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms", "percentiles"],
+            (
+                [p, s["requests"], s["failures"], f"{s['requests_per_s']:.1f}", f"{s['p50_ms']:.0f}",
+                 f"{s['p95_ms']:.0f}", f"{s['p99_ms']:.0f}", s.get("percentiles", "locust")]
+                for p, s in ((p, summary[p]) for p in c["protocols"])
+            ),
+        ),  # fmt: skip
     ]
-    for p in c["protocols"]:
-        s = summary[p]
-        lines.append(
-            f"| {p} | {s['requests']} | {s['failures']} | {s['requests_per_s']:.1f} | {s['p50_ms']:.0f} | "
-            f"{s['p95_ms']:.0f} | {s['p99_ms']:.0f} | {s.get('percentiles', 'locust')} |"
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -420,3 +416,43 @@ def precision_report(r: dict[str, Any]) -> str:
     for name, f in r["finder_bf16_vs_fp32"].items():
         lines.append(f"| {name} | {f['n']} | {f['decisions_differ']} | {f['worst_box_shift_of_width']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def door_report(result: dict[str, Any]) -> str:
+    """The Markdown of docs/SECURITY.md's measured cost (rendered by `ops.render_docs` from bench_door.json)."""
+    c = result["config"]
+    rows = [
+        "| round | path | req/s | p50 ms | p95 ms | failures | CPU ms/request: door | TorchServe |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        rows.append(
+            f"| {r['round']} | {r['path']} | {r['rps']:.2f} | {r['p50_ms']} | {r['p95_ms']} | {r['failures']} "
+            f"| {r.get('cpu_ms_per_request_door', '')} | {r.get('cpu_ms_per_request_torchserve', '')} |"
+        )
+    med, cost = result["median_rps"], result["door_cost"]
+    verdict = "within" if cost is not None and cost <= result["limit"] else "OVER"
+    m = result["machine"]
+    cpu = result.get("cpu_ms_per_request", {})
+    return (
+        f"Measured {result['started']} by `make bench-door` (results/bench_door.json; {c['rounds']} rounds, "
+        f"{c['clients']} closed-loop REST "
+        f"clients for {c['seconds']:.0f} s per path, one replica, {c['images']} request images; "
+        f"{m['cpus']} CPUs, load average {m['loadavg_before'][0]} before the run"
+        + (f"; {m['note']}" if m.get("note") else "")
+        + "):\n\n"
+        + "\n".join(rows)
+        + f"\n\nMedian: plain {med['plain']:.2f} req/s, door {med['door']:.2f} req/s: through the door "
+        f"{100 * (1 - cost):.1f}% of plain (a cost of {100 * cost:.1f}%; negative: within this machine's noise), "
+        f"{verdict} the {100 * result['limit']:.0f}% limit; "
+        f"audit lines dropped: {result['audit_lines_dropped']}.\n"
+        + (
+            f"\nCPU per request (medians): the door (HAProxy + audit receiver) {cpu['door']} ms,"
+            f" TorchServe {cpu['torchserve']:.0f} ms: the door's share of a request's CPU is "
+            f"**{100 * result['door_cpu_share']:.1f}%**, the throughput it can cost when the CPU is the bottleneck, "
+            "whatever else shares the machine (the client's own TLS work is left out: it runs elsewhere in a "
+            "deployment).\n"
+            if result.get("door_cpu_share") is not None
+            else ""
+        )
+    )

@@ -14,7 +14,7 @@ GRPC_SERVICE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
 # TorchServe's KServe-style /v1 and /v2 paths stay on the replicas' loopback ports.
 REST_PREFIXES = ("/predictions/", "/explanations/")
 # Body of the 401 the balancer gives for a missing or wrong token: the shape of TorchServe's own
-# error bodies ({code, type, message}), which the clients read (client.error_from_answer).
+# error bodies ({code, type, message}), which the clients read (koa_client.error_from_answer).
 UNAUTHORIZED = '{"code": 401, "type": "Unauthorized", "message": "missing or invalid bearer token"}'
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client import load_token
-from client.rest import RestClient
+from koa_client import load_token
+from koa_client.rest import RestClient
 from ops import cluster
 from ops import server as ts
 from ops.drills.common import ROOT, publish

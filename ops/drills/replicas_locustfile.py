@@ -1,7 +1,7 @@
 """Locust users of the replica drill (`ops.drills.replicas`): the shipped clients, with their retry.
 
 Unlike loadtest/locustfile.py, which measures the server, these users are callers built the way
-docs/API.md tells an integrator to build them: `client.RestClient` / `client.GrpcClient` with
+docs/API.md tells an integrator to build them: `koa_client.RestClient` / `koa_client.GrpcClient` with
 ``retry_s`` (a request is sent again while the balancer cannot be reached or answers 503). Locust
 sees one request per caller's request, after the retries: a Locust failure is a *lost* request.
 Every answer is validated against the answer schema and against the reference answer of its image
@@ -33,9 +33,9 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 # Locust puts its working directory on the import path: the drill runs it from the repository root.
-from client import KOAClientError, load_token  # noqa: E402
-from client.grpc_client import GrpcClient  # noqa: E402
-from client.rest import RestClient  # noqa: E402
+from koa_client import KOAClientError, load_token  # noqa: E402
+from koa_client.grpc_client import GrpcClient  # noqa: E402
+from koa_client.rest import RestClient  # noqa: E402
 from ops.load import InvalidAnswer, check_loopback, count_attempts, load_images, validate_answer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -72,15 +72,6 @@ def replicas_section(result: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def not_kept(what: str, command: str, result: str) -> str:
-    """The line a generated block shows while its result is not committed."""
-    return (
-        f"Not measured any more: the figures of {what} once quoted here came from runs whose results were not "
-        f"kept. `{command}` measures it again and renders its result (`docs/results/{result}`) here; commit "
-        "the result with the page.\n"
-    )
-
-
 def soak_section(result: dict[str, Any], link: str) -> str:
     """A soak's figures (`ops.drills.soak`): requests, failures and the memory measures."""
     c, w, j, heap = result["config"], result["worker"], result["java"], result["java_live_heap"]

@@ -1,22 +1,8 @@
 """gRPC client of KOA-Serve: TorchServe's ``InferenceAPIsService`` (Ping, Predictions).
 
-The stubs in ``client/_proto`` come from ``python -m client.gen_proto`` (TorchServe's own proto;
-committed, so a client-only install has them). The request's ``input`` map carries the same fields as a REST form:
-``data`` (image bytes) and, when asked, ``explain``, ``target`` and ``method``; gRPC has no explain
-call, so ``explain=b"true"`` asks for one.
-
-TorchServe answers a handler's per-request error with gRPC status OK and the error body
-(``{"error": {...}}``) as the prediction; this client raises `KOAClientError` for it, as it does
-for gRPC errors (codes mapped to HTTP statuses).
-
-TLS: ``grpcs://host:port`` (or ``tls=True``, or any of ``ca_file``, ``cert_file``) opens a TLS
-channel (``grpc.ssl_channel_credentials``) that trusts gRPC's bundled roots, or ``ca_file`` alone
-when given, and sends ``cert_file`` for mutual TLS; ``host:port`` and ``grpc://host:port`` stay
-plain text. A certificate error is raised at once (`client.TLS_STATUS`), never retried; a call that
-found no connection within ``timeout`` (so sent nothing) is retried like ``UNAVAILABLE``.
-
-Gevent (Locust): nothing here creates a channel at import time, so
-``grpc.experimental.gevent.init_gevent()`` may be called any time before a `GrpcClient` is made.
+It uses the committed stubs of ``koa_client/_proto`` (``make proto``); the ``input`` map carries the
+fields of a REST form, and a handler's error body (sent with status OK) is raised as `KOAClientError`.
+``grpcs://host:port`` speaks TLS. docs/API.md ("Clients") has the details, gevent included.
 """
 
 from __future__ import annotations
@@ -25,24 +11,18 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 
-from client import (
-    KEY_HINT,
-    KOAClientError,
-    _check_options,
-    _env_token,
-    call_with_retry,
-    check_tls_files,
-    diagnose_closed,
-    error_from_answer,
-    new_key,
-    tls_error,
-)
+from koa_client.errors import KEY_HINT, KOAClientError, error_from_answer
+from koa_client.keys import env_token, new_key
+from koa_client.options import option_fields
+from koa_client.retry import call_with_retry
+from koa_client.tls import check_tls_files, diagnose_closed, tls_error
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +50,27 @@ GRPC_TO_HTTP = {
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def load_stubs() -> tuple[Any, Any, Any]:
+@dataclass(frozen=True)
+class Stubs:
+    """The generated gRPC modules and protobuf's ``empty_pb2`` (the argument of Ping)."""
+
+    inference_pb2: Any
+    inference_pb2_grpc: Any
+    empty_pb2: Any
+
+
+def load_stubs() -> Stubs:
     """The generated ``inference_pb2``, ``inference_pb2_grpc`` and protobuf's ``empty_pb2`` modules."""
     try:
         from google.protobuf import empty_pb2
 
-        from client._proto import inference_pb2, inference_pb2_grpc
+        # imported when first used: missing stubs get the error below, not an ImportError at import time
+        from koa_client._proto import inference_pb2, inference_pb2_grpc
     except ImportError as exc:
         raise RuntimeError(
-            f"the gRPC stubs are missing ({exc}): run `python -m client.gen_proto` (or `make proto`)"
+            f"the gRPC stubs are missing ({exc}): run `python -m koa_client.gen_proto` (or `make proto`)"
         ) from exc
-    return inference_pb2, inference_pb2_grpc, empty_pb2
+    return Stubs(inference_pb2, inference_pb2_grpc, empty_pb2)
 
 
 def rpc_error(exc: grpc.RpcError) -> KOAClientError:
@@ -146,14 +136,14 @@ class GrpcClient:
         target: ``host:port`` of the gRPC inference address (``grpc_inference_port``);
             ``grpcs://host:port`` for TLS.
         token: the inference key, sent as ``authorization: Bearer <key>`` metadata; None uses
-            ``KOA_TOKEN`` when set, else sends none. See `client.load_token`.
+            ``KOA_TOKEN`` when set, else sends none. See `koa_client.load_token`.
         model: the registered model name.
         timeout: seconds to wait for an answer.
-        key_file, retry_s: as `client.rest.RestClient` (``UNAVAILABLE`` counts as 503, and so does a
+        key_file, retry_s: as `koa_client.rest.RestClient` (``UNAVAILABLE`` counts as 503, and so does a
             call that found no connection within ``timeout``).
         tls: open a TLS channel to a bare ``host:port``; None (default): TLS for ``grpcs://`` or
             when a TLS file is given.
-        ca_file, cert_file, cert_key_file: as `client.rest.RestClient`.
+        ca_file, cert_file, cert_key_file: as `koa_client.rest.RestClient`.
 
     Raises:
         ValueError: ``tls`` or TLS files contradict the target's scheme, or a key without a certificate.
@@ -174,7 +164,8 @@ class GrpcClient:
         cert_file: str | os.PathLike[str] | None = None,
         cert_key_file: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._pb2, pb2_grpc, self._empty = load_stubs()
+        stubs = load_stubs()
+        self._pb2, pb2_grpc, self._empty = stubs.inference_pb2, stubs.inference_pb2_grpc, stubs.empty_pb2
         files = (ca_file, cert_file, cert_key_file)
         self.where = target
         self.target, self.tls = split_target(target, tls, any(f is not None for f in files))
@@ -184,7 +175,7 @@ class GrpcClient:
         self.timeout = timeout
         self.key_file = key_file
         self.retry_s = retry_s
-        self.token = token or _env_token() or new_key(key_file, None)
+        self.token = token or env_token() or new_key(key_file, None)
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {self.token}"),) if self.token else ()
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -230,16 +221,11 @@ class GrpcClient:
     ) -> Any:
         """The ``PredictionsRequest`` that `predict` sends (useful to Locust users that time the call); ``site``
         travels as the ``site`` input, which picks the site profile as REST's ``X-KOA-Site`` header does."""
-        _check_options(image, target, method)
+        options = option_fields(image, target, method, site)
         inputs = {"data": bytes(image)}
         if explain:
             inputs["explain"] = b"true"
-        if target is not None:
-            inputs["target"] = str(target).encode()
-        if method is not None:
-            inputs["method"] = method.encode()
-        if site:
-            inputs["site"] = site.encode()
+        inputs.update((name, value.encode()) for name, value in options.items())
         return self._pb2.PredictionsRequest(model_name=self.model, input=inputs)
 
     def predict(
@@ -253,7 +239,7 @@ class GrpcClient:
     ) -> dict[str, Any]:
         """Grade one image (PNG, JPEG or DICOM bytes); explain it when asked.
 
-        Args and answer as `client.rest.RestClient.predict`.
+        Args and answer as `koa_client.rest.RestClient.predict`.
 
         Raises:
             KOAClientError: a gRPC error, or the handler's error body.
@@ -310,7 +296,7 @@ class GrpcClient:
         return rpc_error(exc)
 
     def _diagnose(self) -> KOAClientError | None:
-        """`client.diagnose_closed` for this target, until the server has answered once."""
+        """`diagnose_closed` for this target, until the server has answered once."""
         if self._answered:
             return None
         try:

@@ -1,13 +1,7 @@
 """The answer schema of KOA-Serve, checked the same way by the clients' tests, Locust and the benchmarks.
 
-docs/API.md documents it. Version 2 (``schema_version: 2``) added ``confidence`` and
-``uncertain``; the grade may differ from the most probable grade, because the served model
-decodes grades ordinally (``model.postprocess``). Version 3 added the answer for a whole film:
-instead of one grade, ``knees``, one entry per knee joint found (its ``box``, ``side``, ``view``,
-``laterality`` and, from a later version 3 server, ``laterality_source``, and either the grade
-fields of version 2 or ``refused`` with the reason); a joint
-crop's answer is unchanged. An answer without ``schema_version`` is a
-version 1 answer (the grade was then the most probable one) and still passes, so a newer
+docs/API.md documents it: version 2 added ``confidence`` and ``uncertain``, version 3 the whole film's
+``knees``; an answer without ``schema_version`` is a version 1 answer and still passes, so a newer
 client can read an older server. Refusals are errors, not answers (``ERROR_TYPES``).
 
     validate_answer(answer, explain=False)   # raises InvalidAnswer with the reason

@@ -1,17 +1,9 @@
-"""Command line of the KOA-Serve client: grade (and explain) knee radiographs on a running server.
+"""Command line of the KOA-Serve client (``koa-client``, ``python -m koa_client``): grade and explain radiographs.
 
-``python -m client predict IMAGE [IMAGE...] [--grpc] [--explain] [--target T] [--method M]
-[--url URL] [--grpc-target HOST:PORT] [--token TOKEN | --key-file PATH] [--model oamen]
-[--retry-s S] [--ca-file PEM] [--cert-file PEM [--cert-key-file PEM]] [--overlay-dir DIR] [--json]``
+    koa-client predict IMAGE... [--grpc] [--explain] [--url URL | --grpc-target HOST:PORT] [--key-file PATH] [--json]
 
-Behind TLS: ``--url https://...`` or ``--grpc-target grpcs://host:port``, ``--ca-file`` for a
-private CA, ``--cert-file`` / ``--cert-key-file`` when the server requires a client certificate
-(``--key-file`` stays TorchServe's token file). A certificate error stops the run at once.
-
-Prints, per image, the KL grade, the probability of each class and the probability of
-radiographic OA (KL >= 2); with ``--explain`` it writes the overlay PNG to
-``<overlay-dir>/<stem>_<method>_KL<target>.png``. Exit status: 0 when every image was graded,
-1 when any failed (the server's message goes to stderr), 2 for usage errors.
+Prints each image's grade and probabilities and writes explanation overlays; docs/API.md ("Clients")
+gives the options, TLS included, and the exit statuses.
 """
 
 from __future__ import annotations
@@ -25,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client import TLS_KINDS, TOKEN_ENV, KOAClientError, load_token
+from koa_client import TLS_KINDS, TOKEN_ENV, KOAClientError, load_token
 
 DEFAULT_CLASS_NAMES = ("KL0", "KL1", "KL2", "KL3", "KL4")
 
@@ -36,7 +28,7 @@ EXPLAIN_METHODS = ("layercam", "gradcam", "ig", "ig_blur", "smoothgrad", "occlus
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m client", description="KOA-Serve client (REST or gRPC).")
+    p = argparse.ArgumentParser(prog="python -m koa_client", description="KOA-Serve client (REST or gRPC).")
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("predict", help="grade knee radiographs (PNG, JPEG, DICOM)")
     pr.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
@@ -169,10 +161,10 @@ def make_client(args: argparse.Namespace, token: str) -> Any:
         "cert_key_file": args.cert_key_file,
     }
     if args.grpc:
-        from client.grpc_client import GrpcClient
+        from koa_client.grpc_client import GrpcClient  # lazy: REST calls need no grpc
 
         return GrpcClient(args.grpc_target, **options)
-    from client.rest import RestClient
+    from koa_client.rest import RestClient  # lazy: gRPC calls need no requests
 
     return RestClient(args.url, **options)
 

@@ -1,16 +1,8 @@
 """REST client of KOA-Serve: ``POST /predictions/<model>`` and ``/explanations/<model>`` on TorchServe.
 
-Plain predictions send the image as the raw body with an image content type (sniffed from its
-magic bytes: ``image/png``, ``image/jpeg``, ``application/dicom``; ``application/octet-stream``
-otherwise). A body without a content type is read by TorchServe as a URL-encoded form and reaches
-the handler as text, so the type is always set. Explanation options (``target``, ``method``) go as
-multipart form fields beside the image in ``data``, as the handler (``handler/service.py``) reads them.
-
-TLS: an ``https://`` URL verifies the server against the system's CAs (or ``REQUESTS_CA_BUNDLE``),
-or against ``ca_file`` alone when given; ``cert_file`` / ``cert_key_file`` add a client certificate
-for mutual TLS. What is resent: a failed connection (refused, or a connect timeout: nothing was
-sent) and a 503, within ``retry_s``; never a certificate error, nor a read timeout (the server may
-have graded the image already).
+The image goes as the raw body with a content type sniffed from its magic bytes, or beside the
+options as multipart form fields; an ``https://`` URL speaks TLS. docs/API.md ("Clients") says what
+is sent, which CAs are trusted and what is resent.
 """
 
 from __future__ import annotations
@@ -24,19 +16,11 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
-from client import (
-    TLS_STATUS,
-    KOAClientError,
-    _check_options,
-    _env_token,
-    call_with_retry,
-    check_tls_files,
-    client_cert_refused,
-    diagnose_closed,
-    error_from_answer,
-    new_key,
-    tls_error,
-)
+from koa_client.errors import TLS_STATUS, KOAClientError, error_from_answer
+from koa_client.keys import env_token, new_key
+from koa_client.options import SITE_HEADER, option_fields
+from koa_client.retry import call_with_retry
+from koa_client.tls import check_tls_files, client_cert_refused, diagnose_closed, tls_error
 
 log = logging.getLogger(__name__)
 # nginx, a common TLS front for TorchServe, reports these TLS problems as a 400 page, not in the handshake.
@@ -62,7 +46,7 @@ class RestClient:
     Args:
         url: the inference address (``inference_address`` of config.properties).
         token: the inference key; None uses ``KOA_TOKEN`` when set, else sends no Authorization
-            header (a server started with token authorization off). See `client.load_token`.
+            header (a server started with token authorization off). See `koa_client.load_token`.
         model: the registered model name.
         timeout: seconds to wait for an answer (explanations with ``ig`` take seconds on a CPU).
         key_file: TorchServe's ``key_file.json``: the token when none is given, and re-read when the
@@ -113,7 +97,7 @@ class RestClient:
             cert = os.fspath(cert_file)
             self.session.cert = (cert, os.fspath(cert_key_file)) if cert_key_file is not None else cert
         self._answered = False  # once the server has answered, a closed connection needs no TLS probe
-        self.token = token or _env_token() or new_key(key_file, None)
+        self.token = token or env_token() or new_key(key_file, None)
         if self.token:
             self.session.headers["Authorization"] = f"Bearer {self.token}"
 
@@ -204,7 +188,7 @@ class RestClient:
         return None
 
     def _diagnose(self) -> KOAClientError | None:
-        """`client.diagnose_closed` for this server, until it has answered once (then its TLS setup is right)."""
+        """`diagnose_closed` for this server, until it has answered once (then its TLS setup is right)."""
         if self._answered:
             return None
         parts = urlsplit(self.url)
@@ -253,17 +237,13 @@ class RestClient:
         Raises:
             KOAClientError: the server refused or failed the request, or could not be reached.
         """
-        _check_options(image, target, method)
+        options = option_fields(image, target, method)
         path = f"/{'explanations' if explain else 'predictions'}/{self.model}"
         ctype = sniff_content_type(bytes(image[:132]))
-        site_header = {"X-KOA-Site": site} if site else {}
-        if target is None and method is None:
+        site_header = {SITE_HEADER: site} if site else {}
+        if not options:
             return self._send("POST", path, data=bytes(image), headers={"Content-Type": ctype, **site_header})
-        fields = {"explain": "true" if explain else "false"}
-        if target is not None:
-            fields["target"] = str(target)
-        if method is not None:
-            fields["method"] = method
+        fields = {"explain": "true" if explain else "false", **options}
         files = {"data": ("image", bytes(image), ctype)}
         return self._send("POST", path, files=files, data=fields, **({"headers": site_header} if site else {}))
 
