@@ -8,8 +8,7 @@ from pathlib import Path
 
 from ops.cluster.config import Front
 from ops.cluster.haproxy import server_states
-
-ROOT = Path(__file__).resolve().parents[2]
+from ops.cluster.lifecycle import ROOT
 
 
 def add_front_args(p: argparse.ArgumentParser, replicas: int, workdir: Path, front: Front) -> argparse.ArgumentParser:
