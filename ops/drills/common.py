@@ -15,7 +15,6 @@ from typing import Any
 
 import psutil
 
-from ops import render_docs
 from ops import server as ts
 from ops.results import DATA_IMAGES, write_result
 
@@ -50,6 +49,9 @@ def write_drill(args: argparse.Namespace, result: dict[str, Any], records: list[
 
 def publish(path: Path, result: dict[str, Any]) -> None:
     """Write ``result`` where the docs quote it from (docs/results/), then render the docs from the results."""
+    # lazy: rendering the docs loads the model code (torch, seconds); only a drill run with --publish needs it
+    from ops import render_docs
+
     write_result(path, result)
     render_docs.main([])
 
