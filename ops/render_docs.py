@@ -45,7 +45,7 @@ from ops.markdown import md_table, not_kept
 from ops.monitor_report import bench_metrics_report, drift_choice_report, drill_drift_report
 from ops.results import DOC_RESULTS, ROOT
 from ops.site_docs import site_calibration_report
-from train.eval_finder import render_doc as films_page  # helper A moves it to a module of its own
+from train.films_doc import render_doc as films_page
 
 log = logging.getLogger(__name__)
 

@@ -176,7 +176,7 @@ def test_calibration_is_written_into_the_contract(trained: Path, calibrated: Pat
     report = json.loads((trained / "calibration.json").read_text())
     assert report["chosen"] in report["candidates"] and report["gate_fit_images"] == 30
     cal = report["calibration"]
-    # the lowest ECE, ties within 1e-6 (train.calibrate.choose_fit_set): fits that read the same knees
+    # the lowest ECE, ties within 1e-6 (train.calibration.choose_fit_set): fits that read the same knees
     # can differ in the last bit
     assert cal["fit_on"] in cal["fit_sets"] and round(cal["fit_sets"][cal["fit_on"]]["ece"], 6) == min(
         round(v["ece"], 6) for v in cal["fit_sets"].values()
@@ -225,7 +225,7 @@ def test_the_gate_lets_the_tune_films_knees_through(trained: Path, tmp_path: Pat
     """train.calibrate --films: the threshold rises to the largest score of the tune films' AP knees."""
     import shutil
 
-    from train.fit_finder import film_split
+    from train.films import film_split
 
     tune_name = next(f"IMG{i:07d}.jpg" for i in range(1000) if film_split(f"IMG{i:07d}.jpg") == "tune")
     films = tmp_path / "films"

@@ -51,10 +51,10 @@ def test_photometric_framings_stay_in_range_and_do_what_they_say() -> None:
 
 def test_every_fixed_framing_gives_a_float_image_in_range() -> None:
     im = ramp(224, 224)
-    names = [name for name, _, _ in FRAMINGS]
+    names = [f.name for f in FRAMINGS]
     assert names[0] == "original" and len(set(names)) == len(names)
-    for name, _, fn in FRAMINGS:
-        out = fn(im)
+    for framing in FRAMINGS:
+        name, out = framing.name, framing.apply(im)
         assert out.ndim == 2 and min(out.shape) >= 8, name
         assert out.min() >= 0.0 and out.max() <= 1.0, name
 

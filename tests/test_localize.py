@@ -29,19 +29,8 @@ from model.localize import (
     serving_finder,
     to_source,
 )
-from train.annotate import read_boxes
-from train.fit_finder import (
-    Hard,
-    Item,
-    augment,
-    crop_joint_of,
-    fade,
-    film_split,
-    load_pairs,
-    nonknee_split,
-    paste_metal,
-    targets,
-)
+from train.films import Item, JointBox, film_split, nonknee_split, read_boxes
+from train.finder_views import Hard, augment, crop_joint_of, fade, load_pairs, paste_metal, targets
 
 ROOT = Path(__file__).resolve().parents[1]
 FILMS = ROOT / "tests" / "fixtures" / "films"
@@ -116,7 +105,7 @@ def test_the_crop_frames_the_joint_as_the_training_crops_do():
 
 
 def test_targets_mark_the_joint_cell_with_its_width_and_offset():
-    heat, reg = targets([(100.0, 60.0, 64.0, 1)], 256)
+    heat, reg = targets([JointBox(100.0, 60.0, 64.0, 1)], 256)
     iy, ix = 60 // STRIDE, 100 // STRIDE
     assert heat[1, iy, ix] == 1.0 and heat[0].max() == 0.0
     assert reg[0, iy, ix] == 1.0 and np.exp(reg[1, iy, ix]) * 256 == pytest.approx(64)
@@ -127,7 +116,7 @@ def test_augmentation_moves_the_joint_with_the_image():
     # a bright spot at the joint centre must end where the augmented joint says it is
     film = np.full((500, 400), 40, np.uint8)
     cv2.circle(film, (120, 300), 6, 255, -1)
-    item = Item("synthetic", film, [(120.0, 300.0, 80.0, 0)], "film")
+    item = Item("synthetic", film, [JointBox(120.0, 300.0, 80.0, 0)], "film")
     rng = np.random.default_rng(0)
     checked = 0
     for _ in range(30):
@@ -136,7 +125,7 @@ def test_augmentation_moves_the_joint_with_the_image():
             continue
         blurred = cv2.GaussianBlur(x, (0, 0), 2)
         y, xx = np.unravel_index(np.argmax(blurred), x.shape)
-        assert abs(xx - joints[0][0]) <= 3 and abs(y - joints[0][1]) <= 3
+        assert abs(xx - joints[0].cx) <= 3 and abs(y - joints[0].cy) <= 3
         checked += 1
     assert checked >= 10
 
@@ -145,11 +134,11 @@ def test_other_sites_framings_keep_the_joint_where_the_image_has_it(monkeypatch)
     # a crop with a bright spot at its joint centre, framed as other sites frame knees (bands,
     # magnified, off-centre): the spot ends where the augmented joint says it is. The other look
     # (contrast, gamma, ...) is left out: equalised, a flat synthetic crop can turn the spot dark.
-    monkeypatch.setattr("train.fit_finder.random_photometric", lambda im, rng: im)
+    monkeypatch.setattr("train.finder_views.random_photometric", lambda im, rng: im)
     crop = np.random.default_rng(0).integers(30, 90, (224, 224)).astype(np.uint8)  # equalised, still below the spot
-    cx, cy, jw, v = crop_joint_of(crop)
-    cv2.circle(crop, (round(cx), round(cy)), 5, 255, -1)
-    item = Item("synthetic", crop, [(cx, cy, jw, v)], "crop")
+    j = crop_joint_of(crop)
+    cv2.circle(crop, (round(j.cx), round(j.cy)), 5, 255, -1)
+    item = Item("synthetic", crop, [j], "crop")
     rng = np.random.default_rng(1)
     checked, wide = 0, 0
     for _ in range(40):
@@ -158,9 +147,9 @@ def test_other_sites_framings_keep_the_joint_where_the_image_has_it(monkeypatch)
             continue
         blurred = cv2.GaussianBlur(x, (0, 0), 2)
         y, xx = np.unravel_index(np.argmax(blurred), x.shape)
-        assert abs(xx - joints[0][0]) <= 6 and abs(y - joints[0][1]) <= 6  # the spot grows when magnified
+        assert abs(xx - joints[0].cx) <= 6 and abs(y - joints[0].cy) <= 6  # the spot grows when magnified
         checked += 1
-        wide += joints[0][2] > 0.9 * 256  # a magnified joint spans (almost) the whole input
+        wide += joints[0].width > 0.9 * 256  # a magnified joint spans (almost) the whole input
     assert checked >= 20 and wide >= 1
 
 
@@ -171,8 +160,8 @@ def test_pairs_of_knees_side_by_side_carry_both_joints():
     assert len(pairs) == 2 and pairs[0].kind == "pair"
     p = pairs[0]
     assert p.gray.shape == (224, 2 * 224 + 22)
-    (x0, y0, w0, _), (x1, y1, w1, _) = p.joints
-    assert x0 == pytest.approx(112) and x1 == pytest.approx(224 + 22 + 112) and y0 == y1 and w0 == w1
+    a, b = p.joints
+    assert a.cx == pytest.approx(112) and b.cx == pytest.approx(224 + 22 + 112) and a.cy == b.cy and a.width == b.width
 
 
 @pytest.mark.parametrize("hard", [Hard(edge=1.0), Hard(faint=1.0), Hard(metal=1.0)])
@@ -185,21 +174,21 @@ def test_hard_views_keep_the_joint_where_the_image_has_it(hard):
     cv2.circle(spot, (120, 300), 6, 1, -1)
     checked = 0
     for seed in range(30):
-        item = Item("synthetic", spot, [(120.0, 300.0, 80.0, 0)], "film")
+        item = Item("synthetic", spot, [JointBox(120.0, 300.0, 80.0, 0)], "film")
         x, joints = augment(item, 256, np.random.default_rng(seed), hard)
         x0, _ = augment(replace(item, gray=plain), 256, np.random.default_rng(seed), hard)
         diff = cv2.GaussianBlur(np.abs(x - x0), (0, 0), 2)
         if not joints or diff.max() < 0.2:  # no joint in the view, or metal over the spot
             continue
         y, xx = np.unravel_index(np.argmax(diff), x.shape)
-        assert abs(xx - joints[0][0]) <= 3 and abs(y - joints[0][1]) <= 3
+        assert abs(xx - joints[0].cx) <= 3 and abs(y - joints[0].cy) <= 3
         checked += 1
     assert checked >= 10
 
 
 def test_edge_views_put_the_joint_at_the_edge_of_the_window():
     film = np.full((800, 400), 90, np.uint8)
-    item = Item("synthetic", film, [(200.0, 400.0, 80.0, 0)], "film")
+    item = Item("synthetic", film, [JointBox(200.0, 400.0, 80.0, 0)], "film")
     rng = np.random.default_rng(2)
     near = 0
     for _ in range(40):
@@ -208,7 +197,7 @@ def test_edge_views_put_the_joint_at_the_edge_of_the_window():
             continue
         content = np.argwhere(cv2.erode((x > -0.5).astype(np.uint8), np.ones((3, 3))) > 0)
         (y0, x0), (y1, x1) = content.min(0), content.max(0)
-        jx, jy, jw, _ = joints[0]
+        jx, jy, jw = joints[0].cx, joints[0].cy, joints[0].width
         near += min(jx - x0, x1 - jx, jy - y0, y1 - jy) < 0.6 * jw
     assert near >= 20
 
@@ -217,7 +206,7 @@ def test_synthetic_metal_is_saturated_and_near_the_joint():
     rng = np.random.default_rng(3)
     for _ in range(10):
         film = np.full((600, 400), 60, np.uint8)
-        paste_metal(film, [(200.0, 300.0, 100.0, 0)], rng)
+        paste_metal(film, [JointBox(200.0, 300.0, 100.0, 0)], rng)
         ys, xs = np.nonzero(film >= 200)
         assert len(ys) > 20 and np.median(np.abs(ys - 300)) < 300 and np.median(np.abs(xs - 200)) < 200
     film = np.full((300, 300), 60, np.uint8)
@@ -244,10 +233,10 @@ def test_the_nonknee_split_halves_the_radiographs_by_file_name():
 
 
 def test_the_threshold_moves_for_the_negatives_only_where_the_tune_films_lose_nothing(monkeypatch):
-    import train.eval_finder as ev
+    import train.finder_measure as ev
 
     size = (200, 200)
-    ap = Item("ap", np.zeros(size, np.uint8), [(100.0, 100.0, 80.0, 0)], "film")
+    ap = Item("ap", np.zeros(size, np.uint8), [JointBox(100.0, 100.0, 80.0, 0)], "film")
     neg = Item("neg", np.zeros(size, np.uint8), [], "film")
     scores = {"ap": 0.62, "neg": 0.45}  # the AP knee scores 0.62, the non-knee image 0.45
 
@@ -350,7 +339,7 @@ def test_the_documented_figures_were_measured_with_the_shipped_settings():
 
 
 def test_films_md_is_generated_from_the_committed_results():
-    from train.eval_finder import render_doc
+    from train.films_doc import render_doc
 
     result = json.loads((ROOT / "docs" / "model" / "finder.json").read_text())
     resolution = json.loads((ROOT / "docs" / "model" / "resolution.json").read_text())
@@ -449,6 +438,8 @@ def film_dir(tmp_path: Path) -> dict[str, str]:
 def test_eval_finder_measures_the_finder_in_the_precision_it_records(film_dir, tmp_path, monkeypatch, precision):
     import train.eval_finder as ev
     from model.precision import DTYPES
+    from train.films_doc import render_doc
+    from train.finder_measure import FORMAT_NAMES
 
     built = []
 
@@ -466,12 +457,12 @@ def test_eval_finder_measures_the_finder_in_the_precision_it_records(film_dir, t
     assert result["precision"] == json.loads(out.read_text())["precision"] == precision
     assert result["test"]["ap_joints_centre_within_quarter"] == 1.0  # the fixture films, in either format
     resolution = json.loads((ROOT / "docs" / "model" / "resolution.json").read_text())
-    assert f"in {ev.FORMAT_NAMES[precision]} (`--precision`" in ev.render_doc(result, resolution)
+    assert f"in {FORMAT_NAMES[precision]} (`--precision`" in render_doc(result, resolution)
 
 
 @pytest.mark.parametrize(("env", "expected"), [("fp32", "fp32"), ("bf16", "bf16")])
 def test_eval_finder_served_precision_is_what_the_server_picks(monkeypatch, env, expected):
-    from train.eval_finder import measured_precision
+    from train.finder_measure import measured_precision
 
     monkeypatch.setenv("KOA_PRECISION", env)
     assert measured_precision("served")[0] == expected

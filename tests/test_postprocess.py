@@ -10,7 +10,7 @@ import pytest
 
 from model.contract import InputContract, PostprocessConfig
 from model.postprocess import calibrated_probabilities, decode_grades, expected_grade, finish, split_outputs
-from train.calibrate import (
+from train.calibration import (
     FIT_SETS,
     choose_calibration,
     choose_fit_set,

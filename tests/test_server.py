@@ -27,8 +27,8 @@ from model.precision import served_models
 from ops import server as ts
 from tests.conftest import private_server
 from tests.imagebytes import encode, make_dicom, png_by_hand
+from train.answers import answer_arrays, prepare_files
 from train.data import scan
-from train.evaluate import answer_arrays, prepare_files
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,8 @@ import pytest
 from model.checkpoint import model_from_checkpoint
 from model.contract import PostprocessConfig
 from model.postprocess import calibrated_probabilities
+from train.answers import answer_arrays, made_up_negatives, model_outputs, prepare_files
 from train.data import scan
-from train.evaluate import answer_arrays, made_up_negatives, model_outputs, prepare_files
 from train.metrics import expected_calibration_error
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,39 +1,19 @@
 """Views for annotating knee joints in whole films by eye (the boxes in ``annotations/legfilms.csv``).
 
-``python -m train.annotate grid FILM [--region x0 y0 x1 y1] --out PNG``: the film (or a region of it)
-enlarged, with a labelled grid in the film's own pixel coordinates, so that a reader can read off a
-joint's box. ``python -m train.annotate check FILM... --csv annotations/legfilms.csv --out DIR``:
-the film with its annotated boxes drawn, to check the annotation.
-
-Box convention (the file's header says it too): a square centred on the centre of the tibio-femoral
-joint space, whose side is the joint's width (outer edge to outer edge of the femoral condyles or the
-tibial plateau, whichever is wider) in source pixels; ``view`` is ``ap`` (AP/PA), ``lateral``, or
-``oblique``; ``marker`` is ``R`` or ``L`` when a burned-in letter beside that knee says its side. A film
-without a knee joint has one row with view ``none`` and no box.
+``python -m train.annotate grid FILM [--region x0 y0 x1 y1] --out PNG``: a labelled pixel grid;
+``python -m train.annotate check FILM... --out DIR``: the annotated boxes drawn. The box convention:
+docs/TRAINING.md (`train.annotate`).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-COLUMNS = ["file", "width", "height", "view", "x0", "y0", "x1", "y1", "marker", "note"]
-
-
-def read_boxes(path: str | Path) -> dict[str, list[dict]]:
-    """file -> list of rows (a film without a knee has one row with view 'none')."""
-    out: dict[str, list[dict]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(line for line in f if not line.startswith("#")):
-            for k in ("width", "height"):
-                row[k] = int(row[k])
-            row["box"] = [float(row[k]) for k in ("x0", "y0", "x1", "y1")] if row["x0"] else None
-            out.setdefault(row["file"], []).append(row)
-    return out
+from train.films import read_boxes
 
 
 def enlarged(gray: np.ndarray, size: int) -> tuple[np.ndarray, float]:

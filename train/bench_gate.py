@@ -1,17 +1,7 @@
 """What the knee gate (and mirror averaging) cost: the handler's request path with and without, side by side.
 
 ``python -m train.bench_gate [--model build/oamen.pt] [--rounds 8] [--json docs/results/bench_gate.json]``
-
-The request path is what the worker runs per batch: decode the PNG, the knee-joint finder (it runs
-on every image; these knee crops stay crops), prepare (OA-MEN's preprocessing), normalise, stack,
-and the grader as the worker runs it (`model.precision.compiled`: a frozen trace, in bfloat16 where
-the CPU computes it natively; the finder in the same format, as `handler.koa_handler` loads it),
-once or, when the contract averages mirrored images, twice. With the gate the grader's call is
-``forward_with_gate`` (logits and the Mahalanobis score from the same pooled features) instead of
-``forward``. Legs: without the gate and with it (both as the contract reads an image), and with the
-gate reading each image once and with its mirror; one of the last two is the served path. They are
-timed in alternating rounds in one process, so machine drift falls on all alike; the result is the
-median of the per-round ratios, with their spread.
+What is timed, and how: docs/TRAINING.md (`train.bench_gate`).
 """
 
 from __future__ import annotations

@@ -15,14 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from model import list_models
-from train import evaluate as evaluate_mod
-from train import fit as fit_mod
-from train.bench_model import benchmark
+from train.data import PROTOCOLS
+from train.model_speed import benchmark
 
 log = logging.getLogger("train.compare")
 
@@ -37,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=PAPER_MODELS, choices=list_models())
     p.add_argument("--ablations", action="store_true", help=f"also train {ABLATIONS}")
     p.add_argument("--data", default="../shared/data/koa")
-    p.add_argument("--protocol", default="official", choices=fit_mod.PROTOCOLS)
+    p.add_argument("--protocol", default="official", choices=PROTOCOLS)
     p.add_argument("--out", default="reports/compare")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--time-limit", type=float, default=0.0, help="minutes per model (0: none); enforced by train.fit")
@@ -66,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def fit_args(args: argparse.Namespace, name: str, out: Path) -> argparse.Namespace:
+def fit_args(args: argparse.Namespace, name: str, out: Path) -> list[str]:
     """train.fit arguments for one model: the shared budget, only the model and folder differ."""
     argv = [
         "--model", name, "--data", args.data, "--protocol", args.protocol, "--out", str(out),
@@ -80,7 +81,12 @@ def fit_args(args: argparse.Namespace, name: str, out: Path) -> argparse.Namespa
         argv += ["--max-train-per-epoch", str(args.max_train_per_epoch)]
     if args.max_val:
         argv += ["--max-val", str(args.max_val)]
-    return fit_mod.get_args_parser().parse_args(argv)
+    return argv
+
+
+def run_command(module: str, argv: list[str]) -> None:
+    """``python -m MODULE ARGV...`` in a child process (a command runs other commands, never imports them)."""
+    subprocess.run([sys.executable, "-m", module, *argv], check=True)
 
 
 def markdown_table(rows: list[dict[str, Any]], header: str) -> str:
@@ -108,15 +114,16 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name in names:
         run = out / name
         t0 = time.monotonic()
-        fit_mod.main(fit_args(args, name, run))
+        run_command("train.fit", fit_args(args, name, run))
         minutes = (time.monotonic() - t0) / 60
         history = json.loads((run / "history.json").read_text())
         if args.eval:
-            ev = evaluate_mod.get_args_parser().parse_args(
+            run_command(
+                "train.evaluate",
                 ["--checkpoint", str(run / "best.pt"), "--data", args.data, "--split", "val", "--protocol",
-                 args.protocol, "--seed", str(args.seed), "--out", str(run / "eval-val")]
+                 args.protocol, "--seed", str(args.seed), "--out", str(run / "eval-val")],
             )  # fmt: skip
-            metrics = evaluate_mod.main(ev)
+            metrics = json.loads((run / "eval-val" / "metrics.json").read_text())
         else:
             metrics = json.loads((run / "best_metrics.json").read_text())
         rows.append({"model": name, **{m: metrics[m] for m in METRICS}, "train_minutes": round(minutes, 1),

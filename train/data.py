@@ -1,15 +1,8 @@
 """Knee X-ray datasets: layouts, patient ids, split protocols, caching, balancing, augmentation.
 
-Layouts read by `scan`:
-- ``ROOT/<split>/<grade>/*.png`` with splits ``train``, ``val``, ``test``, ``auto_test`` (those present);
-- ``ROOT/<grade>/*`` (a plain folder of graded images, split ``all``).
-
-Split protocols (`make_splits`), written into every output:
-- ``official``: the given train/val; test is only for the final evaluation (default);
-- ``grouped``: train+val pooled, stratified 8:2 with both knees of a patient on one side;
-- ``paper``: OA-MEN's protocol, everything pooled (test and auto_test included) and split
-  8:2 at random. It leaks: knees of one patient, and auto_test re-crops of test knees, fall
-  on both sides. Offered only to reproduce the paper, with a warning.
+`scan` reads ``ROOT/<split>/<grade>/*.png`` or ``ROOT/<grade>/*``; `make_splits` forms the protocols
+``official``, ``grouped`` and ``paper`` (which leaks, offered only to reproduce the paper).
+docs/TRAINING.md (`train.data`) describes them.
 """
 
 from __future__ import annotations
@@ -400,3 +393,12 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self._indices())
+
+
+def samples_from_files(files: list[str], root_samples: list[Sample]) -> list[Sample]:
+    """The samples of ``files`` (a run's tune fold: its config.json's ``tune_files``), in that order."""
+    by_path = {str(s.path): s for s in root_samples}
+    missing = [f for f in files if f not in by_path]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} tune files are not in the dataset, e.g. {missing[0]}")
+    return [by_path[f] for f in files]

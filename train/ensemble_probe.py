@@ -1,15 +1,7 @@
 """How far averaging the models we have would go: an upper bound for the served architecture.
 
-    python -m train.ensemble_probe --out docs/model/ensembles.json \
-        ship=weights/oamen.ckpt gpu224=reports/gpu2/oamen_pt_224_fp16.pt ...
-
-Each NAME=CHECKPOINT is read on val and on the tune fold of `runs/oamen_pt` (its config lists the
-fold), plain and mirrored. Every combination of models, with and without the mirror, is then
-decoded as `train.calibrate` would serve it: a temperature per model fitted on the tune fold over
-the views it reads (`view_probabilities`), the models' probabilities averaged, the ordinal
-cut-points (or argmax) chosen on the tune fold; val only measures. "passes" is the number of
-network runs per knee (the served model makes 2).
-The logits are kept in --work, so a second call only decodes.
+``python -m train.ensemble_probe --out docs/model/ensembles.json ship=weights/oamen.ckpt NAME=CHECKPOINT ...``
+How each combination is decoded: docs/TRAINING.md (`train.ensemble_probe`).
 """
 
 from __future__ import annotations
@@ -24,7 +16,7 @@ import numpy as np
 
 from model.contract import PostprocessConfig
 from model.postprocess import decode_grades
-from train.calibrate import fit_cutpoints, fit_temperature, view_probabilities
+from train.calibration import fit_cutpoints, fit_temperature, view_probabilities
 from train.metrics import quadratic_weighted_kappa, roc_auc_ovr
 
 
@@ -32,11 +24,12 @@ def logits(name: str, path: str, work: Path, data: str, tune_files: set[str]) ->
     cached = work / f"{name}.npz"
     if cached.is_file():
         return dict(np.load(cached))
+    # deliberate lazy load: torch and the models only when the logits are not cached yet
     import torch
 
     from model.checkpoint import model_from_checkpoint
+    from train.answers import model_outputs
     from train.data import prepare_all, scan
-    from train.evaluate import model_outputs
 
     net, contract = model_from_checkpoint(path)
     net = net.float().to(memory_format=torch.channels_last)

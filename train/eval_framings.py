@@ -27,8 +27,8 @@ from model.decode import decode_image
 from model.localize import load_serving_finder
 from model.preprocess import as_float_image
 from train.data import scan
-from train.eval_finder import measured_precision
-from train.fit_finder import nonknee_files
+from train.films import nonknee_files
+from train.finder_measure import measured_precision
 from train.framings import FRAMINGS
 from train.metrics import quadratic_weighted_kappa
 from train.served_path import Served, ServedPath
@@ -97,7 +97,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     labels = [s.grade for s in chosen]
     t0 = time.monotonic()
     rows, reference = [], None
-    for name, what, fn in FRAMINGS:
+    for framing in FRAMINGS:
+        name, what, fn = framing.name, framing.what, framing.apply
         answers = [path(png(fn(im))) for im in tqdm(images, desc=name, leave=False, dynamic_ncols=True)]
         if reference is None:
             reference = [a.grades[0] if a.grades else -1 for a in answers]

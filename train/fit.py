@@ -47,6 +47,7 @@ from train.data import (
 )
 from train.metrics import compute_metrics
 from train.plots import plot_training_curves
+from train.recipe import parse_args
 
 log = logging.getLogger("train.fit")
 
@@ -577,4 +578,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args(get_args_parser()))

@@ -1,16 +1,7 @@
 """Fit and measure the burned-in R/L marker reader (`model.markers`).
 
-Training patches are the reader's own candidates (`model.markers.candidates`) cut from the training
-films, labelled by the annotation (annotations/legfilm_markers.csv: few markers, all printed upright
-letters) and, mostly, from the same films with synthetic letters composited onto them: R and L in
-several fonts (DejaVu via PIL, OpenCV's Hershey fonts), sizes, thicknesses, rotations up to 25
-degrees, mirrored or not, blurred, on a dark label or not, with a word beneath or not; and other
-glyphs (every other capital and digit) as "not a letter". The claim threshold is chosen on the tune
-films (real ones, and the same synthesis with another seed): the lowest that leaves no wrong or
-false claim there. The test films, the KOA validation crops and the non-knee radiographs are then
-measured once, and the figures written to docs/model/markers.json.
-
-    python -m train.fit_markers --out runs/markers --weights weights/markers.pt --report docs/model/markers.json
+``python -m train.fit_markers --out runs/markers --weights weights/markers.pt --report docs/model/markers.json``
+The training patches, the threshold and the measurement: docs/TRAINING.md (`train.fit_markers`).
 """
 
 from __future__ import annotations
@@ -19,7 +10,7 @@ import argparse
 import csv
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -29,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from model.markers import CLASSES, MarkerConfig, MarkerNet, candidates, classify, patches, read_markers, save_reader
-from train.fit_finder import film_split
+from train.films import film_split
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 PIL_FONTS = [
@@ -46,15 +37,33 @@ OTHERS = "ABCDEFGHIJKMNOPQSTUVWXYZ0123456789"
 WORDS = ["KNEE", "ANKLE", "AP", "LAT", "STANDING", "Ankle J.B/V", "PA", "WB"]
 
 
-def read_markers_csv(path: str | Path) -> dict[str, list[tuple[str, bool, tuple[int, int, int, int]]]]:
-    """file -> its markers as (letter, mirrored, box); a film annotated without marker maps to []."""
+@dataclass(frozen=True)
+class Mark:
+    """A burned-in side marker on a film: its letter (R or L), whether it is mirrored, its box (x0, y0, x1, y1)."""
+
+    letter: str
+    mirrored: bool
+    box: tuple[int, int, int, int]
+
+
+@dataclass
+class MarkedFilm:
+    """A film to measure the reader on: its name, its gray pixels and its annotated markers."""
+
+    name: str
+    gray: np.ndarray
+    marks: list[Mark]
+
+
+def read_markers_csv(path: str | Path) -> dict[str, list[Mark]]:
+    """file -> its markers (`Mark`); a film annotated without marker maps to []."""
     out: dict[str, list] = {}
     lines = [line for line in Path(path).read_text().splitlines() if not line.startswith("#")]
     for row in csv.DictReader(lines):
         marks = out.setdefault(row["file"], [])
         if row["letter"]:
             box = tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1"))
-            marks.append((row["letter"], row["mirrored"] == "1", box))
+            marks.append(Mark(row["letter"], row["mirrored"] == "1", box))
     return out
 
 
@@ -231,7 +240,7 @@ def dataset(grays: dict[str, np.ndarray], marks: dict, cfg: MarkerConfig, copies
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for name, g in grays.items():
-        truth = [(b, {"R": 1, "L": 2}[letter] + (2 if mir else 0)) for letter, mir, b in marks.get(name, [])]
+        truth = [(m.box, {"R": 1, "L": 2}[m.letter] + (2 if m.mirrored else 0)) for m in marks.get(name, [])]
         x, y = labelled(g, truth, cfg)
         reps = real_copies if truth else 1
         xs += [x] * reps
@@ -282,7 +291,7 @@ def evaluate(net: nn.Module, x: np.ndarray, y: np.ndarray) -> dict:
 # --- measuring films ---------------------------------------------------------------------------
 
 
-def score_film(found, truth: list) -> dict[str, int]:
+def score_film(found, truth: list[Mark]) -> dict[str, int]:
     """Claims against the annotation: a claim on a marker's box (centre inside it, grown by half) with its
     letter is right, with the other letter wrong; a claim elsewhere is a false claim; a marker without
     a right claim is missed."""
@@ -291,13 +300,13 @@ def score_film(found, truth: list) -> dict[str, int]:
     for m in found:
         cx, cy = (m.box[0] + m.box[2]) / 2, (m.box[1] + m.box[3]) / 2
         on = None
-        for k, (_, _, b) in enumerate(truth):
+        for k, b in enumerate(t.box for t in truth):
             gx, gy = (b[2] - b[0]) / 2, (b[3] - b[1]) / 2
             if b[0] - gx <= cx <= b[2] + gx and b[1] - gy <= cy <= b[3] + gy:
                 on = k
         if on is None:
             false += 1
-        elif truth[on][0] == m.letter:
+        elif truth[on].letter == m.letter:
             right += 1
             hit.add(on)
         else:
@@ -305,7 +314,7 @@ def score_film(found, truth: list) -> dict[str, int]:
     return {"right": right, "wrong": wrong, "missed": len(truth) - len(hit), "false_claims": false}
 
 
-def measure(reader, items: list[tuple[str, np.ndarray, list]], threshold: float | None = None) -> dict:
+def measure(reader, items: list[MarkedFilm], threshold: float | None = None) -> dict:
     total = {
         "films": len(items),
         "markers": 0,
@@ -317,7 +326,8 @@ def measure(reader, items: list[tuple[str, np.ndarray, list]], threshold: float 
         "films_without_marker_claimed": 0,
     }
     details = []
-    for name, g, truth in items:
+    for item in items:
+        name, g, truth = item.name, item.gray, item.marks
         found = read_markers(reader, g, threshold)
         s = score_film(found, truth)
         for k, v in s.items():
@@ -332,12 +342,12 @@ def measure(reader, items: list[tuple[str, np.ndarray, list]], threshold: float 
     return total
 
 
-def claim_scores(reader, items) -> tuple[list[float], list[float]]:
+def claim_scores(reader, items: list[MarkedFilm]) -> tuple[list[float], list[float]]:
     """Scores of every claim at threshold 0.5: those that are right, and those that are not (wrong or false)."""
     good, bad = [], []
-    for _, g, truth in items:
-        for m in read_markers(reader, g, 0.5):
-            s = score_film([m], truth)
+    for item in items:
+        for m in read_markers(reader, item.gray, 0.5):
+            s = score_film([m], item.marks)
             (good if s["right"] else bad).append(m.score)
     return good, bad
 
@@ -450,13 +460,13 @@ def main(args: argparse.Namespace) -> dict:
     reader = (net, cfg)
     # The threshold: the lowest that leaves no wrong or false claim on the tune films (real, and synthetic).
     trng = np.random.default_rng(args.seed + 2)
-    tune_items = [(n, g, marks[n]) for n, g in tune_g.items()]
+    tune_items = [MarkedFilm(n, g, marks[n]) for n, g in tune_g.items()]
     synth_items = []
     for n, g in tune_g.items():
         for c in range(args.tune_copies):
             img, placed = synth(g, trng)
-            truth = [("R" if k in (1, 3) else "L", k >= 3, b) for b, k in placed if k] + marks[n]
-            synth_items.append((f"{n}#synth{c}", img, truth))
+            truth = [Mark("R" if k in (1, 3) else "L", k >= 3, b) for b, k in placed if k] + marks[n]
+            synth_items.append(MarkedFilm(f"{n}#synth{c}", img, truth))
     good, bad = claim_scores(reader, tune_items + synth_items)
     worst = max(bad, default=0.5)
     threshold = float(min(0.9999, max(args.floor, worst + args.margin)))
@@ -497,7 +507,7 @@ def main(args: argparse.Namespace) -> dict:
     }
     if args.test:
         test_g = load(films, parts["test"])
-        items = [(n, g, marks[n]) for n, g in test_g.items()]
+        items = [MarkedFilm(n, g, marks[n]) for n, g in test_g.items()]
         report["test"] = measure(reader, items)
         # Timed on one thread as well: a 7k-parameter net on a handful of patches gains nothing from
         # more, and on cores shared with other work the threads' synchronisation can cost 100x.
@@ -505,9 +515,9 @@ def main(args: argparse.Namespace) -> dict:
         for threads in (1, args.threads):
             torch.set_num_threads(threads)
             times = []
-            for _, g, _ in items:
+            for item in items:
                 t = time.perf_counter()
-                read_markers(reader, g)
+                read_markers(reader, item.gray)
                 times.append(time.perf_counter() - t)
             report["ms_per_film"][f"{threads}_threads"] = {
                 "median": round(1000 * float(np.median(times)), 2),

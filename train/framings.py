@@ -89,25 +89,33 @@ def bit_depth(im: np.ndarray, bits: int) -> np.ndarray:
     return np.round(im * levels) / levels
 
 
-# (name, what it is, function of a float [0, 1] image): fixed framings for tables.
-FRAMINGS: tuple[tuple[str, str, Callable[[np.ndarray], np.ndarray]], ...] = (
-    ("original", "the dataset's crop", lambda im: im),
-    ("joint_band_55", "full width, the central 55% of the height (a wide image, letterboxed)", _band(0.55)),
-    (
+@dataclass(frozen=True)
+class Framing:
+    """A fixed framing for tables: its name, what it is, and what it does to a float [0, 1] image."""
+
+    name: str
+    what: str
+    apply: Callable[[np.ndarray], np.ndarray]
+
+
+FRAMINGS: tuple[Framing, ...] = (  # fixed framings for tables
+    Framing("original", "the dataset's crop", lambda im: im),
+    Framing("joint_band_55", "full width, the central 55% of the height (a wide image, letterboxed)", _band(0.55)),
+    Framing(
         "band_magnified",
         "80% of the width around the joint, half as high as wide (femur and tibia cut close)",
         _band(0.5, 0.8),
     ),  # fmt: skip
-    ("zoom_85", "the central 85% of each side, enlarged back", _zoom(0.85)),
-    ("loose_120", "a looser crop: 120% of each side, black beyond the crop", _zoom(1.2)),
-    ("off_centre", "shifted 12% right and 8% down", _shift(0.12, 0.08)),
-    ("side_by_side", "both knees side by side (the knee and its mirror)", side_by_side),
-    ("soft_contrast", "contrast 0.6 around the mean", lambda im: contrast(im, 0.6)),
-    ("gamma_0.7", "brightness curve gamma 0.7", lambda im: np.power(im, 0.7)),
-    ("gamma_1.4", "brightness curve gamma 1.4", lambda im: np.power(im, 1.4)),
-    ("sharpened", "unsharp mask, amount 1", lambda im: sharpen(im, 1.0)),
-    ("noisy", "Gaussian noise, sigma 0.03", lambda im: noise(im, 0.03, np.random.default_rng(0))),
-    ("bits_6", "6-bit levels", lambda im: bit_depth(im, 6)),
+    Framing("zoom_85", "the central 85% of each side, enlarged back", _zoom(0.85)),
+    Framing("loose_120", "a looser crop: 120% of each side, black beyond the crop", _zoom(1.2)),
+    Framing("off_centre", "shifted 12% right and 8% down", _shift(0.12, 0.08)),
+    Framing("side_by_side", "both knees side by side (the knee and its mirror)", side_by_side),
+    Framing("soft_contrast", "contrast 0.6 around the mean", lambda im: contrast(im, 0.6)),
+    Framing("gamma_0.7", "brightness curve gamma 0.7", lambda im: np.power(im, 0.7)),
+    Framing("gamma_1.4", "brightness curve gamma 1.4", lambda im: np.power(im, 1.4)),
+    Framing("sharpened", "unsharp mask, amount 1", lambda im: sharpen(im, 1.0)),
+    Framing("noisy", "Gaussian noise, sigma 0.03", lambda im: noise(im, 0.03, np.random.default_rng(0))),
+    Framing("bits_6", "6-bit levels", lambda im: bit_depth(im, 6)),
 )
 
 

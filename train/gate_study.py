@@ -1,18 +1,7 @@
 """Which feature layers the knee gate reads, and how it combines them: measured without val or real non-knees.
 
 ``python -m train.gate_study --run runs/oamen_pt --out docs/model/gate_study.json``
-
-For each candidate (one layer's class-conditional Mahalanobis score, or several layers' scores
-standardised on tune-fold knees and combined by their mean or their maximum, as in Lee et al. 2018),
-the refusal threshold is placed as `train.calibrate` places it (the largest tune-fold knee score) and
-measured on what may be used to choose: the tune fold's knees (a split-half estimate of how many
-knees such a threshold refuses), tune-fold knees framed as other hospitals frame them (which should
-pass), and made-up negatives built from tune-fold knees and from the two CC0 photographs in
-tests/fixtures/photos. The validation split and the non-knee radiographs are not read: they measure
-the chosen gate once, in `train.evaluate`. Per-layer means and covariances come from the same 3000
-training knees `train.calibrate` fits the gate on.
-
-Writes one JSON with every candidate's figures and the rule the gate in `model.oamen` was chosen by.
+The candidates and what they are measured on: docs/TRAINING.md (`train.gate_study`).
 """
 
 from __future__ import annotations
@@ -32,23 +21,12 @@ from sklearn.metrics import roc_auc_score
 from model.checkpoint import model_from_checkpoint
 from model.decode import decode_image
 from model.preprocess import as_float_image, prepare, to_model_input
-from train.calibrate import samples_from_files
-from train.data import prepare_all, scan
-from train.evaluate import FRAMINGS, made_up_negatives
-from train.knee_gate import fit_gate
+from train.answers import FRAMINGS, made_up_negatives
+from train.data import prepare_all, samples_from_files, scan
+from train.knee_gate import HARD, fit_gate
 
 log = logging.getLogger("train.gate_study")
 
-# The made-up negatives that are not refused by every candidate (noise, a page of text and flat gray are).
-HARD = (
-    "knee upside down",
-    "femur shaft only (joint cut off)",
-    "tibia only (joint cut off)",
-    "knee rotated 90",
-    "2x2 tile of knees",
-    "photographs (2 photos, crops)",
-    "ellipse phantoms",
-)
 COMBINATIONS = {
     "trunk c5 + fused + branch pooled": ("trunk_c5", "fused", "lite_head"),
     "trunk c5 + fused + branch stage 4 + branch pooled": ("trunk_c5", "fused", "lite_b4", "lite_head"),
@@ -80,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def made_up_sets(x_tune: np.ndarray, photos: list[Path], contract, r: np.random.Generator) -> dict[str, np.ndarray]:
-    """Prepared negatives from tune-fold knees and photographs (`train.evaluate.made_up_negatives` and more)."""
+    """Prepared negatives from tune-fold knees and photographs (`train.answers.made_up_negatives` and more)."""
     size = contract.input_size
     sets = dict(made_up_negatives(x_tune, seed=1))
     sel = r.choice(len(x_tune), 60, replace=False)
@@ -170,8 +148,8 @@ def extract(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], np.ndarray
     sets |= {f"neg:{k}": v for k, v in made_up_sets(x_tune, photos, contract, r).items()}
     sub = [tune[i] for i in sorted(r.choice(len(tune), 150, replace=False))]
     raw = [as_float_image(decode_image(s.path.read_bytes())) for s in sub]
-    for name, _what, fn in FRAMINGS[1:]:
-        sets[f"pos:{name}"] = np.stack([prepare(fn(im), contract) for im in raw])
+    for framing in FRAMINGS[1:]:
+        sets[f"pos:{framing.name}"] = np.stack([prepare(framing.apply(im), contract) for im in raw])
     sets["gatefit"] = prepare_all(gate_fit, contract, "cache", "gatefit")
     feats = {}
     for name, images in sets.items():

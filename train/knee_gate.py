@@ -17,8 +17,7 @@ from model.contract import InputContract
 from model.decode import decode_image
 from model.localize import Joint, crop_joint
 from model.preprocess import as_float_image, prepare, to_model_input
-from train.annotate import read_boxes
-from train.fit_finder import film_split
+from train.films import film_split, read_boxes
 
 
 @torch.inference_mode()
@@ -88,3 +87,32 @@ def tune_film_knees(films: str | None, boxes: str | None, contract) -> np.ndarra
             if r["view"] == "ap" and r["box"]:
                 out.append(prepare(crop_joint(gray, Joint(tuple(r["box"]), "ap", 1.0)), contract))
     return np.stack(out) if out else np.zeros((0, contract.input_size, contract.input_size), np.uint8)
+
+
+# The made-up negatives that are not refused by every candidate (noise, a page of text and flat gray are).
+HARD = (
+    "knee upside down",
+    "femur shaft only (joint cut off)",
+    "tibia only (joint cut off)",
+    "knee rotated 90",
+    "2x2 tile of knees",
+    "photographs (2 photos, crops)",
+    "ellipse phantoms",
+)
+
+
+def gate_threshold(s_tune: np.ndarray, s_films: np.ndarray, quantile: float) -> tuple[float, float]:
+    """The refusal threshold from the dataset's knees alone (the ``quantile`` of the tune fold's
+    scores), and the one used: raised where needed to let every tune leg film's AP knee through."""
+    threshold_koa = float(np.quantile(s_tune, quantile))
+    threshold = max(threshold_koa, float(s_films.max()) if len(s_films) else threshold_koa)
+    return threshold_koa, threshold
+
+
+def split_half_refusals(s_tune: np.ndarray, quantile: float, seed: int) -> float:
+    """How often a knee like the tune fold's is refused at a threshold placed this way on half as many
+    knees: the threshold from one random half of the tune fold, the refusals counted on the other."""
+    half = len(s_tune) // 2
+    rng_h = np.random.default_rng(seed)
+    halves = [rng_h.permutation(len(s_tune)) for _ in range(200)]
+    return float(np.mean([(s_tune[h[half:]] > np.quantile(s_tune[h[:half]], quantile)).mean() for h in halves]))

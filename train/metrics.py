@@ -1,26 +1,8 @@
 """Evaluation metrics for the KL 0-4 knee osteoarthritis grader.
 
-Thin, validated wrappers around :mod:`sklearn.metrics` that turn integer labels and per-class
-probabilities into the numbers reported for a model: top-1 accuracy, balanced accuracy, macro F1,
-quadratic weighted kappa (QWK), mean absolute grade error, per-class one-vs-rest (OvR) AUC, the
-OvR confusion-matrix statistics and the top-label expected calibration error (ECE, Guo et al.,
-"On Calibration of Modern Neural Networks", ICML 2017). scikit-learn computes; this module only
-checks shapes, fixes the label set to all K grades (so an absent grade still gets its row and
-column) and turns sklearn's undefined cases into the values documented below. Every public
-function validates its inputs and raises ``ValueError`` saying what it received and what it
-expected; :func:`compute_metrics` bundles everything into a JSON-serialisable dict.
-
-A note on "average accuracy". Some papers (e.g. OA-MEN) report the *mean one-vs-rest binary
-accuracy* over the K classes rather than the usual top-1 (multi-class) accuracy. The two are tied
-by an exact identity::
-
-    mean_ovr_accuracy = 1 - 2 * (1 - top1) / K
-
-because every wrong prediction costs exactly two one-vs-rest errors -- a false negative for the
-true class and a false positive for the predicted class -- and every right prediction costs none.
-Summed over the K binary problems there are therefore ``2 * n_wrong`` errors out of ``N * K``
-decisions. With K = 5, OA-MEN's 84.88 % "average ACC" corresponds to only 62.2 % top-1 accuracy
-(``1 - 0.1512 * 5 / 2 = 0.622``). See :func:`mean_ovr_accuracy_from_top1`.
+Thin, validated wrappers around `sklearn.metrics` (top-1, balanced accuracy, macro F1, QWK, MAE,
+per-class OvR AUC, ECE); `compute_metrics` bundles them into a JSON-serialisable dict. Why OA-MEN's
+"average accuracy" is not top-1: docs/TRAINING.md (`train.metrics`).
 """
 
 from __future__ import annotations

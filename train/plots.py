@@ -18,10 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-try:  # normal package import (train.plots)
-    from . import metrics as _metrics
-except ImportError:  # pragma: no cover - loaded as a top-level module
-    from train import metrics as _metrics  # type: ignore[no-redef]
+from train import metrics as _metrics
 
 __all__ = [
     "plot_confusion_matrix",

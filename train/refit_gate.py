@@ -1,14 +1,8 @@
 """Refit the knee gate of a calibrated grader on its knees as other sites frame them.
 
 ``python -m train.refit_gate --checkpoint weights/oamen.ckpt --out runs/gate/oamen.ckpt --version 1.2.0``
-
-The gate (`model.gate`) was fitted on the dataset's crops alone, so it refuses every knee sent as a
-wide band around the joint (the letterbox's black bars are far from any training crop): two thirds
-of another hospital's knee crops were refused as not a knee (docs/FILMS.md). This refits it as
-`train.calibrate` does, on the same training knees and the same tune fold (read from the
-checkpoint's run config), each joined by one framed copy (`train.framings.random_framing`); the
-threshold is the largest tune-fold score, plain or framed, or of a tune leg film's knee. Nothing
-else in the calibration changes. Writes the checkpoint and ``gate.json`` beside it.
+Only the gate changes; writes the checkpoint and ``gate.json`` beside it. Why, and how: docs/TRAINING.md
+(`train.refit_gate`).
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 
 from model.localize import CROP_PER_JOINT_WIDTH, JOINT_WIDTH_IN_CROP
+from train.answers import answer_arrays, load_model, prepare_files, select_split
 from train.data import scan
-from train.evaluate import answer_arrays, load_model, prepare_files, select_split
 from train.metrics import quadratic_weighted_kappa
 
 log = logging.getLogger("train.resolution")

@@ -17,7 +17,7 @@ import torch
 
 from model.checkpoint import model_from_checkpoint
 from model.decode import decode_image
-from model.localize import FinderConfig, crop_joint, find_joints, plan
+from model.localize import FinderConfig, Plan, crop_joint, find_joints, plan
 from model.postprocess import finish
 from model.precision import compiled
 from model.preprocess import prepare, to_model_input
@@ -34,21 +34,48 @@ class Served:
     seconds: float
 
 
-class ServedPath:
-    """What the server does with one image's bytes, from `model/` alone (as `handler.service`):
-    decode, find the joints, decide, cut each knee, preprocess, grade with the knee gate.
+class RequestPath:
+    """The grader and the finder as the server holds them, and the server's steps before the grader:
+    find the joints, decide (`model.localize.plan`), cut each knee, prepare.
 
     The grader runs as the server runs it (`model.precision.compiled`) in ``dtype``; ``finder`` is
     given in the form and format to measure (the server's: `model.localize.serving_finder` in the same
-    dtype)."""
+    dtype), or None: every image is then graded as a joint crop."""
 
     def __init__(
-        self, weights: str, finder: tuple[torch.nn.Module, FinderConfig], dtype: torch.dtype = torch.float32
+        self, weights: str, finder: tuple[torch.nn.Module, FinderConfig] | None, dtype: torch.dtype = torch.float32
     ) -> None:
         net, self.contract = model_from_checkpoint(weights)
         c = self.contract
         self.net = compiled(net.eval(), torch.zeros(1, c.channels, c.input_size, c.input_size), dtype)
+        self.gated = hasattr(self.net, "forward_with_gate")
         self.finder = finder
+
+    def plans(self, images: list[np.ndarray]) -> list[Plan | None]:
+        """What the server decides for each image, in one finder pass (None each without a finder)."""
+        if self.finder is None:
+            return [None] * len(images)
+        net, cfg = self.finder
+        return [plan(js, im.shape, cfg) for js, im in zip(find_joints(net, cfg, images), images, strict=True)]
+
+    @staticmethod
+    def knees(image: np.ndarray, p: Plan | None) -> list[np.ndarray]:
+        """The gray images to grade: each knee cut out of a film, else the image itself."""
+        return [crop_joint(image, j) for j in p.joints] if p is not None and p.kind == "film" else [image]
+
+    def prepared(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        """Each crop prepared as the contract says (`model.preprocess.prepare`)."""
+        return [prepare(g, self.contract) for g in crops]
+
+    def model_input(self, prepared: list[np.ndarray]) -> torch.Tensor:
+        """(N, C, S, S) the grader's input of prepared crops."""
+        return torch.from_numpy(np.stack([to_model_input(p, self.contract) for p in prepared]))
+
+
+class ServedPath(RequestPath):
+    """What the server answers for one image's bytes, from `model/` alone (as `handler.service`):
+    decode, find the joints, decide, cut each knee, preprocess, grade with the knee gate (``finder``
+    required)."""
 
     @torch.inference_mode()
     def __call__(self, data: bytes) -> Served:
@@ -56,12 +83,11 @@ class ServedPath:
         t0 = time.perf_counter()
         c = self.contract
         image = decode_image(data, max_pixels=c.max_pixels, knee_only=True)
-        net, cfg = self.finder
-        p = plan(find_joints(net, cfg, [image])[0], image.shape, cfg)
+        p = self.plans([image])[0]
         if p.kind == "refuse":
             return Served(p.error or "not_a_knee", (), time.perf_counter() - t0)
-        crops = [image] if p.kind == "crop" else [crop_joint(image, j) for j in p.joints]
-        x = torch.from_numpy(np.stack([to_model_input(prepare(g, c), c) for g in crops]))
+        crops = self.knees(image, p)
+        x = self.model_input(self.prepared(crops))
         n = len(crops)
         if c.postprocess.flip_tta:  # the images and their mirrors in one pass, as handler.service does
             x = torch.cat([x, torch.flip(x, dims=[3])])

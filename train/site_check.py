@@ -1,17 +1,8 @@
 """Site acceptance: a hospital's own knees through the served request path, its calibration, its report.
 
 ``python -m train.site_check --site NAME --data FOLDER_OR_CSV`` (``make site-check SITE=... DATA=...``)
-
-Runs every knee of the sample through the server's steps in-process (`train.site_path`: finder,
-refusals, knee gate, mirror averaging, in the served number format), then writes ``sites/NAME/``:
-``report.md`` and ``report.json`` (per knee answered or refused and why; per site top-1, QWK, MAE,
-macro AUC, per-grade recall, ECE, uncertain share and the accuracy of the knees not flagged, each with
-a 95% bootstrap interval; the grade mix beside training's; the distance from training; the decision
-against ``sites/acceptance.json``), the confusion matrix and reliability plot, and, when a site
-calibration beats the shipped decoding on held-out knees (`train.site_fit`), ``profile.json``
-(`model.profile`) for ``make serve SITE=NAME``. Without labels it reports what can be known.
-Everything is written to a temporary folder first and renamed into place: nothing half-written.
-docs/SITES.md is the guide.
+writes ``sites/NAME/`` (report, figures, and ``profile.json`` when a site calibration wins).
+docs/SITES.md is the guide; what the report holds: docs/SITES.md (`train.site_check`).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def qwk(labels: np.ndarray, grades: np.ndarray, k: int) -> float:
 
 def score(labels: np.ndarray, grades: np.ndarray, k: int) -> float:
     """What cut-points are fitted to and methods chosen by: the mean of top-1 accuracy and quadratic kappa
-    (the same rule as `train.calibrate.decision_score`)."""
+    (the same rule as `train.calibration.decision_score`)."""
     return 0.5 * (float((grades == labels).mean()) + qwk(labels, grades, k))
 
 

@@ -1,16 +1,8 @@
 """A site's knees through the served request path, in-process: what the server would answer, and why.
 
-The steps are the server's (`handler.service.Predictor`), built from `model/` alone as
-`train.eval_finder.ServedPath` builds them: decode (PNG, JPEG, DICOM), find the joints, decide
-(grade the image as a crop, cut each knee out of a film, or refuse), prepare, grade in the served
-number format with the knee gate, and the mirrored image where the contract averages it. What comes
-back is the raw material of a site check and of a site calibration: for every file its outcome and,
-where the model saw a knee, its logits *before* calibration (so any calibration can be applied to
-them afterwards, as the server applies a site profile).
-
-A file the finder refuses is also graded as the crop it is (``fallback_logits``): a site calibration
-is fitted on every labelled knee, not on today's answers only, so that it still fits once the finder
-accepts more of that site's framing (it re-runs against the weights on main, one command).
+`ServedSitePath` runs the request path of `train.served_path` in batches and keeps, for every file, its
+outcome and its logits before calibration (`KneeRecord`): the raw material of a site check and of a
+site calibration. docs/SITES.md (`train.site_path`) says why a refused file is graded all the same.
 """
 
 from __future__ import annotations
@@ -24,13 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import model_from_checkpoint
 from model.contract import InputContract
 from model.decode import DecodeError, decode_image
-from model.localize import FinderConfig, crop_joint, find_joints, load_serving_finder, plan
+from model.localize import FinderConfig, load_serving_finder
 from model.postprocess import refused, split_outputs
-from model.precision import compiled, serving_dtype
-from model.preprocess import prepare, to_model_input
+from model.precision import serving_dtype
+from train.served_path import RequestPath
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +75,9 @@ class KneeRecord:
 
 
 @dataclass
-class ServedSitePath:
-    """The served steps from the shipped weights and finder files (`weights/` on main by default)."""
+class ServedSitePath(RequestPath):
+    """The served steps from the shipped weights and finder files (`weights/` on main by default), in
+    batches, keeping each file's uncalibrated logits (`KneeRecord`)."""
 
     weights: str = "weights/oamen.ckpt"
     finder_weights: str = "weights/finder.pt"
@@ -97,14 +89,11 @@ class ServedSitePath:
             raise FileNotFoundError(
                 f"no weights at {self.weights}: pass --weights (the shipped ones are weights/oamen.ckpt)"
             )
-        net, self.contract = model_from_checkpoint(self.weights)
-        c = self.contract
         self.torch_dtype = serving_dtype(torch.device("cpu"), self.dtype)
-        self.net = compiled(net.eval(), torch.zeros(1, c.channels, c.input_size, c.input_size), self.torch_dtype)
-        self.gated = hasattr(self.net, "forward_with_gate")
-        self.finder: tuple[torch.nn.Module, FinderConfig] | None = load_serving_finder(
+        finder: tuple[torch.nn.Module, FinderConfig] | None = load_serving_finder(
             self.finder_weights, "cpu", self.torch_dtype
         )
+        super().__init__(self.weights, finder, self.torch_dtype)
         if self.finder is None:
             log.warning("no finder at %s: every image is graded as a joint crop", self.finder_weights)
 
@@ -112,8 +101,8 @@ class ServedSitePath:
     def grade(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, list[tuple[float, float]]]:
         """Gray crops -> ((N, V, K) logits, (N,) gate scores or None, (mean, sd) of each model input)."""
         c = self.contract
-        prepared = [prepare(g, c) for g in crops]
-        x = torch.from_numpy(np.stack([to_model_input(p, c) for p in prepared]))
+        prepared = self.prepared(crops)
+        x = self.model_input(prepared)
         stats = [(float(p.mean()), float(p.std())) for p in prepared]
         run = self.net.forward_with_gate if self.gated else self.net
         views = [x] + ([torch.flip(x, dims=[3])] if c.postprocess.flip_tta else [])
@@ -136,16 +125,11 @@ class ServedSitePath:
         c = self.contract
         read = [self.read(p) for p in paths]
         images = [(i, im) for i, im in enumerate(read) if isinstance(im, np.ndarray)]
-        if self.finder is None:
-            plans = [None] * len(images)
-        else:
-            net, cfg = self.finder
-            found = find_joints(net, cfg, [im for _, im in images])
-            plans = [plan(j, im.shape, cfg) for j, (_, im) in zip(found, images, strict=True)]
+        plans = self.plans([im for _, im in images])
         crops: list[np.ndarray] = []
         spans: list[tuple[int, int]] = []
         for (_, im), pl in zip(images, plans, strict=True):
-            pieces = [crop_joint(im, j) for j in pl.joints] if pl is not None and pl.kind == "film" else [im]
+            pieces = self.knees(im, pl)
             spans.append((len(crops), len(crops) + len(pieces)))
             crops.extend(pieces)
         logits, gate, stats = self.grade(crops) if crops else (None, None, [])

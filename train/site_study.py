@@ -1,22 +1,8 @@
 """How much a site calibration gains, measured on knees its fit did not see; and training's reference.
 
-``python -m train.site_study --site-data ../shared/data/site2 --val ../shared/data/koa``
-(``make site-study``) writes ``docs/results/site_calibration.json``, rendered into docs/SITES.md
-(`ops.render_docs`), and ``sites/reference.json`` (what `train.site_check` compares a site with:
-the val knees' knee-gate scores and image statistics, training's grade mix, for these weights).
-
-On the site's labelled knees, every knee run once through the served path (`train.site_path`):
-- **cross-fitted, all knees**: each method of `train.site_fit` fitted on 4/5 and measured on 1/5,
-  repeated (`train.site_fit.cross_fit`);
-- **from 50 or 100 knees**: ``--draws`` random draws of that many labelled knees; on each, the site
-  check's own choice (cross-fitting inside the draw, `train.site_fit.choose`) is fitted on the draw
-  and measured on every other knee of the site; also each method fitted on the draw, so the choice
-  can be seen against the alternatives;
-- **label-free**: the EM prior correction, fitted on the site's images without their grades.
-The held-out figures are given on every knee the model graded, and on the knees the served path
-answers today (the finder and the knee gate refuse the others).
-On val: profiles fitted on 100 random val knees, measured on the other val knees run, against the
-shipped decoding on the same knees: a site calibration must not harm a site like training's.
+``python -m train.site_study --site-data ../shared/data/site2 --val ../shared/data/koa`` (``make site-study``)
+writes ``docs/results/site_calibration.json`` and ``sites/reference.json``. What is measured: docs/SITES.md
+(`train.site_study`).
 """
 
 from __future__ import annotations

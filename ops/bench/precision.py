@@ -23,8 +23,8 @@ from model.checkpoint import load_torchscript, model_from_checkpoint
 from model.localize import find_joints, load_finder, plan, serving_finder
 from model.precision import compiled, native_bf16
 from ops.results import ROOT, write_result
+from train.answers import answer_arrays, prepare_files
 from train.data import IMAGE_SUFFIXES, scan
-from train.evaluate import answer_arrays, prepare_files
 from train.metrics import compute_metrics
 
 FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16}
