@@ -225,7 +225,7 @@ loadtest: archive $(PROTO_STAMP)  ## Locust, headless, REST then gRPC -> reports
 		$(if $(PROTOCOLS),--protocols $(PROTOCOLS)) $(if $(EXPLAIN_SHARE),--explain-share $(EXPLAIN_SHARE)) $(if $(USER_RATE),--user-rate $(USER_RATE)) \
 		$(if $(IMAGES),--images $(IMAGES)) $(if $(filter 1 yes true,$(START)),--start)
 
-# Replicas on one machine behind HAProxy, one bearer token checked at the front (ops/cluster.py,
+# Replicas on one machine behind HAProxy, one bearer token checked at the front (ops/cluster/,
 # docs/DEPLOY.md): N replicas (default 2) on free loopback ports, the balancer on 127.0.0.1:8180 (REST)
 # and 7170 (gRPC); the token is in logs/cluster/key_file.json (--key-file, KOA_KEY_FILE).
 .PHONY: cluster cluster-stop drill-replicas
@@ -239,7 +239,7 @@ cluster-stop: $(STAMP)  ## stop the cluster's HAProxy and replicas; returns when
 drill-replicas: archive $(PROTO_STAMP)  ## throughput with 1 and N replicas, then kill one under load -> reports/drills/replicas.json (~10 min)
 	$(PY) -m ops.drills.replicas --replicas $(or $(N),2) --configs 1,1x1,$(or $(N),2) --rounds 2
 
-# The secure front door (ops/door.py, docs/SECURITY.md): `make serve TLS=1` / `make cluster N=2 TLS=1` put HAProxy
+# The secure front door (ops/door/, docs/SECURITY.md): `make serve TLS=1` / `make cluster N=2 TLS=1` put HAProxy
 # with mutual TLS in front (REST https://127.0.0.1:8443, gRPC 127.0.0.1:7443), one client certificate per calling
 # system, an audit trail in logs/door/audit.jsonl. The files are the operator's: DOOR_CERT (certificate + key, PEM),
 # DOOR_CA (the CA of the client certificates), DOOR_CRL, DOOR_POLICY (who may call what); the defaults are the

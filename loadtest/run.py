@@ -2,23 +2,9 @@
 
 ``python -m loadtest.run [--users 4] [--rate 2] [--duration 30s] [--protocols rest,grpc] [--start]
 [--workdir logs/serve] [--host URL --grpc-target HOST:PORT] [--explain-share 0.0] [--images DIR]
-[--out reports/loadtest]``  (``make loadtest USERS=4 RATE=2 DURATION=30s START=1``)
-
-Target: the server started from ``--workdir`` (``make serve``'s ``logs/serve``; addresses from its
-config, key from its ``key_file.json``), or ``--host``/``--grpc-target`` with ``KOA_TOKEN`` or
-``--key-file``. With ``--start``, or when no server is running there, a private TorchServe is
-started on free ports in a temporary folder and stopped afterwards. Only loopback addresses are
-accepted.
-
-Each protocol gets its own Locust run (``locustfile.py``, as a subprocess: gevent's patching stays
-out of this process) for ``--duration``, so the two are not competing for the same CPU. Output, in
-``<out>/<timestamp>/`` with ``<out>/latest`` pointing at it: Locust's ``<protocol>_stats.csv``,
-``_failures.csv``, ``_exceptions.csv``, ``_stats_history.csv``, ``<protocol>.html`` and
-``<protocol>.log``, ``<protocol>_latencies.txt`` (every request's time, ms), plus ``summary.json``:
-per protocol ``requests``, ``failures``, ``requests_per_s``, ``p50_ms``, ``p95_ms``, ``p99_ms``
-(exact, from the latencies; Locust's CSV rounds them), per request name and the failure reasons,
-and the resolved configuration. Exit status 1 when any request failed (or a run produced none),
-2 for usage errors.
+[--out reports/loadtest]`` (``make loadtest``): one Locust subprocess per protocol (gevent's patching stays
+out of this process) against ``make serve``'s server or a private one. Targets, outputs and exit status:
+docs/BENCHMARKS.md ("Load tests").
 """
 
 from __future__ import annotations
@@ -39,11 +25,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from koa_client import KOAClientError
+from koa_client.grpc_client import GrpcClient
+from koa_client.rest import RestClient
 from koa_client.settings import TOKEN
 from loadtest import settings
 from ops import server as ts
 from ops.checkout import ROOT
-from ops.load import check_loopback
+from ops.load import check_loopback, load_images
 
 log = logging.getLogger("loadtest.run")
 
@@ -228,11 +217,6 @@ def warm_up(target: dict[str, Any], args: argparse.Namespace, protocols: list[st
     calls, and without this the protocol measured first would carry that cost alone."""
     if args.warmup <= 0:
         return
-    from koa_client import KOAClientError
-    from koa_client.grpc_client import GrpcClient
-    from koa_client.rest import RestClient
-    from ops.load import load_images
-
     env = locust_env("rest", target, args)
     try:
         if args.cert is not None and not env.get(TOKEN.name):

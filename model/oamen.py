@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.efficientnet_lite import create_lite, lite_spec
 from model.gate import KneeGate
 from model.registry import register_model
 
@@ -133,8 +134,6 @@ class LiteBranch(nn.Module):
 
     def __init__(self, in_chans: int, pretrained: bool, variant: str = "lite0") -> None:
         super().__init__()
-        from model.efficientnet_lite import create_lite
-
         self.net = create_lite(variant, num_classes=0, in_chans=in_chans, pretrained=pretrained)
         self.out_channels = int(self.net.num_features)
 
@@ -221,8 +220,6 @@ class OAMEN(nn.Module):
         if self.mobile is not None:
             dims["mobile"] = self.mobile.out_channels
         if isinstance(self.mobile, LiteBranch):
-            from model.efficientnet_lite import lite_spec
-
             # a stage is (kernel, stride, expand, channels out, repeats)
             dims |= {f"mobile_s{i}": stage[3] for i, stage in enumerate(lite_spec(cfg.mobile_backbone).stages)}
         self.knee_gate = KneeGate([dims[n] for n in cfg.gate_layers], cfg.num_classes)

@@ -1,25 +1,11 @@
 """The audit trail: one JSON line per request, append-only, rotated, each line chained to the one before.
 
 ``python -m ops.audit verify [PATH]``  checks a trail (its rotated files too); exit 0 when intact, 1 otherwise.
-``python -m ops.audit serve --socket S --out PATH``  the front door's receiver (ops/door.py starts it).
+``python -m ops.audit serve --socket S --out PATH``  the front door's receiver (ops/door/ starts it).
 ``python -m ops.audit show [PATH]``  prints the records, oldest first.
 
-Every line is a JSON object whose ``seq`` counts from 0 and whose ``prev`` is the SHA-256 of the previous
-line's bytes (``"0" * 64`` for the first line ever written). Editing, removing or re-ordering a line breaks the
-chain at the next line; truncating the end is seen against ``<trail>.head``, which holds the ``seq`` and hash of
-the last line written. The trail rotates at ``max_bytes``: the full file becomes ``<trail>.<seq of its first
-line>`` and the chain goes on in the new file, so `verify` walks the rotated files in order; the oldest file
-kept starts the chain wherever rotation pruning left it (``prev`` of its first line is trusted, and reported).
-
-Where the front door's lines come from: HAProxy knows, for every request, the client certificate's identity,
-the endpoint, the status, the latency and TLS details, and reads the grade or refusal type from TorchServe's
-answer (ops/door.py); it sends one JSON datagram per request at the end of the request to a Unix datagram
-socket. The receiver here (one process, one writer, so the chain has one order) turns each datagram into a
-record (`door_record`) and appends it. What a record never holds: image bytes, request bodies, query strings,
-patient names or identifiers -- the door does not read them, so it cannot log them.
-
-A chain is tamper-evident, not tamper-proof: whoever can rewrite the whole file and its head can forge a
-consistent chain. Ship the lines off the host (syslog, the hospital's SIEM) for that (docs/SECURITY.md).
+One process writes, so the chain has one order. How the chain, the head file and rotation work, where the
+door's lines come from and what a record never holds: docs/SECURITY.md ("The audit trail").
 """
 
 from __future__ import annotations
@@ -245,7 +231,7 @@ _DASH = re.compile(r'"(-)"')
 
 
 def door_record(datagram: bytes) -> dict[str, Any] | None:
-    """One audit record from HAProxy's log datagram (the JSON of ops/door.py's ``LOG_FORMAT``), or None.
+    """One audit record from HAProxy's log datagram (the JSON of ops/door/config.py's ``LOG_FORMAT``), or None.
 
     HAProxy writes ``-`` for a value it does not have (no certificate, no grade): that becomes null.
     """

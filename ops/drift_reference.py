@@ -2,21 +2,9 @@
 
 ``python -m ops.drift_reference [--data ../shared/data/koa] [--site2 ../shared/data/site2]`` (``make drift-reference``)
 
-1. Every val knee, then every knee of the second hospital, goes through the served request path in
-   process (`handler.metrics.ObservedPredictor`: finder, knee gate, grader, as the worker runs them);
-   each gives a `model.drift.KneeRecord`.
-2. The choice (`model.drift`, PSI per feature, overall = the largest): for each candidate window,
-   the threshold is the smallest that stays quiet on val knees in random order with a margin (the
-   largest overall score over many random streams, the reference measured on the other half of val's
-   patients, times ``--margin``); then how many knees of the second hospital, sent after a window of
-   val knees, it takes to cross it: all of them, their graded knees only (had the finder accepted
-   them), and their grades only (had the images looked like val's; drawn with replacement, as fewer
-   are graded than a window holds). Among the windows where all of them and the graded ones cross
-   within ``--target`` knees in every order, the one that catches the grades alone most often wins.
-3. Writes the reference (measured on all of val, with the chosen window and threshold, bound to the
-   weights' name, version and sha256) to ``--out`` (packed into the archive by ``make archive``) and
-   the whole choice to ``--json`` (docs/results/drift_choice.json, docs/MONITORING.md).
-The second hospital's knees choose nothing but how fast the alarm is; they never reach the model's training.
+Every val knee, then every knee of the second hospital, through the served request path in process; the
+reference (``--out``, packed into the archive) and the whole choice (``--json``). How the window and the
+threshold are chosen: docs/MONITORING.md. The second hospital's knees never reach the model's training.
 """
 
 from __future__ import annotations

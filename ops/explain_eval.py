@@ -1,21 +1,9 @@
 """Measure every explanation method on val knees: localisation, faithfulness, a sanity check, CPU time.
 
 ``python -m ops.explain_eval [--data ../shared/data/koa] [--knees 40] [--slow-knees 16] [--sanity-knees 6]
-[--layer-knees 20] [--seed 0] [--note "..."] [--copy docs/results/explain_eval.json]``
-
-A seeded sample of val knees, the same number per KL grade, each explained for the grade the answer
-gives (ordinal decoding of the mirror-averaged probabilities, as served) with every method of
-`handler.explain`, on the committed checkpoint's eager model, one image at a time in this process's
-torch threads (as a TorchServe worker explains). Per method (`ops.explain_metrics`): the heat in the
-joint region found in each image, in the fixed rows 35-65% and the top 15% of the 16 x 16 grid the API
-returns; deletion and insertion AUCs of the grade's calibrated probability against a random order of
-cells; the Spearman correlation with the trained model's map as the weights are randomised from the top
-(first ``--sanity-knees``); the seconds per attribution. The slow methods (``ig``, ``occlusion``) run
-on the first ``--slow-knees`` only. Also the cause of Grad-CAM's hot spot at the crop's upper edge: each
-layer's Grad-CAM and LayerCAM (first ``--layer-knees``), the probability change when the top rows, the
-joint's rows or the bottom rows are blurred away, Grad-CAM on the knee turned upside down, and the share
-of the head's input each branch carries. Writes ``--json`` and a committed copy ``--copy``;
-`ops.explain_report` renders it into docs/EXPLAIN.md (``python -m ops.render_docs``).
+[--layer-knees 20] [--seed 0] [--note "..."] [--copy docs/results/explain_eval.json]``: every method of
+`handler.explain` on a seeded sample of val knees, with the measures of `ops.explain_metrics`; writes
+``--json`` and the committed copy that docs/EXPLAIN.md is rendered from. What is measured, and how: that page.
 """
 
 from __future__ import annotations

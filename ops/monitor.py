@@ -2,13 +2,8 @@
 
 ``python -m ops.monitor start|stop|status|alerts [--workdir logs/monitor]`` (``make monitor``,
 ``make monitor-stop``); ``python -m ops.monitor webhook --port P --log FILE`` is the receiver itself.
-
-Debian's ``prometheus`` and ``prometheus-alertmanager`` run with the project's configuration
-(deploy/monitoring/), rendered into the working directory with absolute paths and the ports asked
-for: `make monitor` uses 9090 and 9093 and scrapes `make serve` (8082), `make pacs`'s gateway (9464)
-and `make cluster`'s HAProxy (8190); tests and the drift drill pass free ports and their own targets.
-Alertmanager sends every alert to the webhook, which appends it to ``alerts.jsonl`` and logs it:
-nothing leaves the machine. docs/MONITORING.md.
+Debian's packages run the configuration of deploy/monitoring/; ports, targets and where alerts go:
+docs/MONITORING.md.
 """
 
 from __future__ import annotations
@@ -16,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -33,7 +27,7 @@ from typing import Any
 import yaml
 
 from model.paths import ROOT
-from ops.procs import is_alive
+from ops.procs import is_alive, stop_pid
 
 __all__ = [
     "Monitor", "MonitorError", "start", "stop", "attach", "query", "alerts", "render_prometheus",
@@ -223,16 +217,7 @@ def stop(workdir: Path = DEFAULT_WORKDIR, timeout: float = 20.0) -> bool:
     pids = json.loads(path.read_text()).get("pids", {})
     stopped = False
     for name in reversed(PROCESSES):
-        pid = pids.get(name)
-        if not is_alive(pid):
-            continue
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while is_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if is_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-        stopped = True
+        stopped = stop_pid(pids.get(name), timeout) or stopped
     return stopped
 
 

@@ -1,22 +1,9 @@
 """A local certificate authority for the front door, for development and tests ONLY.
 
 ``python -m ops.pki init|client-add|client-revoke|list [--dir certs]`` (``make certs``,
-``make client-add NAME=x``, ``make client-revoke NAME=x``).
-
-In a hospital the certificates come from its own PKI and the operator names the files (docs/SECURITY.md).
-This module makes a stand-in with the ``openssl`` command line (``openssl ca`` keeps the database of what it
-issued and revoked), so that development, the tests and ``make serve TLS=1`` use real certificates, a real
-revocation list and the door's real checks:
-
-- ``<dir>/ca.crt``: the authority the door trusts for client certificates (and the clients for the door's);
-- ``<dir>/server.pem``: the door's certificate for ``localhost`` and ``127.0.0.1`` with its key (HAProxy's
-  ``crt``); ``server.crt`` alone for anyone who wants to look at it;
-- ``<dir>/crl.pem``: the revocation list the door loads (``client-revoke`` renews it);
-- ``<dir>/clients/<name>.crt`` and ``.key``: one certificate per calling system, its name as the subject's CN;
-- ``<dir>/ca/``: the authority's key and database (``openssl ca``), readable by the owner only.
-
-Every file written says, in its first line and in the subject of every certificate, that it is for
-development and tests only. Keys are EC P-256, written with mode 600.
+``make client-add NAME=x``, ``make client-revoke NAME=x``): a stand-in for a hospital's PKI made with the
+``openssl`` command line, so that development, the tests and ``make serve TLS=1`` use real certificates, a
+real revocation list and the door's real checks. The files it writes: docs/SECURITY.md.
 """
 
 from __future__ import annotations

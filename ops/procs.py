@@ -5,11 +5,14 @@ Standard library only, so the PACS side (`pacs`) and the operations share it wit
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import time
 from pathlib import Path
 
-__all__ = ["free_ports", "read_pid", "is_alive", "descendants"]
+__all__ = ["free_ports", "read_pid", "is_alive", "descendants", "stop_pid", "stop_pidfile"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -56,3 +59,24 @@ def descendants(pid: int) -> list[int]:
         return [p.pid for p in psutil.Process(pid).children(recursive=True)]
     except Exception:
         return []
+
+
+def stop_pid(pid: int | None, timeout: float = 10.0) -> bool:
+    """SIGTERM process ``pid`` and wait until it is gone (SIGKILL after ``timeout``). False if it was not running."""
+    if not is_alive(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if is_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+        while is_alive(pid):
+            time.sleep(0.05)
+    return True
+
+
+def stop_pidfile(pidfile: Path, timeout: float = 10.0) -> bool:
+    """`stop_pid` on the process id in ``pidfile``."""
+    return stop_pid(read_pid(pidfile), timeout)

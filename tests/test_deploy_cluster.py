@@ -140,8 +140,9 @@ def test_drill_kills_a_replica_under_load_and_loses_nothing(archive: Path, tmp_p
 
 
 def test_throughput_configs_parse_or_say_what_is_wrong() -> None:
-    assert drill_replicas.parse_configs("1x2, 1x1,2x1") == [(1, 2), (1, 1), (2, 1)]
-    assert drill_replicas.parse_configs("2") == [(2, None)] and drill_replicas.parse_configs("") == []
+    config = drill_replicas.ReplicaConfig
+    assert drill_replicas.parse_configs("1x2, 1x1,2x1") == [config(1, 2), config(1, 1), config(2, 1)]
+    assert drill_replicas.parse_configs("2") == [config(2, None)] and drill_replicas.parse_configs("") == []
     for bad in ("2y1", "0", "1x0", "x2"):
         with pytest.raises(ValueError, match="REPLICASxTHREADS"):
             drill_replicas.parse_configs(bad)

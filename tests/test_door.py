@@ -28,8 +28,8 @@ import pytest
 import requests
 
 from ops import audit, cluster, door, pki
-from ops.procs import free_ports
-from tests.conftest import skip_or_fail
+from ops.procs import free_ports, read_pid
+from tests.conftest import ROOT, skip_or_fail
 
 MODEL = "oamen"
 
@@ -286,9 +286,9 @@ def test_a_valid_client_is_graded_over_rest_and_grpc_and_named_in_the_audit(secu
     # The command line, as an integrator would run it: no token, the certificate is the credential.
     ca = str(secure.certs / "ca.crt")
     for proto in ([], ["--grpc", "--grpc-target", f"grpcs://127.0.0.1:{secure.front.grpc_port}"]):
-        cmd = [sys.executable, "-m", "koa_client", "predict", str(door.ROOT / "tests" / "fixtures" / "knee_kl2.png"),
+        cmd = [sys.executable, "-m", "koa_client", "predict", str(ROOT / "tests" / "fixtures" / "knee_kl2.png"),
                "--url", secure.rest, "--ca", ca, "--cert", cert, "--key", key, "--json", *proto]  # fmt: skip
-        done = subprocess.run(cmd, cwd=door.ROOT, capture_output=True, text=True, timeout=180)
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0 and '"kl_grade"' in done.stdout, done.stdout + done.stderr
     # A caller's own Authorization header is dropped: the door sends the replica's key itself.
     r = secure.post(f"/predictions/{MODEL}", knee_png, (cert, key), headers={"Authorization": "Bearer wrong"})
@@ -397,7 +397,7 @@ def test_the_load_test_speaks_the_secure_mode(secure: Door, tmp_path: Path) -> N
            "--grpc-target", f"grpcs://127.0.0.1:{secure.front.grpc_port}", "--ca", str(secure.certs / "ca.crt"),
            "--cert", cert, "--key", key, "--users", "2", "--rate", "2", "--duration", "4s", "--warmup", "1",
            "--loglevel", "WARNING", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=door.ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "latest" / "summary.json").read_text())
     for protocol in ("rest", "grpc"):
@@ -427,7 +427,7 @@ def test_a_study_goes_pacs_to_gateway_to_door_and_back_over_tls_all_the_way(secu
     orthanc = pacs.start_orthanc(workdir, http_port, dicom_port, gateway_port, tls=tls)
     try:
         pacs.start_gateway(workdir, gateway_port, secure.rest, None, dicom_port, tls=tls, door=creds)
-        knee = cv2.imread(str(door.ROOT / "tests" / "fixtures" / "knee_kl2.png"), cv2.IMREAD_GRAYSCALE)
+        knee = cv2.imread(str(ROOT / "tests" / "fixtures" / "knee_kl2.png"), cv2.IMREAD_GRAYSCALE)
         ds = pacs.radiograph(knee, ImageLaterality="R")
         assert pacs.send([ds], dicom_port, tls_args=tls.modality_args()) == [0]
         deadline = time.monotonic() + 240
@@ -449,7 +449,7 @@ def test_a_restart_of_the_door_loses_no_accepted_request(secure: Door, knee_png:
     with cf.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(secure.post, f"/predictions/{MODEL}", knee_png, cert) for _ in range(4)]
         time.sleep(0.5)  # accepted, and being graded (one replica on two busy cores: seconds each)
-        old = door.read_pid(secure.workdir / "haproxy.pid")
+        old = read_pid(secure.workdir / "haproxy.pid")
         new = door.reload(secure.workdir)
         after = secure.post(f"/predictions/{MODEL}", knee_png, cert)  # served by the new process
         codes = [f.result().status_code for f in futures]
@@ -473,7 +473,7 @@ def test_the_audit_trail_of_the_battery_verifies_and_breaks_when_a_line_is_edite
     copy.write_text("\n".join(lines) + "\n")
     assert not audit.verify(copy).ok
     done = subprocess.run(
-        [sys.executable, "-m", "ops.audit", "verify", str(copy)], capture_output=True, text=True, cwd=door.ROOT
+        [sys.executable, "-m", "ops.audit", "verify", str(copy)], capture_output=True, text=True, cwd=ROOT
     )
     assert done.returncode == 1 and "BROKEN" in done.stderr
 

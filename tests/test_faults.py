@@ -21,6 +21,7 @@ from model.paths import ROOT
 from ops import server as ts
 from ops.drills import kill_worker as fk
 from ops.drills import restart as fr
+from ops.drills.common import worker_processes
 from tests.conftest import private_server
 
 pytestmark = [
@@ -57,7 +58,7 @@ def test_killed_worker_is_restarted_and_only_in_flight_requests_fail(server: ts.
     assert result["failed_not_in_flight"] == 0, summary
     assert result["requests_after_recovery"] > 0 and result["failed_after_recovery"] == 0, summary
     # The new worker is the one the process tree shows: the old one is really gone.
-    assert [p.pid for p in fk.worker_processes(ts.server_pid(Path(server.workdir)))] == [result["new_pid"]]
+    assert [p.pid for p in worker_processes(ts.server_pid(Path(server.workdir)))] == [result["new_pid"]]
     assert len(records) == result["requests"]
 
 

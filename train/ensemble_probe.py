@@ -28,9 +28,9 @@ def logits(name: str, path: str, work: Path, data: str, tune_files: set[str]) ->
     # deliberate lazy load: torch and the models only when the logits are not cached yet
     import torch
 
-    from model.checkpoint import model_from_checkpoint
-    from train.answers import model_outputs
-    from train.data import prepare_all, scan
+    from model.checkpoint import model_from_checkpoint  # lazy, as above
+    from train.answers import model_outputs  # lazy, as above
+    from train.data import prepare_all, scan  # lazy, as above
 
     net, contract = model_from_checkpoint(path)
     net = net.float().to(memory_format=torch.channels_last)

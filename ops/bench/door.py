@@ -1,18 +1,8 @@
 """What the secure front door costs: served throughput at saturation, plain HTTP against mutual TLS through the door.
 
-``python -m ops.bench door [--rounds 2] [--seconds 20] [--clients 16]`` (``make bench-door``)
-
-One TorchServe replica (the archive, the shipped batching) behind the door of `ops.door`, with a development PKI
-made for the run in a temporary folder. Each round measures both paths one after the other (the order
-alternates between rounds), on the same replica, with ``--clients`` closed-loop REST clients for ``--seconds``
-after a 3 s ramp, each client on its own keep-alive connection:
-
-- ``plain``: straight to TorchServe's REST port over plain HTTP with its inference key (what `make serve` offers);
-- ``door``: HTTPS with a client certificate to the door, which checks it, applies the policy and the rate limit
-  (set far above the load), writes the audit line and forwards to the same replica.
-
-The cost is 1 - door / plain, from the medians over rounds. Prints a table; writes docs/results/bench_door.json
-(``--json``). A benchmark, not a test: on a shared machine the figures move with whatever else runs.
+``python -m ops.bench door [--rounds 2] [--seconds 20] [--clients 16]`` (``make bench-door``): one replica
+behind `ops.door` with a development PKI made for the run; both paths measured each round, the order
+alternating. The method and the cost's definition: docs/SECURITY.md ("The cost of the door").
 """
 
 from __future__ import annotations
@@ -30,6 +20,7 @@ from typing import Any
 import requests
 
 from ops import door, pki
+from ops import server as ts
 from ops.procs import free_ports, read_pid
 from ops.results import DATA_IMAGES, DOC_RESULTS, ROOT, write_result
 
@@ -128,8 +119,8 @@ def door_pids(workdir: Path) -> list[int]:
 
 def replica_pids(replica_workdir: Path) -> list[int]:
     """TorchServe's Java frontend and its workers."""
-    java = door.ts.server_pid(replica_workdir)
-    return [java, *door.ts.descendants(java)] if java else []
+    java = ts.server_pid(replica_workdir)
+    return [java, *ts.descendants(java)] if java else []
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,14 +141,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         try:
             state = door.start(1, workdir, front, files, model_store=args.store)
             replica = state["replicas"][0]
-            token = door.ts.read_keys(Path(replica["workdir"]))["inference"]
+            token = ts.read_keys(Path(replica["workdir"]))["inference"]
             paths = {
                 "plain": (
-                    f"http://127.0.0.1:{replica['rest_port']}/predictions/{door.ts.MODEL_NAME}",
+                    f"http://127.0.0.1:{replica['rest_port']}/predictions/{ts.MODEL_NAME}",
                     {"headers": {"Authorization": f"Bearer {token}"}},
                 ),
                 "door": (
-                    f"https://127.0.0.1:{front.rest_port}/predictions/{door.ts.MODEL_NAME}",
+                    f"https://127.0.0.1:{front.rest_port}/predictions/{ts.MODEL_NAME}",
                     {"verify": str(certs / "ca.crt"), "cert": (str(client.cert), str(client.key))},
                 ),
             }

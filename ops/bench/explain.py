@@ -2,26 +2,9 @@
 
 ``python -m ops.bench explain [--explain-share 0.1] [--method ig] [--load 0.5] [--rate 0]
 [--seconds 60] [--rounds 2] [--threads 0] [--json reports/bench_explain.json] [--copy docs/results/bench_explain.json]``
-
-A batch's plain predictions used to wait for every explanation batched with them; the handler now
-sends them as soon as the batch's forward pass is done (`handler.koa_handler.answer_early`).
-``KOA_EARLY_ANSWERS=0`` in the worker's environment restores the old behaviour, so both run from
-the same archive:
-
-1. Two private TorchServes on free ports with the shipped batching, one ``before``
-   (``KOA_EARLY_ANSWERS=0``), one ``after``; each is warmed up (Captum's first attribution is
-   several times slower than the next), and the explanation's time at batch 1 is measured.
-2. Open-loop REST load, the same seeded schedule for every leg: Poisson arrivals at ``--rate``
-   requests/s (0: ``--load`` / (share x explanation seconds), so that explanations alone keep the
-   worker busy ``--load`` of the time on whatever CPU this runs), a share ``--explain-share`` of
-   them ``POST /explanations/oamen`` with ``method``, the rest plain ``POST /predictions/oamen``.
-   Latency counts from the scheduled send time, so a late sender does not hide a queue.
-3. Legs alternate ABBA (``before, after, after, before`` for two rounds): both modes see the same
-   drift of this shared machine. Per mode: p50 / p95 / p99 of plain predictions (and of the
-   explanations), each leg's figures as the spread, and after / before ratios per round.
-
-Writes ``--json`` and a copy to ``--copy`` (committed: docs/results/). Run ``make bench-explain``.
-The load generator shares the CPU with the server; compare the modes within one run.
+(``make bench-explain``): two private servers from the same archive, ``KOA_EARLY_ANSWERS=0`` (before) and the
+default (after), under the same seeded open-loop load in ABBA legs. The method: docs/BENCHMARKS.md
+("Explanations off the hot path").
 """
 
 from __future__ import annotations

@@ -1,35 +1,9 @@
 """GPU throughput of the handler's request path, without TorchServe (the GPU machine has no Java).
 
 ``python -m ops.bench gpu --images gpu_stage/val --json $OUT/bench_gpu.json`` (on the GPU machine,
-from scripts/gpu_run.sh; it runs on a CPU too, slowly, for a check).
-
-The request path is the handler's (`handler.service.Predictor`), step by step, with the same
-functions from `model/`: decode the image bytes (`model.decode.decode_image`), the knee-joint
-finder's input (`model.localize.finder_input`), the finder on the GPU and its decision
-(`model.localize.plan`), the grader's preprocessing (`model.preprocess.prepare`, `to_model_input`)
-and the grader with its knee gate on the GPU (``forward_with_gate``). The images are the val crops,
-PNG-encoded in memory, so every one is graded as a crop (a whole film adds one crop per knee).
-
-Measured, each in one run side by side:
-
-1. **Models alone** (the grader, and the finder), at batch 1, 16, 64 and 256, float32 and bfloat16
-   (weights and inputs cast; channels-last), eager and replayed as a CUDA graph: images/s on
-   random inputs already on the GPU.
-2. **CPU steps**, per image on one core: decode, finder input, preprocessing; their share of the
-   CPU time.
-3. **The whole path**: ``--workers`` processes decode and preprocess (imap, in order) while the
-   main process batches their output and runs the finder, the decision and the grader on the GPU;
-   images/s end to end, at each batch size, in bfloat16 and float32 (CUDA graphs), and which step
-   limits it (the CPU side's throughput on all workers against the models'). The workers hand
-   over uint8 images and the GPU scales them (``to_model_input``'s arithmetic, and the finder's),
-   a quarter of the bytes through the pipes that float32 would take.
-4. **The whole path from several processes** (``--drivers K``): the first GPU run found the one
-   process that unpickles the workers' output, runs the finder's decisions and drives the GPU to be
-   the limit (it waited for its workers 3% of the time). K such processes, each with its share of
-   the workers and its own models (as K TorchServe workers on one GPU would be), run at once after
-   a barrier; images/s of all together, at ``--driver-batches``.
-
-Random weights unless ``--checkpoint``: throughput does not depend on them.
+from scripts/gpu_run.sh; it runs on a CPU too, slowly, for a check): the models alone, the CPU steps, the
+whole path with worker processes, and the whole path from several driving processes, each in one run.
+The steps and what each part measures: docs/RESULTS.md ("GPU throughput of the request path").
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """What the frontend's logging costs: TorchServe's built-in log4j2 setting against ``log4j2.xml``.
 
-``python -m ops.bench logging [--rounds 2] [--seconds 20] [--clients 32]`` (``make bench-logging``)
-
-Each round runs both settings, one after the other (the order alternates between rounds), each
-on a fresh private server with the batching of ``config.properties``: ``--clients`` closed-loop
-REST clients for ``--seconds`` after a 3 s ramp. Reported per run: requests/s, the cores used by
-Java, the worker and the load generator (CPU time over wall time), and what was written to the
-log files. Prints a Markdown table; ``--json`` also writes the figures. A benchmark, not a test.
+``python -m ops.bench logging [--rounds 2] [--seconds 20] [--clients 32]`` (``make bench-logging``): both settings
+each round, on fresh private servers, under closed-loop REST clients. What is reported: docs/BENCHMARKS.md
+("Frontend logging").
 """
 
 from __future__ import annotations
@@ -19,8 +15,8 @@ import zipfile
 from pathlib import Path
 
 from ops import server as ts
+from ops.bench.common import ROOT, cpu_use, server
 from ops.bench.report import logging_report
-from ops.bench.serve import ROOT, cpu_use, server
 from ops.load import drive
 from ops.load import image_bodies as load_images
 from ops.results import DATA_IMAGES, write_result

@@ -1,12 +1,8 @@
 """The worker's malloc settings (`handler/memory.py`) against glibc's defaults, in fresh processes.
 
-``python -m ops.bench malloc [--runs 5] [--seconds 8] [--batch 16]`` (``make bench-malloc``)
-
-Each run starts two fresh Python processes one after the other (the order alternates), one with
-``KOA_MALLOC=default``; each measures the handler's request path (decode, preprocess, batch,
-TorchScript) at ``--batch`` for ``--seconds`` and its resident memory. Fresh processes matter:
-glibc's dynamic tuning drifts with a process's history, so two settings inside one long process
-do not compare. Prints a Markdown table and the medians. A benchmark, not a test.
+``python -m ops.bench malloc [--runs 5] [--seconds 8] [--batch 16]`` (``make bench-malloc``): per run, two fresh
+processes (one with ``KOA_MALLOC=default``, the order alternating) each measure the handler's request path and
+their resident memory. Why fresh processes: docs/BENCHMARKS.md ("Worker memory allocator").
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ from pathlib import Path
 from handler.memory import ENV
 from model.paths import ROOT
 from ops.bench.report import malloc_report
+from ops.load import image_bodies as load_images
 from ops.results import DATA_IMAGES, DOC_RESULTS, write_result
 
 
@@ -40,8 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def child(args: argparse.Namespace) -> None:
     import psutil
 
-    from ops.bench.serve import load_predictor, pipeline_rate
-    from ops.load import image_bodies as load_images
+    # torch and the model are loaded in the child only: the parent just starts the children and reads them.
+    from ops.bench.common import load_predictor, pipeline_rate
 
     images = load_images(args.images, 64)
     ips = pipeline_rate(load_predictor(args.model), images, args.batch, args.seconds)

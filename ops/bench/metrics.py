@@ -1,14 +1,8 @@
 """What the grader's metrics cost: the request path with and without them, in alternating rounds.
 
-``python -m ops.bench metrics [--rounds 8] [--batches 4] [--batch 16]`` (``make bench-metrics``)
-
-In one process, on the same batches of val knees: the plain request path (`handler.service.Predictor`)
-and the observed one (`handler.metrics.ObservedPredictor` with `handler.metrics.Telemetry`, the drift
-reference of the archive, and TorchServe's own metrics cache built from deploy/monitoring/ts_metrics.yaml,
-its log lines written as a worker writes them), round after round so that the machine's load falls on
-both alike. Reports images/s and CPU per batch of each per round, the median ratio, and the CPU the
-telemetry alone takes per batch against the plain request path's (steadier than throughput here).
-A served comparison would add the Java frontend parsing the same lines (a few dozen per second at most).
+``python -m ops.bench metrics [--rounds 8] [--batches 4] [--batch 16]`` (``make bench-metrics``): in one
+process, on the same batches of val knees, the plain request path against the observed one (telemetry,
+drift reference, TorchServe's metric lines). What it reports: docs/MONITORING.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """The server's number formats side by side: speed on this CPU, and what bfloat16 changes in the answers.
 
-``python -m ops.bench precision [--json docs/results/bench_precision.json]`` (``make bench-precision``)
-
-1. **Speed**, in interleaved rounds (the median kept), at batch 1 and 8 on the torch threads given:
-   the grader with its knee gate as exported (`train.export`: traced, not frozen), as the server now
-   runs it (`model.precision.compiled`: frozen) in float32 and in bfloat16, and the knee-joint finder
-   eager, frozen in float32 and in bfloat16.
-2. **Answers on val**, float32 against bfloat16, from the committed weights and contract (calibration,
-   decoding, uncertain flag, knee gate): top-1, QWK, macro AUC, ECE, KL1 recall, the uncertain share,
-   the share refused, and how many grades differ.
-3. **The finder's decisions** in bfloat16 against float32 on the 240 leg films, 300 val crops and the
-   non-knee radiographs: how many decisions (crop, film, refusal and its type, the views) differ, and
-   the largest shift of a graded joint's box as a share of its width. The server keeps the finder in
-   float32 where this is not zero (`handler.koa_handler`).
+``python -m ops.bench precision [--json docs/results/bench_precision.json]`` (``make bench-precision``):
+the speed of the grader and the finder in each form the server may run, the answers on val and the
+finder's decisions in bfloat16 against float32. What each part measures: docs/BENCHMARKS.md ("Number format").
 """
 
 from __future__ import annotations

@@ -29,8 +29,7 @@ import torch  # noqa: E402
 
 from model.settings import TORCH_THREADS
 from ops import render_docs
-from ops.bench.report import sweep_report
-from ops.bench.serve import (
+from ops.bench.common import (
     JIT_SETTLED_MS,
     ROOT,
     cpu_use,
@@ -40,6 +39,7 @@ from ops.bench.serve import (
     server,
     warm_up_jit,
 )
+from ops.bench.report import sweep_report
 from ops.load import RAMP_S, drive, idle_latency
 from ops.load import image_bodies as load_images
 from ops.results import DATA_IMAGES, DOC_RESULTS, write_result

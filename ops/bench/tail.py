@@ -2,22 +2,8 @@
 
 ``python -m ops.bench tail [--settings 16x10,8x10,4x10] [--saturate-users 32] [--saturate-duration 30s]
 [--users 16] [--duration 180s] [--load 0.8] [--repeat 1] [--protocols rest,grpc] [--json PATH]``
-
-By default it measures the setting config.properties ships, for 180 s per protocol: a 60 s run's
-p99 rests on a few dozen requests, and single 60 s runs landed on both sides of the 2 x p50 target
-(docs/BENCHMARKS.md).
-
-For each setting ``BATCHxDELAY_MS``, on one private TorchServe (free ports) started with that
-batching, it runs Locust headless (``python -m loadtest.run``, the same users as ``make loadtest``):
-
-1. saturation: ``--saturate-users`` closed-loop REST users for ``--saturate-duration``; its
-   requests/s is the setting's capacity S;
-2. open loop at ``--load`` x S: ``--users`` users, each paced at ``load * S / users`` requests/s
-   (``--user-rate``), for ``--duration``, once per protocol.
-
-Prints a Markdown table (capacity, then p50 / p95 / p99 and p99 / p50 per protocol at that load)
-and writes it with the figures to ``--json``. Settings run one after the other on the same machine:
-compare them in one run, not across runs. The load generator shares the CPU with the server.
+(``make bench-tail``): per setting, a private server, its capacity under saturating Locust users, then an
+open-loop run at ``--load`` x capacity per protocol (``loadtest.run``). The method: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -35,7 +21,6 @@ from typing import Any
 
 from model.paths import ROOT
 from model.settings import TORCH_THREADS
-from ops import render_docs
 from ops import server as ts
 from ops.results import DOC_RESULTS, write_result
 
@@ -51,6 +36,7 @@ def shipped_setting(config: Path = ROOT / "config.properties") -> str:
 
 def served_model(weights: Path = ROOT / "weights" / "oamen.ckpt") -> str:
     """The grader `make archive` serves, as ``name version`` (the archive is built from these weights)."""
+    # lazy: this process needs torch only here, to name the served model in the result
     from model.checkpoint import load_checkpoint
 
     c = load_checkpoint(weights)["contract"]
@@ -183,5 +169,8 @@ def main(args: argparse.Namespace) -> int:
         model = served_model()
         sweeps.append({"sweep": f"{started}, make bench-tail, {model}", "model": model, "config": config, "rows": rows})
         write_result(args.publish, sweeps)
+        # lazy, as served_model: rendering the docs loads the model code (torch), needed only to publish
+        from ops import render_docs
+
         render_docs.main([])
     return 0

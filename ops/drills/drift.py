@@ -1,16 +1,8 @@
 """The drift drill: val knees, then another hospital's, through the server with Prometheus watching.
 
-``python -m ops.drills.drift [--val 300] [--out reports/drills/drift.json]`` (``make drill-drift``)
-
-Uses the server of ``make serve`` and the Prometheus of ``make monitor`` when both run; otherwise it
-starts its own on free loopback ports and stops them afterwards. It sends ``--val`` val knees in
-random order, then the second hospital's knees in random order, ``--concurrency`` requests at a time,
-while a thread polls Prometheus's ``/api/v1/alerts`` every second. It writes when ``KneeInputDrift``
-went pending and firing (knees of the second hospital answered by then, seconds after the switch),
-whether it stayed quiet during the val knees, the overall drift score over time, and (``--screenshot``)
-a picture of Prometheus's graph taken by headless Chromium. Bounded: at most ``--val`` + the second
-hospital's knees (no more once the alert fires), and ``--wait`` seconds after the last one.
-docs/MONITORING.md.
+``python -m ops.drills.drift [--val 300] [--out reports/drills/drift.json]`` (``make drill-drift``): when
+`KneeInputDrift` went pending and firing, whether it stayed quiet on val knees, the drift score over time.
+How it runs and what bounds it: docs/MONITORING.md ("The drill").
 """
 
 from __future__ import annotations

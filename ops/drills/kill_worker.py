@@ -1,54 +1,28 @@
 """Fault injection: SIGKILL TorchServe's Python worker under load and measure how the service recovers.
 
-``python -m ops.drills.kill_worker [--seconds 30] [--clients 4] [--kill-at 10] [--json PATH]``
-
-Starts a private server on free ports (or attaches to a running one with ``--workdir``), drives
-``--clients`` closed-loop REST clients in threads and records every request (start, end, ok,
-status, error). At ``--kill-at`` seconds it SIGKILLs the worker (the child of the Java frontend
-whose command line holds ``model_service_worker.py``, cross-checked with the management API's
-``workers[0].pid``), keeps the load going, and polls the management API until a READY worker with
-a new pid shows up.
-
-Definitions (times are seconds after the kill, ``t_kill`` taken just before ``os.kill``):
-
-- *in flight at the kill*: the request started before ``t_kill + grace`` and ended after
-  ``t_kill``. The grace window (``--grace``, 1 s) covers requests that the frontend had already
-  handed, in a batch, to the dying worker's socket before it noticed the death; ``strictly in
-  flight`` (started before ``t_kill``) is reported beside it.
-- *first answer*: the first successful answer that ended after the management API first showed a
-  pid other than the killed one (a worker process that was started after the kill). Answers the
-  old worker had sent just before it died can end a few ms after ``t_kill``; this excludes them.
-- *ready*: the first poll (every 0.2 s) in which the management API shows a READY worker whose
-  pid differs from the killed one.
-- *after recovery*: requests that started after both the first answer and ready; all must succeed.
-
-Prints a Markdown table; ``--json`` also writes the figures, the records and the configuration.
-Exit 0 when TorchServe recovered (new pid, READY, answering) and only in-flight requests failed,
-else 1. A fault drill, not a benchmark: on a shared 2-core machine the recovery time is dominated
-by how fast the new worker can import torch and load the model.
+``python -m ops.drills.kill_worker [--seconds 30] [--clients 4] [--kill-at 10] [--json PATH]``: closed-loop
+REST clients against a private server (or ``--workdir``'s), the worker killed at ``--kill-at`` s, the load
+kept on until a new READY worker answers. What counts as in flight, recovered and passed, and the exit
+status: docs/RELIABILITY.md ("Worker killed under load").
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ops import server as ts
-from ops.drills import add_drill_args, write_drill
+from ops.drills.common import WORKER_MARK, add_drill_args, management_workers, worker_processes, write_drill
 from ops.load import LoadDriver, Record
 from ops.load import image_bodies as load_images
 from ops.server import serving
 
-WORKER_MARK = "model_service_worker.py"
 POLL_S = 0.2
 
 
@@ -64,44 +38,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return add_drill_args(p)
 
 
-# --- shared helpers (ops.drills.soak imports them too) --------------------------------------------
+@dataclass
+class Kill:
+    """The killed worker's pid and ``time.monotonic()`` just before the kill."""
+
+    pid: int
+    t_kill: float
 
 
-def worker_processes(java_pid: int) -> list[Any]:
-    """psutil.Process objects of the Java frontend's children that run ``model_service_worker.py``."""
-    import psutil
-
-    found = []
-    try:
-        children = psutil.Process(java_pid).children(recursive=True)
-    except psutil.Error:
-        return []
-    for child in children:
-        try:
-            if any(WORKER_MARK in part for part in child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            continue
-    return found
-
-
-def management_workers(srv: ts.Server, model: str = ts.MODEL_NAME) -> list[dict[str, Any]]:
-    """The model's ``workers`` list from the management API ([] when it cannot be read)."""
-    req = urllib.request.Request(
-        f"{srv.management_url}/models/{model}", headers={"Authorization": f"Bearer {srv.keys()['management']}"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return json.loads(resp.read())[0].get("workers", [])
-    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError):
-        return []
-
-
-# --- the drill ------------------------------------------------------------------------------------
-
-
-def kill_worker(srv: ts.Server) -> tuple[int, float]:
-    """SIGKILL the model's worker process; return its pid and ``time.monotonic()`` just before the kill."""
+def kill_worker(srv: ts.Server) -> Kill:
+    """SIGKILL the model's worker process."""
     java = ts.server_pid(Path(srv.workdir))
     if java is None:
         raise RuntimeError(f"no TorchServe pid file in {srv.workdir}/tmp: is the server running?")
@@ -114,7 +60,7 @@ def kill_worker(srv: ts.Server) -> tuple[int, float]:
         raise RuntimeError(f"worker pid {pid} (process tree) is not the management API's {api_pids}")
     t_kill = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    return pid, t_kill
+    return Kill(pid, t_kill)
 
 
 def wait_for_new_worker(srv: ts.Server, old_pid: int, timeout: float) -> dict[str, Any]:
@@ -212,7 +158,8 @@ def run_fault(
     driver.start()
     try:
         time.sleep(kill_at)
-        old_pid, t_kill = kill_worker(srv)
+        kill = kill_worker(srv)
+        old_pid, t_kill = kill.pid, kill.t_kill
         probe = wait_for_new_worker(srv, old_pid, recovery_timeout)
         end = max(t0 + seconds, (probe["t_ready"] or time.monotonic()) + after)
         time.sleep(max(0.0, end - time.monotonic()))

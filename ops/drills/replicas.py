@@ -1,33 +1,9 @@
 """Replica drill: Locust through the balancer while one replica's server is killed and started again.
 
 ``python -m ops.drills.replicas [--replicas 2] [--seconds 90] [--kill-at 20] [--down-s 5] [--users 8]
-[--retry-s 60] [--throughput-s 40] [--json reports/drills/replicas.json]``
-
-1. Throughput (``--throughput-s`` > 0): for 1 replica, then for ``--replicas``, a fresh cluster
-   (`ops.cluster`) is loaded by ``--throughput-users`` closed-loop Locust users through the
-   balancer, REST and gRPC half each, for ``--throughput-s`` seconds after a warm-up.
-2. The drill: a fresh cluster of ``--replicas``; the reference answer of every image is taken through
-   the balancer; then Locust (ops/drills/replicas_locustfile.py: the shipped clients with ``retry_s``,
-   REST and gRPC half each, every answer checked against the schema and the reference) runs for
-   ``--seconds``. At ``--kill-at`` the Java frontend and the worker of replica r0 are SIGKILLed
-   (a crashed server, not a graceful stop), left down ``--down-s`` seconds and started again on
-   the same ports; the drill waits until HAProxy has it UP.
-
-Figures (JSON at ``--json``):
-
-- ``requests``: the callers' requests (each counted once, however often the client sent it);
-- ``failures``: failed attempts the clients saw (refused, reset, 503...), each resent or given up on;
-- ``resent``: requests answered after at least one failed attempt;
-- ``lost``: requests that never got a right answer within the client's ``retry_s`` (an error, or an
-  answer that differs from the reference): the target is 0;
-- ``recovery_s``: from the kill until HAProxy marks the replica UP again (it includes ``--down-s``
-  and TorchServe's start-up); ``ready_s``: until that replica's model was READY;
-  ``longest_gap_s``: the longest time no request was answered at all (0.1 s or so: the other
-  replica kept answering);
-- ``phases``: answered requests/s before the kill, while r0 was out, and once it was back;
-  ``answered_by_restarted_replica``: HAProxy's count of r0's answers once it was back.
-
-Exit 0 when nothing was lost and the restarted replica answered again.
+[--retry-s 60] [--throughput-s 40] [--json reports/drills/replicas.json]`` (``make drill-replicas``):
+throughput of 1 and N replicas behind `ops.cluster`, then replica r0 SIGKILLed under load and started
+again. Its figures, what each means and the exit status: docs/DEPLOY.md ("The replica drill").
 """
 
 from __future__ import annotations
@@ -38,13 +14,16 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from koa_client import load_token
+from koa_client.rest import RestClient
 from loadtest import settings
-from ops import cluster, render_docs
+from ops import cluster
 from ops import server as ts
-from ops.drills import ROOT
+from ops.drills.common import ROOT, publish
 from ops.load import load_images
 from ops.procs import is_alive, read_pid
 from ops.results import DOC_RESULTS, write_result
@@ -85,18 +64,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_configs(text: str) -> list[tuple[int, int | None]]:
-    """``"1x2,2x1"`` -> [(1, 2), (2, 1)]: replicas and torch threads per worker; ``"2"`` -> [(2, None)].
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """One throughput configuration: replicas, and torch threads per worker (None: the cores shared out)."""
+
+    replicas: int
+    threads: int | None = None
+
+
+def parse_configs(text: str) -> list[ReplicaConfig]:
+    """``"1x2,2x1"`` -> [ReplicaConfig(1, 2), ReplicaConfig(2, 1)]: replicas and torch threads per worker;
+    ``"2"`` -> [ReplicaConfig(2, None)].
 
     Raises:
         ValueError: anything else, saying what was given.
     """
-    out: list[tuple[int, int | None]] = []
+    out: list[ReplicaConfig] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         n, _, t = part.partition("x")
         if not n.isdigit() or int(n) < 1 or (t and (not t.isdigit() or int(t) < 1)):
             raise ValueError(f"--configs: {part!r} is not REPLICAS or REPLICASxTHREADS (e.g. 2x1)")
-        out.append((int(n), int(t) if t else None))
+        out.append(ReplicaConfig(int(n), int(t) if t else None))
     return out
 
 
@@ -152,9 +140,6 @@ def wait_locust(proc: subprocess.Popen, out: Path, timeout: float) -> list[dict[
 
 def reference_answers(front: cluster.Front, workdir: Path, images: Path) -> dict[str, dict[str, Any]]:
     """The answer for every image, taken through the balancer before any fault (sent again to check it)."""
-    from koa_client import load_token
-    from koa_client.rest import RestClient
-
     token = load_token(key_file=Path(workdir) / cluster.KEY_FILE)
     refs = {}
     with RestClient(f"http://127.0.0.1:{front.rest_port}", token=token, retry_s=30) as c:
@@ -367,13 +352,14 @@ def main(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"started": started, "cpu_count": os.cpu_count(), "config": vars(args).copy()}
     result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in result["config"].items()}
     if args.throughput_s > 0:
-        configs = parse_configs(args.configs) or [(n, None) for n in sorted({1, args.replicas})]
-        result["throughput"] = [throughput(n, args, k + 1, t) for k in range(args.rounds) for n, t in configs]
+        configs = parse_configs(args.configs) or [ReplicaConfig(n) for n in sorted({1, args.replicas})]
+        result["throughput"] = [
+            throughput(c.replicas, args, k + 1, c.threads) for k in range(args.rounds) for c in configs
+        ]
     result.update(drill(args))
     write_result(args.json, result)
     if str(args.publish) not in ("", "."):
-        write_result(args.publish, result)
-        render_docs.main([])
+        publish(args.publish, result)
         print(f"published {args.publish} and rendered the docs from it")
     print(
         f"requests {result['requests']}, failures {result['failures']} (attempts, resent), lost {result['lost']}, "

@@ -1,30 +1,9 @@
 """Restart drill: stop and start TorchServe under load; no request may be lost or answered wrongly.
 
 ``python -m ops.drills.restart [--seconds 40] [--clients 4] [--grpc-clients 1] [--restart-at 10]
-[--retry-s 120] [--drain-s 30] [--json PATH]``
-
-Starts a private server on free ports, drives ``--clients`` closed-loop clients (the first
-``--grpc-clients`` over gRPC, the others over REST) built the way an integrator should build them:
-``retry_s`` set (a request is sent again while the server cannot be reached or answers 503) and
-``key_file`` given (a refused key is re-read: every TorchServe start writes new keys). At
-``--restart-at`` seconds it runs ``ts.stop`` and then ``ts.start`` on the same ports, the
-same thing ``make restart`` does, and keeps the load going for ``--after`` seconds once the server
-is back.
-
-What the server does at the stop: ``ts.stop`` first drains (handler/drain.py): the batches being
-graded are answered and later requests get 503 ``restarting``. Then Java exits; it drops the
-connections it still holds (a request that arrived in the last milliseconds gets a reset; without
-the drain, ``--drain-s 0``, every request in flight does), and a request sent while it is down is
-refused. Grading is a pure function of the image, so the client sends such a request again and
-the caller sees one answer. The drill counts, per request:
-
-- *lost*: the caller got an error (the client gave up, or an answer that was not a grade);
-- *wrong*: the answer differs from the other answers for the same image (grade, or any
-  probability by more than 1e-4), e.g. a half-loaded model;
-- *resent*: answered, after the client sent it again (with the errors of the failed attempts);
-- *connections reset*: attempts the server had taken and then dropped unanswered.
-
-Exit 0 when nothing was lost or wrong and requests were answered both before and after the restart.
+[--retry-s 120] [--drain-s 30] [--json PATH]``: what ``make restart`` does (drain, stop, start on the same
+ports), under clients built as an integrator should build them. What is counted as lost, wrong, resent or
+reset, and the exit status: docs/RELIABILITY.md ("Restart under load").
 """
 
 from __future__ import annotations
@@ -38,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ops import server as ts
-from ops.drills import add_drill_args, write_drill
+from ops.drills.common import add_drill_args, write_drill
 from ops.load import LoadDriver, Record
 from ops.load import image_bodies as load_images
 from ops.server import serving

@@ -1,25 +1,9 @@
 """Bounded soak run: steady REST load on a private TorchServe, watching the servers' memory for leaks.
 
 ``python -m ops.drills.soak [--minutes 10] [--clients 4] [--warmup 1] [--interval 10] [--explain-share 0.1]
-[--json PATH]``
-
-Starts a private server on free ports, drives ``--clients`` closed-loop REST clients (a share
-``--explain-share`` of them explanations) for ``--minutes``, and every ``--interval`` seconds
-samples the resident memory (RSS, psutil) of the Python worker (the ``model_service_worker.py``
-child of Java) and of the Java frontend, with the requests/s and failures of the interval.
-After ``--warmup`` minutes, RSS growth is measured against the first post-warm-up sample:
-``100 * (last - first) / first`` and the same for the peak (target: <= ``--target`` %, 10).
-
-The Java frontend's RSS says little about leaks: the JVM grows its heap in steps when the
-garbage collector asks for room (its default ceiling is a quarter of the RAM) and keeps the
-pages. So Java runs with a GC log (``-Xlog:gc``, ``<stem>_gc.log``), and its leak measure is
-the live heap: the heap in use after each collection, median of the first minute after the
-warm-up against median of the last minute.
-
-Writes ``--json`` (figures and configuration) and, next to it, ``<stem>.csv`` (the samples),
-``<stem>_gc.log`` and ``<stem>.png`` (RSS and the Java heap over time). Exit 0 when the worker's
-RSS and Java's live heap stay within the target and no request failed, else 1. A soak run, not a
-test: it stops by itself after ``--minutes``.
+[--json PATH]``: samples the worker's and Java's resident memory and Java's live heap (from a GC log) while
+the load runs, and writes the figures, the samples, the GC log and a plot. How growth is measured, the
+target and the exit status: docs/RELIABILITY.md ("Soak").
 """
 
 from __future__ import annotations
@@ -31,18 +15,16 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from ops import render_docs
 from ops import server as ts
-from ops.drills import ROOT, add_drill_args
-from ops.drills.kill_worker import worker_processes
+from ops.drills.common import ROOT, add_drill_args, publish, worker_processes
 from ops.load import LoadDriver
 from ops.load import image_bodies as load_images
-from ops.results import write_result
 from ops.server import serving
 
 MB = 1024 * 1024
@@ -125,10 +107,19 @@ def live_heap_growth(heap: list[dict[str, float]], warmup_s: float, end_s: float
     }
 
 
+@dataclass
+class SoakRun:
+    """What a soak saw: the samples (one every interval), and the requests sent and failed in all."""
+
+    samples: list[dict[str, Any]]
+    requests: int
+    failures: int
+
+
 def soak(
     srv: ts.Server, images: list[bytes], clients: int, seconds: float, interval: float, explain_share: float
-) -> tuple[list[dict[str, Any]], int, int]:
-    """Load for ``seconds``, a sample every ``interval`` s (the first at t=0). Returns samples, requests, failures."""
+) -> SoakRun:
+    """Load for ``seconds``, a sample every ``interval`` s (the first at t=0)."""
     driver = LoadDriver(srv, images, clients, explain_share=explain_share).start()
     t0 = time.monotonic()
     samples: list[dict[str, Any]] = []
@@ -151,7 +142,7 @@ def soak(
             time.sleep(max(0.0, min(t0 + k * interval, t0 + seconds) - time.monotonic()))
     finally:
         records = driver.stop()
-    return samples, len(records), sum(not r.ok for r in records)
+    return SoakRun(samples, len(records), sum(not r.ok for r in records))
 
 
 def write_outputs(
@@ -210,7 +201,8 @@ def main(args: argparse.Namespace) -> int:
     with serving(args.store, properties={"vmargs": f"-Xlog:gc:file={gc_log}:uptime"}) as srv:
         java_started = psutil.Process(ts.server_pid(Path(srv.workdir))).create_time()
         uptime_at_t0 = time.time() - java_started
-        samples, total, failed = soak(srv, images, args.clients, seconds, args.interval, args.explain_share)
+        run = soak(srv, images, args.clients, seconds, args.interval, args.explain_share)
+    samples, total, failed = run.samples, run.requests, run.failures
     heap = java_heap(gc_log, uptime_at_t0)
     steady = [s for s in samples if s["t_s"] >= warmup_s]
     worker, java = growth(steady, "worker_rss_mb"), growth(steady, "java_rss_mb")
@@ -251,8 +243,7 @@ def main(args: argparse.Namespace) -> int:
     write_outputs(samples, result, args.json, warmup_s, heap)
     print(f"wrote {args.json}, {args.json.with_suffix('.csv')}, {gc_log}, {args.json.with_suffix('.png')}")
     if args.publish is not None:  # a result the docs quote (docs/results/soak.json), then the docs rendered
-        write_result(args.publish, result)
-        render_docs.main([])
+        publish(args.publish, result)
     return 0 if result["passed"] else 1
 
 

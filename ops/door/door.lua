@@ -1,4 +1,4 @@
--- KOA-Serve's front door (ops/door.py): what the audit line says about TorchServe's answer.
+-- KOA-Serve's front door (ops/door/config.py): what the audit line says about TorchServe's answer.
 -- Converters on the answer's bytes (REST JSON, or gRPC's framed protobuf whose payload is the same JSON):
 -- Lua strings are bytes, so a gRPC frame's binary header does not get in the way. Only the grade and the
 -- refusal type are read; nothing else of the answer leaves this function.
