@@ -1,4 +1,4 @@
-"""``python -m ops.bench serve|sweep|tail|logging|malloc|explain|gpu|precision|door [options]``: run one benchmark.
+"""``python -m ops.bench SUBCOMMAND [options]``: run one benchmark (`ops.bench.SUBCOMMANDS`).
 
 ``python -m ops.bench SUBCOMMAND --help`` lists that benchmark's options.
 """
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
+        print("subcommands: " + ", ".join(SUBCOMMANDS))
         return 0
     if not argv or argv[0] not in SUBCOMMANDS:
         given = repr(argv[0]) if argv else "nothing"
