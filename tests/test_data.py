@@ -23,6 +23,7 @@ from train.data import (
     PAPER_WARNING,
     Augment,
     EpochSampler,
+    Framer,
     KneeDataset,
     make_splits,
     parse_patient,
@@ -329,6 +330,24 @@ def test_dataset_workers_draw_different_augmentations(monkeypatch: pytest.Monkey
         monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda wid=wid: SimpleNamespace(id=wid))
         draws.append(w[0][0])
     assert not torch.equal(draws[0], draws[1])
+
+
+def test_framer_frames_its_share_from_the_decoded_image(tmp_path: Path) -> None:
+    """`train.fit --framings`: a share of the items is the decoded image framed and prepared by the
+    contract; the rest are the cached image (here all zeros, so the two are told apart)."""
+    samples = scan(_split_layout(tmp_path / "koa", per=4))[:20]
+    framer = Framer.load(samples, CONTRACT, 0.5)
+    assert len(framer.raw) == 20 and framer.raw[0].shape == (SIZE, SIZE)
+    ds = KneeDataset(np.zeros((20, SIZE, SIZE), np.uint8), [s.grade for s in samples], CONTRACT, None, framer=framer)
+    ds.set_epoch(0)
+    cached = KneeDataset(np.zeros((1, SIZE, SIZE), np.uint8), [0], CONTRACT)[0][0]
+    framed = [not torch.equal(ds[i % 20][0], cached) for i in range(400)]
+    assert 0.4 < np.mean(framed) < 0.6
+    always = Framer(framer.raw, CONTRACT, 1.0)(0, np.random.default_rng(0))
+    assert always.shape == (SIZE, SIZE) and always.dtype == np.uint8 and always.any()
+    assert Framer(framer.raw, CONTRACT, 0.0)(0, np.random.default_rng(0)) is None
+    with pytest.raises(ValueError, match="20 images to frame but 3 labels"):
+        KneeDataset(np.zeros((3, SIZE, SIZE), np.uint8), [0, 1, 2], CONTRACT, framer=framer)
 
 
 # --------------------------------------------------------------------------- prepare_all cache

@@ -28,7 +28,8 @@ import model.decode
 import model.preprocess
 from model.contract import InputContract
 from model.decode import decode_image
-from model.preprocess import prepare, to_model_input
+from model.preprocess import as_float_image, prepare, to_model_input
+from train.framings import random_framing
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +295,38 @@ class Augment:
         return out
 
 
+@dataclass(frozen=True)
+class Framer:
+    """Online framings for training (`train.fit --framings`): with probability ``share`` an item is
+    the decoded image framed as another site frames knees (`train.framings.random_framing`), then
+    put through the contract's preprocessing and mirrored half the time, instead of the cached
+    prepared image and its `Augment`. The framing needs the image before preprocessing, so
+    ``raw`` holds the decoded images (uint8, about 50 KB a knee)."""
+
+    raw: Sequence[np.ndarray]
+    contract: InputContract
+    share: float
+
+    @classmethod
+    def load(cls, samples: Sequence[Sample], contract: InputContract, share: float) -> Framer:
+        def one(s: Sample) -> np.ndarray:
+            return decode_image(s.path.read_bytes(), max_pixels=contract.max_pixels)
+
+        with ThreadPoolExecutor() as pool:
+            raw = list(tqdm(pool.map(one, samples), total=len(samples), desc="decode for framings", leave=False))
+        return cls(raw, contract, share)
+
+    def __call__(self, i: int, rng: np.random.Generator) -> np.ndarray | None:
+        """Item ``i`` framed, or None (the cached image then)."""
+        if rng.random() >= self.share:
+            return None
+        out = prepare(random_framing(as_float_image(self.raw[i]), rng), self.contract)
+        return out[:, ::-1] if rng.random() < 0.5 else out
+
+
 class KneeDataset(Dataset):
-    """Prepared images + labels -> (C, S, S) float tensors, augmented when ``augment`` is set."""
+    """Prepared images + labels -> (C, S, S) float tensors, augmented when ``augment`` is set and
+    framed by ``framer`` (`Framer`) for a share of the items."""
 
     def __init__(
         self,
@@ -304,9 +335,13 @@ class KneeDataset(Dataset):
         contract: InputContract,
         augment: Augment | None = None,
         seed: int = 0,
+        framer: Framer | None = None,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if framer is not None and len(framer.raw) != len(labels):
+            raise ValueError(f"{len(framer.raw)} images to frame but {len(labels)} labels")
+        self.framer = framer
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.contract = contract
@@ -338,7 +373,10 @@ class KneeDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.images[i]
-        if self.augment is not None:
+        framed = self.framer(i, self._worker_rng()) if self.framer is not None else None
+        if framed is not None:
+            img = framed
+        elif self.augment is not None:
             img = self.augment(img, self._worker_rng())
         return torch.from_numpy(np.ascontiguousarray(to_model_input(img, self.contract))), int(self.labels[i])
 

@@ -39,6 +39,7 @@ from train.data import (
     PROTOCOLS,
     Augment,
     EpochSampler,
+    Framer,
     KneeDataset,
     class_counts,
     make_splits,
@@ -91,6 +92,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--augment", action=argparse.BooleanOptionalAction, default=True, help="random crop, flip, translation"
+    )
+    p.add_argument(
+        "--framings",
+        type=float,
+        default=0.0,
+        help="share of training items framed as other sites frame knees (train.framings), in place of "
+        "the cached image and its augmentation",
     )
     p.add_argument(
         "--patience", type=int, default=8, help="early stop after this many epochs without a better val QWK (0: never)"
@@ -389,8 +397,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         dist.barrier()
 
     train_y = [s.grade for s in train_s]
+    framer = Framer.load(train_s, contract, args.framings) if args.framings > 0 else None
     train_ds = KneeDataset(
-        train_x, train_y, contract, Augment() if args.augment else None, seed=args.seed * 1000 + rank
+        train_x, train_y, contract, Augment() if args.augment else None, seed=args.seed * 1000 + rank, framer=framer
     )
     val_ds = KneeDataset(val_x, [s.grade for s in val_s], contract)
     sampler = EpochSampler(train_y, args.balance, args.seed, rank, world, args.max_train_per_epoch)
