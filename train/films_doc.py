@@ -65,7 +65,7 @@ def render_doc(result: dict[str, Any], resolution: dict[str, Any], framings: dic
         "",
         "Data: the 240 uncropped leg films of `../shared/data/legfilms` (FracAtlas, CC BY 4.0), each knee",
         "joint boxed by eye in `annotations/legfilms.csv`. Films are split by name",
-        "(`train.fit_finder.film_split`): the finder trains on `train`, its score threshold is chosen",
+        "(`train.films.film_split`): the finder trains on `train`, its score threshold is chosen",
         "on `tune`, and every figure below is measured once on the `test` films, which it never saw.",
         "",
         f"Settings (saved with the finder): score threshold {cfg['score_threshold']} (chosen on the tune films),",
@@ -225,7 +225,7 @@ def nonknee_label(result: dict[str, Any], short: bool = False) -> str:
     if heldout:
         return (
             "held-out non-knee radiographs (hand, hip, shoulder: the half of `../shared/data/nonknee` that "
-            "`train.fit_finder.nonknee_split` keeps out; never used to train or tune the finder, while the "
+            "`train.films.nonknee_split` keeps out; never used to train or tune the finder, while the "
             "other half was trained on as films without a knee and helped choose the threshold)"
         )
     return "non-knee radiographs (hand, hip, shoulder; never used to train or tune the finder)"
