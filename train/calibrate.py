@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from model.contract import PostprocessConfig
+from model.contract import InputContract, PostprocessConfig
 from model.paths import LEGFILMS
 from train.calibration import (
     FIT_SETS,
@@ -30,7 +31,7 @@ from train.calibration import (
     uncertain_threshold,
     view_probabilities,
 )
-from train.data import parse_patient, prepare_all, samples_from_files, scan
+from train.data import Sample, parse_patient, prepare_all, samples_from_files, scan
 from train.knee_gate import (
     fit_knee_gate,
     gate_features,
@@ -83,81 +84,142 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run = Path(args.run)
-    config = json.loads((run / "config.json").read_text())
-    ckpt = Path(args.checkpoint or run / "best.pt")
-    net, contract = model_from_checkpoint(ckpt)
-    net = net.to(memory_format=torch.channels_last)
-    if not hasattr(net, "knee_gate"):
-        raise ValueError(f"{contract.model_name} has no knee gate: calibrate an OA-MEN model")
-    k = contract.num_classes
-    samples = scan(args.data or config["data"], k)
-    tune = samples_from_files(config["tune_files"], samples)
-    tune_set = {str(s.path) for s in tune}
-    fit_pool = [s for s in samples if s.split == "train" and str(s.path) not in tune_set]
-    val = [s for s in samples if s.split == "val"]
-    rng = np.random.default_rng(args.seed)
-    gate_fit = [fit_pool[i] for i in sorted(rng.choice(len(fit_pool), min(args.max_gate_fit, len(fit_pool)), False))]
-    cache = args.cache_dir or None
+@dataclass
+class Inputs:
+    """What the fits read: the run's weights, its tune fold, val and the training knees of the gate;
+    features come from ``features`` (a cache keyed by the weights)."""
 
-    y_tune = np.array([s.grade for s in tune])
-    x_tune = prepare_all(tune, contract, cache, "tune")
-    x_val = prepare_all(val, contract, cache, "val")
-    features = FeatureCache(cache, ckpt, net.cfg.gate_layers)
+    ckpt: Path
+    net: torch.nn.Module
+    contract: InputContract
+    tune: list[Sample]
+    val: list[Sample]
+    gate_fit: list[Sample]
+    features: FeatureCache
+    cache: str | None
+    batch_size: int
 
-    def cached(name: str, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    @classmethod
+    def load(cls, args: argparse.Namespace) -> Inputs:
+        run = Path(args.run)
+        config = json.loads((run / "config.json").read_text())
+        ckpt = Path(args.checkpoint or run / "best.pt")
+        net, contract = model_from_checkpoint(ckpt)
+        net = net.to(memory_format=torch.channels_last)
+        if not hasattr(net, "knee_gate"):
+            raise ValueError(f"{contract.model_name} has no knee gate: calibrate an OA-MEN model")
+        samples = scan(args.data or config["data"], contract.num_classes)
+        tune = samples_from_files(config["tune_files"], samples)
+        tune_set = {str(s.path) for s in tune}
+        fit_pool = [s for s in samples if s.split == "train" and str(s.path) not in tune_set]
+        val = [s for s in samples if s.split == "val"]
+        rng = np.random.default_rng(args.seed)
+        picks = sorted(rng.choice(len(fit_pool), min(args.max_gate_fit, len(fit_pool)), False))
+        cache = args.cache_dir or None
+        features = FeatureCache(cache, ckpt, net.cfg.gate_layers)
+        return cls(ckpt, net, contract, tune, val, [fit_pool[i] for i in picks], features, cache, args.batch_size)
+
+    def prepared(self, samples: list[Sample], name: str) -> np.ndarray:
+        return prepare_all(samples, self.contract, self.cache, name)
+
+    def gate_layers(self, name: str, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """The pooled features and the gate's layers of ``images``, from the cache when there."""
 
         def compute() -> list[np.ndarray]:
-            pooled, layers = gate_features(net, images, contract, args.batch_size)
+            pooled, layers = gate_features(self.net, images, self.contract, self.batch_size)
             return [pooled, *layers]
 
-        arrays = features.get(name, images, compute)
+        arrays = self.features.get(name, images, compute)
         return arrays[0], arrays[1:]
 
-    f_tune, g_tune = cached("tune", x_tune)
-    f_tune_flip = features.get(
-        "tune-mirrored", x_tune, lambda: [pooled_features(net, x_tune, contract, True, args.batch_size)]
-    )[0]
+    def logits(self, name: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """The head's logits of ``images``, of their mirrors, and the gate's layers of the images."""
+        pooled, layers = self.gate_layers(name, images)
+        mirrored = self.features.get(
+            f"{name}-mirrored",
+            images,
+            lambda: [pooled_features(self.net, images, self.contract, True, self.batch_size)],
+        )[0]
+        return head_logits(self.net, pooled), head_logits(self.net, mirrored), layers
+
+
+@dataclass(frozen=True)
+class GateFit:
+    """The knee gate fitted on training knees, standardised and thresholded on the tune fold."""
+
+    tune_scores: np.ndarray
+    film_scores: np.ndarray
+    threshold_koa: float
+    threshold: float
+    split_half: Any
+
+
+def fit_gate(inp: Inputs, tune_layers: list[np.ndarray], args: argparse.Namespace) -> GateFit:
+    """The knee gate on the training knees (not the tune fold), thresholded on the tune fold and its films."""
+    net = inp.net
+    _, fit_layers = inp.gate_layers("gatefit", inp.prepared(inp.gate_fit, "gatefit"))
+    labels = np.array([s.grade for s in inp.gate_fit])
+    s_tune = fit_knee_gate(net, fit_layers, labels, tune_layers, inp.contract.num_classes)
+    film_knees = tune_film_knees(args.films, args.boxes, inp.contract)
+    s_films = gate_scores(net, inp.gate_layers("tunefilms", film_knees)[1]) if len(film_knees) else np.zeros(0)
+    threshold_koa, threshold = gate_threshold(s_tune, s_films, args.gate_quantile)
+    split_half = split_half_refusals(s_tune, args.gate_quantile, args.seed)
+    return GateFit(s_tune, s_films, threshold_koa, threshold, split_half)
+
+
+def calibration_report(fits: dict, post: PostprocessConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """calibration.json's ``calibration``: how the chosen way of reading was calibrated, and the other."""
+    fit, other = fits[post.flip_tta], fits[not post.flip_tta]
+    return {
+        "views": "the image and its mirror, averaged" if post.flip_tta else "the image",
+        "chosen": fit["method"],
+        "rule": "lowest cross-validated ECE among the methods whose cross-validated NLL is no worse "
+        "than temperature scaling's",
+        "cv": "patient-grouped 5-fold inside the tune fold, 10 repeats",
+        "methods": fit["cv"],
+        "fit_on": fit["fit_on"],
+        "fit_on_rule": "lowest mean cross-fitted val ECE" if args.fit_on == "auto" else "given (--fit-on)",
+        "fit_sets": fit["fit_sets"],
+        "other_views": {  # the same, for the way of reading the image that was not chosen
+            "views": "the image" if post.flip_tta else "the image and its mirror, averaged",
+            "chosen": other["method"],
+            "fit_on": other["fit_on"],
+            "fit_sets": other["fit_sets"],
+        },
+        "fit_sets_cv": "val split into 5 patient-grouped folds, each predicted by the calibration fitted on "
+        "the other folds (and the tune fold where part of the set), 10 repeats",
+    }
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    inp = Inputs.load(args)
+    net, contract, k = inp.net, inp.contract, inp.contract.num_classes
 
     # 1. calibration, for each way of reading an image (once, or averaged with its mirror, which
     #    softens the probabilities, so each is calibrated on its own): the methods compared by
     #    cross-validation inside the tune fold; where to fit the chosen one measured on val by
     #    cross-fitting (val's logits, read here for that only), then fitted on that set. Then the
     #    decoding of each, chosen on the tune fold.
-    l_tune = head_logits(net, f_tune)
-    l_tune_flip = head_logits(net, f_tune_flip)
-    groups = np.array([parse_patient(s.path) or str(s.path) for s in tune])
-    f_val, _ = cached("val", x_val)
-    f_val_flip = features.get(
-        "val-mirrored", x_val, lambda: [pooled_features(net, x_val, contract, True, args.batch_size)]
-    )[0]
-    l_val = head_logits(net, f_val)
-    y_val = np.array([s.grade for s in val])
-    g_val = np.array([parse_patient(s.path) or str(s.path) for s in val])
+    l_tune, l_tune_flip, g_tune = inp.logits("tune", inp.prepared(inp.tune, "tune"))
+    l_val, l_val_flip, _ = inp.logits("val", inp.prepared(inp.val, "val"))
+    y_tune = np.array([s.grade for s in inp.tune])
+    groups = np.array([parse_patient(s.path) or str(s.path) for s in inp.tune])
+    y_val = np.array([s.grade for s in inp.val])
+    g_val = np.array([parse_patient(s.path) or str(s.path) for s in inp.val])
     views = {  # (N, K) logits, or (N, 2, K) for the image and its mirror (view_probabilities)
         False: (l_tune, l_val),
-        True: (np.stack([l_tune, l_tune_flip], 1), np.stack([l_val, head_logits(net, f_val_flip)], 1)),
+        True: (np.stack([l_tune, l_tune_flip], 1), np.stack([l_val, l_val_flip], 1)),
     }
     fits, candidates, chosen = choose_answer(
         views, y_tune, groups, (y_val, g_val), k, fit_on=args.fit_on, flip=args.flip, seed=args.seed
     )
     post: PostprocessConfig = chosen["config"]
 
-    # 2. the knee gate, fitted on training knees (not the tune fold), standardised and thresholded
-    #    on the tune fold
-    x_fit = prepare_all(gate_fit, contract, cache, "gatefit")
-    _, g_fit = cached("gatefit", x_fit)
-    s_tune = fit_knee_gate(net, g_fit, np.array([s.grade for s in gate_fit]), g_tune, k)
-    film_knees = tune_film_knees(args.films, args.boxes, contract)
-    s_films = gate_scores(net, cached("tunefilms", film_knees)[1]) if len(film_knees) else np.zeros(0)
-    threshold_koa, threshold = gate_threshold(s_tune, s_films, args.gate_quantile)
-    split_half = split_half_refusals(s_tune, args.gate_quantile, args.seed)
+    # 2. the knee gate
+    gate = fit_gate(inp, g_tune, args)
 
     # 3. the uncertain flag, chosen on val for the stated coverage
-    fit = fits[post.flip_tta]
     uncertain_below = uncertain_threshold(view_probabilities(views[post.flip_tta][1], post), post, args.coverage)
 
     post = PostprocessConfig(
@@ -168,25 +230,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         flip_tta=post.flip_tta,
         uncertain_below=round(uncertain_below, 4),
         gate="mahalanobis",
-        gate_threshold=round(threshold, 3),
+        gate_threshold=round(gate.threshold, 3),
     )
     calibrated = contract.replace(postprocess=post.__dict__, model_version=args.version or contract.model_version)
-    state = load_checkpoint(ckpt)
+    state = load_checkpoint(inp.ckpt)
     extra = {k2: v for k2, v in state.items() if k2 in ("epoch", "metrics", "config")}
     out = save_checkpoint(args.out, net.to(memory_format=torch.contiguous_format), calibrated, **extra)
+    s_films = gate.film_scores
     report = {
-        "checkpoint": str(ckpt),
+        "checkpoint": str(inp.ckpt),
         "out": str(out),
         "postprocess": calibrated.postprocess.__dict__,
-        "tune_fold": {"images": len(tune), "patients": len({parse_patient(s.path) for s in tune})},
-        "gate_fit_images": len(gate_fit),
+        "tune_fold": {"images": len(inp.tune), "patients": len({parse_patient(s.path) for s in inp.tune})},
+        "gate_fit_images": len(inp.gate_fit),
         "gate_quantile": args.gate_quantile,
-        "gate_threshold_dataset_knees": threshold_koa,
+        "gate_threshold_dataset_knees": gate.threshold_koa,
         "gate_film_knees": {
             "films": args.films,
             "knees": len(s_films),
             "max_score": float(s_films.max()) if len(s_films) else None,
-            "refused_at_dataset_threshold": float((s_films > threshold_koa).mean()) if len(s_films) else None,
+            "refused_at_dataset_threshold": float((s_films > gate.threshold_koa).mean()) if len(s_films) else None,
         },
         "flip": args.flip,
         "coverage": args.coverage,
@@ -197,38 +260,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for n, c in candidates.items()
         },
         "chosen": next(n for n, c in candidates.items() if c is chosen),
-        "calibration": {
-            "views": "the image and its mirror, averaged" if post.flip_tta else "the image",
-            "chosen": fit["method"],
-            "rule": "lowest cross-validated ECE among the methods whose cross-validated NLL is no worse "
-            "than temperature scaling's",
-            "cv": "patient-grouped 5-fold inside the tune fold, 10 repeats",
-            "methods": fit["cv"],
-            "fit_on": fit["fit_on"],
-            "fit_on_rule": "lowest mean cross-fitted val ECE" if args.fit_on == "auto" else "given (--fit-on)",
-            "fit_sets": fit["fit_sets"],
-            "other_views": {  # the same, for the way of reading the image that was not chosen
-                "views": "the image" if post.flip_tta else "the image and its mirror, averaged",
-                "chosen": fits[not post.flip_tta]["method"],
-                "fit_on": fits[not post.flip_tta]["fit_on"],
-                "fit_sets": fits[not post.flip_tta]["fit_sets"],
-            },
-            "fit_sets_cv": "val split into 5 patient-grouped folds, each predicted by the calibration fitted on "
-            "the other folds (and the tune fold where part of the set), 10 repeats",
-        },
+        "calibration": calibration_report(fits, post, args),
         "gate": {
             "layers": list(net.cfg.gate_layers),
             "layer_dims": list(net.knee_gate.layer_dims),
             "combination": "largest of the layer scores, each standardised by its tune-fold mean and sd",
             "loc": net.knee_gate.loc.tolist(),
             "scale": net.knee_gate.scale.tolist(),
-            "tune_knees_refused_split_half": split_half,
+            "tune_knees_refused_split_half": gate.split_half,
         },
-        "tune_gate_scores": {"p50": float(np.median(s_tune)), "threshold": threshold},
+        "tune_gate_scores": {"p50": float(np.median(gate.tune_scores)), "threshold": gate.threshold},
     }
     report_path = Path(args.out).with_name("calibration.json")
     report_path.write_text(json.dumps(report, indent=2, default=list))
-    log.info("calibrated %s -> %s: %s", ckpt, out, json.dumps(report["postprocess"]))
+    log.info("calibrated %s -> %s: %s", inp.ckpt, out, json.dumps(report["postprocess"]))
     return report
 
 
