@@ -243,6 +243,9 @@ def test_the_gate_lets_the_tune_films_knees_through(trained: Path, tmp_path: Pat
     torch.set_num_threads(n)
     films_seen = report["gate_film_knees"]
     assert films_seen["knees"] == 1
+    # the gate's knees and the tune fold are each joined by one framed copy a knee (--gate-framings 1)
+    tune_knees = report["tune_fold"]["images"]
+    assert report["gate_framings"] == {"share": 1.0, "gate_fit_copies": 30, "tune_copies": tune_knees}
     threshold = load_checkpoint(out)["contract"].postprocess.gate_threshold
     assert threshold >= round(max(films_seen["max_score"], report["gate_threshold_dataset_knees"]), 3) - 1e-3
 

@@ -34,6 +34,7 @@ from train.calibration import (
 from train.data import Sample, parse_patient, prepare_all, samples_from_files, scan
 from train.knee_gate import (
     fit_knee_gate,
+    framed_images,
     gate_features,
     gate_scores,
     gate_threshold,
@@ -60,6 +61,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxes", default="annotations/legfilms.csv", help="the knee boxes of --films")
     p.add_argument("--coverage", type=float, default=0.8, help="share of val answers not flagged uncertain")
     p.add_argument("--max-gate-fit", type=int, default=3000, help="training knees used to fit the gate")
+    p.add_argument(
+        "--gate-framings",
+        type=float,
+        default=1.0,
+        help="framed copies (train.framings) joining the gate's knees and the tune fold, as a share of them "
+        "(0: the dataset's crops alone, which refused most of a second site's knees)",
+    )
     p.add_argument(
         "--flip",
         choices=("off", "on", "auto"),
@@ -152,19 +160,34 @@ class GateFit:
     threshold_koa: float
     threshold: float
     split_half: Any
+    framed_copies: tuple[int, int] = (0, 0)  # of the gate's training knees, of the tune fold
+
+
+def joined(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
+    """Two sets of the gate's layers, one after the other."""
+    return [np.concatenate([x, y]) for x, y in zip(a, b, strict=True)]
 
 
 def fit_gate(inp: Inputs, tune_layers: list[np.ndarray], args: argparse.Namespace) -> GateFit:
-    """The knee gate on the training knees (not the tune fold), thresholded on the tune fold and its films."""
+    """The knee gate on the training knees (not the tune fold), thresholded on the tune fold and its films;
+    with ``--gate-framings``, both sets joined by copies framed as other sites frame knees."""
     net = inp.net
     _, fit_layers = inp.gate_layers("gatefit", inp.prepared(inp.gate_fit, "gatefit"))
     labels = np.array([s.grade for s in inp.gate_fit])
+    copies = (0, 0)
+    if args.gate_framings > 0:
+        idx, framed = framed_images(inp.gate_fit, inp.contract, args.gate_framings, args.seed)
+        _, tune_framed = framed_images(inp.tune, inp.contract, args.gate_framings, args.seed + 1)
+        fit_layers = joined(fit_layers, inp.gate_layers("gatefit-framed", framed)[1])
+        tune_layers = joined(tune_layers, inp.gate_layers("tune-framed", tune_framed)[1])
+        labels = np.concatenate([labels, labels[idx]])
+        copies = (len(framed), len(tune_framed))
     s_tune = fit_knee_gate(net, fit_layers, labels, tune_layers, inp.contract.num_classes)
     film_knees = tune_film_knees(args.films, args.boxes, inp.contract)
     s_films = gate_scores(net, inp.gate_layers("tunefilms", film_knees)[1]) if len(film_knees) else np.zeros(0)
     threshold_koa, threshold = gate_threshold(s_tune, s_films, args.gate_quantile)
     split_half = split_half_refusals(s_tune, args.gate_quantile, args.seed)
-    return GateFit(s_tune, s_films, threshold_koa, threshold, split_half)
+    return GateFit(s_tune, s_films, threshold_koa, threshold, split_half, copies)
 
 
 def calibration_report(fits: dict, post: PostprocessConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -243,6 +266,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "postprocess": calibrated.postprocess.__dict__,
         "tune_fold": {"images": len(inp.tune), "patients": len({parse_patient(s.path) for s in inp.tune})},
         "gate_fit_images": len(inp.gate_fit),
+        "gate_framings": {
+            "share": args.gate_framings,
+            "gate_fit_copies": gate.framed_copies[0],
+            "tune_copies": gate.framed_copies[1],
+        },  # fmt: skip
         "gate_quantile": args.gate_quantile,
         "gate_threshold_dataset_knees": gate.threshold_koa,
         "gate_film_knees": {

@@ -1,7 +1,7 @@
 """Fitting the knee gate (`model.gate`) of a grader: features, per-layer statistics, scores.
 
 Shared by `train.calibrate` (the whole calibration of a run) and `train.refit_gate` (the gate
-alone, on other sites' framings of the knees, `train.framings`).
+alone); both fit it on the knees and on copies framed as other sites frame knees (`train.framings`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,32 @@ from model.contract import InputContract
 from model.decode import decode_image
 from model.localize import Joint, crop_joint
 from model.preprocess import as_float_image, prepare, to_model_input
+from train.data import Sample
 from train.films import film_split, read_boxes
+from train.framings import random_framing
+
+
+def framed_images(
+    samples: list[Sample], contract: InputContract, share: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which of ``samples`` (a ``share`` of them) and their (N', S, S) prepared framed copies (one
+    random framing each)."""
+    rng = np.random.default_rng([seed, 7])
+    n = len(samples)
+    chosen = np.sort(rng.choice(n, round(share * n), replace=False)) if share < 1 else np.arange(n)
+    out = []
+    for i in tqdm(chosen, desc="framings", leave=False, dynamic_ncols=True):
+        image = as_float_image(decode_image(samples[i].path.read_bytes(), max_pixels=contract.max_pixels))
+        out.append(prepare(random_framing(image, rng), contract))
+    return chosen, np.stack(out) if out else np.zeros((0, contract.input_size, contract.input_size), np.uint8)
+
+
+def plain_images(samples: list[Sample], contract: InputContract) -> np.ndarray:
+    """(N, S, S) the prepared images of ``samples``."""
+    out = []
+    for s in tqdm(samples, desc="prepare", leave=False, dynamic_ncols=True):
+        out.append(prepare(as_float_image(decode_image(s.path.read_bytes(), max_pixels=contract.max_pixels)), contract))
+    return np.stack(out)
 
 
 @torch.inference_mode()

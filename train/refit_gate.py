@@ -15,16 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from model.contract import InputContract
-from model.decode import decode_image
 from model.paths import LEGFILMS
-from model.preprocess import as_float_image, prepare
-from train.data import Sample, scan
-from train.framings import random_framing
-from train.knee_gate import fit_knee_gate, gate_features, gate_scores, tune_film_knees
+from train.data import scan
+from train.knee_gate import fit_knee_gate, framed_images, gate_features, gate_scores, plain_images, tune_film_knees
 
 log = logging.getLogger("train.refit_gate")
 
@@ -42,28 +37,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="calibrate's seed: the same training knees")
     p.add_argument("--version", required=True, help="model_version of the new weights (a new gate is a new version)")
     return p
-
-
-def framed_images(
-    samples: list[Sample], contract: InputContract, share: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Which of ``samples`` (a ``share`` of them) and their (N', S, S) prepared framed copies (one
-    random framing each)."""
-    rng = np.random.default_rng([seed, 7])
-    n = len(samples)
-    chosen = np.sort(rng.choice(n, round(share * n), replace=False)) if share < 1 else np.arange(n)
-    out = []
-    for i in tqdm(chosen, desc="framings", leave=False, dynamic_ncols=True):
-        image = as_float_image(decode_image(samples[i].path.read_bytes(), max_pixels=contract.max_pixels))
-        out.append(prepare(random_framing(image, rng), contract))
-    return chosen, np.stack(out)
-
-
-def plain_images(samples: list[Sample], contract: InputContract) -> np.ndarray:
-    out = []
-    for s in tqdm(samples, desc="prepare", leave=False, dynamic_ncols=True):
-        out.append(prepare(as_float_image(decode_image(s.path.read_bytes(), max_pixels=contract.max_pixels)), contract))
-    return np.stack(out)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
