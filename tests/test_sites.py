@@ -158,6 +158,29 @@ def test_cutpoints_undo_a_shift_and_are_chosen_held_out() -> None:
     assert site_fit.choose(cv) == "cutpoints"
 
 
+def test_the_probes_read_a_shift_the_way_a_profile_would() -> None:
+    """train.probe_figures (the site probes): the weights alone show the shift; cut-points refitted on part of the
+    knees undo it on the others."""
+    from train.probe_figures import profile_draws, raw_figures
+
+    logits, y = _shifted()
+    figs, p = raw_figures(logits, y)
+    assert figs["knees"] == len(y) and figs["mean_grade_minus_label"] > 0.5 and figs["spearman_expected_grade"] > 0.8
+    refit = profile_draws(p, y, knees=100, draws=5, seed=0)
+    assert refit["accuracy"] > figs["accuracy"] + 0.1 and refit["qwk"] >= figs["qwk"]
+
+
+def test_the_reframe_probe_cuts_a_centred_window() -> None:
+    from train.site_reframe_probe import READINGS
+
+    band = np.zeros((100, 300), np.float32)
+    band[:, 100:200] = 1.0  # the middle third of the band lit
+    assert READINGS["whole"][1](band).shape == (100, 300)
+    square = READINGS["square_1.0"][1](band)
+    assert square.shape == (100, 100) and square.min() == 1.0  # exactly the lit middle
+    assert READINGS["zoom_0.8"][1](band).shape == (80, 240)
+
+
 def test_no_shift_keeps_the_default() -> None:
     logits, y = _shifted(shift=0.0)
     base = PostprocessConfig(decision="cutpoints", cutpoints=(0.5, 1.5, 2.5, 3.5))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,3 +166,24 @@ class ServedSitePath(RequestPath):
                 records.extend(self.batch(chunk))
                 bar.update(len(chunk))
         return records
+
+
+def records_of(path: ServedSitePath, files: list[Path], cache: Path, name: str) -> list[KneeRecord]:
+    """The served path's records of ``files``, from the cache when the same weights and files were run."""
+    names = hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()[:12]
+    key = sha256(path.weights) + sha256(path.finder_weights) + names
+    f = cache / f"{name}-{key}.pkl"
+    if f.is_file():
+        return pickle.loads(f.read_bytes())
+    records = path.run(files)
+    cache.mkdir(parents=True, exist_ok=True)
+    f.write_bytes(pickle.dumps(records))
+    return records
+
+
+def arrays(records: list[KneeRecord], grades: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (N, V, K) logits a calibration may be fitted on, their grades and whether each was answered, of the
+    records with logits."""
+    keep = [i for i, r in enumerate(records) if r.fit_logits is not None]
+    logits = np.stack([records[i].fit_logits for i in keep])
+    return logits, np.asarray(grades)[keep], np.array([records[i].answered for i in keep])

@@ -8,10 +8,8 @@ writes ``docs/results/site_calibration.json`` and ``sites/reference.json``. What
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import pickle
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +20,7 @@ import numpy as np
 from model.paths import KOA, SITE2
 from model.postprocess import decode_grades
 from train import site_fit
-from train.site_path import KneeRecord, ServedSitePath, sha256
+from train.site_path import KneeRecord, ServedSitePath, arrays, records_of, sha256
 from train.site_sample import read_sample
 
 log = logging.getLogger("train.site_study")
@@ -46,19 +44,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="cache/site_study", help="the served path's records, keyed by the weights")
     p.add_argument("--seed", type=int, default=0)
     return p
-
-
-def records_of(path: ServedSitePath, files: list[Path], cache: Path, name: str) -> list[KneeRecord]:
-    """The served path's records of ``files``, from the cache when the same weights and files were run."""
-    names = hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()[:12]
-    key = sha256(path.weights) + sha256(path.finder_weights) + names
-    f = cache / f"{name}-{key}.pkl"
-    if f.is_file():
-        return pickle.loads(f.read_bytes())
-    records = path.run(files)
-    cache.mkdir(parents=True, exist_ok=True)
-    f.write_bytes(pickle.dumps(records))
-    return records
 
 
 def held_out(
@@ -113,12 +98,6 @@ def draws(
         "site_check_choice": _mean(chosen_figs) | {"chosen": dict(Counter(chosen_names))},
         "methods": {name: _mean(f) for name, f in per_method.items()},
     }
-
-
-def arrays(records: list[KneeRecord], grades: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    keep = [i for i, r in enumerate(records) if r.fit_logits is not None]
-    logits = np.stack([records[i].fit_logits for i in keep])
-    return logits, np.asarray(grades)[keep], np.array([records[i].answered for i in keep])
 
 
 def reference(records: list[KneeRecord], train_counts: list[int], path: ServedSitePath, data: str) -> dict:
