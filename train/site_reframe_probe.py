@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 from model.decode import decode_image
 from model.paths import SITE2
+from model.postprocess import decode_grades
+from train import site_fit
 from train.probe_figures import profile_draws, raw_figures
 from train.served_path import RequestPath
 from train.site_sample import read_sample
@@ -56,6 +58,36 @@ READINGS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
     "square_1.0": ("a centred square as high as the band", square(1.0)),
     "square_1.3": ("a centred square 1.3 x the band's height", square(1.3)),
 }
+
+
+CHOICE = ("whole", "square_1.0", "square_1.3")  # what a site check could choose among
+
+
+def chosen_per_draw(
+    logits: dict[str, np.ndarray], y: np.ndarray, path: RequestPath, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The reading a site check would choose on each draw's knees (the best cross-fitted score of refitted
+    cut-points inside the draw), measured on the other knees: what choosing per site would give."""
+    rng = np.random.default_rng(args.seed)  # the same draws as the readings' rows
+    base, method = path.contract.postprocess, site_fit.METHODS["cutpoints"]
+    accuracy, names = [], []
+    for d in range(args.draws):
+        fit = np.sort(rng.choice(len(y), args.knees, replace=False))
+        test = np.setdiff1d(np.arange(len(y)), fit)
+        inner = {r: site_fit.cross_fit(x[fit], y[fit], base, ["cutpoints"], repeats=2, seed=d)["cutpoints"]["score"]
+                 for r, x in logits.items()}  # fmt: skip
+        best = max(inner, key=inner.get)
+        cfg = site_fit.fit(method, base, logits[best][fit], y[fit], None)
+        grades = decode_grades(site_fit.probabilities(logits[best][test], cfg), cfg)
+        accuracy.append(float(np.mean(grades == y[test])))
+        names.append(best)
+    return {
+        "among": list(logits),
+        "rule": "per draw, the reading whose cut-points score best by 5-fold cross-fitting inside the draw's knees",
+        "accuracy": round(float(np.mean(accuracy)), 4),
+        "accuracy_sd": round(float(np.std(accuracy)), 4),
+        "chosen": {r: names.count(r) for r in logits},
+    }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -94,12 +126,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             images.append(im)
             labels.append(g)
     y = np.asarray(labels)
-    rows = {}
+    rows, all_logits = {}, {}
     for name, (what, reframe) in READINGS.items():
-        figs, p = raw_figures(logits_of(path, [reframe(im) for im in images]), y)
+        all_logits[name] = logits_of(path, [reframe(im) for im in images])
+        figs, p = raw_figures(all_logits[name], y)
         rows[name] = {"what": what, "weights_alone": figs,
                       f"profile_from_{args.knees}": profile_draws(p, y, args.knees, args.draws, args.seed)}  # fmt: skip
         log.info("%s: %s", name, json.dumps(rows[name]))
+    result_choice = chosen_per_draw(
+        {name: logits for name, logits in all_logits.items() if name in CHOICE}, y, path, args
+    )
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "weights": args.weights,
@@ -110,6 +146,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         f"averaged, no finder and no knee gate; cut-points refitted on {args.knees} random knees, measured on the "
         f"others, {args.draws} draws (the same draws for every reading)",
         "readings": rows,
+        "chosen_per_site": result_choice,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
