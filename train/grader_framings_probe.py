@@ -20,7 +20,7 @@ from typing import Any
 
 from model.checkpoint import load_checkpoint
 from model.paths import KOA, SITE2
-from train.probe_figures import profile_draws, raw_figures
+from train.probe_figures import profile_draws, raw_figures, write_result
 from train.site_path import ServedSitePath, arrays, records_of, sha256
 from train.site_sample import read_sample
 
@@ -70,9 +70,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "val": args.val,
         "graders": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    log.info("wrote %s", args.out)
+    write_result(args.out, result)
     return result
 
 

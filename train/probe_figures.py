@@ -3,6 +3,11 @@ part of a site's knees and measured on the others (`train.grader_framings_probe`
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 from scipy.stats import spearmanr
 
@@ -41,3 +46,10 @@ def profile_draws(p: np.ndarray, labels: np.ndarray, knees: int, draws: int, see
         "qwk": round(float(np.mean(qwk)), 4),
         "qwk_sd": round(float(np.std(qwk)), 4),
     }
+
+
+def write_result(out: str | Path, result: dict[str, Any]) -> None:
+    """Write a probe's result as indented JSON, its folder made if needed."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    logging.getLogger(__name__).info("wrote %s", out)

@@ -17,7 +17,6 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -29,7 +28,7 @@ from model.decode import decode_image
 from model.paths import SITE2
 from model.postprocess import decode_grades
 from train import site_fit
-from train.probe_figures import profile_draws, raw_figures
+from train.probe_figures import profile_draws, raw_figures, write_result
 from train.served_path import RequestPath
 from train.site_sample import read_sample
 
@@ -148,9 +147,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "readings": rows,
         "chosen_per_site": result_choice,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    log.info("wrote %s", args.out)
+    write_result(args.out, result)
     return result
 
 
