@@ -151,6 +151,11 @@ def test_refit_gate_changes_the_gate_alone_and_lets_every_tune_knee_through(cali
     t = report["tune_scores"]
     assert report["threshold"] >= max(t["plain_max"], t["framed_max"])  # no tune knee, plain or framed, refused
     assert report["gate_fit"] == {"knees": 30, "framed_copies": 30}
+    # train.calibrate (--gate-framings 1, the default) fitted the same gate from the same knees and copies
+    calibrated_gate = json.loads(calibrated.with_name("calibration.json").read_text())["gate"]
+    np.testing.assert_allclose(report["gate"]["loc"], calibrated_gate["loc"], rtol=1e-4)
+    np.testing.assert_allclose(report["gate"]["scale"], calibrated_gate["scale"], rtol=1e-4)
+    assert after.postprocess.gate_threshold == pytest.approx(before.postprocess.gate_threshold, abs=2e-3)
     assert json.loads((tmp_path / "gate.json").read_text())["version"] == "0.3.0"
 
 

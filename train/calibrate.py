@@ -33,9 +33,10 @@ from train.calibration import (
 )
 from train.data import Sample, parse_patient, prepare_all, samples_from_files, scan
 from train.knee_gate import (
-    fit_knee_gate,
-    framed_images,
+    FramedFit,
+    fit_framed_gate,
     gate_features,
+    gate_fit_knees,
     gate_scores,
     gate_threshold,
     split_half_refusals,
@@ -118,14 +119,11 @@ class Inputs:
             raise ValueError(f"{contract.model_name} has no knee gate: calibrate an OA-MEN model")
         samples = scan(args.data or config["data"], contract.num_classes)
         tune = samples_from_files(config["tune_files"], samples)
-        tune_set = {str(s.path) for s in tune}
-        fit_pool = [s for s in samples if s.split == "train" and str(s.path) not in tune_set]
         val = [s for s in samples if s.split == "val"]
-        rng = np.random.default_rng(args.seed)
-        picks = sorted(rng.choice(len(fit_pool), min(args.max_gate_fit, len(fit_pool)), False))
+        gate_fit = gate_fit_knees(samples, tune, args.max_gate_fit, args.seed)
         cache = args.cache_dir or None
         features = FeatureCache(cache, ckpt, net.cfg.gate_layers)
-        return cls(ckpt, net, contract, tune, val, [fit_pool[i] for i in picks], features, cache, args.batch_size)
+        return cls(ckpt, net, contract, tune, val, gate_fit, features, cache, args.batch_size)
 
     def prepared(self, samples: list[Sample], name: str) -> np.ndarray:
         return prepare_all(samples, self.contract, self.cache, name)
@@ -153,41 +151,27 @@ class Inputs:
 
 @dataclass(frozen=True)
 class GateFit:
-    """The knee gate fitted on training knees, standardised and thresholded on the tune fold."""
+    """The knee gate fitted on training knees (and framed copies), thresholded on the tune fold and its films."""
 
-    tune_scores: np.ndarray
+    framed: FramedFit
     film_scores: np.ndarray
     threshold_koa: float
     threshold: float
-    split_half: Any
-    framed_copies: tuple[int, int] = (0, 0)  # of the gate's training knees, of the tune fold
-
-
-def joined(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
-    """Two sets of the gate's layers, one after the other."""
-    return [np.concatenate([x, y]) for x, y in zip(a, b, strict=True)]
+    split_half: float
 
 
 def fit_gate(inp: Inputs, tune_layers: list[np.ndarray], args: argparse.Namespace) -> GateFit:
     """The knee gate on the training knees (not the tune fold), thresholded on the tune fold and its films;
     with ``--gate-framings``, both sets joined by copies framed as other sites frame knees."""
-    net = inp.net
-    _, fit_layers = inp.gate_layers("gatefit", inp.prepared(inp.gate_fit, "gatefit"))
-    labels = np.array([s.grade for s in inp.gate_fit])
-    copies = (0, 0)
-    if args.gate_framings > 0:
-        idx, framed = framed_images(inp.gate_fit, inp.contract, args.gate_framings, args.seed)
-        _, tune_framed = framed_images(inp.tune, inp.contract, args.gate_framings, args.seed + 1)
-        fit_layers = joined(fit_layers, inp.gate_layers("gatefit-framed", framed)[1])
-        tune_layers = joined(tune_layers, inp.gate_layers("tune-framed", tune_framed)[1])
-        labels = np.concatenate([labels, labels[idx]])
-        copies = (len(framed), len(tune_framed))
-    s_tune = fit_knee_gate(net, fit_layers, labels, tune_layers, inp.contract.num_classes)
+    framed = fit_framed_gate(
+        inp.net, inp.contract, inp.gate_fit, inp.tune, args.gate_framings, args.seed,
+        lambda name, images: inp.gate_layers(name, images)[1], tune_layers, inp.cache,
+    )  # fmt: skip
     film_knees = tune_film_knees(args.films, args.boxes, inp.contract)
-    s_films = gate_scores(net, inp.gate_layers("tunefilms", film_knees)[1]) if len(film_knees) else np.zeros(0)
-    threshold_koa, threshold = gate_threshold(s_tune, s_films, args.gate_quantile)
-    split_half = split_half_refusals(s_tune, args.gate_quantile, args.seed)
-    return GateFit(s_tune, s_films, threshold_koa, threshold, split_half, copies)
+    s_films = gate_scores(inp.net, inp.gate_layers("tunefilms", film_knees)[1]) if len(film_knees) else np.zeros(0)
+    threshold_koa, threshold = gate_threshold(framed.tune_scores, s_films, args.gate_quantile)
+    split_half = split_half_refusals(framed.tune_scores, args.gate_quantile, args.seed)
+    return GateFit(framed, s_films, threshold_koa, threshold, split_half)
 
 
 def calibration_report(fits: dict, post: PostprocessConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -268,9 +252,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "gate_fit_images": len(inp.gate_fit),
         "gate_framings": {
             "share": args.gate_framings,
-            "gate_fit_copies": gate.framed_copies[0],
-            "tune_copies": gate.framed_copies[1],
-        },  # fmt: skip
+            "gate_fit_copies": gate.framed.fit_copies,
+            "tune_copies": gate.framed.tune_copies,
+        },
         "gate_quantile": args.gate_quantile,
         "gate_threshold_dataset_knees": gate.threshold_koa,
         "gate_film_knees": {
@@ -297,7 +281,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "scale": net.knee_gate.scale.tolist(),
             "tune_knees_refused_split_half": gate.split_half,
         },
-        "tune_gate_scores": {"p50": float(np.median(gate.tune_scores)), "threshold": gate.threshold},
+        "tune_gate_scores": {"p50": float(np.median(gate.framed.tune_scores)), "threshold": gate.threshold},
     }
     report_path = Path(args.out).with_name("calibration.json")
     report_path.write_text(json.dumps(report, indent=2, default=list))

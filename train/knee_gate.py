@@ -6,6 +6,8 @@ alone); both fit it on the knees and on copies framed as other sites frame knees
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from model.contract import InputContract
 from model.decode import decode_image
 from model.localize import Joint, crop_joint
 from model.preprocess import as_float_image, prepare, to_model_input
-from train.data import Sample
+from train.data import Sample, prepare_all
 from train.films import film_split, read_boxes
 from train.framings import random_framing
 
@@ -35,14 +37,6 @@ def framed_images(
         image = as_float_image(decode_image(samples[i].path.read_bytes(), max_pixels=contract.max_pixels))
         out.append(prepare(random_framing(image, rng), contract))
     return chosen, np.stack(out) if out else np.zeros((0, contract.input_size, contract.input_size), np.uint8)
-
-
-def plain_images(samples: list[Sample], contract: InputContract) -> np.ndarray:
-    """(N, S, S) the prepared images of ``samples``."""
-    out = []
-    for s in tqdm(samples, desc="prepare", leave=False, dynamic_ncols=True):
-        out.append(prepare(as_float_image(decode_image(s.path.read_bytes(), max_pixels=contract.max_pixels)), contract))
-    return np.stack(out)
 
 
 @torch.inference_mode()
@@ -97,6 +91,61 @@ def fit_knee_gate(
     raw = layer_scores(net, ref_layers)
     net.knee_gate.set_standardisation(torch.from_numpy(raw.mean(0)).float(), torch.from_numpy(raw.std(0)).float())
     return gate_scores(net, ref_layers)
+
+
+def gate_fit_knees(samples: list[Sample], tune: list[Sample], most: int, seed: int) -> list[Sample]:
+    """The training knees the gate is fitted on: up to ``most`` of the train split outside the tune fold,
+    drawn with ``seed`` (the same for `train.calibrate` and `train.refit_gate`)."""
+    tune_set = {str(s.path) for s in tune}
+    pool = [s for s in samples if s.split == "train" and str(s.path) not in tune_set]
+    picks = sorted(np.random.default_rng(seed).choice(len(pool), min(most, len(pool)), False))
+    return [pool[i] for i in picks]
+
+
+@dataclass(frozen=True)
+class FramedFit:
+    """The gate fitted on training knees and their framed copies: the tune fold's scores (its knees,
+    then their framed copies) and how many framed copies joined each set."""
+
+    tune_scores: np.ndarray
+    tune_knees: int
+    fit_copies: int
+    tune_copies: int
+
+
+def fit_framed_gate(
+    net: torch.nn.Module,
+    contract: InputContract,
+    gate_fit: list[Sample],
+    tune: list[Sample],
+    share: float,
+    seed: int,
+    layers: Callable[[str, np.ndarray], list[np.ndarray]],
+    tune_layers: list[np.ndarray] | None = None,
+    cache_dir: str | None = None,
+) -> FramedFit:
+    """`fit_knee_gate` on ``gate_fit``'s knees and tune's, each set joined by ``share`` of framed copies
+    (`framed_images`; none when 0). ``layers(name, images)`` gives the gate's layers of prepared images
+    (a cache may keep them under ``name``); ``tune_layers``, the tune knees' when already read."""
+    fit_layers = layers("gatefit", prepare_all(gate_fit, contract, cache_dir, "gatefit"))
+    if tune_layers is None:
+        tune_layers = layers("tune", prepare_all(tune, contract, cache_dir, "tune"))
+    labels = np.array([s.grade for s in gate_fit])
+    fit_copies = tune_copies = 0
+    if share > 0:
+        idx, framed = framed_images(gate_fit, contract, share, seed)
+        _, tune_framed = framed_images(tune, contract, share, seed + 1)
+        fit_layers = _joined(fit_layers, layers("gatefit-framed", framed))
+        tune_layers = _joined(tune_layers, layers("tune-framed", tune_framed))
+        labels = np.concatenate([labels, labels[idx]])
+        fit_copies, tune_copies = len(framed), len(tune_framed)
+    scores = fit_knee_gate(net, fit_layers, labels, tune_layers, contract.num_classes)
+    return FramedFit(scores, len(tune), fit_copies, tune_copies)
+
+
+def _joined(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
+    """Two sets of the gate's layers, one after the other."""
+    return [np.concatenate([x, y]) for x, y in zip(a, b, strict=True)]
 
 
 def tune_film_knees(films: str | None, boxes: str | None, contract) -> np.ndarray:

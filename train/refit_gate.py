@@ -19,7 +19,7 @@ import torch
 from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model.paths import LEGFILMS
 from train.data import scan
-from train.knee_gate import fit_knee_gate, framed_images, gate_features, gate_scores, plain_images, tune_film_knees
+from train.knee_gate import fit_framed_gate, gate_features, gate_fit_knees, gate_scores, gate_threshold, tune_film_knees
 
 log = logging.getLogger("train.refit_gate")
 
@@ -56,28 +56,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"{len(missing)} tune files are not under the dataset, e.g. {missing[0]}: pass --data")
     tune = [by_path[f] for f in config["tune_files"]]
-    tune_set = set(config["tune_files"])
-    # the same training knees as train.calibrate draws
-    fit_pool = [s for s in samples if s.split == "train" and str(s.path) not in tune_set]
-    rng = np.random.default_rng(args.seed)
-    gate_fit = [fit_pool[i] for i in sorted(rng.choice(len(fit_pool), min(args.max_gate_fit, len(fit_pool)), False))]
+    gate_fit = gate_fit_knees(samples, tune, args.max_gate_fit, args.seed)  # the knees train.calibrate draws
     log.info("%d training knees and %d tune knees, each set joined by framed copies", len(gate_fit), len(tune))
 
-    def layers(images: np.ndarray) -> list[np.ndarray]:
+    def layers(_name: str, images: np.ndarray) -> list[np.ndarray]:
         return gate_features(net, images, contract, args.batch_size)[1]
 
-    framed_idx, framed = framed_images(gate_fit, contract, args.framed_share, args.seed)
-    fit_plain, fit_framed = layers(plain_images(gate_fit, contract)), layers(framed)
-    tune_plain = layers(plain_images(tune, contract))
-    tune_framed = layers(framed_images(tune, contract, args.framed_share, args.seed + 1)[1])
-    labels = np.array([s.grade for s in gate_fit])
-    fit_layers = [np.concatenate([a, b]) for a, b in zip(fit_plain, fit_framed, strict=True)]
-    ref_layers = [np.concatenate([a, b]) for a, b in zip(tune_plain, tune_framed, strict=True)]
-    s_ref = fit_knee_gate(net, fit_layers, np.concatenate([labels, labels[framed_idx]]), ref_layers, k)
-    n_plain = len(tune)
+    framed = fit_framed_gate(net, contract, gate_fit, tune, args.framed_share, args.seed, layers)
+    s_ref, n_plain = framed.tune_scores, framed.tune_knees
     film_knees = tune_film_knees(args.films, args.boxes, contract)
-    s_films = gate_scores(net, layers(film_knees)) if len(film_knees) else np.zeros(0)
-    threshold = float(max(s_ref.max(), s_films.max() if len(s_films) else 0.0))
+    s_films = gate_scores(net, layers("tunefilms", film_knees)) if len(film_knees) else np.zeros(0)
+    _, threshold = gate_threshold(s_ref, s_films, 1.0)  # the largest score, plain, framed or a film's
     post = contract.postprocess.__dict__ | {"gate_threshold": round(threshold, 3)}
     new = contract.replace(postprocess=post, model_version=args.version)
     extra = {key: v for key, v in state.items() if key in ("epoch", "metrics", "config")}
@@ -86,8 +75,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": str(args.checkpoint),
         "out": str(out),
         "version": args.version,
-        "gate_fit": {"knees": len(gate_fit), "framed_copies": len(framed_idx)},
-        "tune": {"knees": n_plain, "framed_copies": len(s_ref) - n_plain},
+        "gate_fit": {"knees": len(gate_fit), "framed_copies": framed.fit_copies},
+        "tune": {"knees": n_plain, "framed_copies": framed.tune_copies},
         "threshold": threshold,
         "threshold_from": "tune films" if len(s_films) and s_films.max() >= s_ref.max() else "tune fold",
         "tune_scores": {
