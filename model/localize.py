@@ -245,9 +245,9 @@ def load_finder(path: str | Path) -> tuple[KneeFinder, FinderConfig]:
 
 @dataclass(frozen=True)
 class Plan:
-    """What to do with one image: grade it as it is (``crop``), grade the joints cut out of it
-    (``film``), or refuse it (``refuse``, with ``error`` the refusal type). ``skipped`` are joints
-    found in a film that are not graded, each with its reason."""
+    """What to do with one image: grade it as it is (``crop``; ``joints`` holds its strongest AP joint),
+    grade the joints cut out of it (``film``), or refuse it (``refuse``, with ``error`` the refusal type).
+    ``skipped`` are joints found in a film that are not graded, each with its reason."""
 
     kind: str
     joints: tuple[Joint, ...] = ()
@@ -259,9 +259,9 @@ class Plan:
 def plan(joints: list[Joint], image_shape: tuple[int, int], cfg: FinderConfig) -> Plan:
     """The decision for an image from the joints the finder saw in it (best first)."""
     h, w = image_shape
-    if is_crop(joints, w, cfg):
-        return Plan("crop")
     ap = [j for j in joints if j.view == "ap"]
+    if is_crop(joints, w, cfg):
+        return Plan("crop", (ap[0],))
     sharp = [j for j in ap if j.width >= cfg.min_joint_px]
     small = [(j, "resolution_too_low") for j in ap if j.width < cfg.min_joint_px]
     other = [(j, "unsupported_view") for j in joints if j.view != "ap"]
@@ -281,3 +281,17 @@ def plan(joints: list[Joint], image_shape: tuple[int, int], cfg: FinderConfig) -
             "AP/PA views; send the AP/PA film",
         )  # fmt: skip
     return Plan("refuse", error="not_a_knee", message="no knee joint was found in this image")
+
+
+# How a joint crop is read: ``whole`` (letterboxed as it is: the default), or ``joint``: cut around its
+# joint as a film's knee is (`crop_joint`), at the scale the training crops show. A site profile may
+# choose ``joint`` for a site that frames its crops otherwise (docs/SITES.md, "Reading a site's crops").
+READINGS = ("whole", "joint")
+
+
+def crop_view(gray: np.ndarray, p: Plan, reading: str = "whole") -> np.ndarray:
+    """The image graded for a ``crop`` plan: ``gray`` itself, or with ``reading="joint"`` its joint cut out
+    (`crop_joint`); ``gray`` when the plan holds no joint (no finder)."""
+    if reading not in READINGS:
+        raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
+    return crop_joint(gray, p.joints[0]) if reading == "joint" and p.joints else gray

@@ -19,8 +19,10 @@ from model.localize import (
     VIEWS,
     FinderConfig,
     Joint,
+    Plan,
     crop_box,
     crop_joint,
+    crop_view,
     decode_output,
     find_joints,
     finder_input,
@@ -86,6 +88,22 @@ def test_plan_grades_the_ap_knee_and_lists_the_rest_with_reasons():
     p = plan([joint(150, 100, 70), joint(50, 100, 70, "other"), joint(100, 50, 20)], (200, 300), FinderConfig())
     assert p.kind == "film" and [j.centre[0] for j in p.joints] == [150]
     assert sorted(reason for _, reason in p.skipped) == ["resolution_too_low", "unsupported_view"]
+
+
+def test_a_crop_is_read_whole_or_at_its_joint():
+    """A crop's plan keeps its strongest AP joint, so a site profile may read the crop cut at it (`crop_view`)."""
+    band = np.zeros((160, 300), np.float32)
+    band[80, 150] = 1.0
+    j = joint(150, 80, 170)
+    p = plan([j, joint(40, 80, 60, "other")], band.shape, FinderConfig())
+    assert p.kind == "crop" and p.joints == (j,)
+    assert crop_view(band, p) is band and crop_view(band, p, "whole") is band
+    cut = crop_view(band, p, "joint")
+    np.testing.assert_array_equal(cut, crop_joint(band, j))
+    assert cut.shape == (round(170 * CROP_PER_JOINT_WIDTH),) * 2  # the square a film's knee is cut to
+    assert crop_view(band, Plan("crop"), "joint") is band  # no finder, no joint: read whole
+    with pytest.raises(ValueError, match="reading must be one of"):
+        crop_view(band, p, "zoomed")
 
 
 def test_the_crop_frames_the_joint_as_the_training_crops_do():

@@ -17,7 +17,7 @@ import torch
 
 from model.checkpoint import model_from_checkpoint
 from model.decode import decode_image
-from model.localize import FinderConfig, Plan, crop_joint, find_joints, plan
+from model.localize import FinderConfig, Plan, crop_joint, crop_view, find_joints, plan
 from model.postprocess import finish
 from model.precision import compiled
 from model.preprocess import prepare, to_model_input
@@ -59,9 +59,12 @@ class RequestPath:
         return [plan(js, im.shape, cfg) for js, im in zip(find_joints(net, cfg, images), images, strict=True)]
 
     @staticmethod
-    def knees(image: np.ndarray, p: Plan | None) -> list[np.ndarray]:
-        """The gray images to grade: each knee cut out of a film, else the image itself."""
-        return [crop_joint(image, j) for j in p.joints] if p is not None and p.kind == "film" else [image]
+    def knees(image: np.ndarray, p: Plan | None, reading: str = "whole") -> list[np.ndarray]:
+        """The gray images to grade: each knee cut out of a film, else the image itself (a joint crop, read
+        as ``reading`` says: `model.localize.crop_view`)."""
+        if p is not None and p.kind == "film":
+            return [crop_joint(image, j) for j in p.joints]
+        return [crop_view(image, p, reading)] if p is not None else [image]
 
     def prepared(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         """Each crop prepared as the contract says (`model.preprocess.prepare`)."""
