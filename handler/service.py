@@ -23,7 +23,7 @@ from handler.explain import DEFAULT_METHOD, METHODS, attribute, film_overlay_png
 from handler.sites import Profiles
 from model.contract import InputContract
 from model.decode import DecodeError, decode_image, dicom_laterality
-from model.localize import FinderConfig, Joint, Plan, crop_box, crop_joint, find_joints, plan
+from model.localize import FinderConfig, Joint, Plan, crop_box, crop_joint, crop_view, find_joints, plan
 from model.markers import Marker, MarkerReader, assign, read_markers
 from model.preprocess import prepare, to_model_input
 
@@ -336,8 +336,10 @@ class Predictor:
                     status = 500 if pl.error == "server_error" else 422
                     first[i] = (status, error_body(status, message, pl.error or "not_a_knee"))
                 elif pl.kind == "crop":
-                    units.append(Unit(i, None, prepare(gray, self.contract)))
-                    grays[i] = gray
+                    # read whole, or cut at its joint where the site's profile says so (explained as graded)
+                    seen = crop_view(gray, pl, self.profiles.reading(sites[i]))
+                    units.append(Unit(i, None, prepare(seen, self.contract)))
+                    grays[i] = seen
                 else:
                     knees = [Unit(i, k, prepare(crop_joint(gray, j), self.contract)) for k, j in enumerate(pl.joints)]
                     dicom = dicom_laterality(req.image)

@@ -99,6 +99,11 @@ class Profiles:
         """The profile that answers a request for ``site``: its own, or None (the default) when it has none."""
         return site if site in self.by_name else None
 
+    def reading(self, site: str | None) -> str:
+        """How a joint crop sent for ``site`` is read (`model.localize.crop_view`): its profile's choice, else whole."""
+        p = self.by_name.get(site) if site else None
+        return p.reading if p is not None else "whole"
+
     def model_block(self, site: str | None) -> dict[str, Any]:
         """The answer's ``model``: the weights, and the calibration that answered (a site's profile, or default)."""
         c = self.contract
@@ -106,6 +111,8 @@ class Profiles:
         p = self.by_name.get(site) if site else None
         if p is not None:
             block["profile"] = {"name": p.name, "version": p.version}
+            if p.reading != "whole":
+                block["profile"]["reading"] = p.reading
         else:
             block["profile"] = {"name": "default"}
             if site:

@@ -1,7 +1,8 @@
 """Site profiles: one hospital's calibration of the shipped model, as data bound to one model version.
 
-Fitted outside the server (`train.site_check`), a profile changes only how logits become an answer;
-`load_profile` refuses one whose checksum does not match or that names other weights.
+Fitted outside the server (`train.site_check`), a profile changes only how logits become an answer and
+how a joint crop is read (whole, or cut at its joint); `load_profile` refuses one whose checksum does
+not match or that names other weights.
 docs/MODEL.md, "Site profiles"; docs/SITES.md.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from model.contract import InputContract, PostprocessConfig
+from model.localize import READINGS
 
 __all__ = [
     "FITTED_FIELDS",
@@ -56,6 +58,9 @@ class SiteProfile:
         sample: the labelled sample's summary (knees, grade mix, refusals).
         figures: the cross-fitted figures, shipped against this profile.
         created: when it was fitted (ISO 8601, UTC).
+        reading: how the site's single-knee crops are read (`model.localize.READINGS`): ``whole``, as the
+            shipped model reads them, or ``joint``, cut around the joint as a film's knee is. A profile
+            written before this field reads them whole.
     """
 
     name: str
@@ -68,12 +73,15 @@ class SiteProfile:
     figures: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     format: int = PROFILE_FORMAT
+    reading: str = "whole"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME.match(self.name):
             raise ProfileError(f"profile name must match {NAME.pattern}, got {self.name!r}")
         if self.name == "default":
             raise ProfileError("'default' names the shipped calibration: give the site another name")
+        if self.reading not in READINGS:
+            raise ProfileError(f"reading must be one of {list(READINGS)}, got {self.reading!r}")
         unknown = set(self.postprocess) - set(FITTED_FIELDS)
         if unknown:
             raise ProfileError(f"a profile may refit only {list(FITTED_FIELDS)}, not {sorted(unknown)}")
