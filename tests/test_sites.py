@@ -132,6 +132,50 @@ def test_a_header_picks_the_profile_and_the_answer_names_it(site_predictor: Pred
     assert unknown["kl_grade"] == default["kl_grade"]
 
 
+def test_a_profile_that_reads_at_the_joint_grades_the_cut(exported, monkeypatch, tmp_path: Path) -> None:
+    """A profile with ``reading: joint`` grades a crop cut around its joint (`model.localize.crop_view`): the same
+    answer as the cut sent as an image of its own; other sites still get the crop graded whole."""
+    from model.localize import FinderConfig, Joint, crop_joint
+
+    scripted, contract = load_torchscript(exported)
+    eager = create_model(contract.model_name)
+    eager.load_state_dict(scripted.state_dict())
+    same = {"temperature": contract.postprocess.temperature}  # the shipped calibration: only the reading differs
+    p = SiteProfile(name="band", version="1", model_name=contract.model_name, model_version=contract.model_version,
+                    postprocess=same, reading="joint")  # fmt: skip
+    (tmp_path / "profile.json").write_text(p.to_json())
+    p = load_profile(tmp_path / "profile.json", contract)  # the reading survives the file
+    pred = Predictor(scripted, eager.eval(), contract, torch.device("cpu"), profiles=Profiles(contract, [p]))
+    pred.finder = (None, FinderConfig(min_joint_px=40))
+
+    def seen(net, cfg, grays, device):  # a joint spanning most of any image: each is a crop already
+        return [[Joint((0.2 * g.shape[1], 10.0, 0.8 * g.shape[1], 10.0 + 0.6 * g.shape[1]), "ap", 0.9)] for g in grays]
+
+    monkeypatch.setattr("handler.service.find_joints", seen)
+    gray = np.random.default_rng(4).integers(0, 255, (80, 120), dtype=np.uint8)
+    gray[:, :20] = 255  # a bright edge the cut leaves out
+    band = cv2.imencode(".png", gray)[1].tobytes()
+    cut = crop_joint(gray, seen(None, None, [gray], None)[0][0])
+    rows = [{"body": band}, {"body": band}, {"body": cv2.imencode(".png", cut)[1].tobytes()}]
+    (s1, whole), (s2, at_joint), (s3, alone) = pred.handle(rows, [{}, {"X-KOA-Site": "band"}, {}])
+    assert s1 == s2 == s3 == 200
+    assert at_joint["model"]["profile"] == {"name": "band", "version": "1", "reading": "joint"}
+    assert whole["model"]["profile"] == {"name": "default"}
+    assert max(abs(a - b) for a, b in zip(at_joint["probabilities"], whole["probabilities"], strict=True)) > 1e-3
+    assert at_joint["probabilities"] == pytest.approx(alone["probabilities"], abs=2e-4)  # batches differ a little
+
+
+def test_a_profile_names_a_known_reading_and_an_old_one_reads_whole(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="reading must be one of"):
+        SiteProfile(name="north", version="1", model_name="m", model_version="1", postprocess={}, reading="zoomed")
+    from model.profile import checksum
+
+    data = {k: v for k, v in json.loads(profile().to_json()).items() if k not in ("checksum", "reading")}
+    data["checksum"] = checksum(data)  # a profile written before the field
+    (tmp_path / "profile.json").write_text(json.dumps(data))
+    assert load_profile(tmp_path / "profile.json", CONTRACT).reading == "whole"
+
+
 def test_profile_for_other_weights_stops_the_predictor(exported) -> None:
     _, contract = load_torchscript(exported)
     with pytest.raises(ProfileError, match="was fitted for"):
@@ -179,6 +223,23 @@ def test_the_reframe_probe_cuts_a_centred_window() -> None:
     square = READINGS["square_1.0"][1](band)
     assert square.shape == (100, 100) and square.min() == 1.0  # exactly the lit middle
     assert READINGS["zoom_0.8"][1](band).shape == (80, 240)
+
+
+def test_a_reading_that_undoes_a_shift_is_a_candidate_of_its_own() -> None:
+    """Readings are cross-fitted on the same folds as candidates ``<reading>/<method>``; the gain is over the
+    shipped decoding of the whole reading, and the choice names the reading (`site_fit.parse`)."""
+    shifted, y = _shifted(shift=1.0)
+    sharper, _ = _shifted(shift=0.0)  # the same knees read at the joint: no shift
+    base = PostprocessConfig(decision="cutpoints", cutpoints=(0.5, 1.5, 2.5, 3.5))
+    cv = site_fit.cross_fit({"whole": shifted, "joint": sharper}, y, base, ["shipped", "cutpoints"], repeats=2)
+    assert sorted(cv) == ["cutpoints", "joint/cutpoints", "joint/shipped", "shipped"]
+    assert cv["joint/shipped"]["gain_low"] > 0.1 and cv["shipped"]["gain_low"] == 0.0
+    reading, method = site_fit.parse(site_fit.choose(cv))
+    assert reading == "joint" and method.name in ("shipped", "cutpoints")
+    assert site_fit.parse("cutpoints") == ("whole", site_fit.METHODS["cutpoints"])
+    assert "read at the joint" in site_fit.describe("joint/cutpoints")
+    single = site_fit.cross_fit(shifted, y, base, ["shipped", "cutpoints"], repeats=2)
+    assert single == {k: v for k, v in cv.items() if "/" not in k}  # one reading: the figures as before
 
 
 def test_no_shift_keeps_the_default() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from model.contract import PostprocessConfig
+from model.localize import READINGS
 from model.postprocess import confidences, decode_grades, uncertain
 from model.profile import FITTED_FIELDS, ProfileError, SiteProfile, load_profile
 from train import site_fit
@@ -50,6 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", default=str(SITES / "acceptance.json"), help="the decision's thresholds")
     p.add_argument("--reference", default=str(REFERENCE), help="training's reference (make site-study writes it)")
     p.add_argument("--methods", default=",".join(site_fit.METHODS), help="site calibrations to compare")
+    p.add_argument("--readings", default=",".join(READINGS), help="ways of reading a joint crop to compare "
+                   "(model.localize.READINGS; each costs one more pass over the sample)")  # fmt: skip
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=4, help="repeats of the cross-fitting (more: slower, steadier)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None, help="default: the server's")
@@ -74,14 +77,13 @@ def answers(logits: np.ndarray, cfg: PostprocessConfig) -> tuple[np.ndarray, np.
 
 
 def out_of_fold(
-    logits: np.ndarray, labels: np.ndarray, base: PostprocessConfig, method: str, prior, folds: int, seed: int
+    logits: np.ndarray, labels: np.ndarray, base: PostprocessConfig, m: site_fit.Method, prior, folds: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every knee answered by the ``method`` fitted on the other folds: honest 'after' figures."""
+    """Every knee answered by the method ``m`` fitted on the other folds: honest 'after' figures."""
     fid = site_fit.stratified_folds(labels, folds, np.random.default_rng(seed))
     p = np.zeros((len(labels), logits.shape[-1]))
     g = np.zeros(len(labels), dtype=np.int64)
     u = np.zeros(len(labels), dtype=bool)
-    m = site_fit.METHODS[method]
     for f in range(folds):
         tr, te = fid != f, fid == f
         cfg = site_fit.fit(m, base, logits[tr], labels[tr], prior, unlabelled=logits[te] if m.em_prior else None)
@@ -112,13 +114,19 @@ def distance(records: list[KneeRecord], reference: dict[str, Any] | None) -> dic
 
 
 def calibrate(
-    records: list[KneeRecord], sample: Sample, base: PostprocessConfig, prior, args: argparse.Namespace
+    records: dict[str, list[KneeRecord]], sample: Sample, base: PostprocessConfig, prior, args: argparse.Namespace
 ) -> dict[str, Any] | None:
-    """The site calibrations cross-fitted on the labelled knees the model saw; the chosen one fitted on all."""
+    """The site calibrations cross-fitted on the labelled knees the model saw, under each reading of the
+    joint crops (``records`` per reading, the shipped ``whole`` first); the chosen one fitted on all."""
     views = 2 if base.flip_tta else 1
-    logits, idx = fit_array(records, views)
+    logits, idx = fit_array(records[site_fit.WHOLE], views)
     if not sample.labelled or len(idx) < MIN_FIT_KNEES:
         return None
+    by_reading = {site_fit.WHOLE: logits}
+    for reading, recs in records.items():
+        lg, idx_r = fit_array(recs, views)
+        if np.array_equal(idx_r, idx):  # the same knees were graded (they are: only the crop's cut differs)
+            by_reading[reading] = lg
     labels = np.asarray(sample.grades)[idx]
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in site_fit.METHODS]
@@ -130,17 +138,20 @@ def calibrate(
         methods.insert(0, "shipped")
     t0 = time.perf_counter()
     cv = site_fit.cross_fit(
-        logits, labels, base, methods, train_prior=prior, folds=args.folds, repeats=args.repeats, seed=args.seed
+        by_reading, labels, base, methods, train_prior=prior, folds=args.folds, repeats=args.repeats, seed=args.seed
     )
     chosen = site_fit.choose(cv)
-    cfg = site_fit.fit(site_fit.METHODS[chosen], base, logits, labels, prior)
-    p, g, u = out_of_fold(logits, labels, base, chosen, prior, args.folds, args.seed)
+    reading, method = site_fit.parse(chosen)
+    cfg = site_fit.fit(method, base, by_reading[reading], labels, prior)
+    p, g, u = out_of_fold(by_reading[reading], labels, base, method, prior, args.folds, args.seed)
     return {
         "knees": len(idx),
         "index": idx,
+        "answered": np.array([r.answered for r in records[reading]]),
         "cv": cv,
         "rule": site_fit.rule_text(),
         "chosen": chosen,
+        "reading": reading,
         "config": cfg,
         "oof": (labels, p, g, u),
         "seconds": time.perf_counter() - t0,
@@ -172,8 +183,15 @@ def per_knee(records: list[KneeRecord], sample: Sample, base: PostprocessConfig,
 
 
 def build_report(
-    sample: Sample, records: list[KneeRecord], path: ServedSitePath, args: argparse.Namespace, seconds: float
+    sample: Sample,
+    records: list[KneeRecord],
+    path: ServedSitePath,
+    args: argparse.Namespace,
+    seconds: float,
+    other_readings: dict[str, list[KneeRecord]] | None = None,
 ) -> tuple[dict[str, Any], SiteProfile | None]:
+    """The report of the records as served (the ``whole`` reading), and the site profile when a calibration
+    (under that reading or one of ``other_readings``) wins."""
     c = path.contract
     base = c.postprocess
     t = Thresholds.load(args.thresholds)
@@ -219,10 +237,10 @@ def build_report(
             report["served"]["reliability"] = reliability_bins(y, p)
     if sample.labelled and not answered.any():
         report["served"] = None
-    cal = calibrate(records, sample, base, prior, args)
+    cal = calibrate({site_fit.WHOLE: records, **(other_readings or {})}, sample, base, prior, args)
     if cal is not None:
         labels, p, g, u = cal["oof"]
-        on_answered = answered[cal["index"]]
+        on_answered = cal["answered"][cal["index"]]
         cfg: PostprocessConfig = cal["config"]
         report["calibration"] = {
             "knees": cal["knees"],
@@ -230,9 +248,10 @@ def build_report(
             "whole as a crop, or refused by the knee gate)",
             "cross_fitting": f"{args.folds}-fold stratified, {args.repeats} repeats",
             "methods": cal["cv"],
-            "descriptions": {m: site_fit.METHODS[m].description for m in cal["cv"]},
+            "descriptions": {m: site_fit.describe(m) for m in cal["cv"]},
             "rule": cal["rule"],
             "chosen": cal["chosen"],
+            "reading": cal["reading"],
             "postprocess": {f: getattr(cfg, f) for f in FITTED_FIELDS},
             "shipped_postprocess": {f: getattr(base, f) for f in FITTED_FIELDS},
         }
@@ -251,9 +270,10 @@ def build_report(
                 model_name=c.model_name,
                 model_version=c.model_version,
                 postprocess=fields,
+                reading=cal["reading"],
                 fitted={
                     "method": cal["chosen"],
-                    "description": site_fit.METHODS[cal["chosen"]].description,
+                    "description": site_fit.describe(cal["chosen"]),
                     "rule": cal["rule"],
                     "knees": cal["knees"],
                 },
@@ -305,7 +325,19 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     path = ServedSitePath(args.weights, args.finder, args.precision)
     records = path.run(sample.files, progress=not args.no_progress)
-    report, profile = build_report(sample, records, path, args, time.perf_counter() - t0)
+    others: dict[str, list[KneeRecord]] = {}
+    readings = [r for r in args.readings.split(",") if r]
+    if [r for r in readings if r not in READINGS]:
+        log.error("--readings: choose among %s, got %s", ",".join(READINGS), args.readings)
+        return 2
+    crops = any(r.outcome == "crop" for r in records)  # only a joint crop is read another way
+    for reading in readings if sample.labelled and crops else []:
+        if reading != path.reading:
+            log.info("the sample again, its joint crops read %s", reading)
+            path.reading = reading
+            others[reading] = path.run(sample.files, progress=not args.no_progress)
+    path.reading = site_fit.WHOLE
+    report, profile = build_report(sample, records, path, args, time.perf_counter() - t0, others)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

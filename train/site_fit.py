@@ -7,6 +7,10 @@ the class bias that corrects for the site's grade mix by EM (Saerens, Latinne an
 `Method`; `cross_fit` measures every method on knees its fit did not see (repeated stratified K-fold
 of the labelled sample), and `choose` keeps the shipped decoding unless a method beats it there by
 more than the noise. The rule is stated before the figures are read (`choose`).
+
+A site whose single-knee crops are framed unlike the training crops may also be read another way
+(`model.localize.READINGS`: ``joint`` cuts each crop around its joint); `cross_fit` then measures every
+method on each reading's logits, on the same folds, as the candidates ``joint/<method>``.
 """
 
 from __future__ import annotations
@@ -24,14 +28,20 @@ from model.postprocess import calibrated_probabilities, confidences, decode_grad
 __all__ = [
     "METHODS",
     "Method",
+    "candidate",
     "choose",
     "cross_fit",
+    "describe",
     "em_prior_bias",
     "fit",
+    "parse",
     "probabilities",
     "rule_text",
     "score",
 ]
+
+
+WHOLE = "whole"  # the shipped reading of a joint crop (`model.localize.READINGS`)
 
 
 def probabilities(logits: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
@@ -272,8 +282,25 @@ def held_out_figures(labels: np.ndarray, probs: np.ndarray, grades: np.ndarray, 
     }
 
 
+def candidate(reading: str, method: str) -> str:
+    """A candidate's name: the method's for the shipped reading (``whole``), else ``<reading>/<method>``."""
+    return method if reading == WHOLE else f"{reading}/{method}"
+
+
+def parse(name: str) -> tuple[str, Method]:
+    """A candidate's reading and method (`candidate`); raises KeyError for an unknown method."""
+    reading, _, method = name.rpartition("/")
+    return reading or WHOLE, METHODS[method]
+
+
+def describe(name: str) -> str:
+    """A candidate in words."""
+    reading, m = parse(name)
+    return m.description if reading == WHOLE else f"{m.description}; single-knee crops read at the joint"
+
+
 def cross_fit(
-    logits: np.ndarray,
+    logits: np.ndarray | dict[str, np.ndarray],
     labels: np.ndarray,
     base: PostprocessConfig,
     methods: list[str],
@@ -285,24 +312,29 @@ def cross_fit(
     boot: int = 200,
 ) -> dict[str, dict[str, float]]:
     """Each method fitted on K-1 folds of the labelled sample and measured on the K-th, over ``repeats``
-    random stratified splits. Returns per method the mean and sd (over repeats) of each held-out figure,
+    random stratified splits. Returns per candidate the mean and sd (over repeats) of each held-out figure,
     and ``gain_low``: the 5th percentile, over ``boot`` resamples of the knees, of its `score` less the
     shipped decoding's on the same held-out answers (paired; needs ``shipped`` among ``methods``).
-    The label-free methods read the held-out fold's own images (not its labels), as a site would."""
-    k = logits.shape[-1]
-    out: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
-    oof: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    ``logits`` of several readings (``{reading: (N, V, K)}``, the same knees in the same order) make one
+    candidate per reading and method (`candidate`), all on the same folds; the gain is over the shipped
+    decoding of the ``whole`` reading. The label-free methods read the held-out fold's own images (not
+    its labels), as a site would."""
+    views = logits if isinstance(logits, dict) else {WHOLE: logits}
+    names = {candidate(r, m): (r, METHODS[m]) for r in views for m in methods}
+    k = next(iter(views.values())).shape[-1]
+    out: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    oof: dict[str, list[np.ndarray]] = {n: [] for n in names}
     rng = np.random.default_rng(seed)
     for _ in range(repeats):
         fid = stratified_folds(labels, folds, rng)
-        for name in methods:
-            m = METHODS[name]
+        for name, (reading, m) in names.items():
+            lg = views[reading]
             probs = np.zeros((len(labels), k))
             grades = np.zeros(len(labels), dtype=np.int64)
             for f in range(folds):
                 tr, te = fid != f, fid == f
-                cfg = fit(m, base, logits[tr], labels[tr], train_prior, unlabelled=logits[te] if m.em_prior else None)
-                probs[te] = probabilities(logits[te], cfg)
+                cfg = fit(m, base, lg[tr], labels[tr], train_prior, unlabelled=lg[te] if m.em_prior else None)
+                probs[te] = probabilities(lg[te], cfg)
                 grades[te] = decode_grades(probs[te], cfg)
             oof[name].append(grades)
             for key, v in held_out_figures(labels, probs, grades, k).items():
@@ -316,7 +348,7 @@ def cross_fit(
     }
     if "shipped" in oof:
         picks = np.random.default_rng(seed + 1).integers(0, len(labels), (boot, len(labels)))
-        for m in methods:
+        for m in names:
             gains = [
                 np.mean([score(labels[i], g[i], k) - score(labels[i], s[i], k)
                          for g, s in zip(oof[m], oof["shipped"], strict=True)])

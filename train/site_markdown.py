@@ -142,6 +142,11 @@ def render_markdown(r: dict[str, Any]) -> str:
                 f"**Chosen: {cal['chosen']}**, written to `profile.json`: {cal['postprocess']} "
                 f"(shipped: {cal['shipped_postprocess']}). Serve it with `make serve SITE={r['site']}`."
             )
+            if cal.get("reading", "whole") != "whole":
+                lines += ["", f"The profile reads this site's single-knee crops `{cal['reading']}`: each is cut "
+                          "around the joint the finder sees, as a film's knee is, instead of being graded whole "
+                          "(docs/SITES.md, reading a site's crops). The refusals and the shipped figures above are "
+                          "of the shipped reading; the profile's figures are of its own."]  # fmt: skip
     lines += [
         "",
         "## Per knee",

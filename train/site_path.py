@@ -83,6 +83,7 @@ class ServedSitePath(RequestPath):
     weights: str = "weights/oamen.ckpt"
     finder_weights: str = "weights/finder.pt"
     dtype: str | None = None  # None: the server's choice (model.precision.serving_dtype)
+    reading: str = "whole"  # how a joint crop is read (model.localize.crop_view), as a site profile may say
     contract: InputContract = field(init=False)
 
     def __post_init__(self) -> None:
@@ -130,7 +131,7 @@ class ServedSitePath(RequestPath):
         crops: list[np.ndarray] = []
         spans: list[tuple[int, int]] = []
         for (_, im), pl in zip(images, plans, strict=True):
-            pieces = self.knees(im, pl)
+            pieces = self.knees(im, pl, self.reading)
             spans.append((len(crops), len(crops) + len(pieces)))
             crops.extend(pieces)
         logits, gate, stats = self.grade(crops) if crops else (None, None, [])
@@ -169,10 +170,12 @@ class ServedSitePath(RequestPath):
 
 
 def records_of(path: ServedSitePath, files: list[Path], cache: Path, name: str) -> list[KneeRecord]:
-    """The served path's records of ``files``, from the cache when the same weights and files were run."""
+    """The served path's records of ``files``, from the cache when the same weights and files were run in the
+    same number format and reading."""
     names = hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()[:12]
     key = sha256(path.weights) + sha256(path.finder_weights) + names
-    f = cache / f"{name}-{key}.pkl"
+    kind = str(path.torch_dtype).removeprefix("torch.") + ("" if path.reading == "whole" else "-" + path.reading)
+    f = cache / f"{name}-{key}-{kind}.pkl"
     if f.is_file():
         return pickle.loads(f.read_bytes())
     records = path.run(files)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from model.localize import READINGS
 from model.paths import KOA, SITE2
 from model.postprocess import decode_grades
 from train import site_fit
@@ -36,6 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-knees", type=int, default=300, help="val knees run through the served path (stratified)")
     p.add_argument("--weights", default="weights/oamen.ckpt")
     p.add_argument("--finder", default="weights/finder.pt")
+    p.add_argument("--readings", default=",".join(READINGS), help="ways of reading a joint crop (model.localize)")
     p.add_argument("--draws", type=int, default=20)
     p.add_argument("--repeats", type=int, default=10, help="repeats of the cross-fitting on all knees")
     p.add_argument("--inner-repeats", type=int, default=2, help="repeats of the choice's cross-fitting in a draw")
@@ -70,34 +72,52 @@ def _mean(figs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]
     return out
 
 
-def draws(
-    logits: np.ndarray, labels: np.ndarray, answered: np.ndarray, base, prior, n: int, args: argparse.Namespace
-) -> dict[str, Any]:
-    """``args.draws`` random draws of ``n`` labelled knees: the site check's choice and each method, fitted on
-    the draw and measured on the other knees."""
+Views = dict[str, tuple[np.ndarray, np.ndarray]]  # per reading: (N, V, K) logits, (N,) answered today
+
+
+def draws(views: Views, labels: np.ndarray, base, prior, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``args.draws`` random draws of ``n`` labelled knees: the site check's choice and each candidate (a
+    method under a reading of the joint crops), fitted on the draw and measured on the other knees."""
     rng = np.random.default_rng(args.seed + n)
-    per_method: dict[str, list] = {m: [] for m in site_fit.METHODS}
+    logits = {r: lg for r, (lg, _) in views.items()}
+    names = [site_fit.candidate(r, m) for r in views for m in site_fit.METHODS]
+    per_method: dict[str, list] = {name: [] for name in names}
     chosen_figs, chosen_names = [], []
+
+    def measured(name: str, fit_idx: np.ndarray, test: np.ndarray) -> dict[str, dict[str, float]]:
+        reading, m = site_fit.parse(name)
+        lg, answered = views[reading]
+        cfg = site_fit.fit(m, base, lg[fit_idx], labels[fit_idx], prior, unlabelled=lg[test] if m.em_prior else None)
+        return held_out(lg, labels, answered, cfg, test)
+
     for _ in range(args.draws):
         fit_idx = np.sort(rng.choice(len(labels), n, replace=False))
         test = np.setdiff1d(np.arange(len(labels)), fit_idx)
-        lf, yf = logits[fit_idx], labels[fit_idx]
-        for name, m in site_fit.METHODS.items():
-            cfg = site_fit.fit(m, base, lf, yf, prior, unlabelled=logits[test] if m.em_prior else None)
-            per_method[name].append(held_out(logits, labels, answered, cfg, test))
-        cv = site_fit.cross_fit(lf, yf, base, list(site_fit.METHODS), train_prior=prior, repeats=args.inner_repeats,
+        for name in names:
+            per_method[name].append(measured(name, fit_idx, test))
+        cv = site_fit.cross_fit({r: lg[fit_idx] for r, lg in logits.items()}, labels[fit_idx], base,
+                                list(site_fit.METHODS), train_prior=prior, repeats=args.inner_repeats,
                                 seed=int(rng.integers(1 << 30)))  # fmt: skip
         choice = site_fit.choose(cv)
         chosen_names.append(choice)
-        m = site_fit.METHODS[choice]
-        cfg = site_fit.fit(m, base, lf, yf, prior, unlabelled=logits[test] if m.em_prior else None)
-        chosen_figs.append(held_out(logits, labels, answered, cfg, test))
+        chosen_figs.append(measured(choice, fit_idx, test))
     return {
         "knees": n,
         "draws": args.draws,
         "site_check_choice": _mean(chosen_figs) | {"chosen": dict(Counter(chosen_names))},
         "methods": {name: _mean(f) for name, f in per_method.items()},
     }
+
+
+def views_of(path: ServedSitePath, files: list[Path], grades: list[int], cache: Path, name: str, readings) -> Views:
+    """Each reading's (logits, answered) of the files the model graded (the same files under every reading)."""
+    out: Views = {}
+    for reading in readings:
+        path.reading = reading
+        lg, _, answered = arrays(records_of(path, files, cache, name), grades)
+        out[reading] = (lg, answered)
+    path.reading = site_fit.WHOLE
+    return out
 
 
 def reference(records: list[KneeRecord], train_counts: list[int], path: ServedSitePath, data: str) -> dict:
@@ -139,7 +159,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     site = read_sample(args.site_data)
     site_records = records_of(path, site.files, cache, args.site_name)
-    logits, labels, answered = arrays(site_records, site.grades)
+    _, labels, answered = arrays(site_records, site.grades)
+    readings = [r for r in args.readings.split(",") if r]
+    views = views_of(path, site.files, site.grades, cache, args.site_name, readings)
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "model": ref["model"],
@@ -153,11 +175,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "grade_counts": site.grade_counts(),
             "refusals": dict(Counter(f"{r.outcome} ({r.refused_by})" for r in site_records if not r.answered)),
         },
-        "methods": {m.name: m.description for m in site_fit.METHODS.values()},
+        "readings": readings,
+        "methods": {
+            n: site_fit.describe(n) for n in (site_fit.candidate(r, m) for r in readings for m in site_fit.METHODS)
+        },
         "rule": site_fit.rule_text(),
     }
-    cv = site_fit.cross_fit(logits, labels, base, list(site_fit.METHODS), train_prior=prior, repeats=args.repeats,
-                            seed=args.seed)  # fmt: skip
+    cv = site_fit.cross_fit({r: lg for r, (lg, _) in views.items()}, labels, base, list(site_fit.METHODS),
+                            train_prior=prior, repeats=args.repeats, seed=args.seed)  # fmt: skip
     result["cross_fitted_all"] = {
         "protocol": f"5-fold stratified, {args.repeats} repeats, every labelled knee the model graded",
         "methods": {m: {k: round(v, 4) for k, v in f.items()} for m, f in cv.items()},
@@ -165,10 +190,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     for n in (50, 100):
         log.info("draws of %d knees", n)
-        result[f"from_{n}"] = draws(logits, labels, answered, base, prior, n, args)
-    vl, vy, va = arrays(val_records, val_grades)
+        result[f"from_{n}"] = draws(views, labels, base, prior, n, args)
+    vy = arrays(val_records, val_grades)[1]
     log.info("val: draws of 100 knees")
-    result["val"] = {"knees": len(vy), "from_100": draws(vl, vy, va, base, prior, 100, args)}
+    val_views = views_of(path, val_files, val_grades, cache, "val", readings)
+    result["val"] = {"knees": len(vy), "from_100": draws(val_views, vy, base, prior, 100, args)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     log.info("wrote %s and %s", args.out, args.reference)
