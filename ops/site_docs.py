@@ -19,6 +19,10 @@ def _cell(f: dict[str, Any] | None, key: str, pct: bool) -> str:
     return text
 
 
+def _ece(f: dict[str, Any]) -> str:
+    return f"{f['ece']:.3f}" if "ece" in f else "n/a"
+
+
 def _row(name: str, fitted: str, figs: dict[str, Any]) -> str:
     g, a = figs.get("graded"), figs.get("answered")
     return (
@@ -61,12 +65,12 @@ def site_calibration_report(r: dict[str, Any]) -> str:
         "",
         "Every method, cross-fitted on all labelled knees:",
         "",
-        "| method | what it refits | top-1 | QWK | MAE | NLL | score gain over shipped, 5th percentile |",
-        "|---|---|---|---|---|---|---|",
+        "| method | what it refits | top-1 | QWK | MAE | NLL | ECE | score gain over shipped, 5th percentile |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m, f in cv["methods"].items():
         lines.append(f"| {m} | {r['methods'][m]} | {100 * f['accuracy']:.1f}% | {f['qwk']:.3f} | {f['mae']:.3f} | "
-                     f"{f['nll']:.3f} | {f.get('gain_low', 0.0):+.3f} |")  # fmt: skip
+                     f"{f['nll']:.3f} | {_ece(f)} | {f.get('gain_low', 0.0):+.3f} |")  # fmt: skip
     v = r["val"]["from_100"]
     lines += [
         "",

@@ -20,6 +20,7 @@ from model.contract import InputContract, PostprocessConfig
 from model.profile import ProfileError, SiteProfile, load_profile
 from tests.conftest import TINY_CONTRACT_ARGS
 from train import site_fit
+from train.metrics import expected_calibration_error
 from train.site_sample import SampleError, read_sample
 
 CONTRACT = InputContract(**TINY_CONTRACT_ARGS)
@@ -240,6 +241,13 @@ def test_a_reading_that_undoes_a_shift_is_a_candidate_of_its_own() -> None:
     assert "read at the joint" in site_fit.describe("joint/cutpoints")
     single = site_fit.cross_fit(shifted, y, base, ["shipped", "cutpoints"], repeats=2)
     assert single == {k: v for k, v in cv.items() if "/" not in k}  # one reading: the figures as before
+
+
+def test_held_out_figures_carry_the_librarys_ece() -> None:
+    logits, y = _shifted()
+    figs = site_fit.cross_fit(logits, y, PostprocessConfig(), ["shipped"], repeats=1)["shipped"]
+    probs = site_fit.probabilities(logits, PostprocessConfig())
+    assert figs["ece"] == pytest.approx(expected_calibration_error(y, probs))  # the library's ECE, unchecked
 
 
 def test_no_shift_keeps_the_default() -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "choose",
     "cross_fit",
     "describe",
+    "ece",
     "em_prior_bias",
     "fit",
     "parse",
@@ -271,13 +272,24 @@ def stratified_folds(labels: np.ndarray, folds: int, rng: np.random.Generator) -
 Evaluator = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]
 
 
+def ece(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE over 15 equal-width bins: `train.metrics.expected_calibration_error`, without its checks."""
+    conf = p.max(axis=1)
+    hit = (p.argmax(axis=1) == y).astype(np.float64)
+    b = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    count = np.bincount(b, minlength=n_bins)
+    gap = np.abs(np.bincount(b, hit, n_bins) - np.bincount(b, conf, n_bins))
+    return float(gap.sum() / max(count.sum(), 1))
+
+
 def held_out_figures(labels: np.ndarray, probs: np.ndarray, grades: np.ndarray, k: int) -> dict[str, float]:
-    """Top-1, QWK, MAE, NLL and the selection score of held-out answers."""
+    """Top-1, QWK, MAE, NLL, ECE and the selection score of held-out answers."""
     return {
         "accuracy": float((grades == labels).mean()),
         "qwk": qwk(labels, grades, k),
         "mae": float(np.abs(grades - labels).mean()),
         "nll": _nll(probs, labels),
+        "ece": ece(labels, probs),
         "score": score(labels, grades, k),
     }
 

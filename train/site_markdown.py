@@ -124,14 +124,14 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"Fitted on {cal['knees']} knees: {cal['fitted_on']}. Measured by cross-fitting "
             f"({cal['cross_fitting']}): every figure below is of knees the fit did not see.",
             "",
-            "| method | top-1 | QWK | MAE | NLL | score (mean of top-1 and QWK) | gain over shipped, 5th pct |",
-            "|---|---|---|---|---|---|---|",
+            "| method | top-1 | QWK | MAE | NLL | ECE | score (mean of top-1 and QWK) | gain over shipped, 5th pct |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for m, v in cal["methods"].items():
             lines.append(
                 f"| {m}{' (chosen)' if m == cal['chosen'] else ''} | {v['accuracy']:.1%} | {v['qwk']:.3f} | "
-                f"{v['mae']:.3f} | {v['nll']:.3f} | {v['score']:.3f} ± {v['score_sd']:.3f} | "
-                f"{v.get('gain_low', 0.0):+.3f} |"
+                f"{v['mae']:.3f} | {v['nll']:.3f} | {v.get('ece', float('nan')):.3f} | {v['score']:.3f} ± "
+                f"{v['score_sd']:.3f} | {v.get('gain_low', 0.0):+.3f} |"
             )
         lines += ["", f"Rule: {cal['rule']}", ""]
         if cal["chosen"] == "shipped":

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from train.site_fit import qwk
+from train.site_fit import ece, qwk
 
 __all__ = ["Thresholds", "bootstrap", "decide", "figures", "unlabelled_figures"]
 
@@ -60,16 +60,6 @@ def auc_ovr(y: np.ndarray, p: np.ndarray) -> list[float | None]:
         r = rankdata(p[:, c])
         out.append(float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)))
     return out
-
-
-def ece(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE over 15 equal-width bins: `train.metrics.expected_calibration_error`, without its checks."""
-    conf = p.max(axis=1)
-    hit = (p.argmax(axis=1) == y).astype(np.float64)
-    b = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    count = np.bincount(b, minlength=n_bins)
-    gap = np.abs(np.bincount(b, hit, n_bins) - np.bincount(b, conf, n_bins))
-    return float(gap.sum() / max(count.sum(), 1))
 
 
 def _recall(y: np.ndarray, g: np.ndarray, grade: int) -> float | None:
