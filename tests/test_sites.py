@@ -352,6 +352,8 @@ def test_site_check_reports_bad_input_and_writes_whole_or_nothing(tmp_path: Path
         ["--site", "other", "--data", str(tmp_path / "none"), "--out", str(out)]
     )
     assert site_check.main(bad) == 2  # a clear error, and nothing written
+    args.site, args.readings = "zoomed", "whole,zoomed"  # an unknown reading: refused before any knee is run
+    assert site_check.main(args) == 2
     assert sorted(p.name for p in out.iterdir()) == before
 
 

@@ -320,17 +320,18 @@ def main(args: argparse.Namespace) -> int:
     except (SampleError, ProfileError) as exc:
         log.error("%s", exc)
         return 2
+    readings = [r for r in args.readings.split(",") if r]
+    if [r for r in readings if r not in READINGS]:
+        log.error("--readings: choose among %s, got %s", ",".join(READINGS), args.readings)
+        return 2
     for w in sample.warnings:
         log.warning("%s", w)
     t0 = time.perf_counter()
     path = ServedSitePath(args.weights, args.finder, args.precision)
     records = path.run(sample.files, progress=not args.no_progress)
     others: dict[str, list[KneeRecord]] = {}
-    readings = [r for r in args.readings.split(",") if r]
-    if [r for r in readings if r not in READINGS]:
-        log.error("--readings: choose among %s, got %s", ",".join(READINGS), args.readings)
-        return 2
-    crops = any(r.outcome == "crop" for r in records)  # only a joint crop is read another way
+    # only a joint crop is read another way: a crop answered, or one the knee gate refused when read whole
+    crops = any(r.outcome == "crop" or r.refused_by == "gate" for r in records)
     for reading in readings if sample.labelled and crops else []:
         if reading != path.reading:
             log.info("the sample again, its joint crops read %s", reading)
