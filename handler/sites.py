@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from model.contract import InputContract, PostprocessConfig
+from model.localize import WHOLE
 from model.postprocess import finish
 from model.profile import ProfileError, SiteProfile, load_profile
 from model.settings import SITE_PROFILES
@@ -102,7 +103,7 @@ class Profiles:
     def reading(self, site: str | None) -> str:
         """How a joint crop sent for ``site`` is read (`model.localize.crop_view`): its profile's choice, else whole."""
         p = self.by_name.get(site) if site else None
-        return p.reading if p is not None else "whole"
+        return p.reading if p is not None else WHOLE
 
     def model_block(self, site: str | None) -> dict[str, Any]:
         """The answer's ``model``: the weights, and the calibration that answered (a site's profile, or default)."""
@@ -111,7 +112,7 @@ class Profiles:
         p = self.by_name.get(site) if site else None
         if p is not None:
             block["profile"] = {"name": p.name, "version": p.version}
-            if p.reading != "whole":
+            if p.reading != WHOLE:
                 block["profile"]["reading"] = p.reading
         else:
             block["profile"] = {"name": "default"}

@@ -286,10 +286,11 @@ def plan(joints: list[Joint], image_shape: tuple[int, int], cfg: FinderConfig) -
 # How a joint crop is read: ``whole`` (letterboxed as it is: the default), or ``joint``: cut around its
 # joint as a film's knee is (`crop_joint`), at the scale the training crops show. A site profile may
 # choose ``joint`` for a site that frames its crops otherwise (docs/SITES.md, "Reading a site's crops").
-READINGS = ("whole", "joint")
+WHOLE = "whole"
+READINGS = (WHOLE, "joint")
 
 
-def crop_view(gray: np.ndarray, p: Plan, reading: str = "whole") -> np.ndarray:
+def crop_view(gray: np.ndarray, p: Plan, reading: str = WHOLE) -> np.ndarray:
     """The image graded for a ``crop`` plan: ``gray`` itself, or with ``reading="joint"`` its joint cut out
     (`crop_joint`); ``gray`` when the plan holds no joint (no finder)."""
     if reading not in READINGS:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from model.contract import InputContract, PostprocessConfig
-from model.localize import READINGS
+from model.localize import READINGS, WHOLE
 
 __all__ = [
     "FITTED_FIELDS",
@@ -73,7 +73,7 @@ class SiteProfile:
     figures: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     format: int = PROFILE_FORMAT
-    reading: str = "whole"
+    reading: str = WHOLE
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME.match(self.name):

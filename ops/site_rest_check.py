@@ -1,7 +1,7 @@
 """The site calibration's target end to end: a profile from a site's sample, served, graded over REST.
 
 ``python -m ops.site_rest_check --site-data ../shared/data/site2 --seeds 7 11 23``
-(result ``docs/results/site_rest_check.json``; about 3 minutes a seed on 2 cores). For each seed it does
+(result ``docs/results/site_rest_check.json``). For each seed it does
 what docs/SITES.md tells a hospital to do, with the same commands: draw ``--knees`` random labelled
 knees into a ``file,grade`` CSV, ``make site-check SITE=... DATA=<csv>``, ``make serve SITE=...``, then
 grades every other knee of the site over REST, once for the site (its profile answers) and once without
@@ -27,7 +27,7 @@ import numpy as np
 from koa_client.errors import KOAClientError
 from koa_client.rest import RestClient
 from model.checkpoint import load_checkpoint
-from model.contract import PostprocessConfig
+from model.contract import InputContract, PostprocessConfig
 from model.paths import ROOT, SITE2
 from model.postprocess import decode_grades
 from model.profile import load_profile
@@ -92,7 +92,9 @@ def grade_over_rest(files: list[Path], labels: list[int], site: str | None, cfg:
     }
 
 
-def one_seed(seed: int, args: argparse.Namespace, files: list[Path], labels: list[int]) -> dict[str, Any]:
+def one_seed(
+    seed: int, args: argparse.Namespace, files: list[Path], labels: list[int], contract: InputContract
+) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     pick = set(rng.choice(len(files), args.knees, replace=False).tolist())
     csv = Path(args.work) / f"{args.name}-s{seed}.csv"
@@ -101,7 +103,6 @@ def one_seed(seed: int, args: argparse.Namespace, files: list[Path], labels: lis
     site = f"{args.name}-s{seed}"
     log.info("seed %d: make site-check SITE=%s on %d knees", seed, site, args.knees)
     check_s = make("site-check", f"SITE={site}", f"DATA={csv}")
-    contract = load_checkpoint(ROOT / "weights" / "oamen.ckpt")["contract"]
     folder = ROOT / "sites" / site
     report = json.loads((folder / "report.json").read_text())
     row: dict[str, Any] = {
@@ -134,7 +135,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if sample.grades is None:
         raise SystemExit(f"{args.site_data}: the check needs grades (<grade>/<image> folders or a CSV)")
     contract = load_checkpoint(ROOT / "weights" / "oamen.ckpt")["contract"]
-    rows = [one_seed(s, args, sample.files, sample.grades) for s in args.seeds]
+    rows = [one_seed(s, args, sample.files, sample.grades, contract) for s in args.seeds]
     served = [r for r in rows if "profile" in r]
     mean = {p: {k: round(float(np.mean([r[p][k] for r in served])), 4) for k in ("top1", "qwk")} for p in PARTS}
     if not served:

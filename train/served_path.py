@@ -17,7 +17,7 @@ import torch
 
 from model.checkpoint import model_from_checkpoint
 from model.decode import decode_image
-from model.localize import FinderConfig, Plan, crop_joint, crop_view, find_joints, plan
+from model.localize import WHOLE, FinderConfig, Plan, crop_joint, crop_view, find_joints, plan
 from model.postprocess import finish
 from model.precision import compiled
 from model.preprocess import prepare, to_model_input
@@ -59,7 +59,7 @@ class RequestPath:
         return [plan(js, im.shape, cfg) for js, im in zip(find_joints(net, cfg, images), images, strict=True)]
 
     @staticmethod
-    def knees(image: np.ndarray, p: Plan | None, reading: str = "whole") -> list[np.ndarray]:
+    def knees(image: np.ndarray, p: Plan | None, reading: str = WHOLE) -> list[np.ndarray]:
         """The gray images to grade: each knee cut out of a film, else the image itself (a joint crop, read
         as ``reading`` says: `model.localize.crop_view`)."""
         if p is not None and p.kind == "film":

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from model.contract import PostprocessConfig
-from model.localize import READINGS
+from model.localize import READINGS, WHOLE
 from model.postprocess import confidences, decode_grades, uncertain
 from model.profile import FITTED_FIELDS, ProfileError, SiteProfile, load_profile
 from train import site_fit
@@ -119,14 +119,16 @@ def calibrate(
     """The site calibrations cross-fitted on the labelled knees the model saw, under each reading of the
     joint crops (``records`` per reading, the shipped ``whole`` first); the chosen one fitted on all."""
     views = 2 if base.flip_tta else 1
-    logits, idx = fit_array(records[site_fit.WHOLE], views)
+    logits, idx = fit_array(records[WHOLE], views)
     if not sample.labelled or len(idx) < MIN_FIT_KNEES:
         return None
-    by_reading = {site_fit.WHOLE: logits}
+    by_reading = {WHOLE: logits}
     for reading, recs in records.items():
         lg, idx_r = fit_array(recs, views)
         if np.array_equal(idx_r, idx):  # the same knees were graded (they are: only the crop's cut differs)
             by_reading[reading] = lg
+        else:
+            log.warning("reading %s graded other files than the whole reading: not compared", reading)
     labels = np.asarray(sample.grades)[idx]
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in site_fit.METHODS]
@@ -237,7 +239,7 @@ def build_report(
             report["served"]["reliability"] = reliability_bins(y, p)
     if sample.labelled and not answered.any():
         report["served"] = None
-    cal = calibrate({site_fit.WHOLE: records, **(other_readings or {})}, sample, base, prior, args)
+    cal = calibrate({WHOLE: records, **(other_readings or {})}, sample, base, prior, args)
     if cal is not None:
         labels, p, g, u = cal["oof"]
         on_answered = cal["answered"][cal["index"]]
@@ -337,7 +339,7 @@ def main(args: argparse.Namespace) -> int:
             log.info("the sample again, its joint crops read %s", reading)
             path.reading = reading
             others[reading] = path.run(sample.files, progress=not args.no_progress)
-    path.reading = site_fit.WHOLE
+    path.reading = WHOLE
     report, profile = build_report(sample, records, path, args, time.perf_counter() - t0, others)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)

@@ -23,6 +23,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from model.contract import PostprocessConfig
+from model.localize import WHOLE  # the shipped reading of a joint crop
 from model.postprocess import calibrated_probabilities, confidences, decode_grades, expected_grade
 
 __all__ = [
@@ -40,9 +41,6 @@ __all__ = [
     "rule_text",
     "score",
 ]
-
-
-WHOLE = "whole"  # the shipped reading of a joint crop (`model.localize.READINGS`)
 
 
 def probabilities(logits: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from model.localize import WHOLE
 from train.plots import plot_confusion_matrix, plot_reliability
 
 __all__ = ["render_markdown", "write_figures"]
@@ -142,7 +143,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                 f"**Chosen: {cal['chosen']}**, written to `profile.json`: {cal['postprocess']} "
                 f"(shipped: {cal['shipped_postprocess']}). Serve it with `make serve SITE={r['site']}`."
             )
-            if cal.get("reading", "whole") != "whole":
+            if cal.get("reading", WHOLE) != WHOLE:
                 lines += ["", f"The profile reads this site's single-knee crops `{cal['reading']}`: each is cut "
                           "around the joint the finder sees, as a film's knee is, instead of being graded whole "
                           "(docs/SITES.md, reading a site's crops). The refusals and the shipped figures above are "

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from model.contract import InputContract
 from model.decode import DecodeError, decode_image
-from model.localize import FinderConfig, load_serving_finder
+from model.localize import WHOLE, FinderConfig, load_serving_finder
 from model.postprocess import refused, split_outputs
 from model.precision import serving_dtype
 from train.served_path import RequestPath
@@ -83,7 +83,7 @@ class ServedSitePath(RequestPath):
     weights: str = "weights/oamen.ckpt"
     finder_weights: str = "weights/finder.pt"
     dtype: str | None = None  # None: the server's choice (model.precision.serving_dtype)
-    reading: str = "whole"  # how a joint crop is read (model.localize.crop_view), as a site profile may say
+    reading: str = WHOLE  # how a joint crop is read (model.localize.crop_view), as a site profile may say
     contract: InputContract = field(init=False)
 
     def __post_init__(self) -> None:
@@ -174,7 +174,7 @@ def records_of(path: ServedSitePath, files: list[Path], cache: Path, name: str) 
     same number format and reading."""
     names = hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()[:12]
     key = sha256(path.weights) + sha256(path.finder_weights) + names
-    kind = str(path.torch_dtype).removeprefix("torch.") + ("" if path.reading == "whole" else "-" + path.reading)
+    kind = str(path.torch_dtype).removeprefix("torch.") + ("" if path.reading == WHOLE else "-" + path.reading)
     f = cache / f"{name}-{key}-{kind}.pkl"
     if f.is_file():
         return pickle.loads(f.read_bytes())

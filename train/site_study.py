@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from model.localize import READINGS
+from model.localize import READINGS, WHOLE
 from model.paths import KOA, SITE2
 from model.postprocess import decode_grades
 from train import site_fit
@@ -116,7 +116,7 @@ def views_of(path: ServedSitePath, files: list[Path], grades: list[int], cache: 
         path.reading = reading
         lg, _, answered = arrays(records_of(path, files, cache, name), grades)
         out[reading] = (lg, answered)
-    path.reading = site_fit.WHOLE
+    path.reading = WHOLE
     return out
 
 
