@@ -19,6 +19,7 @@ FINDER := weights/finder.pt
 MARKERS := weights/markers.pt
 # The input-drift reference measured on val for the committed weights (make drift-reference, docs/MONITORING.md)
 DRIFT_REF := weights/oamen.drift.json
+INT8_TABLE := weights/oamen.int8.json
 FILMS ?= ../shared/data/legfilms
 EXPORT := build/oamen.pt
 ARCHIVE := model_store/oamen.mar
@@ -28,7 +29,7 @@ SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
 PROTO_STAMP := koa_client/_proto/inference_pb2.py
 
-.PHONY: explain-eval help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-precision bench-model train evaluate finder evaluate-finder promote-finder calibrate promote refit-gate evaluate-framings export compare archive serve stop restart token renew-token predict explain proto clean loadtest
+.PHONY: int8-trunk explain-eval help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-precision bench-model train evaluate finder evaluate-finder promote-finder calibrate promote refit-gate evaluate-framings export compare archive serve stop restart token renew-token predict explain proto clean loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -122,12 +123,13 @@ $(EXPORT): $(WEIGHTS) $(shell find model -name '*.py' 2>/dev/null) | $(STAMP)
 
 archive: $(ARCHIVE)  ## build model_store/oamen.mar (export first when the weights are newer)
 
-$(ARCHIVE): $(EXPORT) $(FINDER) $(MARKERS) $(DRIFT_REF) $(SOURCES) | $(STAMP)
+$(ARCHIVE): $(EXPORT) $(FINDER) $(MARKERS) $(DRIFT_REF) $(INT8_TABLE) $(SOURCES) | $(STAMP)
 	rm -rf build/mar && mkdir -p build/mar model_store
 	cp -r model handler build/mar/
 	cp $(FINDER) build/mar/finder.pt  # the knee-joint finder: whole films are answered per knee
 	cp $(MARKERS) build/mar/markers.pt  # the burned-in R/L marker reader: a knee's laterality without a DICOM header
 	cp $(DRIFT_REF) build/mar/drift_reference.json  # what val looked like to the model: the server's drift scores
+	cp $(INT8_TABLE) build/mar/int8_trunk.json  # the ResNet trunk's int8 ranges: used where bfloat16 is not native
 	find build/mar -name __pycache__ -prune -exec rm -rf {} +
 	# the worker needs OA-MEN only: the lazily registered baselines stay out of the archive
 	$(PY) -m ops.archive build/mar
@@ -289,6 +291,9 @@ monitor: $(STAMP)  ## start Prometheus and Alertmanager on 127.0.0.1:9090/9093 (
 
 monitor-stop: $(STAMP)  ## stop Prometheus, Alertmanager and the alert webhook
 	$(PY) -m ops.monitor stop
+
+int8-trunk: $(EXPORT)  ## measure the grader trunk's int8 ranges on training knees, check every answer as served -> weights/oamen.int8.json, docs/results/int8_trunk.json (~6 min)
+	$(PY) -m ops.int8_trunk
 
 drift-reference: $(EXPORT)  ## measure the drift reference on val, choose window and threshold -> weights/oamen.drift.json, docs/results/drift_choice.json (~20 min)
 	$(PY) -m ops.drift_reference --data $(DATA) $(if $(SITE2),--site2 $(SITE2))

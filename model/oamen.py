@@ -171,6 +171,32 @@ class MultiScaleFusion(nn.Module):
         return self.smooth(p3)
 
 
+def run_trunk(
+    stem: nn.Module, stages: nn.ModuleList, fusion: nn.Module, use_fusion: bool, x: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The ResNet trunk and its fusion: (B, C, H, W) -> (the fused map, C2, C3, C4, C5)."""
+    y = stem(x)
+    feats = []
+    for stage in stages:
+        y = stage(y)
+        feats.append(y)
+    fused = fusion(*feats) if use_fusion else fusion(feats[-1])
+    return (fused, *feats)
+
+
+class Trunk(nn.Module):
+    """An OA-MEN's stem, stages and fusion as one module (its own layers, not copies), so that
+    `model.quantize` can quantise the trunk apart from the EfficientNet-Lite branch."""
+
+    def __init__(self, net: OAMEN) -> None:
+        super().__init__()
+        self.stem, self.stages, self.fusion = net.stem, net.stages, net.fusion
+        self.use_fusion = net.cfg.use_fusion
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return run_trunk(self.stem, self.stages, self.fusion, self.use_fusion, x)
+
+
 class OAMEN(nn.Module):
     """OA-MEN classifier. Input (B, in_chans, H, W), output (B, num_classes) logits.
 
@@ -223,6 +249,8 @@ class OAMEN(nn.Module):
             # a stage is (kernel, stride, expand, channels out, repeats)
             dims |= {f"mobile_s{i}": stage[3] for i, stage in enumerate(lite_spec(cfg.mobile_backbone).stages)}
         self.knee_gate = KneeGate([dims[n] for n in cfg.gate_layers], cfg.num_classes)
+        # Set on a served copy only (model.quantize.with_int8_trunk): the trunk quantised to int8.
+        self.int8_trunk: nn.Module | None = None
         self._init_weights()
         if pretrained and not isinstance(self.mobile, LiteBranch):
             raise ValueError(f"pretrained weights exist only for mobile_backbone in {_LITE_BACKBONES}")
@@ -263,12 +291,10 @@ class OAMEN(nn.Module):
         return self._features(x, taps=True)
 
     def _features(self, x: torch.Tensor, taps: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        y = self.stem(x)
-        feats = []
-        for stage in self.stages:
-            y = stage(y)
-            feats.append(y)
-        fused = self.fusion(*feats) if self.cfg.use_fusion else self.fusion(feats[-1])
+        if self.int8_trunk is not None:  # a served copy whose trunk runs in int8 (model.quantize)
+            fused, *feats = self.int8_trunk(x)
+        else:
+            fused, *feats = run_trunk(self.stem, self.stages, self.fusion, self.cfg.use_fusion, x)
         found = {}
         pooled = _pool(fused)
         if taps:

@@ -1,7 +1,8 @@
 """The number format the server runs its networks in: bfloat16 where the processor computes it natively.
 
-``auto`` keeps float32 where bfloat16 would be emulated; ``$KOA_PRECISION`` (``auto``, ``fp32`` or
-``bf16``) overrides the choice. Why, and what stays in float32: docs/MODEL.md, "Number format".
+``auto`` keeps float32 where bfloat16 would be emulated, with the grader's ResNet trunk in int8 where
+the archive holds its quantisation table (`model.quantize`); ``$KOA_PRECISION`` (``auto``, ``fp32``,
+``bf16`` or ``int8``) overrides the choice. Why, and what stays in float32: docs/MODEL.md, "Number format".
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from model import quantize
 from model.contract import InputContract
 from model.registry import create_model
 from model.settings import PRECISION
@@ -20,7 +22,7 @@ from model.settings import PRECISION
 log = logging.getLogger(__name__)
 
 ENV = PRECISION.name
-CHOICES = ("auto", "fp32", "bf16")
+CHOICES = ("auto", "fp32", "bf16", "int8")  # int8: float32, the grader's trunk in int8 (model.quantize)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -36,11 +38,27 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and has_instructions
 
 
-def serving_dtype(device: torch.device, choice: str | None = None) -> torch.dtype:
-    """The dtype to serve in on ``device``: ``choice`` (default ``$KOA_PRECISION``, else ``auto``)."""
+def _choice(choice: str | None) -> str:
     choice = (choice or PRECISION.get()).strip().lower()
     if choice not in CHOICES:
         raise ValueError(f"{ENV}={choice!r}: choose one of {', '.join(CHOICES)}")
+    return choice
+
+
+def int8_trunk_wanted(device: torch.device, choice: str | None = None) -> bool:
+    """Whether the grader's trunk should run in int8 on ``device``: asked for (``int8``), or ``auto`` on a CPU
+    that serves float32 (bfloat16 is faster where it is native) and has torch's x86 int8 engine."""
+    choice = _choice(choice)
+    if choice == "int8":
+        return device.type == "cpu"
+    return choice == "auto" and device.type == "cpu" and not native_bf16(device) and quantize.supported()
+
+
+def serving_dtype(device: torch.device, choice: str | None = None) -> torch.dtype:
+    """The dtype to serve in on ``device``: ``choice`` (default ``$KOA_PRECISION``, else ``auto``)."""
+    choice = _choice(choice)
+    if choice == "int8":
+        return torch.float32
     if choice == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     if choice == "bf16" and not native_bf16(device):
@@ -91,13 +109,22 @@ def compiled(net: nn.Module, example: torch.Tensor, dtype: torch.dtype = torch.f
 
 
 def served_models(
-    scripted: nn.Module, contract: InputContract, device: torch.device
+    scripted: nn.Module, contract: InputContract, device: torch.device, int8_table: dict | None = None
 ) -> tuple[nn.Module, nn.Module, torch.dtype]:
     """What the worker builds from an exported model: (the float32 eager model, for explanations; the
-    model predictions run on, `compiled` in `serving_dtype`; that dtype)."""
+    model predictions run on, `compiled` in `serving_dtype`; that dtype). With ``int8_table`` (the
+    archive's, `model.quantize`) the predictions' trunk runs in int8 where `int8_trunk_wanted`; a table
+    that does not fit the weights is logged and float32 served."""
     eager = create_model(contract.model_name, num_classes=contract.num_classes, in_chans=contract.channels)
     eager.load_state_dict(scripted.state_dict())
     eager.to(device).eval()
     dtype = serving_dtype(device)
     example = torch.zeros(1, contract.channels, contract.input_size, contract.input_size, device=device)
-    return eager, compiled(eager, example, dtype), dtype
+    net = eager
+    if int8_table is not None and dtype == torch.float32 and int8_trunk_wanted(device):
+        try:
+            net = quantize.with_int8_trunk(eager, int8_table)
+            log.info("the grader's trunk runs in int8 (model.quantize)")
+        except quantize.TableError as exc:
+            log.warning("int8 trunk not used, float32 served: %s", exc)
+    return eager, compiled(net, example, dtype), dtype

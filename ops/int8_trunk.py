@@ -1,0 +1,188 @@
+"""``make int8-trunk``: measure the int8 trunk's table on training knees, then check it as served.
+
+1. The activation ranges of the grader's ResNet trunk (`model.quantize.calibrate`) on ``--images``
+   training knees drawn at random (seeded) from the train split -> ``weights/oamen.int8.json``.
+2. Every image of val, site2 (checking only), the non-knee radiographs and the leg films through the
+   handler's request path (`handler.service.Predictor`: finder, knee gate, grader, decoding), once in
+   float32 and once with the int8 trunk: how many answers differ (status, grade, refusal reason, per
+   knee for films) and by how much the probabilities move.
+3. Speed side by side, in alternating rounds: the request path at batch 8 and 1, and the model alone.
+-> docs/results/int8_trunk.json. Needs the data sets (../shared/data); about 6 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import random
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from handler.service import Predictor
+from model.decode import decode_image
+from model.paths import KOA, LEGFILMS, NONKNEE, ROOT, SITE2
+from model.precision import compiled
+from model.preprocess import preprocess
+from model.quantize import COMMITTED, calibrate, with_int8_trunk
+from ops.bench.common import FINDER, load_predictor, pipeline_rate, rate
+from ops.load import image_bodies
+from ops.results import DATA_IMAGES, DOC_RESULTS, write_result
+
+TABLE = ROOT / COMMITTED
+SETS = {  # name -> (folder, file pattern)
+    "val": (KOA / "val", "*/*.png"),
+    "site2": (SITE2, "*/*.png"),
+    "nonknee": (NONKNEE, "*/*.*"),
+    "legfilms": (LEGFILMS, "*.jpg"),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=ROOT / "build" / "oamen.pt", help="the exported model")
+    p.add_argument("--images", type=int, default=256, help="training knees the ranges are measured on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--table", type=Path, default=TABLE)
+    p.add_argument("--rounds", type=int, default=4, help="alternating speed rounds")
+    p.add_argument("--seconds", type=float, default=6.0, help="measured seconds per speed point")
+    p.add_argument("--json", type=Path, default=DOC_RESULTS / "int8_trunk.json")
+    return p
+
+
+def training_batches(contract, n: int, seed: int, batch: int = 32) -> list[torch.Tensor]:
+    files = sorted((KOA / "train").glob("*/*.png"))
+    if not files:
+        raise SystemExit(f"no training knees under {KOA / 'train'}: the ranges are measured on them")
+    chosen = random.Random(seed).sample(files, min(n, len(files)))
+    x = np.stack([preprocess(decode_image(f.read_bytes()), contract) for f in tqdm(chosen, desc="calibration knees")])
+    t = torch.from_numpy(x)
+    return [t[i : i + batch] for i in range(0, len(t), batch)]
+
+
+def _key(answer: tuple[int, dict]) -> tuple:
+    """What a reader acts on: the status, the grade and the refusal reason (per knee for a film)."""
+    status, body = answer
+    knees = tuple((k.get("kl_grade"), (k.get("refused") or {}).get("type")) for k in body.get("knees", []))
+    return status, body.get("kl_grade"), (body.get("error") or {}).get("type"), knees
+
+
+def _probabilities(body: dict) -> list[list[float]]:
+    return [b["probabilities"] for b in [body, *body.get("knees", [])] if "probabilities" in b]
+
+
+def compare_answers(fp32: Predictor, int8: Predictor) -> dict[str, dict]:
+    out = {}
+    for name, (folder, pattern) in SETS.items():
+        files = sorted(folder.glob(pattern))
+        rows = [{"body": f.read_bytes()} for f in files]
+        answers = {}
+        for label, pred in (("float32", fp32), ("int8", int8)):
+            got = []
+            for i in tqdm(range(0, len(rows), 8), desc=f"{name} {label}", leave=False):
+                got += pred.handle(rows[i : i + 8], [{}] * len(rows[i : i + 8]))
+            answers[label] = got
+        a, b = answers["float32"], answers["int8"]
+        moved = [
+            float(np.abs(np.array(p) - np.array(q)).max())
+            for x, y in zip(a, b, strict=True)
+            for p, q in zip(_probabilities(x[1]), _probabilities(y[1]), strict=True)
+        ]
+        out[name] = {
+            "images": len(files),
+            "answered_200": sum(x[0] == 200 for x in a),
+            "answers_differing": sum(_key(x) != _key(y) for x, y in zip(a, b, strict=True)),
+            "differing_files": [
+                str(f.relative_to(folder)) for f, x, y in zip(files, a, b, strict=True) if _key(x) != _key(y)
+            ],
+            "max_probability_change": max(moved, default=0.0),
+        }
+        print(f"{name}: {out[name]['answers_differing']} of {len(files)} answers differ; "
+              f"probabilities move by at most {out[name]['max_probability_change']:.4f}")  # fmt: skip
+    return out
+
+
+def gate_shift(fp32: Predictor, int8: Predictor) -> dict:
+    """How the knee gate's score of each val knee moves, against the threshold it is compared with."""
+    c = fp32.contract
+    files = sorted((KOA / "val").glob("*/*.png"))
+    x = torch.from_numpy(np.stack([preprocess(decode_image(f.read_bytes()), c) for f in files]))
+    scores = {}
+    for label, pred in (("float32", fp32), ("int8", int8)):
+        scores[label] = np.concatenate(
+            [
+                pred.outputs(x[i : i + 32].contiguous(memory_format=torch.channels_last))["gate_scores"]
+                for i in range(0, len(x), 32)
+            ]
+        )
+    shift = scores["int8"] - scores["float32"]
+    q = [0.5, 0.99, 1.0]
+    return {
+        "knees": len(files),
+        "threshold": c.postprocess.gate_threshold,
+        "shift": {"mean": float(shift.mean()), "min": float(shift.min()), "max": float(shift.max())},
+        "score_quantiles": {"q": q, **{k: np.quantile(v, q).round(3).tolist() for k, v in scores.items()}},
+    }
+
+
+def speed(fp32: Predictor, int8: Predictor, rounds: int, seconds: float) -> dict:
+    images = image_bodies(DATA_IMAGES, 64)
+    c = fp32.contract
+    x = torch.randn(16, c.channels, c.input_size, c.input_size).contiguous(memory_format=torch.channels_last)
+    rows = []
+    for k in range(rounds):
+        order = (("float32", fp32), ("int8", int8)) if k % 2 == 0 else (("int8", int8), ("float32", fp32))
+        for label, pred in order:
+            with torch.inference_mode():
+                model = rate(lambda p=pred: p.scripted.forward_with_gate(x), 16, seconds / 2)
+            row = {"round": k + 1, "format": label, "model_ips_b16": model,
+                   "pipeline_ips_b8": pipeline_rate(pred, images, 8, seconds),
+                   "pipeline_ips_b1": pipeline_rate(pred, images, 1, seconds / 2)}  # fmt: skip
+            rows.append(row)
+            print(row)
+    measures = [m for m in rows[0] if "ips" in m]
+    median = {
+        f: {m: statistics.median(r[m] for r in rows if r["format"] == f) for m in measures} for f in ("float32", "int8")
+    }
+    ratio = {m: median["int8"][m] / median["float32"][m] for m in measures}
+    return {"rounds": rows, "median": median, "ratio_int8_over_float32": ratio}
+
+
+def main(args: argparse.Namespace) -> dict:
+    fp32 = load_predictor(args.model, FINDER, int8=False)
+    contract = fp32.contract
+    table = calibrate(fp32.eager, training_batches(contract, args.images, args.seed))
+    table["measured_on"] = f"{table['images']} train-split knees, seed {args.seed}"
+    args.table.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {args.table}: {len(table['ranges'])} activation ranges")
+    example = torch.zeros(1, contract.channels, contract.input_size, contract.input_size)
+    fast = compiled(with_int8_trunk(fp32.eager, table), example)
+    int8 = Predictor(fast, fp32.eager, contract, torch.device("cpu"), fp32.finder)
+    result = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": {"name": contract.model_name, "version": contract.model_version},
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "table": {
+            "path": str(args.table.relative_to(ROOT)),
+            "images": table["images"],
+            "seed": args.seed,
+            "activations": len(table["ranges"]),
+        },  # fmt: skip
+        "answers": compare_answers(fp32, int8),
+        "val_gate_scores": gate_shift(fp32, int8),
+        "speed": speed(fp32, int8, args.rounds, args.seconds),
+    }
+    write_result(args.json, result)
+    print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
