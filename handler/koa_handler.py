@@ -60,7 +60,7 @@ class KOAHandler(BaseHandler):
         # as fast again: model.precision). Explanations need module hooks, which TorchScript lacks: they
         # use the float32 eager model rebuilt from the same weights.
         # On a CPU without native bfloat16 the ResNet trunk runs in int8 (model.quantize): the same answers,
-        # a third less time in the grader. Its ranges were measured on training knees and ship as a table.
+        # a quarter less time in the grader. Its ranges were measured on training knees and ship as a table.
         int8_table = load_table(os.path.join(props.get("model_dir"), INT8_TABLE))
         eager, fast, self.dtype = served_models(scripted, contract, self.device, int8_table)
         self.model = scripted

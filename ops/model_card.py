@@ -188,19 +188,38 @@ def mirror_line(on: bool, flag: str, d: dict[str, Any]) -> str:
     )
 
 
-def served_format(result: dict[str, Any] | None, in_sample: bool = False) -> list[str]:
+def int8_sentence(int8: dict[str, Any] | None) -> str:
+    """What the int8 trunk changes in the answers (`ops.int8_trunk`'s result), or nothing when not committed."""
+    if int8 is None:
+        return ""
+    a = int8["answers"]
+    differ = sum(x["answers_differing"] for x in a.values())
+    n = sum(x["images"] for x in a.values())
+    moved = max(x["max_probability_change"] for x in a.values())
+    return (
+        " Where it serves float32 the grader's ResNet trunk runs in int8 (`model.quantize`): through the request "
+        f"path, {differ} of {n} answers differ from float32's on val, site2, the non-knee radiographs and the leg "
+        f"films, and no probability moves by more than {moved:.4f} (docs/results/int8_trunk.json)."
+    )
+
+
+def served_format(
+    result: dict[str, Any] | None, in_sample: bool = False, int8: dict[str, Any] | None = None
+) -> list[str]:
     """The served number format's figures (`ops.bench.precision`'s result; None when not committed);
-    ``in_sample``: the calibration was fitted on the val knees these figures are measured on."""
+    ``in_sample``: the calibration was fitted on the val knees these figures are measured on; ``int8``:
+    `ops.int8_trunk`'s result."""
     if result is None:
-        return ["**Served format.** Not measured: run `make bench-precision`."]
+        return ["**Served format.** Not measured: run `make bench-precision`." + int8_sentence(int8)]
     v = result["val"]
     a, b = v["fp32"], v["bf16"]
     native = "it did" if result.get("native_bf16") else "it did not: it served float32"
     return [
         "**Served format.** The figures below are float32's. The server predicts in bfloat16 where the "
         f"processor computes it natively; on the machine last measured {native} (docs/BENCHMARKS.md, "
-        "`make bench-precision`). "
-        f"In bfloat16, {v['grades_differ']} of {v['n']} val grades differ: top-1 {pct(b['accuracy'])} "
+        "`make bench-precision`)."
+        + int8_sentence(int8)
+        + f" In bfloat16, {v['grades_differ']} of {v['n']} val grades differ: top-1 {pct(b['accuracy'])} "
         f"(float32 {pct(a['accuracy'])}), QWK {f3(b['qwk'])} ({f3(a['qwk'])}), macro AUC {f3(b['macro_auc'])} "
         f"({f3(a['macro_auc'])}), ECE {f3(b['ece'])} ({f3(a['ece'])}), KL1 recall {pct(b['kl1_recall'])} "
         f"({pct(a['kl1_recall'])}), flagged uncertain {pct(b['uncertain_share'])} "
@@ -233,6 +252,7 @@ class CardFacts:
     served_nonknee: tuple[float, str] | None  # `served_nonknee_refused`
     bench_gate: dict[str, Any]  # docs/results/bench_gate.json ({} when not committed)
     bench_precision: dict[str, Any] | None  # docs/results/bench_precision.json
+    int8_trunk: dict[str, Any] | None  # docs/results/int8_trunk.json
 
 
 def _json(path: Path) -> Any:
@@ -277,6 +297,7 @@ def facts(root: Path = ROOT) -> CardFacts:
         served_nonknee=served_nonknee_refused(root),
         bench_gate=_json_or(results / "bench_gate.json", {}),
         bench_precision=_json_or(results / "bench_precision.json", None),
+        int8_trunk=_json_or(results / "int8_trunk.json", None),
     )
 
 
@@ -519,7 +540,7 @@ def validation_section(f: CardFacts) -> list[str]:
         "protocol, at about 100 s of training each ([RESULTS.md](RESULTS.md)). None of them beats this model "
         "clearly on val, and the ImageNet-initialised ones beat the from-scratch baselines.",
         "",
-        *served_format(f.bench_precision, calib["calibration"]["fit_on"] != "tune"),
+        *served_format(f.bench_precision, calib["calibration"]["fit_on"] != "tune", f.int8_trunk),
         "",
         "| metric | value |",
         "|---|---|",

@@ -29,7 +29,9 @@ from ops.bench import SUBCOMMANDS
 from ops.bench.report import (
     door_report,
     explain_bench_report,
+    formats_report,
     gate_report,
+    int8_report,
     loadtest_report,
     logging_report,
     malloc_report,
@@ -169,6 +171,8 @@ RESTART_KEYS = [
 LOADTEST = "make loadtest USERS=32 DURATION=300s; cp reports/loadtest/latest/summary.json docs/results/loadtest.json"
 GPU_RUN = "bash scripts/gpu_run.sh on the GPU machine, then python -m ops.gpu_report collect (docs/RESULTS.md)"
 
+FORMATS_BENCH = "python -m ops.bench formats"
+
 PAGES: dict[str, Page] = {
     "docs/BENCHMARKS.md": Page(
         blocks={
@@ -185,6 +189,10 @@ PAGES: dict[str, Page] = {
                 "bench_precision.json", "float32 against bfloat16", "make bench-precision", precision_report
             ),
             "bench_gate": always("bench_gate.json", gate_report),
+            "quantised_trunk": always("int8_trunk.json", int8_report),
+            "served_formats": measured(
+                "bench_formats.json", "float32 against the int8 trunk, served", FORMATS_BENCH, formats_report
+            ),
         }
     ),
     "docs/DEPLOY.md": Page(

@@ -17,4 +17,5 @@ SUBCOMMANDS = {
     "precision": "ops.bench.precision",
     "door": "ops.bench.door",
     "metrics": "ops.bench.metrics",
+    "formats": "ops.bench.formats",
 }

@@ -418,6 +418,73 @@ def precision_report(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def int8_report(r: dict[str, Any]) -> str:
+    """docs/BENCHMARKS.md's int8-trunk section (`ops.int8_trunk`, `make int8-trunk`)."""
+    t, g = r["table"], r["val_gate_scores"]
+    lines = [
+        "Measured by `make int8-trunk` (`python -m ops.int8_trunk`, result "
+        f"[results/int8_trunk.json](results/int8_trunk.json)) on {r['date']} with {r['model']['name']} "
+        f"{r['model']['version']}, torch {r['torch']}, {r['torch_threads']} threads; ranges of "
+        f"{t['activations']} activations measured on {t['images']} training knees (seed {t['seed']}).",
+        "",
+        "Every image through the handler's request path (finder, knee gate, grader, decoding), float32 "
+        "against the int8 trunk:",
+        "",
+        "| images | n | answered (200) | answers that differ | largest probability change |",
+        "|---|---|---|---|---|",
+    ]
+    for name, a in r["answers"].items():
+        row = (name, a["images"], a["answered_200"], a["answers_differing"], f"{a['max_probability_change']:.4f}")
+        lines.append("| " + " | ".join(map(str, row)) + " |")
+    sh, q = g["shift"], g["score_quantiles"]
+    lines += [
+        "",
+        f"The knee gate's score on the {g['knees']} val knees moves by {sh['mean']:.2f} on average "
+        f"({sh['min']:.2f} to {sh['max']:.2f}) against a threshold of {g['threshold']:.1f}; its median goes "
+        f"from {q['float32'][0]:.2f} to {q['int8'][0]:.2f}, its top centile from {q['float32'][1]:.2f} to "
+        f"{q['int8'][1]:.2f}, its largest from {q['float32'][2]:.2f} to {q['int8'][2]:.2f}.",
+        "",
+        "Speed in-process, alternating rounds (images/s; the request path includes the finder and each knee's "
+        "mirror):",
+        "",
+        "| round | format | model alone, batch 16 | request path, batch 8 | request path, batch 1 |",
+        "|---|---|---|---|---|",
+    ]
+    for x in r["speed"]["rounds"]:
+        cells = [f"{x[k]:.1f}" for k in ("model_ips_b16", "pipeline_ips_b8", "pipeline_ips_b1")]
+        lines.append(f"| {x['round']} | {x['format']} | " + " | ".join(cells) + " |")
+    ratio = r["speed"]["ratio_int8_over_float32"]
+    lines += [
+        "",
+        f"Medians, int8 trunk over float32: model alone x{ratio['model_ips_b16']:.2f}, request path at batch 8 "
+        f"x{ratio['pipeline_ips_b8']:.2f}, at batch 1 x{ratio['pipeline_ips_b1']:.2f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def formats_report(r: dict[str, Any]) -> str:
+    """docs/BENCHMARKS.md's served float32-against-int8-trunk table (`ops.bench.formats`)."""
+    lines = [
+        "Measured by `python -m ops.bench formats` (result [results/bench_formats.json](results/bench_formats.json)) "
+        f"on {r['date']}, torch {r['torch']}: a private TorchServe per format and round, shipped batching, "
+        f"{r['concurrency']} REST clients for {r['seconds']:.0f} s after a JIT warm-up; formats alternating.",
+        "",
+        "| round | KOA_PRECISION | requests/s | p50 (ms) | failures | idle latency (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for x in r["rounds"]:
+        cells = (x["round"], x["format"], f"{x['rps']:.1f}", f"{x['p50_ms']:.0f}", x["failures"], f"{x['idle_ms']:.0f}")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    rps, idle = r["rps_ratio_int8_over_fp32"], r["idle_ratio_int8_over_fp32"]
+    lines += [
+        "",
+        f"int8 trunk over float32, per round: requests/s {', '.join(f'{v:.2f}' for v in rps)} (median "
+        f"{statistics.median(rps):.2f}); idle latency {', '.join(f'{v:.2f}' for v in idle)} (median "
+        f"{statistics.median(idle):.2f}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def door_report(result: dict[str, Any]) -> str:
     """The Markdown of docs/SECURITY.md's measured cost (rendered by `ops.render_docs` from bench_door.json)."""
     c = result["config"]
