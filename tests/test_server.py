@@ -25,6 +25,7 @@ from koa_client.schema import validate_answer, validate_error
 from model.checkpoint import load_torchscript
 from model.paths import ROOT
 from model.precision import served_models
+from model.quantize import COMMITTED, load_table
 from ops import server as ts
 from tests.conftest import private_server
 from tests.imagebytes import encode, make_dicom, png_by_hand
@@ -159,7 +160,8 @@ def test_served_predictions_equal_in_process_evaluation(rest, knee_png, tmp_path
     cv2.imwrite(str(root / "2" / "noise.png"), rng.integers(0, 255, (150, 180), dtype=np.uint8))
     samples = scan(root)
     net, contract = load_torchscript(ROOT / "build" / "oamen.pt")
-    _, net, _ = served_models(net, contract, torch.device("cpu"))  # what the worker predicts with
+    table = load_table(ROOT / COMMITTED)  # the archive's int8 trunk table (model.quantize)
+    _, net, _ = served_models(net, contract, torch.device("cpu"), table)  # what the worker predicts with
     expected = answer_arrays(net, contract, prepare_files([s.path for s in samples], contract))
     for i, s in enumerate(samples):
         if expected["refused"] is not None and expected["refused"][i]:  # evaluation refuses it: so does the server

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from model.settings import PRECISION
 from ops.markdown import md_table
 
 # Planning load of one replica: the fraction of its saturated throughput at which the tail latency was
@@ -418,6 +419,9 @@ def precision_report(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+IPS_COLUMNS = ("model_ips_b16", "pipeline_ips_b8", "pipeline_ips_b1")  # ops.int8_trunk's speed rounds
+
+
 def int8_report(r: dict[str, Any]) -> str:
     """docs/BENCHMARKS.md's int8-trunk section (`ops.int8_trunk`, `make int8-trunk`)."""
     t, g = r["table"], r["val_gate_scores"]
@@ -430,12 +434,14 @@ def int8_report(r: dict[str, Any]) -> str:
         "Every image through the handler's request path (finder, knee gate, grader, decoding), float32 "
         "against the int8 trunk:",
         "",
-        "| images | n | answered (200) | answers that differ | largest probability change |",
-        "|---|---|---|---|---|",
+        md_table(
+            ["images", "n", "answered (200)", "answers that differ", "largest probability change"],
+            [
+                (name, a["images"], a["answered_200"], a["answers_differing"], f"{a['max_probability_change']:.4f}")
+                for name, a in r["answers"].items()
+            ],
+        ),
     ]
-    for name, a in r["answers"].items():
-        row = (name, a["images"], a["answered_200"], a["answers_differing"], f"{a['max_probability_change']:.4f}")
-        lines.append("| " + " | ".join(map(str, row)) + " |")
     sh, q = g["shift"], g["score_quantiles"]
     lines += [
         "",
@@ -447,12 +453,13 @@ def int8_report(r: dict[str, Any]) -> str:
         "Speed in-process, alternating rounds (images/s; the request path includes the finder and each knee's "
         "mirror):",
         "",
-        "| round | format | model alone, batch 16 | request path, batch 8 | request path, batch 1 |",
-        "|---|---|---|---|---|",
+        md_table(
+            ["round", "format", "model alone, batch 16", "request path, batch 8", "request path, batch 1"],
+            [
+                (x["round"], x["format"], *(f"{x[k]:.1f}" for k in IPS_COLUMNS)) for x in r["speed"]["rounds"]
+            ],
+        ),
     ]
-    for x in r["speed"]["rounds"]:
-        cells = [f"{x[k]:.1f}" for k in ("model_ips_b16", "pipeline_ips_b8", "pipeline_ips_b1")]
-        lines.append(f"| {x['round']} | {x['format']} | " + " | ".join(cells) + " |")
     ratio = r["speed"]["ratio_int8_over_float32"]
     lines += [
         "",
@@ -469,12 +476,14 @@ def formats_report(r: dict[str, Any]) -> str:
         f"on {r['date']}, torch {r['torch']}: a private TorchServe per format and round, shipped batching, "
         f"{r['concurrency']} REST clients for {r['seconds']:.0f} s after a JIT warm-up; formats alternating.",
         "",
-        "| round | KOA_PRECISION | requests/s | p50 (ms) | failures | idle latency (ms) |",
-        "|---|---|---|---|---|---|",
+        md_table(
+            ["round", PRECISION.name, "requests/s", "p50 (ms)", "failures", "idle latency (ms)"],
+            [
+                (x["round"], x["format"], f"{x['rps']:.1f}", f"{x['p50_ms']:.0f}", x["failures"], f"{x['idle_ms']:.0f}")
+                for x in r["rounds"]
+            ],
+        ),
     ]
-    for x in r["rounds"]:
-        cells = (x["round"], x["format"], f"{x['rps']:.1f}", f"{x['p50_ms']:.0f}", x["failures"], f"{x['idle_ms']:.0f}")
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
     rps, idle = r["rps_ratio_int8_over_fp32"], r["idle_ratio_int8_over_fp32"]
     lines += [
         "",
