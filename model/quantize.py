@@ -2,11 +2,11 @@
 
 Static post-training quantisation (torch.ao FX, the ``x86`` engine: int8 weights per channel, 7-bit
 activations) of the trunk and its fusion only; the EfficientNet-Lite branch, the head and the knee
-gate stay in float32. The branch's early layers do not survive int8 (docs/BENCHMARKS.md), the trunk
-does: on val, site2, the non-knee radiographs and the leg films every answer was unchanged
+gate stay in float32. The branch did not survive int8 (docs/MODEL.md, "The trunk in int8"), the
+trunk does: on val, site2, the non-knee radiographs and the leg films every answer was unchanged
 (docs/results/int8_trunk.json).
 
-The activation ranges are measured once on training knees (`train.quantize`) and committed as a small
+The activation ranges are measured once on training knees (`make int8-trunk`, `ops.int8_trunk`) and committed as a small
 table bound to the trunk's weights (`weights/oamen.int8.json`); the worker rebuilds the int8 trunk
 from the float weights and that table, without data. A table made for other weights, or for another
 graph, is refused: the worker then serves float32.
@@ -50,10 +50,12 @@ def load_table(path: str | Path) -> dict[str, Any] | None:
         return None
     try:
         table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
         log.warning("%s unreadable, the grader's trunk stays in float32: %s", path, exc)
         return None
-    return table if isinstance(table, dict) else None
+    return table
 
 
 def supported() -> bool:
@@ -94,7 +96,8 @@ def _prepare(net: OAMEN, calibrating: bool, example: torch.Tensor) -> nn.Module:
     torch.backends.quantized.engine = ENGINE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return prepare_fx(Trunk(copy.deepcopy(net).eval().float()).eval(), _qconfig(calibrating), (example,))
+        # a copy of the trunk alone: prepare_fx fuses its layers in place
+        return prepare_fx(copy.deepcopy(Trunk(net)).eval().float(), _qconfig(calibrating), (example,))
 
 
 def calibrate(net: OAMEN, batches: Iterable[torch.Tensor]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from model.paths import KOA, LEGFILMS, NONKNEE, ROOT, SITE2
 from model.precision import compiled
 from model.preprocess import preprocess
 from model.quantize import COMMITTED, calibrate, with_int8_trunk
-from ops.bench.common import FINDER, load_predictor, pipeline_rate, rate
+from ops.bench.common import load_predictor, pipeline_rate, rate
 from ops.load import image_bodies
 from ops.results import DATA_IMAGES, DOC_RESULTS, write_result
 
@@ -154,7 +154,7 @@ def speed(fp32: Predictor, int8: Predictor, rounds: int, seconds: float) -> dict
 
 
 def main(args: argparse.Namespace) -> dict:
-    fp32 = load_predictor(args.model, FINDER, int8=False)
+    fp32 = load_predictor(args.model, int8=False)
     contract = fp32.contract
     table = calibrate(fp32.eager, training_batches(contract, args.images, args.seed))
     table["measured_on"] = f"{table['images']} train-split knees, seed {args.seed}"
