@@ -29,7 +29,7 @@ SERVE_DIR := logs/serve
 IMAGE ?= tests/fixtures/knee_kl2.png
 PROTO_STAMP := koa_client/_proto/inference_pb2.py
 
-.PHONY: int8-trunk explain-eval help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-precision bench-model train evaluate finder evaluate-finder promote-finder calibrate promote refit-gate evaluate-framings export compare archive serve stop restart token renew-token predict explain proto clean loadtest
+.PHONY: int8-trunk fusion-check explain-eval help setup lint test test-fast bench bench-tail bench-logging bench-malloc bench-explain bench-precision bench-model train evaluate finder evaluate-finder promote-finder calibrate promote refit-gate evaluate-framings export compare archive serve stop restart token renew-token predict explain proto clean loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -294,6 +294,9 @@ monitor-stop: $(STAMP)  ## stop Prometheus, Alertmanager and the alert webhook
 
 int8-trunk: $(EXPORT)  ## measure the grader trunk's int8 ranges on training knees, check every answer as served -> weights/oamen.int8.json, docs/results/int8_trunk.json (~6 min)
 	$(PY) -m ops.int8_trunk
+
+fusion-check: $(EXPORT)  ## check every answer with oneDNN Graph fusion as served, time it side by side -> docs/results/onednn_fusion.json (~8 min)
+	$(PY) -m ops.fusion_check
 
 drift-reference: $(EXPORT)  ## measure the drift reference on val, choose window and threshold -> weights/oamen.drift.json, docs/results/drift_choice.json (~20 min)
 	$(PY) -m ops.drift_reference --data $(DATA) $(if $(SITE2),--site2 $(SITE2))

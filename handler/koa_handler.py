@@ -91,34 +91,19 @@ class KOAHandler(BaseHandler):
         )
         self.context = context
         self.gate = DrainGate()
-        warm_s = self.warm_up(fast, contract, int(props.get("batch_size") or 1))
+        warm_s = self.predictor.warm_up(int(props.get("batch_size") or 1))
         self.initialized = True
         log.info(
-            "loaded %s v%s on %s in %s (%d torch threads), warmed up in %.1f s; malloc %s",
+            "loaded %s v%s on %s in %s%s (%d torch threads), warmed up in %.1f s; malloc %s",
             contract.model_name,
             contract.model_version,
             self.device,
             str(self.dtype).removeprefix("torch."),
+            " with oneDNN Graph fusion" if torch.jit.onednn_fusion_enabled() else "",
             torch.get_num_threads(),
             warm_s,
             "keeps freed memory" if kept else "default",
         )
-
-    def warm_up(self, scripted: torch.nn.Module, contract, max_batch: int) -> float:
-        """Run the model twice at batch 1, 2, 4, ... and ``max_batch`` before the first request.
-
-        TorchScript's profiling executor optimises a graph on its first calls with a new shape;
-        without this the first requests after a (re)start pay for it (measured on 2 CPU cores:
-        96 ms instead of 13 ms at batch 1). Returns the seconds it took.
-        """
-        t0 = time.perf_counter()
-        sizes = sorted({1 << k for k in range(max(max_batch, 1).bit_length()) if 1 << k <= max_batch} | {max_batch})
-        with torch.inference_mode():
-            for size in sizes:
-                x = torch.zeros(size, contract.channels, contract.input_size, contract.input_size, device=self.device)
-                for _ in range(2):
-                    scripted(x)
-        return time.perf_counter() - t0
 
     def handle(self, data, context) -> list[str]:
         t0 = time.perf_counter()

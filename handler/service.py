@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from model.contract import InputContract
 from model.decode import DecodeError, decode_image, dicom_laterality
 from model.localize import FinderConfig, Joint, Plan, crop_box, crop_joint, crop_view, find_joints, plan
 from model.markers import Marker, MarkerReader, assign, read_markers
+from model.precision import padded, served_batch
 from model.preprocess import prepare, to_model_input
 
 log = logging.getLogger(__name__)
@@ -234,6 +236,8 @@ class Predictor:
         each row calibrated by its site's profile (``sites``, `handler.sites.Profiles.finish`)."""
         run = self.scripted.forward_with_gate if self.gated else self.scripted
         n = len(batch)
+        batch = padded(batch)  # a batch size the fused kernels are compiled for (model.precision)
+        m = len(batch)
         with torch.inference_mode():
             if self.contract.postprocess.flip_tta:
                 # the images and their mirrors in one pass: on these CPUs a quarter faster than two passes
@@ -241,12 +245,38 @@ class Predictor:
                 # The knee gate reads the image as sent: the mirrors' gate scores are dropped (finish).
                 both = torch.cat([batch, torch.flip(batch, dims=[3])]).contiguous(memory_format=torch.channels_last)
                 outputs = run(both).float().cpu().numpy()
-                out, flipped = outputs[:n], outputs[n:]
+                out, flipped = outputs[:n], outputs[m : m + n]
             else:
-                out, flipped = run(batch).float().cpu().numpy(), None
+                out, flipped = run(batch).float().cpu().numpy()[:n], None
         arrays = self.profiles.finish(out, flipped, sites)
         arrays["sites"] = sites
         return arrays
+
+    def warm_up(self, max_batch: int, calls: int = 2) -> float:
+        """Run the finder and the grader ``calls`` times at each batch size they run at (`served_batch`) for
+        1 to ``max_batch`` requests, in the shapes and memory layout the request path gives them (the grader
+        with the mirrors); the seconds.
+
+        TorchScript's executor optimises a graph on its first calls with a new shape, and with oneDNN Graph
+        fusion (`model.precision.onednn_fusion`) compiles its kernels then: without this the first requests
+        of each batch size after a (re)start pay for it (on 2 CPU cores, batch 1: 243 ms instead of 32).
+        The networks are called directly, so the warm-up is in no metric or drift window."""
+        c = self.contract
+        run = self.scripted.forward_with_gate if self.gated else self.scripted
+        mirrors = 2 if c.postprocess.flip_tta else 1
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for n in sorted({served_batch(k) for k in range(1, max(max_batch, 1) + 1)}):
+                x = torch.zeros(n * mirrors, c.channels, c.input_size, c.input_size, device=self.device)
+                films = None
+                if self.finder is not None:
+                    size = self.finder[1].input_size
+                    films = torch.zeros(n, 1, size, size, device=self.device)
+                for _ in range(calls):
+                    run(x.contiguous(memory_format=torch.channels_last))
+                    if films is not None:
+                        self.finder[0](films.contiguous(memory_format=torch.channels_last))
+        return time.perf_counter() - t0
 
     def answer(self, arrays: dict[str, np.ndarray | None], j: int) -> dict[str, Any]:
         """The prediction body (answer schema v2, docs/API.md) for request ``j`` of the batch's arrays."""

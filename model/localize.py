@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.efficientnet_lite import BN_EPS, create_lite0
-from model.precision import compiled
+from model.precision import compiled, padded
 
 # The dataset's crops, measured by eye on a grid (train.annotate): the joint spans 83-97% of the
 # crop's width (mean 0.89) and the joint line lies at 52-59% of its height (mean 0.555).
@@ -175,7 +175,7 @@ def find_joints(
         return []
     inputs, boxes = zip(*(finder_input(g, cfg.input_size) for g in grays), strict=True)
     x = torch.from_numpy(np.stack(inputs))[:, None].to(device).contiguous(memory_format=torch.channels_last)
-    out = net(x).float().cpu().numpy()
+    out = net(padded(x)).float().cpu().numpy()[: len(grays)]  # padded: a batch size compiled for
     return [[to_source(p, lb) for p in decode_output(o, cfg)] for o, lb in zip(out, boxes, strict=True)]
 
 

@@ -61,6 +61,12 @@ MALLOC = Setting("KOA_MALLOC", "", str, "`default` keeps glibc's own malloc thre
 EARLY_ANSWERS = Setting(
     "KOA_EARLY_ANSWERS", "1", str, "0: answer a batch in one message, after its explanations (TorchServe's way)"
 )
+ONEDNN_FUSION = Setting(
+    "KOA_ONEDNN_FUSION",
+    "1",
+    str,
+    "0: run the CPU's float32 networks without oneDNN Graph fusion (`model.precision.onednn_fusion`)",
+)
 CONFIG = Setting(
     "KOA_CONFIG", "/opt/koa/config/config.properties", str, "the container's TorchServe configuration (deploy/)"
 )
@@ -75,5 +81,6 @@ SETTINGS = (
     STATE_DIR,
     MALLOC,
     EARLY_ANSWERS,
+    ONEDNN_FUSION,
     CONFIG,
 )

@@ -26,21 +26,16 @@ from tqdm import tqdm
 
 from handler.service import Predictor
 from model.decode import decode_image
-from model.paths import KOA, LEGFILMS, NONKNEE, ROOT, SITE2
+from model.paths import KOA, ROOT
 from model.precision import compiled
 from model.preprocess import preprocess
 from model.quantize import COMMITTED, calibrate, with_int8_trunk
 from ops.bench.common import load_predictor, pipeline_rate, rate
 from ops.load import image_bodies
 from ops.results import DATA_IMAGES, DOC_RESULTS, write_result
+from ops.served_check import compare_answers
 
 TABLE = ROOT / COMMITTED
-SETS = {  # name -> (folder, file pattern)
-    "val": (KOA / "val", "*/*.png"),
-    "site2": (SITE2, "*/*.png"),
-    "nonknee": (NONKNEE, "*/*.*"),
-    "legfilms": (LEGFILMS, "*.jpg"),
-}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,48 +58,6 @@ def training_batches(contract, n: int, seed: int, batch: int = 32) -> list[torch
     x = np.stack([preprocess(decode_image(f.read_bytes()), contract) for f in tqdm(chosen, desc="calibration knees")])
     t = torch.from_numpy(x)
     return [t[i : i + batch] for i in range(0, len(t), batch)]
-
-
-def _key(answer: tuple[int, dict]) -> tuple:
-    """What a reader acts on: the status, the grade and the refusal reason (per knee for a film)."""
-    status, body = answer
-    knees = tuple((k.get("kl_grade"), (k.get("refused") or {}).get("type")) for k in body.get("knees", []))
-    return status, body.get("kl_grade"), (body.get("error") or {}).get("type"), knees
-
-
-def _probabilities(body: dict) -> list[list[float]]:
-    return [b["probabilities"] for b in [body, *body.get("knees", [])] if "probabilities" in b]
-
-
-def compare_answers(fp32: Predictor, int8: Predictor) -> dict[str, dict]:
-    out = {}
-    for name, (folder, pattern) in SETS.items():
-        files = sorted(folder.glob(pattern))
-        rows = [{"body": f.read_bytes()} for f in files]
-        answers = {}
-        for label, pred in (("float32", fp32), ("int8", int8)):
-            got = []
-            for i in tqdm(range(0, len(rows), 8), desc=f"{name} {label}", leave=False):
-                got += pred.handle(rows[i : i + 8], [{}] * len(rows[i : i + 8]))
-            answers[label] = got
-        a, b = answers["float32"], answers["int8"]
-        moved = [
-            float(np.abs(np.array(p) - np.array(q)).max())
-            for x, y in zip(a, b, strict=True)
-            for p, q in zip(_probabilities(x[1]), _probabilities(y[1]), strict=True)
-        ]
-        out[name] = {
-            "images": len(files),
-            "answered_200": sum(x[0] == 200 for x in a),
-            "answers_differing": sum(_key(x) != _key(y) for x, y in zip(a, b, strict=True)),
-            "differing_files": [
-                str(f.relative_to(folder)) for f, x, y in zip(files, a, b, strict=True) if _key(x) != _key(y)
-            ],
-            "max_probability_change": max(moved, default=0.0),
-        }
-        print(f"{name}: {out[name]['answers_differing']} of {len(files)} answers differ; "
-              f"probabilities move by at most {out[name]['max_probability_change']:.4f}")  # fmt: skip
-    return out
 
 
 def gate_shift(fp32: Predictor, int8: Predictor) -> dict:
@@ -175,7 +128,7 @@ def main(args: argparse.Namespace) -> dict:
             "seed": args.seed,
             "activations": len(table["ranges"]),
         },  # fmt: skip
-        "answers": compare_answers(fp32, int8),
+        "answers": compare_answers({"float32": fp32, "int8": int8}),
         "val_gate_scores": gate_shift(fp32, int8),
         "speed": speed(fp32, int8, args.rounds, args.seconds),
     }

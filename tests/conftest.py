@@ -24,6 +24,19 @@ FIXTURES = ROOT / "tests" / "fixtures"
 JAVA_MISSING = "TorchServe needs Java 17+ (see README)"
 
 
+@pytest.fixture(autouse=True)
+def onednn_fusion_restored() -> Iterator[None]:
+    """torch's oneDNN Graph switch is process-wide and `model.precision.served_models` sets it: each test
+    leaves it as it found it, so no test runs fused because an earlier one loaded a served model."""
+    import sys
+
+    torch = sys.modules.get("torch")  # not imported yet: nothing has set it
+    before = torch.jit.onednn_fusion_enabled() if torch is not None else None
+    yield
+    if before is not None:
+        torch.jit.enable_onednn_fusion(before)
+
+
 def in_ci() -> bool:
     """True on a CI runner (``CI=true``, as GitHub Actions and GitLab CI set it)."""
     return os.environ.get("CI") == "true"

@@ -205,19 +205,32 @@ def test_drain_gate_holds_busy_only_during_a_batch(tmp_path, monkeypatch):
     assert not gate.busy.exists()
 
 
-def test_warm_up_runs_every_power_of_two_batch_and_the_largest_twice():
-    seen = []
+@pytest.mark.parametrize(("fused", "sizes"), [(False, (1, 2, 3)), (True, (1, 2, 4))])
+def test_warm_up_runs_the_finder_and_the_mirrored_grader_twice_at_every_served_batch_size(fused, sizes):
+    """Unfused at each batch size up to the largest; fused at the sizes a batch is padded to."""
+    from model.localize import FinderConfig
+
+    seen: list[tuple[str, tuple[int, ...], bool]] = []
 
     class Recorder(torch.nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
         def forward(self, x):
-            seen.append(tuple(x.shape))
+            seen.append((self.name, tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last)))
             return x
 
-    handler = KOAHandler()
-    handler.device = torch.device("cpu")
-    assert handler.warm_up(Recorder(), CONTRACT, 12) >= 0
-    shape = (CONTRACT.channels, CONTRACT.input_size, CONTRACT.input_size)
-    assert seen == [(b, *shape) for b in (1, 1, 2, 2, 4, 4, 8, 8, 12, 12)]
+    contract = CONTRACT.replace(postprocess={"flip_tta": True})
+    cfg = FinderConfig(input_size=32)
+    pred = Predictor(Recorder("grader"), Recorder("eager"), contract, torch.device("cpu"), (Recorder("finder"), cfg))
+    torch.jit.enable_onednn_fusion(fused)  # put back after the test (tests/conftest.py)
+    assert pred.warm_up(3) >= 0
+    shape = (contract.channels, contract.input_size, contract.input_size)
+    expected = []
+    for n in sizes:
+        expected += [("grader", (2 * n, *shape), True), ("finder", (n, 1, 32, 32), True)] * 2
+    assert seen == expected
 
 
 def test_malloc_settings_apply_on_glibc_and_can_be_turned_off(monkeypatch):
@@ -472,6 +485,19 @@ def _predictor_with(exported: str, **post) -> Predictor:
     eager = create_model(contract.model_name)
     eager.load_state_dict(scripted.state_dict())
     return Predictor(scripted, eager.eval(), contract.replace(postprocess=post), torch.device("cpu"))
+
+
+def test_a_padded_batch_answers_each_knee_and_its_mirror_as_alone(exported):
+    """With oneDNN Graph fusion on, a batch of 3 runs padded to 4 (model.precision.served_batch): each row's
+    logits, mirror averaged, and knee gate score are those of the knee graded alone."""
+    pred = _predictor_with(exported, flip_tta=True)
+    torch.jit.enable_onednn_fusion(True)  # put back after the test (tests/conftest.py)
+    x = torch.randn(3, CONTRACT.channels, CONTRACT.input_size, CONTRACT.input_size)
+    batch = pred.outputs(x.contiguous(memory_format=torch.channels_last))
+    for j in range(3):
+        alone = pred.outputs(x[j : j + 1].contiguous(memory_format=torch.channels_last))
+        for key in ("probabilities", "gate_scores"):
+            np.testing.assert_allclose(batch[key][j], alone[key][0], rtol=1e-4, atol=1e-5)
 
 
 def test_answers_follow_the_schema(predictor):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,17 @@ from ops.load import drive
 
 FINDER = ROOT / "weights" / "finder.pt"  # what `make archive` puts beside the model
 INT8_TABLE = ROOT / COMMITTED  # the int8 trunk's table, as `make archive` packs it
+
+
+def cpu_name() -> str:
+    """The processor's model name, as /proc/cpuinfo gives it (the benchmarks' results name it)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def rate(fn, items_per_call: int, seconds: float) -> float:

@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from ops import render_docs
 from ops.bench.common import (
     JIT_SETTLED_MS,
     ROOT,
+    cpu_name,
     cpu_use,
     in_process,
     load_predictor,
@@ -43,18 +43,6 @@ from ops.bench.report import sweep_report
 from ops.load import RAMP_S, drive, idle_latency
 from ops.load import image_bodies as load_images
 from ops.results import DATA_IMAGES, DOC_RESULTS, write_result
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 
 
 def get_args_parser() -> argparse.ArgumentParser:
