@@ -30,6 +30,7 @@ from ops.bench.report import (
     door_report,
     explain_bench_report,
     formats_report,
+    fusion_report,
     gate_report,
     int8_report,
     loadtest_report,
@@ -190,6 +191,7 @@ PAGES: dict[str, Page] = {
             ),
             "bench_gate": always("bench_gate.json", gate_report),
             "quantised_trunk": always("int8_trunk.json", int8_report),
+            "onednn_fusion": always("onednn_fusion.json", fusion_report),
             "served_formats": measured(
                 "bench_formats.json", "float32 against the int8 trunk, served", FORMATS_BENCH, formats_report
             ),

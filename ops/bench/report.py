@@ -422,6 +422,26 @@ def precision_report(r: dict[str, Any]) -> str:
 IPS_COLUMNS = ("model_ips_b16", "pipeline_ips_b8", "pipeline_ips_b1")  # ops.int8_trunk's speed rounds
 
 
+def answers_table(answers: dict[str, dict]) -> str:
+    """The served-format checks' answers, per set of images (`ops.served_check.compare_answers`)."""
+    return md_table(
+        ["images", "n", "answered (200)", "answers that differ", "largest probability change"],
+        [
+            (name, a["images"], a["answered_200"], a["answers_differing"], f"{a['max_probability_change']:.4f}")
+            for name, a in answers.items()
+        ],
+    )
+
+
+def speed_rounds_table(rounds: list[dict], label: str) -> str:
+    """In-process speed rounds of `ops.int8_trunk` and `ops.fusion_check` (images/s; ``label``: the column
+    that names what alternates)."""
+    return md_table(
+        ["round", label, "model alone, batch 16", "request path, batch 8", "request path, batch 1"],
+        [(x["round"], x[label], *(f"{x[k]:.1f}" for k in IPS_COLUMNS)) for x in rounds],
+    )
+
+
 def int8_report(r: dict[str, Any]) -> str:
     """docs/BENCHMARKS.md's int8-trunk section (`ops.int8_trunk`, `make int8-trunk`)."""
     t, g = r["table"], r["val_gate_scores"]
@@ -434,13 +454,7 @@ def int8_report(r: dict[str, Any]) -> str:
         "Every image through the handler's request path (finder, knee gate, grader, decoding), float32 "
         "against the int8 trunk:",
         "",
-        md_table(
-            ["images", "n", "answered (200)", "answers that differ", "largest probability change"],
-            [
-                (name, a["images"], a["answered_200"], a["answers_differing"], f"{a['max_probability_change']:.4f}")
-                for name, a in r["answers"].items()
-            ],
-        ),
+        answers_table(r["answers"]),
     ]
     sh, q = g["shift"], g["score_quantiles"]
     lines += [
@@ -453,12 +467,7 @@ def int8_report(r: dict[str, Any]) -> str:
         "Speed in-process, alternating rounds (images/s; the request path includes the finder and each knee's "
         "mirror):",
         "",
-        md_table(
-            ["round", "format", "model alone, batch 16", "request path, batch 8", "request path, batch 1"],
-            [
-                (x["round"], x["format"], *(f"{x[k]:.1f}" for k in IPS_COLUMNS)) for x in r["speed"]["rounds"]
-            ],
-        ),
+        speed_rounds_table(r["speed"]["rounds"], "format"),
     ]
     ratio = r["speed"]["ratio_int8_over_float32"]
     lines += [
@@ -532,3 +541,31 @@ def door_report(result: dict[str, Any]) -> str:
             else ""
         )
     )
+
+
+def fusion_report(r: dict[str, Any]) -> str:
+    """docs/BENCHMARKS.md's oneDNN Graph fusion section (`ops.fusion_check`, `make fusion-check`)."""
+    w, ratio = r["warm_up"], r["speed"]["ratio_fused_over_not"]
+    lines = [
+        "Measured by `make fusion-check` (`python -m ops.fusion_check`, result "
+        f"[results/onednn_fusion.json](results/onednn_fusion.json)) on {r['date']} with {r['model']['name']} "
+        f"{r['model']['version']} on {r['cpu']}, torch {r['torch']}, {r['torch_threads']} threads.",
+        "",
+        "Every image through the handler's request path as served on this CPU (float32, the trunk in int8, "
+        "fused) against float32 not fused (as evaluation computes it):",
+        "",
+        answers_table(r["answers"]),
+        "",
+        f"The worker's warm-up at batch {r['batch']} (`Predictor.warm_up`): {w['fused']['seconds']:.1f} s and "
+        f"{w['fused']['rss_added_mb']:.0f} MB of memory fused, {w['not fused']['seconds']:.1f} s and "
+        f"{w['not fused']['rss_added_mb']:.0f} MB not.",
+        "",
+        "Speed in-process, alternating rounds, both with the int8 trunk (images/s; the request path includes "
+        "the finder and each knee's mirror):",
+        "",
+        speed_rounds_table(r["speed"]["rounds"], "fusion"),
+        "",
+        f"Medians, fused over not: model alone x{ratio['model_ips_b16']:.2f}, request path at batch 8 "
+        f"x{ratio['pipeline_ips_b8']:.2f}, at batch 1 x{ratio['pipeline_ips_b1']:.2f}.",
+    ]
+    return "\n".join(lines) + "\n"
