@@ -188,29 +188,45 @@ def mirror_line(on: bool, flag: str, d: dict[str, Any]) -> str:
     )
 
 
-def int8_sentence(int8: dict[str, Any] | None) -> str:
-    """What the int8 trunk changes in the answers (`ops.int8_trunk`'s result), or nothing when not committed."""
-    if int8 is None:
-        return ""
-    a = int8["answers"]
+def _answers_moved(result: dict[str, Any]) -> tuple[int, int, float]:
+    """(answers that differ, images, largest probability change) of a served-format check (`ops.served_check`)."""
+    a = result["answers"]
     differ = sum(x["answers_differing"] for x in a.values())
-    n = sum(x["images"] for x in a.values())
-    moved = max(x["max_probability_change"] for x in a.values())
-    return (
-        " Where it serves float32 the grader's ResNet trunk runs in int8 (`model.quantize`): through the request "
-        f"path, {differ} of {n} answers differ from float32's on val, site2, the non-knee radiographs and the leg "
-        f"films, and no probability moves by more than {moved:.4f} (docs/results/int8_trunk.json)."
-    )
+    return differ, sum(x["images"] for x in a.values()), max(x["max_probability_change"] for x in a.values())
+
+
+def int8_sentence(int8: dict[str, Any] | None, fusion: dict[str, Any] | None = None) -> str:
+    """What the int8 trunk changes in the answers (`ops.int8_trunk`'s result), and with oneDNN Graph fusion as
+    well (`ops.fusion_check`'s); nothing for a result not committed."""
+    out = ""
+    if int8 is not None:
+        differ, n, moved = _answers_moved(int8)
+        out += (
+            " Where it serves float32 the grader's ResNet trunk runs in int8 (`model.quantize`): through the "
+            f"request path, {differ} of {n} answers differ from float32's on val, site2, the non-knee radiographs "
+            f"and the leg films, and no probability moves by more than {moved:.4f} (docs/results/int8_trunk.json)."
+        )
+    if fusion is not None:
+        differ, n, moved = _answers_moved(fusion)
+        out += (
+            " With oneDNN Graph fusion as well, as a CPU serves float32 (`model.precision.onednn_fusion`), "
+            f"{differ} of {n} answers differ and no probability moves by more than {moved:.4f} "
+            "(docs/results/onednn_fusion.json)."
+        )
+    return out
 
 
 def served_format(
-    result: dict[str, Any] | None, in_sample: bool = False, int8: dict[str, Any] | None = None
+    result: dict[str, Any] | None,
+    in_sample: bool = False,
+    int8: dict[str, Any] | None = None,
+    fusion: dict[str, Any] | None = None,
 ) -> list[str]:
     """The served number format's figures (`ops.bench.precision`'s result; None when not committed);
-    ``in_sample``: the calibration was fitted on the val knees these figures are measured on; ``int8``:
-    `ops.int8_trunk`'s result."""
+    ``in_sample``: the calibration was fitted on the val knees these figures are measured on; ``int8`` and
+    ``fusion``: `ops.int8_trunk`'s and `ops.fusion_check`'s results."""
     if result is None:
-        return ["**Served format.** Not measured: run `make bench-precision`." + int8_sentence(int8)]
+        return ["**Served format.** Not measured: run `make bench-precision`." + int8_sentence(int8, fusion)]
     v = result["val"]
     a, b = v["fp32"], v["bf16"]
     native = "it did" if result.get("native_bf16") else "it did not: it served float32"
@@ -218,7 +234,7 @@ def served_format(
         "**Served format.** The figures below are float32's. The server predicts in bfloat16 where the "
         f"processor computes it natively; on the machine last measured {native} (docs/BENCHMARKS.md, "
         "`make bench-precision`)."
-        + int8_sentence(int8)
+        + int8_sentence(int8, fusion)
         + f" In bfloat16, {v['grades_differ']} of {v['n']} val grades differ: top-1 {pct(b['accuracy'])} "
         f"(float32 {pct(a['accuracy'])}), QWK {f3(b['qwk'])} ({f3(a['qwk'])}), macro AUC {f3(b['macro_auc'])} "
         f"({f3(a['macro_auc'])}), ECE {f3(b['ece'])} ({f3(a['ece'])}), KL1 recall {pct(b['kl1_recall'])} "
@@ -253,6 +269,7 @@ class CardFacts:
     bench_gate: dict[str, Any]  # docs/results/bench_gate.json ({} when not committed)
     bench_precision: dict[str, Any] | None  # docs/results/bench_precision.json
     int8_trunk: dict[str, Any] | None  # docs/results/int8_trunk.json
+    onednn_fusion: dict[str, Any] | None  # docs/results/onednn_fusion.json
 
 
 def _json(path: Path) -> Any:
@@ -298,6 +315,7 @@ def facts(root: Path = ROOT) -> CardFacts:
         bench_gate=_json_or(results / "bench_gate.json", {}),
         bench_precision=_json_or(results / "bench_precision.json", None),
         int8_trunk=_json_or(results / "int8_trunk.json", None),
+        onednn_fusion=_json_or(results / "onednn_fusion.json", None),
     )
 
 
@@ -540,7 +558,7 @@ def validation_section(f: CardFacts) -> list[str]:
         "protocol, at about 100 s of training each ([RESULTS.md](RESULTS.md)). None of them beats this model "
         "clearly on val, and the ImageNet-initialised ones beat the from-scratch baselines.",
         "",
-        *served_format(f.bench_precision, calib["calibration"]["fit_on"] != "tune", f.int8_trunk),
+        *served_format(f.bench_precision, calib["calibration"]["fit_on"] != "tune", f.int8_trunk, f.onednn_fusion),
         "",
         "| metric | value |",
         "|---|---|",
