@@ -40,9 +40,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def rate(fn, items_per_call: int, seconds: float) -> float:
-    """Items per second of ``fn()``, after one warm-up call, over at least ``seconds``."""
-    fn()
+def rate(fn, items_per_call: int, seconds: float, warm_calls: int = 3) -> float:
+    """Items per second of ``fn()``, after ``warm_calls`` unmeasured calls, over at least ``seconds``.
+
+    TorchScript optimises a graph on its first two calls with a shape, and with oneDNN Graph fusion
+    compiles its kernels then (`model.precision.onednn_fusion`): timing those would measure compilation."""
+    for _ in range(warm_calls):
+        fn()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         fn()
