@@ -264,18 +264,19 @@ class Predictor:
         c = self.contract
         run = self.scripted.forward_with_gate if self.gated else self.scripted
         mirrors = 2 if c.postprocess.flip_tta else 1
+        layout = torch.channels_last
         t0 = time.perf_counter()
         with torch.inference_mode():
             for n in sorted({served_batch(k) for k in range(1, max(max_batch, 1) + 1)}):
                 x = torch.zeros(n * mirrors, c.channels, c.input_size, c.input_size, device=self.device)
-                films = None
-                if self.finder is not None:
-                    size = self.finder[1].input_size
-                    films = torch.zeros(n, 1, size, size, device=self.device)
+                x = x.contiguous(memory_format=layout)
                 for _ in range(calls):
-                    run(x.contiguous(memory_format=torch.channels_last))
-                    if films is not None:
-                        self.finder[0](films.contiguous(memory_format=torch.channels_last))
+                    run(x)
+                if self.finder is not None:
+                    net, cfg = self.finder
+                    films = torch.zeros(n, 1, cfg.input_size, cfg.input_size, device=self.device)
+                    for _ in range(calls):
+                        net(films.contiguous(memory_format=layout))
         return time.perf_counter() - t0
 
     def answer(self, arrays: dict[str, np.ndarray | None], j: int) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def onednn_fusion(device: torch.device, dtype: torch.dtype) -> bool:
     (`torch.jit.enable_onednn_fusion`): a frozen trace then runs each convolution with its batch norm,
     activation and additions as one oneDNN kernel, compiled on the first calls with a new batch size
     (`handler.service.Predictor.warm_up`). The EfficientNet-Lite convolutions, with ReLU6 as a separate
-    clamp, took three quarters of the grader's time in float32 (docs/MODEL.md, "Number format").
+    clamp, took most of the grader's time in float32 (docs/BENCHMARKS.md, "oneDNN Graph fusion").
     """
     on = device.type == "cpu" and dtype == torch.float32 and ONEDNN_FUSION.get().strip() != "0"
     torch.jit.enable_onednn_fusion(on)
@@ -82,7 +82,7 @@ def onednn_fusion(device: torch.device, dtype: torch.dtype) -> bool:
 
 def served_batch(n: int) -> int:
     """The batch size the networks run ``n`` inputs at: ``n`` itself, or with oneDNN Graph fusion on (its
-    kernels are compiled for each batch size, about 70 MB apiece for the grader) the next of 1, 2, 4, 8,
+    kernels are compiled and kept for each batch size) the next of 1, 2, 4, 8,
     then the next multiple of 8, so a worker compiles a few sizes rather than one per batch it meets."""
     if n <= 0 or not torch.jit.onednn_fusion_enabled():
         return n
@@ -90,14 +90,12 @@ def served_batch(n: int) -> int:
 
 
 def padded(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with rows of zeros added up to `served_batch` rows, in its own memory layout; the first
+    """A channels-last (N, C, H, W) batch with blank images added up to `served_batch` of them; the first
     ``len(x)`` rows of a network's output on it are its outputs on ``x``."""
     extra = served_batch(len(x)) - len(x)
     if extra == 0:
         return x
-    layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else None
-    out = torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
-    return out.contiguous(memory_format=layout) if layout is not None else out
+    return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
 
 
 class Cast(nn.Module):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
-import statistics
 from pathlib import Path
 
 import psutil
@@ -24,10 +23,9 @@ import torch
 
 from handler.service import Predictor
 from model.paths import ROOT
-from ops.bench.common import cpu_name, load_predictor, pipeline_rate, rate
-from ops.load import image_bodies
-from ops.results import DATA_IMAGES, DOC_RESULTS, write_result
-from ops.served_check import compare_answers
+from ops.bench.common import cpu_name, load_predictor
+from ops.results import DOC_RESULTS, write_result
+from ops.served_check import compare_answers, ratios, speed_rounds
 
 FUSED = {"float32": False, "served": True, "fused": True, "not fused": False}  # label -> fusion on
 
@@ -63,28 +61,6 @@ def warm_ups(preds: dict[str, Predictor], batch: int) -> dict[str, dict]:
     return out
 
 
-def speed(preds: dict[str, Predictor], batch: int, rounds: int, seconds: float) -> dict:
-    images = image_bodies(DATA_IMAGES, 64)
-    c = next(iter(preds.values())).contract
-    x = torch.randn(2 * batch, c.channels, c.input_size, c.input_size).contiguous(memory_format=torch.channels_last)
-    rows = []
-    for k in range(rounds):
-        order = list(preds.items()) if k % 2 == 0 else list(preds.items())[::-1]
-        for label, pred in order:
-            switch(label)
-            with torch.inference_mode():
-                model = rate(lambda p=pred: p.scripted.forward_with_gate(x), 2 * batch, seconds / 2)
-            row = {"round": k + 1, "fusion": label, f"model_ips_b{2 * batch}": model,
-                   f"pipeline_ips_b{batch}": pipeline_rate(pred, images, batch, seconds),
-                   "pipeline_ips_b1": pipeline_rate(pred, images, 1, seconds / 2)}  # fmt: skip
-            rows.append(row)
-            print(row)
-    measures = [m for m in rows[0] if "ips" in m]
-    median = {f: {m: statistics.median(r[m] for r in rows if r["fusion"] == f) for m in measures} for f in preds}
-    ratio = {m: median["fused"][m] / median["not fused"][m] for m in measures}
-    return {"rounds": rows, "median": median, "ratio_fused_over_not": ratio}
-
-
 def main(args: argparse.Namespace) -> dict:
     # Each predictor is loaded, warmed and run with its own setting of the switch (`switch`).
     switch("fused")
@@ -92,6 +68,7 @@ def main(args: argparse.Namespace) -> dict:
     switch("not fused")
     plain = load_predictor(args.model)
     contract = fused.contract
+    both = {"fused": fused, "not fused": plain}
     result = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "model": {"name": contract.model_name, "version": contract.model_version},
@@ -100,10 +77,11 @@ def main(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "batch": args.batch,
-        "warm_up": warm_ups({"fused": fused, "not fused": plain}, args.batch),
-        "speed": speed({"fused": fused, "not fused": plain}, args.batch, args.rounds, args.seconds),
+        "warm_up": warm_ups(both, args.batch),
+        "speed": speed_rounds(both, "fusion", args.rounds, args.seconds, switch, args.batch),
     }
-    del plain
+    result["speed"]["ratio_fused_over_not"] = ratios(result["speed"]["median"], "fused", "not fused")
+    del both, plain
     switch("float32")
     reference = load_predictor(args.model, int8=False)
     result["answers"] = compare_answers({"float32": reference, "served": fused}, switch)

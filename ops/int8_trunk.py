@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import platform
 import random
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +29,9 @@ from model.paths import KOA, ROOT
 from model.precision import compiled
 from model.preprocess import preprocess
 from model.quantize import COMMITTED, calibrate, with_int8_trunk
-from ops.bench.common import load_predictor, pipeline_rate, rate
-from ops.load import image_bodies
-from ops.results import DATA_IMAGES, DOC_RESULTS, write_result
-from ops.served_check import compare_answers
+from ops.bench.common import load_predictor
+from ops.results import DOC_RESULTS, write_result
+from ops.served_check import compare_answers, ratios, speed_rounds
 
 TABLE = ROOT / COMMITTED
 
@@ -83,29 +81,6 @@ def gate_shift(fp32: Predictor, int8: Predictor) -> dict:
     }
 
 
-def speed(fp32: Predictor, int8: Predictor, rounds: int, seconds: float) -> dict:
-    images = image_bodies(DATA_IMAGES, 64)
-    c = fp32.contract
-    x = torch.randn(16, c.channels, c.input_size, c.input_size).contiguous(memory_format=torch.channels_last)
-    rows = []
-    for k in range(rounds):
-        order = (("float32", fp32), ("int8", int8)) if k % 2 == 0 else (("int8", int8), ("float32", fp32))
-        for label, pred in order:
-            with torch.inference_mode():
-                model = rate(lambda p=pred: p.scripted.forward_with_gate(x), 16, seconds / 2)
-            row = {"round": k + 1, "format": label, "model_ips_b16": model,
-                   "pipeline_ips_b8": pipeline_rate(pred, images, 8, seconds),
-                   "pipeline_ips_b1": pipeline_rate(pred, images, 1, seconds / 2)}  # fmt: skip
-            rows.append(row)
-            print(row)
-    measures = [m for m in rows[0] if "ips" in m]
-    median = {
-        f: {m: statistics.median(r[m] for r in rows if r["format"] == f) for m in measures} for f in ("float32", "int8")
-    }
-    ratio = {m: median["int8"][m] / median["float32"][m] for m in measures}
-    return {"rounds": rows, "median": median, "ratio_int8_over_float32": ratio}
-
-
 def main(args: argparse.Namespace) -> dict:
     fp32 = load_predictor(args.model, int8=False)
     contract = fp32.contract
@@ -130,8 +105,9 @@ def main(args: argparse.Namespace) -> dict:
         },  # fmt: skip
         "answers": compare_answers({"float32": fp32, "int8": int8}),
         "val_gate_scores": gate_shift(fp32, int8),
-        "speed": speed(fp32, int8, args.rounds, args.seconds),
+        "speed": speed_rounds({"float32": fp32, "int8": int8}, "format", args.rounds, args.seconds),
     }
+    result["speed"]["ratio_int8_over_float32"] = ratios(result["speed"]["median"], "int8", "float32")
     write_result(args.json, result)
     print(f"wrote {args.json}")
     return result
